@@ -1,0 +1,35 @@
+//! Custom resource types of `slim.agntcy.org/v1alpha1`. Types only: no IO.
+
+pub mod condition;
+pub mod subscription;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+
+pub use subscription::{
+    ConnectionType, LinkSpec, LinkTls, NodeSet, NodeStatus, SecretKeyRef, SecretRef, Subscription, SubscriptionSpec,
+    SubscriptionStatus,
+};
+
+/// API group of every CRD.
+pub const GROUP: &str = "slim.agntcy.org";
+
+/// Every CRD the operator serves, in a stable order.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![Subscription::crd()]
+}
+
+/// File name under `crds/` for a CRD (`<plural>.<group>.yaml`).
+pub fn crd_file_name(crd: &CustomResourceDefinition) -> String {
+    format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("unnamed"))
+}
+
+/// A CRD as the YAML document committed under `crds/`.
+pub fn crd_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Error> {
+    Ok(format!("---\n{}", serde_yaml::to_string(crd)?))
+}
+
+/// Every CRD as one multi-document YAML stream (what `slim-operator crds` prints).
+pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    crds().iter().map(crd_yaml).collect()
+}

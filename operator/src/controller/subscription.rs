@@ -1,0 +1,338 @@
+//! Reconciling a `Subscription`: resolve its desired route, sync every node, write status.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{Instrument, info, info_span};
+
+use super::subscription_status::{Notices, StatusInput, failed_status, next_status};
+use super::{Context, Error, MANAGER};
+use crate::api::{LinkTls, Subscription, SubscriptionStatus};
+use crate::engine::{NodeReport, NodeResult, RouteSync};
+use crate::plan::{DesiredRoute, NodeTarget, ResolvedTls, Users, pod_targets, render_link, selector_query};
+use crate::slim::{RouteRef, SlimName};
+
+/// Finalizer that keeps a Subscription until its routes are removed from the nodes.
+pub const FINALIZER: &str = "subscriptions.slim.agntcy.org/cleanup";
+
+const KIND: &str = "Subscription";
+
+pub async fn reconcile(sub: Arc<Subscription>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = sub.namespace().ok_or(Error::MissingNamespace)?;
+    let span = info_span!("reconcile", kind = KIND, namespace = %namespace, name = %sub.name_any());
+    async {
+        let _timer = ctx.metrics.reconcile_timer(KIND);
+        let api: Api<Subscription> = Api::namespaced(ctx.client.clone(), &namespace);
+        let key = ObjectRef::from_obj(&*sub);
+        let result = finalizer(&api, FINALIZER, sub.clone(), |event| async {
+            match event {
+                FinalizerEvent::Apply(sub) => apply(&sub, &ctx).await,
+                FinalizerEvent::Cleanup(sub) => cleanup(&sub, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)));
+        ctx.metrics.reconciled(KIND, result.is_ok());
+        match &result {
+            Ok(_) => ctx.clear_retries(&key),
+            Err(error) => {
+                let note = crate::slim::node::error_chain(error);
+                ctx.publish(&*sub, EventType::Warning, error.reason(), note).await;
+            }
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Create / update / repair.
+async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
+    let old = sub.status.clone().unwrap_or_default();
+    let generation = sub.meta().generation;
+    let desired = match resolve_desired(sub, ctx).await {
+        Ok(desired) => desired,
+        Err(error) => {
+            let status = failed_status(&old, generation, error.reason(), error.to_string(), Timestamp::now());
+            patch_status(sub, ctx, &old, &status).await?;
+            return Err(error);
+        }
+    };
+    let targets = match resolve_targets(sub, ctx).await {
+        Ok(targets) => targets,
+        Err(error) => {
+            let status = failed_status(&old, generation, error.reason(), error.to_string(), Timestamp::now());
+            patch_status(sub, ctx, &old, &status).await?;
+            return Err(error);
+        }
+    };
+    let previous = previous_route(&old);
+    let previous_nodes: Vec<String> = old.nodes.iter().map(|n| n.endpoint.clone()).collect();
+    let users = StoreUsers { ctx, me: ObjectRef::from_obj(sub) };
+    let reports = RouteSync {
+        desired: Some(&desired),
+        targets: &targets,
+        previous: previous.as_ref(),
+        previous_nodes: &previous_nodes,
+        users: &users,
+        max_snapshot_age: ctx.config.snapshot_max_age,
+    }
+    .run(&ctx.nodes)
+    .await;
+
+    let route_name = desired.route.name.to_string();
+    let input = StatusInput {
+        generation,
+        route_name: &route_name,
+        link_id: &desired.link.link_id,
+        now: Timestamp::now(),
+        removal_timeout: ctx.config.cleanup_timeout,
+    };
+    let (status, notices) = next_status(&old, &input, &reports);
+    patch_status(sub, ctx, &old, &status).await?;
+    announce(sub, ctx, &notices, &route_name).await;
+
+    match failure_of(&reports) {
+        None if targets.is_empty() => Ok(Action::requeue(ctx.config.resync_interval)),
+        None => Ok(Action::requeue(crate::backoff::jitter(ctx.config.resync_interval))),
+        Some(error) => Err(error),
+    }
+}
+
+/// Deletion: remove the route (and unused links) from every node it may be on.
+async fn cleanup(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
+    let old = sub.status.clone().unwrap_or_default();
+    let mut previous: Vec<RouteRef> = previous_route(&old).into_iter().collect();
+    let mut endpoints: Vec<String> = old.nodes.iter().map(|n| n.endpoint.clone()).collect();
+    // The spec's route may be installed on nodes the status did not record yet.
+    if let Ok(desired) = resolve_desired(sub, ctx).await {
+        previous.push(desired.route);
+        if let Ok(targets) = resolve_targets(sub, ctx).await {
+            endpoints.extend(targets.into_iter().map(|t| t.endpoint));
+        }
+    }
+    previous.sort();
+    previous.dedup();
+    endpoints.sort();
+    endpoints.dedup();
+
+    let users = StoreUsers { ctx, me: ObjectRef::from_obj(sub) };
+    let mut pending = Vec::new();
+    let mut abandoned = Vec::new();
+    let deleting_since = sub.meta().deletion_timestamp.as_ref().map(|t| t.0).unwrap_or_else(Timestamp::now);
+    let expired = Timestamp::now().duration_since(deleting_since).unsigned_abs() >= ctx.config.cleanup_timeout;
+    // Each recorded route is removed in its own pass; passes share the node listings.
+    let mut failures: Vec<NodeReport> = Vec::new();
+    for route in &previous {
+        let reports = RouteSync {
+            desired: None,
+            targets: &[],
+            previous: Some(route),
+            previous_nodes: &endpoints,
+            users: &users,
+            max_snapshot_age: ctx.config.snapshot_max_age,
+        }
+        .run(&ctx.nodes)
+        .await;
+        failures.extend(reports.into_iter().filter(|r| !r.ok()));
+    }
+    failures.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+    failures.dedup_by(|a, b| a.endpoint == b.endpoint);
+    for report in failures {
+        if expired {
+            abandoned.push(report.endpoint);
+        } else {
+            pending.push(report);
+        }
+    }
+    for endpoint in &abandoned {
+        ctx.publish(
+            sub,
+            EventType::Warning,
+            "CleanupAbandoned",
+            format!(
+                "gave up removing the route from {endpoint} after {:?}: the node is unreachable; if it comes back it may keep the route until it restarts",
+                ctx.config.cleanup_timeout
+            ),
+        )
+        .await;
+    }
+    if pending.is_empty() {
+        info!(nodes = endpoints.len(), "routes removed; releasing the finalizer");
+        return Ok(Action::await_change());
+    }
+    let reports: Vec<NodeReport> = pending.iter().cloned().map(|r| NodeReport { target: true, ..r }).collect();
+    let route_name = old.route_name.clone().unwrap_or_default();
+    let input = StatusInput {
+        generation: sub.meta().generation,
+        route_name: &route_name,
+        link_id: old.link_id.as_deref().unwrap_or_default(),
+        now: Timestamp::now(),
+        removal_timeout: ctx.config.cleanup_timeout,
+    };
+    let (mut status, _) = next_status(&old, &input, &reports);
+    status.route_name = old.route_name.clone();
+    status.link_id = old.link_id.clone();
+    patch_status(sub, ctx, &old, &status).await?;
+    Err(Error::CleanupPending(pending.len()))
+}
+
+/// The route and link the spec asks for, with TLS material read from Secrets.
+async fn resolve_desired(sub: &Subscription, ctx: &Context) -> Result<DesiredRoute, Error> {
+    let name = SlimName::parse(&sub.spec.name).map_err(Error::InvalidName)?;
+    let namespace = sub.namespace().ok_or(Error::MissingNamespace)?;
+    let tls = match &sub.spec.link.tls {
+        Some(settings) if !settings.insecure => resolve_tls(ctx, &namespace, settings).await?,
+        _ => ResolvedTls::default(),
+    };
+    let link = render_link(&sub.spec.link, &tls);
+    Ok(DesiredRoute { route: RouteRef { name, link_id: link.link_id.clone() }, link })
+}
+
+async fn resolve_tls(ctx: &Context, namespace: &str, tls: &LinkTls) -> Result<ResolvedTls, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut resolved = ResolvedTls::default();
+    if let Some(reference) = &tls.ca_secret_ref {
+        resolved.ca_pem = Some(secret_text(&secrets, &reference.name, &reference.key).await?);
+    }
+    if let Some(reference) = &tls.client_cert_secret_ref {
+        resolved.client_cert_pem = Some(secret_text(&secrets, &reference.name, "tls.crt").await?);
+        resolved.client_key_pem = Some(secret_text(&secrets, &reference.name, "tls.key").await?);
+    }
+    Ok(resolved)
+}
+
+async fn secret_text(secrets: &Api<Secret>, name: &str, key: &str) -> Result<String, Error> {
+    let error = |reason: String| Error::Secret { name: name.to_owned(), reason };
+    let secret = secrets
+        .get_opt(name)
+        .await
+        .map_err(|e| error(format!("cannot read: {e}")))?
+        .ok_or_else(|| error("not found".to_owned()))?;
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .ok_or_else(|| error(format!("has no key {key:?}")))?;
+    String::from_utf8(bytes.0.clone()).map_err(|_| error(format!("key {key:?} is not UTF-8 PEM text")))
+}
+
+/// Explicit endpoints plus the Running node Pods the selector picks.
+async fn resolve_targets(sub: &Subscription, ctx: &Context) -> Result<Vec<NodeTarget>, Error> {
+    let pods = match &sub.spec.nodes.selector {
+        None => Vec::new(),
+        Some(selector) => {
+            let query = selector_query(selector).map_err(Error::InvalidSelector)?;
+            let namespace = sub.namespace().ok_or(Error::MissingNamespace)?;
+            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+            api.list(&ListParams::default().labels(&query)).await.map_err(Error::ListPods)?.items
+        }
+    };
+    Ok(pod_targets(&sub.spec.nodes.endpoints, &pods))
+}
+
+/// The route the status says was installed.
+fn previous_route(status: &SubscriptionStatus) -> Option<RouteRef> {
+    let name = SlimName::parse(status.route_name.as_deref()?).ok()?;
+    Some(RouteRef { name, link_id: status.link_id.clone()? })
+}
+
+/// The first failure among target nodes, as the reconcile's error.
+fn failure_of(reports: &[NodeReport]) -> Option<Error> {
+    let failed: Vec<&NodeReport> = reports.iter().filter(|r| !r.ok()).collect();
+    if failed.is_empty() {
+        return None;
+    }
+    let summary = failed
+        .iter()
+        .map(|r| match &r.result {
+            NodeResult::Unreachable(m) | NodeResult::Rejected(m) => format!("{}: {m}", r.endpoint),
+            NodeResult::InSync { .. } => String::new(),
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    if failed.iter().any(|r| matches!(r.result, NodeResult::Rejected(_))) {
+        Some(Error::RouteRejected(summary))
+    } else {
+        Some(Error::NodesNotInSync(summary))
+    }
+}
+
+/// Writes status by server-side apply, only when it changed.
+async fn patch_status(sub: &Subscription, ctx: &Context, old: &SubscriptionStatus, new: &SubscriptionStatus) -> Result<(), Error> {
+    if old == new && sub.status.is_some() {
+        return Ok(());
+    }
+    let namespace = sub.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<Subscription> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1",
+        "kind": "Subscription",
+        "status": new,
+    });
+    api.patch_status(&sub.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(Error::Kube)?;
+    Ok(())
+}
+
+async fn announce(sub: &Subscription, ctx: &Context, notices: &Notices, route: &str) {
+    if !notices.installed.is_empty() {
+        let note = format!("route {route} installed on {}", notices.installed.join(", "));
+        ctx.publish(sub, EventType::Normal, "RouteInstalled", note).await;
+    }
+    if !notices.repaired.is_empty() {
+        for node in &notices.repaired {
+            ctx.metrics.drift_repaired(node);
+        }
+        let note = format!("route {route} was missing and has been reinstalled on {}", notices.repaired.join(", "));
+        ctx.publish(sub, EventType::Normal, "DriftRepaired", note).await;
+    }
+    if !notices.removed.is_empty() {
+        let note = format!("route removed from {}, which left the Subscription", notices.removed.join(", "));
+        ctx.publish(sub, EventType::Normal, "RouteRemoved", note).await;
+    }
+    if !notices.abandoned.is_empty() {
+        let note = format!(
+            "gave up removing the route from {} (unreachable past the cleanup timeout, or its Pod is gone)",
+            notices.abandoned.join(", ")
+        );
+        ctx.publish(sub, EventType::Warning, "CleanupAbandoned", note).await;
+    }
+}
+
+/// Other Subscriptions' recorded links and routes, from the controller's cache.
+struct StoreUsers<'a> {
+    ctx: &'a Context,
+    me: ObjectRef<Subscription>,
+}
+
+impl StoreUsers<'_> {
+    fn others_on(&self, node: &str) -> impl Iterator<Item = Arc<Subscription>> {
+        let node = node.to_owned();
+        let me = self.me.clone();
+        self.ctx.subscriptions.state().into_iter().filter(move |s| {
+            ObjectRef::from_obj(&**s) != me
+                && s.meta().deletion_timestamp.is_none()
+                && s.status.as_ref().is_some_and(|st| st.nodes.iter().any(|n| n.endpoint == node))
+        })
+    }
+}
+
+impl Users for StoreUsers<'_> {
+    fn link_in_use(&self, node: &str, link_id: &str) -> bool {
+        self.others_on(node).any(|s| s.status.as_ref().and_then(|st| st.link_id.as_deref()) == Some(link_id))
+    }
+
+    fn route_in_use(&self, node: &str, route: &RouteRef) -> bool {
+        self.others_on(node).any(|s| s.status.as_ref().and_then(previous_route).as_ref() == Some(route))
+    }
+}

@@ -1,0 +1,101 @@
+//! Realises one Subscription's route on its nodes through their controller APIs. IO against SLIM,
+//! nothing of Kubernetes: the controller feeds it resolved inputs and turns its report into status.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+
+use crate::plan::{DesiredRoute, NodeTarget, Users, plan_node};
+use crate::slim::{ChangeOutcome, NodeError, NodePool, RouteRef};
+
+/// One sync of one Subscription.
+pub struct RouteSync<'a> {
+    /// The route to install; `None` removes it everywhere (deletion).
+    pub desired: Option<&'a DesiredRoute>,
+    /// Nodes the route must be on.
+    pub targets: &'a [NodeTarget],
+    /// The route installed before (from status), to remove where it is no longer wanted.
+    pub previous: Option<&'a RouteRef>,
+    /// Nodes the route was installed on before (from status).
+    pub previous_nodes: &'a [String],
+    /// Who else uses links and routes on each node.
+    pub users: &'a (dyn Users + Sync),
+    /// Maximum age of a node listing reused from the cache.
+    pub max_snapshot_age: Duration,
+}
+
+/// What happened on one node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeReport {
+    pub endpoint: String,
+    pub pod: Option<String>,
+    /// Is the node still a target (false: the route is being removed from it)?
+    pub target: bool,
+    pub result: NodeResult,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeResult {
+    /// The node matches the plan; `wrote` says whether a command was needed to get there.
+    InSync { wrote: bool },
+    /// The node was unreachable or did not answer.
+    Unreachable(String),
+    /// The node refused part of the change.
+    Rejected(String),
+}
+
+impl NodeReport {
+    pub fn ok(&self) -> bool {
+        matches!(self.result, NodeResult::InSync { .. })
+    }
+
+    pub fn wrote(&self) -> bool {
+        matches!(self.result, NodeResult::InSync { wrote: true })
+    }
+}
+
+impl RouteSync<'_> {
+    /// Plans and applies every node concurrently; one slow node does not hold up the others.
+    pub async fn run(&self, pool: &NodePool) -> Vec<NodeReport> {
+        let leaving = self
+            .previous_nodes
+            .iter()
+            .filter(|endpoint| !self.targets.iter().any(|t| &t.endpoint == *endpoint))
+            .map(|endpoint| (endpoint.clone(), None, false));
+        let staying = self.targets.iter().map(|t| (t.endpoint.clone(), t.pod.clone(), true));
+        let work = staying.chain(leaving).map(|(endpoint, pod, target)| async move {
+            let result = self.sync_node(pool, &endpoint, target).await;
+            NodeReport { endpoint, pod, target, result }
+        });
+        join_all(work).await
+    }
+
+    async fn sync_node(&self, pool: &NodePool, endpoint: &str, target: bool) -> NodeResult {
+        let node = pool.node(endpoint);
+        let observed = match node.snapshot(self.max_snapshot_age).await {
+            Ok(observed) => observed,
+            Err(error) => return failure(error),
+        };
+        let was_here = self.previous_nodes.iter().any(|e| e == endpoint);
+        let desired = self.desired.filter(|_| target);
+        let previous = self.previous.filter(|_| was_here);
+        let change = plan_node(endpoint, desired, previous, &observed, self.users);
+        if change.is_empty() {
+            return NodeResult::InSync { wrote: false };
+        }
+        match node.apply(change).await {
+            Ok(ChangeOutcome { failures }) if failures.is_empty() => NodeResult::InSync { wrote: true },
+            Ok(ChangeOutcome { failures }) => NodeResult::Rejected(
+                failures.iter().map(|f| format!("{}: {}", f.item, f.message)).collect::<Vec<_>>().join("; "),
+            ),
+            Err(error) => failure(error),
+        }
+    }
+}
+
+fn failure(error: NodeError) -> NodeResult {
+    match error {
+        NodeError::Rejected { reason, .. } => NodeResult::Rejected(reason),
+        other => NodeResult::Unreachable(other.to_string()),
+    }
+}

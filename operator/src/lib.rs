@@ -1,0 +1,21 @@
+//! `slim-operator`: makes SLIM (Secure Low-Latency Interactive Messaging) native to Kubernetes.
+//!
+//! - [`api`]: the CRD types (no IO);
+//! - [`plan`]: pure planning, desired vs observed state into actions;
+//! - [`slim`]: clients of the SLIM control APIs;
+//! - [`engine`]: realising plans on SLIM (IO against SLIM only);
+//! - [`controller`]: the Kubernetes wiring (reconcilers, status, events);
+//! - [`admin`], [`metrics`], [`telemetry`]: operating the binary;
+//! - [`cli`]: the command line.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod api;
+pub mod backoff;
+pub mod cli;
+pub mod controller;
+pub mod engine;
+pub mod metrics;
+pub mod plan;
+pub mod slim;
+pub mod telemetry;

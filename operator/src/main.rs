@@ -1,0 +1,16 @@
+use clap::Parser;
+use slim_operator::api;
+use slim_operator::cli::{Cli, Command, RunError, run};
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crds => api::crds_yaml().map(|yaml| print!("{yaml}")).map_err(RunError::Crds),
+        Command::Run(args) => run(args).await,
+    };
+    if let Err(error) = result {
+        eprintln!("slim-operator: {}", slim_operator::slim::node::error_chain(&error));
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,9 @@
+//! Pure planning: desired state against observed state, into actions. No IO.
+
+pub mod link;
+pub mod nodes;
+pub mod routes;
+
+pub use link::{LINK_ID_PREFIX, ResolvedTls, render_link};
+pub use nodes::{NodeTarget, SelectorError, pod_targets, selector_matches, selector_query};
+pub use routes::{DesiredRoute, NoOtherUsers, Users, plan_node};

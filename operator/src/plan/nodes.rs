@@ -1,0 +1,160 @@
+//! Which SLIM nodes a Subscription targets: its explicit endpoints plus the selected node Pods.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+/// The controller port of SLIM's upstream chart.
+pub const DEFAULT_CONTROLLER_PORT: i32 = 46358;
+/// The container port name SLIM's upstream chart gives the controller API.
+pub const CONTROLLER_PORT_NAME: &str = "controller-0";
+
+/// A node a route must be on.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NodeTarget {
+    /// `http://host:port` of the node's controller API.
+    pub endpoint: String,
+    /// The Pod, when the node was found by the selector.
+    pub pod: Option<String>,
+}
+
+/// Endpoints from the spec plus Running Pods with an IP, sorted and without duplicates.
+pub fn pod_targets(endpoints: &[String], pods: &[Pod]) -> Vec<NodeTarget> {
+    let mut targets: Vec<NodeTarget> = endpoints
+        .iter()
+        .map(|e| NodeTarget { endpoint: e.trim_end_matches('/').to_owned(), pod: None })
+        .collect();
+    for pod in pods {
+        let Some(status) = &pod.status else { continue };
+        let running = status.phase.as_deref() == Some("Running");
+        let terminating = pod.metadata.deletion_timestamp.is_some();
+        let Some(ip) = status.pod_ip.as_deref().filter(|ip| !ip.is_empty()) else { continue };
+        if !running || terminating {
+            continue;
+        }
+        let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
+        targets.push(NodeTarget {
+            endpoint: format!("http://{host}:{}", controller_port(pod)),
+            pod: pod.metadata.name.clone(),
+        });
+    }
+    targets.sort();
+    targets.dedup_by(|a, b| a.endpoint == b.endpoint);
+    targets
+}
+
+fn controller_port(pod: &Pod) -> i32 {
+    pod.spec
+        .iter()
+        .flat_map(|spec| &spec.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some(CONTROLLER_PORT_NAME))
+        .map_or(DEFAULT_CONTROLLER_PORT, |p| p.container_port)
+}
+
+/// A label selector the API server cannot express.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("label selector: {0}")]
+pub struct SelectorError(String);
+
+/// The selector in `labelSelector` query syntax (`a=b,c in (d,e),!f`).
+pub fn selector_query(selector: &LabelSelector) -> Result<String, SelectorError> {
+    let mut parts: Vec<String> =
+        selector.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+    for expr in selector.match_expressions.iter().flatten() {
+        let values = expr.values.clone().unwrap_or_default();
+        let part = match expr.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => {
+                return Err(SelectorError(format!("{} {} needs values", expr.key, expr.operator)));
+            }
+            "In" => format!("{} in ({})", expr.key, values.join(",")),
+            "NotIn" => format!("{} notin ({})", expr.key, values.join(",")),
+            "Exists" => expr.key.clone(),
+            "DoesNotExist" => format!("!{}", expr.key),
+            other => return Err(SelectorError(format!("unknown operator {other:?} for {}", expr.key))),
+        };
+        parts.push(part);
+    }
+    Ok(parts.join(","))
+}
+
+/// Whether `labels` satisfy `selector` (same rules as the API server; an empty selector matches all).
+pub fn selector_matches(selector: &LabelSelector, labels: Option<&BTreeMap<String, String>>) -> bool {
+    let empty = BTreeMap::new();
+    let labels = labels.unwrap_or(&empty);
+    let labels_ok = selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let exprs_ok = selector.match_expressions.iter().flatten().all(|expr| {
+        let values = expr.values.as_deref().unwrap_or_default();
+        match expr.operator.as_str() {
+            "In" => labels.get(&expr.key).is_some_and(|v| values.contains(v)),
+            "NotIn" => labels.get(&expr.key).is_none_or(|v| !values.contains(v)),
+            "Exists" => labels.contains_key(&expr.key),
+            "DoesNotExist" => !labels.contains_key(&expr.key),
+            _ => false,
+        }
+    });
+    labels_ok && exprs_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn selector(value: serde_json::Value) -> LabelSelector {
+        serde_json::from_value(value).expect("selector")
+    }
+
+    #[test]
+    fn selector_query_and_matching_agree() {
+        let s = selector(json!({
+            "matchLabels": {"app": "slim"},
+            "matchExpressions": [
+                {"key": "tier", "operator": "In", "values": ["a", "b"]},
+                {"key": "old", "operator": "DoesNotExist"},
+                {"key": "zone", "operator": "Exists"}
+            ]
+        }));
+        assert_eq!(selector_query(&s).expect("valid"), "app=slim,tier in (a,b),!old,zone");
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        assert!(selector_matches(&s, Some(&labels(&[("app", "slim"), ("tier", "a"), ("zone", "z")]))));
+        assert!(!selector_matches(&s, Some(&labels(&[("app", "slim"), ("tier", "c"), ("zone", "z")]))));
+        assert!(!selector_matches(&s, Some(&labels(&[("app", "slim"), ("tier", "a"), ("zone", "z"), ("old", "1")]))));
+        assert!(!selector_matches(&s, None));
+        assert!(selector_matches(&LabelSelector::default(), None));
+        let bad = selector(json!({"matchExpressions": [{"key": "k", "operator": "Near"}]}));
+        assert!(selector_query(&bad).is_err());
+    }
+
+    fn pod(name: &str, phase: &str, ip: Option<&str>, port: Option<i32>) -> Pod {
+        let ports = port.map(|p| json!([{"name": "controller-0", "containerPort": p}, {"name": "data", "containerPort": 1}]));
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"containers": [{"name": "slim", "ports": ports.unwrap_or(json!([]))}]},
+            "status": {"phase": phase, "podIP": ip},
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn running_pods_with_ip_become_targets() {
+        let pods = [
+            pod("slim-0", "Running", Some("10.0.0.1"), Some(9000)),
+            pod("slim-1", "Running", Some("10.0.0.2"), None),
+            pod("slim-2", "Pending", Some("10.0.0.3"), None),
+            pod("slim-3", "Running", None, None),
+            pod("slim-4", "Running", Some("fd00::4"), None),
+        ];
+        let targets = pod_targets(&["http://fixed:46358/".to_owned()], &pods);
+        let endpoints: Vec<&str> = targets.iter().map(|t| t.endpoint.as_str()).collect();
+        assert_eq!(
+            endpoints,
+            vec!["http://10.0.0.1:9000", "http://10.0.0.2:46358", "http://[fd00::4]:46358", "http://fixed:46358"]
+        );
+        assert_eq!(targets[0].pod.as_deref(), Some("slim-0"));
+        assert_eq!(targets[3].pod, None);
+    }
+}

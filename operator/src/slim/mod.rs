@@ -1,0 +1,10 @@
+//! Clients of the SLIM APIs (IO) and the SLIM name model they share.
+
+pub mod name;
+pub mod node;
+pub mod pb;
+pub mod pool;
+
+pub use name::{NameError, NameKey, SlimName};
+pub use node::{ChangeOutcome, LinkConfig, NodeChange, NodeClient, NodeClientConfig, NodeError, NodeEvent, Observed, RouteRef};
+pub use pool::NodePool;

@@ -1,0 +1,865 @@
+//! One SLIM node's controller API, behind one long-lived `OpenControlChannel` stream.
+//!
+//! A [`NodeClient`] is a handle to an actor task that owns the stream:
+//! - changes from concurrent callers are merged into one `ConfigurationCommand` while an earlier
+//!   command is in flight (up to [`NodeClientConfig::max_in_flight`] commands at once), and each
+//!   caller gets back the outcome of its own items;
+//! - route and connection listings are single-flight and cached for a caller-chosen age; acked
+//!   changes are applied to the cache so it stays coherent with our own writes;
+//! - a broken stream fails what was pending, reconnects with backoff, and announces the reconnect
+//!   (a node that restarts has lost its routes) on the pool's event channel.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tracing::{debug, info, warn};
+
+use super::name::{NameKey, SlimName};
+use super::pb::controller::v1 as ctl;
+use super::pb::controller::v1::control_message::Payload;
+use crate::backoff::Backoff;
+
+/// Tunables of a node client; defaults suit production.
+#[derive(Clone, Debug)]
+pub struct NodeClientConfig {
+    /// How long a `ConfigurationCommand` may wait for its ack (route acks can take ~30 s).
+    pub change_timeout: Duration,
+    /// How long a route or connection listing may take.
+    pub list_timeout: Duration,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Commands in flight at once on one node; more callers are merged into the next command.
+    pub max_in_flight: usize,
+    /// Upper bound of items (links + routes) merged into one command.
+    pub max_batch_items: usize,
+    /// Reconnect backoff bounds.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl Default for NodeClientConfig {
+    fn default() -> Self {
+        Self {
+            change_timeout: Duration::from_secs(40),
+            list_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(5),
+            max_in_flight: 2,
+            max_batch_items: 2000,
+            reconnect_min: Duration::from_millis(250),
+            reconnect_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A link (connection) as the operator creates it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LinkConfig {
+    pub link_id: String,
+    /// The node's client config as JSON. May hold TLS key material: never log it.
+    pub config_data: String,
+}
+
+/// A route: a name reachable over a link.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteRef {
+    pub name: SlimName,
+    pub link_id: String,
+}
+
+/// What one caller wants changed on a node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeChange {
+    pub create_links: Vec<LinkConfig>,
+    pub set_routes: Vec<RouteRef>,
+    pub delete_routes: Vec<RouteRef>,
+    pub delete_links: Vec<String>,
+}
+
+impl NodeChange {
+    pub fn is_empty(&self) -> bool {
+        self.create_links.is_empty()
+            && self.set_routes.is_empty()
+            && self.delete_routes.is_empty()
+            && self.delete_links.is_empty()
+    }
+
+    fn items(&self) -> usize {
+        self.create_links.len() + self.set_routes.len() + self.delete_routes.len() + self.delete_links.len()
+    }
+
+    fn links_touched(&self) -> impl Iterator<Item = &str> {
+        self.create_links
+            .iter()
+            .map(|l| l.link_id.as_str())
+            .chain(self.set_routes.iter().map(|r| r.link_id.as_str()))
+    }
+}
+
+/// The items of a change the node refused, with its reasons. Empty means everything held.
+/// "Not found" on a delete counts as done.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangeOutcome {
+    pub failures: Vec<ItemFailure>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ItemFailure {
+    /// e.g. `set route org/ns/app via slimop-…` or `create link slimop-…`.
+    pub item: String,
+    pub message: String,
+}
+
+/// What a node reports: links by id, and (name, link) routes that go over a link.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub links: BTreeSet<String>,
+    pub routes: BTreeSet<(NameKey, String)>,
+}
+
+impl Observed {
+    pub fn has_route(&self, route: &RouteRef) -> bool {
+        self.routes.contains(&(route.name.key(), route.link_id.clone()))
+    }
+
+    /// Applies a change the node acknowledged (minus the items it refused).
+    fn apply(&mut self, change: &NodeChange, outcome: &ChangeOutcome) {
+        let failed: HashSet<&str> = outcome.failures.iter().map(|f| f.item.as_str()).collect();
+        for link in &change.create_links {
+            if !failed.contains(describe_create_link(&link.link_id).as_str()) {
+                self.links.insert(link.link_id.clone());
+            }
+        }
+        for route in &change.set_routes {
+            if !failed.contains(describe_set_route(route).as_str()) {
+                self.routes.insert((route.name.key(), route.link_id.clone()));
+            }
+        }
+        for route in &change.delete_routes {
+            self.routes.remove(&(route.name.key(), route.link_id.clone()));
+        }
+        for link in &change.delete_links {
+            self.links.remove(link);
+            self.routes.retain(|(_, l)| l != link);
+        }
+    }
+}
+
+/// Node-level failures: the change or listing did not complete.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("node {endpoint} unreachable: {reason}")]
+    Unavailable { endpoint: String, reason: String },
+    #[error("node {endpoint} did not answer within {timeout:?}")]
+    Timeout { endpoint: String, timeout: Duration },
+    #[error("node {endpoint} rejected the command: {reason}")]
+    Rejected { endpoint: String, reason: String },
+    #[error("node client for {endpoint} has stopped")]
+    Stopped { endpoint: String },
+}
+
+/// Counters of what a client sent; shared with metrics and benchmarks.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    /// Control messages sent (commands and list requests).
+    pub rpcs: AtomicU64,
+    /// `ConfigurationCommand`s sent.
+    pub writes: AtomicU64,
+    /// Route items sent in commands (set + delete).
+    pub route_items: AtomicU64,
+    /// Successful stream (re)connections.
+    pub connects: AtomicU64,
+}
+
+/// Announced on the pool's channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// The stream came back after a break: the node may have restarted and lost its state.
+    Reconnected { endpoint: String },
+}
+
+enum Command {
+    Change { change: NodeChange, reply: oneshot::Sender<Result<ChangeOutcome, NodeError>> },
+    Snapshot { max_age: Duration, reply: oneshot::Sender<Result<Arc<Observed>, NodeError>> },
+}
+
+/// Cheap, cloneable handle to one node's actor.
+#[derive(Clone)]
+pub struct NodeClient {
+    endpoint: Arc<str>,
+    tx: mpsc::Sender<Command>,
+    stats: Arc<NodeStats>,
+    change_timeout: Duration,
+    list_timeout: Duration,
+}
+
+impl NodeClient {
+    /// Starts the actor for `endpoint` (an `http://host:port` URI of the controller API).
+    pub fn spawn(endpoint: &str, config: NodeClientConfig, events: broadcast::Sender<NodeEvent>) -> Self {
+        let (tx, rx) = mpsc::channel(4096);
+        let stats = Arc::new(NodeStats::default());
+        let client = Self {
+            endpoint: endpoint.into(),
+            tx,
+            stats: stats.clone(),
+            change_timeout: config.change_timeout,
+            list_timeout: config.list_timeout,
+        };
+        let actor = Actor { endpoint: endpoint.to_owned(), config, rx, stats, events, cache: None };
+        tokio::spawn(actor.run());
+        client
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// Sends a change (possibly merged with other callers' changes) and waits for its outcome.
+    pub async fn apply(&self, change: NodeChange) -> Result<ChangeOutcome, NodeError> {
+        if change.is_empty() {
+            return Ok(ChangeOutcome::default());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.call(Command::Change { change, reply }, rx, self.change_timeout * 2).await
+    }
+
+    /// The node's links and routes, no older than `max_age` (zero forces a fresh listing).
+    pub async fn snapshot(&self, max_age: Duration) -> Result<Arc<Observed>, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Command::Snapshot { max_age, reply }, rx, self.list_timeout * 2).await
+    }
+
+    async fn call<T>(
+        &self,
+        command: Command,
+        rx: oneshot::Receiver<Result<T, NodeError>>,
+        timeout: Duration,
+    ) -> Result<T, NodeError> {
+        let stopped = || NodeError::Stopped { endpoint: self.endpoint.to_string() };
+        self.tx.send(command).await.map_err(|_| stopped())?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => Err(NodeError::Timeout { endpoint: self.endpoint.to_string(), timeout }),
+        }
+    }
+}
+
+struct Actor {
+    endpoint: String,
+    config: NodeClientConfig,
+    rx: mpsc::Receiver<Command>,
+    stats: Arc<NodeStats>,
+    events: broadcast::Sender<NodeEvent>,
+    /// Last listing, with the time it was taken. Dropped on disconnect.
+    cache: Option<(Instant, Arc<Observed>)>,
+}
+
+/// Why a connected session ended.
+enum SessionEnd {
+    /// Every handle is gone: stop the actor.
+    Closed,
+    /// The stream broke; reconnect.
+    Broken(String),
+}
+
+impl Actor {
+    async fn run(mut self) {
+        let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
+        let mut ever_connected = false;
+        loop {
+            let reason = match self.connect().await {
+                Ok((outbound, inbound)) => {
+                    backoff.reset();
+                    self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                    if ever_connected {
+                        info!(node = %self.endpoint, "control stream re-established; node state will be re-checked");
+                        let _ = self.events.send(NodeEvent::Reconnected { endpoint: self.endpoint.clone() });
+                    } else {
+                        debug!(node = %self.endpoint, "control stream established");
+                    }
+                    ever_connected = true;
+                    match Session::new(&mut self, outbound).serve(inbound).await {
+                        SessionEnd::Closed => return,
+                        SessionEnd::Broken(reason) => reason,
+                    }
+                }
+                Err(reason) => reason,
+            };
+            self.cache = None;
+            let delay = backoff.next_delay();
+            warn!(node = %self.endpoint, %reason, retry_in = ?delay, "control stream down");
+            // While down, fail callers at once so reconciles report the node honestly and back off.
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    command = self.rx.recv() => match command {
+                        None => return,
+                        Some(command) => command.fail(NodeError::Unavailable {
+                            endpoint: self.endpoint.clone(),
+                            reason: reason.clone(),
+                        }),
+                    },
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<(mpsc::Sender<ctl::ControlMessage>, Streaming<ctl::ControlMessage>), String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
+            .map_err(|e| format!("invalid endpoint: {e}"))?
+            .connect_timeout(self.config.connect_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(15))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect().await.map_err(|e| format!("connect: {}", error_chain(&e)))?;
+        let mut client = ctl::controller_service_client::ControllerServiceClient::new(channel);
+        let (outbound, outbound_rx) = mpsc::channel(1024);
+        let inbound = tokio::time::timeout(
+            self.config.connect_timeout,
+            client.open_control_channel(ReceiverStream::new(outbound_rx)),
+        )
+        .await
+        .map_err(|_| "opening the control channel timed out".to_owned())?
+        .map_err(|status| format!("opening the control channel: {}", status.message()))?
+        .into_inner();
+        Ok((outbound, inbound))
+    }
+}
+
+impl Command {
+    fn fail(self, error: NodeError) {
+        match self {
+            Command::Change { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Command::Snapshot { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
+type ChangeReply = oneshot::Sender<Result<ChangeOutcome, NodeError>>;
+type SnapshotReply = oneshot::Sender<Result<Arc<Observed>, NodeError>>;
+
+struct InFlightChange {
+    sent: Instant,
+    parts: Vec<(NodeChange, ChangeReply)>,
+}
+
+struct InFlightList {
+    sent: Instant,
+    routes_id: String,
+    connections_id: String,
+    routes_done: bool,
+    connections_done: bool,
+    observed: Observed,
+    /// Changes acked while the listing was under way, re-applied to its result.
+    acked_meanwhile: Vec<(NodeChange, ChangeOutcome)>,
+    waiters: Vec<SnapshotReply>,
+}
+
+/// One connected stream's bookkeeping.
+struct Session<'a> {
+    actor: &'a mut Actor,
+    outbound: mpsc::Sender<ctl::ControlMessage>,
+    queued: Vec<(NodeChange, ChangeReply)>,
+    in_flight: HashMap<String, InFlightChange>,
+    list: Option<InFlightList>,
+}
+
+impl<'a> Session<'a> {
+    fn new(actor: &'a mut Actor, outbound: mpsc::Sender<ctl::ControlMessage>) -> Self {
+        Self { actor, outbound, queued: Vec::new(), in_flight: HashMap::new(), list: None }
+    }
+
+    async fn serve(mut self, mut inbound: Streaming<ctl::ControlMessage>) -> SessionEnd {
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        let end = loop {
+            tokio::select! {
+                command = self.actor.rx.recv() => match command {
+                    None => break SessionEnd::Closed,
+                    Some(command) => {
+                        self.accept(command);
+                        // Take whatever else is already waiting, so it joins the same command.
+                        while let Ok(command) = self.actor.rx.try_recv() {
+                            self.accept(command);
+                        }
+                    }
+                },
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => self.on_message(message),
+                    Ok(None) => break SessionEnd::Broken("node closed the control stream".to_owned()),
+                    Err(status) => break SessionEnd::Broken(format!("control stream error: {}", status.message())),
+                },
+                _ = sweep.tick() => self.expire(),
+            }
+            if let Err(reason) = self.flush().await {
+                break SessionEnd::Broken(reason);
+            }
+        };
+        let reason = match &end {
+            SessionEnd::Closed => "client stopped".to_owned(),
+            SessionEnd::Broken(reason) => reason.clone(),
+        };
+        self.fail_all(&reason);
+        end
+    }
+
+    fn endpoint(&self) -> String {
+        self.actor.endpoint.clone()
+    }
+
+    fn accept(&mut self, command: Command) {
+        match command {
+            Command::Change { change, reply } => self.queued.push((change, reply)),
+            Command::Snapshot { max_age, reply } => {
+                if let Some((taken, observed)) = &self.actor.cache
+                    && taken.elapsed() <= max_age
+                {
+                    let _ = reply.send(Ok(observed.clone()));
+                    return;
+                }
+                match &mut self.list {
+                    Some(list) => list.waiters.push(reply),
+                    None => {
+                        self.list = Some(InFlightList {
+                            sent: Instant::now(),
+                            routes_id: String::new(),
+                            connections_id: String::new(),
+                            routes_done: false,
+                            connections_done: false,
+                            observed: Observed::default(),
+                            acked_meanwhile: Vec::new(),
+                            waiters: vec![reply],
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a pending listing and as many merged commands as the in-flight limit allows.
+    async fn flush(&mut self) -> Result<(), String> {
+        if let Some(list) = &mut self.list
+            && list.routes_id.is_empty()
+        {
+            list.routes_id = new_message_id();
+            list.connections_id = new_message_id();
+            let requests = [
+                message(&list.routes_id, Payload::RouteListRequest(ctl::RouteListRequest {})),
+                message(&list.connections_id, Payload::ConnectionListRequest(ctl::ConnectionListRequest {})),
+            ];
+            for request in requests {
+                self.send(request).await?;
+            }
+        }
+        while self.in_flight.len() < self.actor.config.max_in_flight && !self.queued.is_empty() {
+            let parts = self.take_batch();
+            let command = merge(parts.iter().map(|(change, _)| change));
+            let id = new_message_id();
+            let stats = &self.actor.stats;
+            stats.writes.fetch_add(1, Ordering::Relaxed);
+            stats.route_items.fetch_add(
+                (command.routes_to_set.len() + command.routes_to_delete.len()) as u64,
+                Ordering::Relaxed,
+            );
+            debug!(
+                node = %self.actor.endpoint,
+                callers = parts.len(),
+                links = command.connections_to_create.len(),
+                routes_set = command.routes_to_set.len(),
+                routes_deleted = command.routes_to_delete.len(),
+                links_deleted = command.connections_to_delete.len(),
+                "sending configuration command"
+            );
+            self.in_flight.insert(id.clone(), InFlightChange { sent: Instant::now(), parts });
+            self.send(message(&id, Payload::ConfigCommand(command))).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes queued changes for one command: bounded in size, and never a change that deletes a
+    /// link another change in the same command is still using.
+    fn take_batch(&mut self) -> Vec<(NodeChange, ChangeReply)> {
+        let mut batch = Vec::new();
+        let mut items = 0;
+        let mut used: HashSet<String> = HashSet::new();
+        let mut deleted: HashSet<String> = HashSet::new();
+        let mut rest = Vec::new();
+        for (change, reply) in self.queued.drain(..) {
+            let conflicts = change.delete_links.iter().any(|l| used.contains(l))
+                || change.links_touched().any(|l| deleted.contains(l));
+            let fits = batch.is_empty() || items + change.items() <= self.actor.config.max_batch_items;
+            if conflicts || !fits {
+                rest.push((change, reply));
+                continue;
+            }
+            items += change.items();
+            used.extend(change.links_touched().map(str::to_owned));
+            deleted.extend(change.delete_links.iter().cloned());
+            batch.push((change, reply));
+        }
+        self.queued = rest;
+        batch
+    }
+
+    async fn send(&mut self, message: ctl::ControlMessage) -> Result<(), String> {
+        self.actor.stats.rpcs.fetch_add(1, Ordering::Relaxed);
+        self.outbound.send(message).await.map_err(|_| "control stream closed".to_owned())
+    }
+
+    fn on_message(&mut self, message: ctl::ControlMessage) {
+        match message.payload {
+            Some(Payload::ConfigCommandAck(ack)) => self.on_change_ack(ack),
+            Some(Payload::Ack(ack)) => self.on_plain_ack(ack),
+            Some(Payload::RouteListResponse(response)) => self.on_routes(response),
+            Some(Payload::ConnectionListResponse(response)) => self.on_connections(response),
+            // Unsolicited commands (queued local-app notifications) and anything else: not ours.
+            _ => {}
+        }
+    }
+
+    fn on_change_ack(&mut self, ack: ctl::ConfigurationCommandAck) {
+        let Some(in_flight) = self.in_flight.remove(&ack.original_message_id) else {
+            return;
+        };
+        let failures = AckFailures::from_ack(&ack);
+        for (change, reply) in in_flight.parts {
+            let outcome = failures.outcome_for(&change);
+            self.record_acked(&change, &outcome);
+            let _ = reply.send(Ok(outcome));
+        }
+    }
+
+    /// A plain `Ack` answers a command the node could not process as a whole.
+    fn on_plain_ack(&mut self, ack: ctl::Ack) {
+        let Some(in_flight) = self.in_flight.remove(&ack.original_message_id) else {
+            return;
+        };
+        if ack.success {
+            for (change, reply) in in_flight.parts {
+                let outcome = ChangeOutcome::default();
+                self.record_acked(&change, &outcome);
+                let _ = reply.send(Ok(outcome));
+            }
+        } else {
+            let reason = ack.messages.join("; ");
+            for (_, reply) in in_flight.parts {
+                let _ = reply.send(Err(NodeError::Rejected { endpoint: self.endpoint(), reason: reason.clone() }));
+            }
+        }
+    }
+
+    fn record_acked(&mut self, change: &NodeChange, outcome: &ChangeOutcome) {
+        if let Some((_, observed)) = &mut self.actor.cache {
+            Arc::make_mut(observed).apply(change, outcome);
+        }
+        if let Some(list) = &mut self.list {
+            list.acked_meanwhile.push((change.clone(), outcome.clone()));
+        }
+    }
+
+    fn on_routes(&mut self, response: ctl::RouteListResponse) {
+        let Some(list) = self.list.as_mut().filter(|l| l.routes_id == response.original_message_id) else {
+            return;
+        };
+        for entry in response.entries {
+            let Some(key) = entry.name.as_ref().and_then(NameKey::from_proto) else {
+                continue;
+            };
+            for connection in entry.connections {
+                if let Some(link_id) = connection.link_id {
+                    list.observed.routes.insert((key, link_id));
+                }
+            }
+        }
+        list.routes_done |= response.done;
+        self.finish_list_if_done();
+    }
+
+    fn on_connections(&mut self, response: ctl::ConnectionListResponse) {
+        let Some(list) = self.list.as_mut().filter(|l| l.connections_id == response.original_message_id) else {
+            return;
+        };
+        for connection in response.entries {
+            if let Some(link_id) = connection.link_id {
+                list.observed.links.insert(link_id);
+            }
+        }
+        list.connections_done |= response.done;
+        self.finish_list_if_done();
+    }
+
+    fn finish_list_if_done(&mut self) {
+        if !self.list.as_ref().is_some_and(|l| l.routes_done && l.connections_done) {
+            return;
+        }
+        let Some(mut list) = self.list.take() else { return };
+        for (change, outcome) in &list.acked_meanwhile {
+            list.observed.apply(change, outcome);
+        }
+        let observed = Arc::new(list.observed);
+        self.actor.cache = Some((list.sent, observed.clone()));
+        for waiter in list.waiters {
+            let _ = waiter.send(Ok(observed.clone()));
+        }
+    }
+
+    /// Fails commands and listings the node has not answered in time.
+    fn expire(&mut self) {
+        let change_timeout = self.actor.config.change_timeout;
+        let expired: Vec<String> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.sent.elapsed() > change_timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            if let Some(in_flight) = self.in_flight.remove(&id) {
+                warn!(node = %self.actor.endpoint, timeout = ?change_timeout, "configuration command not acknowledged in time");
+                for (_, reply) in in_flight.parts {
+                    let _ = reply.send(Err(NodeError::Timeout { endpoint: self.endpoint(), timeout: change_timeout }));
+                }
+            }
+        }
+        let list_timeout = self.actor.config.list_timeout;
+        if self.list.as_ref().is_some_and(|l| !l.routes_id.is_empty() && l.sent.elapsed() > list_timeout)
+            && let Some(list) = self.list.take()
+        {
+            for waiter in list.waiters {
+                let _ = waiter.send(Err(NodeError::Timeout { endpoint: self.endpoint(), timeout: list_timeout }));
+            }
+        }
+    }
+
+    fn fail_all(&mut self, reason: &str) {
+        let error = || NodeError::Unavailable { endpoint: self.actor.endpoint.clone(), reason: reason.to_owned() };
+        for (_, in_flight) in self.in_flight.drain() {
+            for (_, reply) in in_flight.parts {
+                let _ = reply.send(Err(error()));
+            }
+        }
+        for (_, reply) in self.queued.drain(..) {
+            let _ = reply.send(Err(error()));
+        }
+        if let Some(list) = self.list.take() {
+            for waiter in list.waiters {
+                let _ = waiter.send(Err(error()));
+            }
+        }
+    }
+}
+
+/// The refusals in one ack, looked up per caller.
+struct AckFailures {
+    links: HashMap<String, String>,
+    routes: HashMap<(NameKey, String), String>,
+}
+
+impl AckFailures {
+    fn from_ack(ack: &ctl::ConfigurationCommandAck) -> Self {
+        let links = ack
+            .connections_status
+            .iter()
+            .filter(|s| !s.success && !is_not_found(&s.error_msg))
+            .map(|s| (s.link_id.clone(), s.error_msg.clone()))
+            .collect();
+        let routes = ack
+            .routes_status
+            .iter()
+            .filter(|s| !s.success && !is_not_found(&s.error_msg))
+            .filter_map(|s| {
+                let route = s.route.as_ref()?;
+                let key = route.name.as_ref().and_then(NameKey::from_proto)?;
+                Some(((key, route.link_id.clone().unwrap_or_default()), s.error_msg.clone()))
+            })
+            .collect();
+        Self { links, routes }
+    }
+
+    fn outcome_for(&self, change: &NodeChange) -> ChangeOutcome {
+        let mut failures = Vec::new();
+        let link_failure = |link_id: &str| self.links.get(link_id).cloned();
+        let route_failure = |route: &RouteRef| self.routes.get(&(route.name.key(), route.link_id.clone())).cloned();
+        for link in &change.create_links {
+            if let Some(message) = link_failure(&link.link_id) {
+                failures.push(ItemFailure { item: describe_create_link(&link.link_id), message });
+            }
+        }
+        for route in &change.set_routes {
+            if let Some(message) = route_failure(route) {
+                failures.push(ItemFailure { item: describe_set_route(route), message });
+            }
+        }
+        for route in &change.delete_routes {
+            if let Some(message) = route_failure(route) {
+                failures.push(ItemFailure { item: format!("delete route {} via {}", route.name, route.link_id), message });
+            }
+        }
+        for link_id in &change.delete_links {
+            if let Some(message) = link_failure(link_id) {
+                failures.push(ItemFailure { item: format!("delete link {link_id}"), message });
+            }
+        }
+        ChangeOutcome { failures }
+    }
+}
+
+fn describe_create_link(link_id: &str) -> String {
+    format!("create link {link_id}")
+}
+
+fn describe_set_route(route: &RouteRef) -> String {
+    format!("set route {} via {}", route.name, route.link_id)
+}
+
+/// Deleting what is already gone is success.
+fn is_not_found(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    message.contains("not found") || message.contains("does not exist") || message.contains("not exist")
+}
+
+/// Merges callers' changes into one command, without duplicate links.
+fn merge<'a>(changes: impl Iterator<Item = &'a NodeChange>) -> ctl::ConfigurationCommand {
+    let mut command = ctl::ConfigurationCommand::default();
+    let mut links = HashSet::new();
+    let mut routes_set = HashSet::new();
+    let mut routes_deleted = HashSet::new();
+    let mut links_deleted = HashSet::new();
+    for change in changes {
+        for link in &change.create_links {
+            if links.insert(link.link_id.clone()) {
+                command.connections_to_create.push(ctl::Connection {
+                    link_id: link.link_id.clone(),
+                    config_data: link.config_data.clone(),
+                });
+            }
+        }
+        for route in &change.set_routes {
+            if routes_set.insert(route) {
+                command.routes_to_set.push(route_proto(route));
+            }
+        }
+        for route in &change.delete_routes {
+            if routes_deleted.insert(route) {
+                command.routes_to_delete.push(route_proto(route));
+            }
+        }
+        for link in &change.delete_links {
+            if links_deleted.insert(link.clone()) {
+                command.connections_to_delete.push(link.clone());
+            }
+        }
+    }
+    command
+}
+
+fn route_proto(route: &RouteRef) -> ctl::Route {
+    ctl::Route { name: Some(route.name.to_proto()), link_id: Some(route.link_id.clone()), direction: None }
+}
+
+fn message(id: &str, payload: Payload) -> ctl::ControlMessage {
+    ctl::ControlMessage { message_id: id.to_owned(), payload: Some(payload) }
+}
+
+fn new_message_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// `a: b: c` from an error and its sources (tonic's top-level message alone says little).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(next) = source {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        source = next.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, link: &str) -> RouteRef {
+        RouteRef { name: SlimName::parse(name).expect("valid"), link_id: link.to_owned() }
+    }
+
+    fn link(id: &str) -> LinkConfig {
+        LinkConfig { link_id: id.to_owned(), config_data: format!("{{\"link_id\":\"{id}\"}}") }
+    }
+
+    #[test]
+    fn merge_dedupes_links_and_routes() {
+        let a = NodeChange { create_links: vec![link("l1")], set_routes: vec![route("o/n/a", "l1")], ..Default::default() };
+        let b = NodeChange {
+            create_links: vec![link("l1")],
+            set_routes: vec![route("o/n/a", "l1"), route("o/n/b", "l1")],
+            ..Default::default()
+        };
+        let command = merge([&a, &b].into_iter());
+        assert_eq!(command.connections_to_create.len(), 1);
+        assert_eq!(command.routes_to_set.len(), 2);
+        assert!(!command.reconcile, "the operator never owns the node's whole state");
+    }
+
+    #[test]
+    fn ack_failures_go_to_the_caller_that_asked() {
+        let a = NodeChange { set_routes: vec![route("o/n/a", "l1")], ..Default::default() };
+        let b = NodeChange {
+            set_routes: vec![route("o/n/b", "l1")],
+            delete_routes: vec![route("o/n/c", "l1")],
+            ..Default::default()
+        };
+        let ack = ctl::ConfigurationCommandAck {
+            original_message_id: "m".into(),
+            connections_status: vec![],
+            routes_status: vec![
+                ctl::RouteAck { route: Some(route_proto(&route("o/n/b", "l1"))), success: false, error_msg: "boom".into() },
+                ctl::RouteAck {
+                    route: Some(route_proto(&route("o/n/c", "l1"))),
+                    success: false,
+                    error_msg: "route not found".into(),
+                },
+            ],
+        };
+        let failures = AckFailures::from_ack(&ack);
+        assert!(failures.outcome_for(&a).failures.is_empty());
+        let outcome = failures.outcome_for(&b);
+        assert_eq!(outcome.failures.len(), 1, "not found on delete is success: {outcome:?}");
+        assert_eq!(outcome.failures[0].message, "boom");
+    }
+
+    #[test]
+    fn observed_follows_acked_changes() {
+        let mut observed = Observed::default();
+        let change = NodeChange {
+            create_links: vec![link("l1")],
+            set_routes: vec![route("o/n/a", "l1"), route("o/n/b", "l1")],
+            ..Default::default()
+        };
+        let outcome = ChangeOutcome {
+            failures: vec![ItemFailure { item: describe_set_route(&route("o/n/b", "l1")), message: "no".into() }],
+        };
+        observed.apply(&change, &outcome);
+        assert!(observed.links.contains("l1"));
+        assert!(observed.has_route(&route("o/n/a", "l1")));
+        assert!(!observed.has_route(&route("o/n/b", "l1")), "refused items are not recorded");
+        observed.apply(&NodeChange { delete_links: vec!["l1".into()], ..Default::default() }, &ChangeOutcome::default());
+        assert!(observed.links.is_empty() && observed.routes.is_empty());
+    }
+}

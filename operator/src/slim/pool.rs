@@ -1,0 +1,59 @@
+//! The operator's node clients, one per controller endpoint, shared by every reconcile.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast;
+
+use super::node::{NodeClient, NodeClientConfig, NodeEvent};
+
+/// Clients idle for this long are dropped (their node left every Subscription).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Clone)]
+pub struct NodePool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: NodeClientConfig,
+    nodes: Mutex<HashMap<String, (NodeClient, Instant)>>,
+    events: broadcast::Sender<NodeEvent>,
+}
+
+impl NodePool {
+    pub fn new(config: NodeClientConfig) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Self { inner: Arc::new(Inner { config, nodes: Mutex::new(HashMap::new()), events }) }
+    }
+
+    /// The client for `endpoint`, started on first use. Must be called inside a tokio runtime.
+    pub fn node(&self, endpoint: &str) -> NodeClient {
+        let mut nodes = self.inner.nodes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        nodes.retain(|key, (_, used)| key == endpoint || now.duration_since(*used) < IDLE_TIMEOUT);
+        let entry = nodes.entry(endpoint.to_owned()).or_insert_with(|| {
+            (NodeClient::spawn(endpoint, self.inner.config.clone(), self.inner.events.clone()), now)
+        });
+        entry.1 = now;
+        entry.0.clone()
+    }
+
+    /// Every client currently held, for metrics and benchmarks.
+    pub fn clients(&self) -> Vec<NodeClient> {
+        let nodes = self.inner.nodes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        nodes.values().map(|(client, _)| client.clone()).collect()
+    }
+
+    /// Reconnect announcements (a node that restarted lost its routes).
+    pub fn events(&self) -> broadcast::Receiver<NodeEvent> {
+        self.inner.events.subscribe()
+    }
+}
+
+impl Default for NodePool {
+    fn default() -> Self {
+        Self::new(NodeClientConfig::default())
+    }
+}
