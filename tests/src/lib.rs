@@ -1,1 +1,278 @@
+//! Test harness: real SLIM nodes and apps on 127.0.0.1, started from the PyPI `slim-bindings`
+//! package (a full node, controller API included, in one Python process).
+//!
+//! The Python interpreter comes from `SLIM_PYTHON`, else `$SLIM_CACHE/venv/bin/python`
+//! (`SLIM_CACHE` defaults to `~/.cache/slim-k8s`); `scripts/test.sh` installs it there.
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error(
+        "no Python with slim-bindings at {0}: run scripts/test.sh once (it creates the venv), or set SLIM_PYTHON"
+    )]
+    NoPython(PathBuf),
+    #[error("starting {what}: {source}")]
+    Spawn { what: String, source: std::io::Error },
+    #[error("{what} did not come up within {timeout:?}; its output: {output}")]
+    NotReady { what: String, timeout: Duration, output: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn harness_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("harness")
+}
+
+/// The cache folder the test script installs into.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SLIM_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".cache").join("slim-k8s")
+}
+
+/// The Python interpreter that has `slim-bindings`.
+pub fn python() -> Result<PathBuf, HarnessError> {
+    let path = std::env::var_os("SLIM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("venv").join("bin").join("python"));
+    if path.exists() { Ok(path) } else { Err(HarnessError::NoPython(path)) }
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> Result<u16, HarnessError> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A real SLIM node process. Killed on drop.
+pub struct SlimNode {
+    pub node_id: String,
+    pub data_port: u16,
+    pub controller_port: u16,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl SlimNode {
+    /// Starts a node with fresh ports and waits until both its servers accept connections.
+    pub fn start(node_id: &str) -> Result<Self, HarnessError> {
+        let dir = tempfile::tempdir()?;
+        let (data_port, controller_port) = (free_port()?, free_port()?);
+        let config = dir.path().join("node.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "runtime: {{n_cores: 1, drain_timeout: 1s}}\n\
+                 tracing: {{log_level: warn}}\n\
+                 services:\n  slim/0:\n    node_id: {node_id}\n    \
+                 dataplane: {{servers: [{{endpoint: \"127.0.0.1:{data_port}\", tls: {{insecure: true}}}}], clients: []}}\n    \
+                 controller: {{servers: [{{endpoint: \"127.0.0.1:{controller_port}\", tls: {{insecure: true}}}}]}}\n"
+            ),
+        )?;
+        let log = dir.path().join("node.log");
+        let mut node = Self {
+            node_id: node_id.to_owned(),
+            data_port,
+            controller_port,
+            config,
+            log,
+            child: None,
+            _dir: dir,
+        };
+        node.launch()?;
+        Ok(node)
+    }
+
+    fn launch(&mut self) -> Result<(), HarnessError> {
+        let log = std::fs::File::create(&self.log)?;
+        let child = Command::new(python()?)
+            .arg(harness_dir().join("slim_node.py"))
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|source| HarnessError::Spawn { what: format!("SLIM node {}", self.node_id), source })?;
+        self.child = Some(child);
+        let timeout = Duration::from_secs(30);
+        if !(wait_for_port(self.data_port, timeout) && wait_for_port(self.controller_port, timeout)) {
+            return Err(HarnessError::NotReady {
+                what: format!("SLIM node {}", self.node_id),
+                timeout,
+                output: std::fs::read_to_string(&self.log).unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `http://127.0.0.1:<port>` of the controller API.
+    pub fn controller_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.controller_port)
+    }
+
+    /// `http://127.0.0.1:<port>` of the data plane (what links and apps dial).
+    pub fn data_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.data_port)
+    }
+
+    /// Kills the node (it loses every route and connection).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills and starts the node again on the same ports: a node restart.
+    pub fn restart(&mut self) -> Result<(), HarnessError> {
+        self.stop();
+        self.launch()
+    }
+
+    /// What the node printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for SlimNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A SLIM application process (see `harness/slim_app.py`). Killed on drop.
+pub struct SlimApp {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    /// The app's instance id (a UUID), as printed once connected.
+    pub instance: String,
+}
+
+impl SlimApp {
+    /// An app that accepts sessions and echoes messages.
+    pub fn listen(node: &SlimNode, name: &str) -> Result<Self, HarnessError> {
+        Self::spawn(&["listen", &node.data_endpoint(), name])
+    }
+
+    /// An app that, on [`SlimApp::go`], opens a session to `remote` and sends `message`.
+    pub fn sender(node: &SlimNode, name: &str, remote: &str, message: &str) -> Result<Self, HarnessError> {
+        Self::spawn(&["send", &node.data_endpoint(), name, remote, message])
+    }
+
+    fn spawn(args: &[&str]) -> Result<Self, HarnessError> {
+        let mut child = Command::new(python()?)
+            .arg(harness_dir().join("slim_app.py"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| HarnessError::Spawn { what: format!("SLIM app {args:?}"), source })?;
+        let (tx, lines) = mpsc::channel();
+        for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>)]
+        .into_iter()
+        .flatten()
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let stdin = child.stdin.take();
+        let mut app = Self { child, stdin, lines, seen: Vec::new(), instance: String::new() };
+        let line = app.wait_for("instance ", Duration::from_secs(30))?;
+        app.instance = line.trim_start_matches("instance ").trim().to_owned();
+        Ok(app)
+    }
+
+    /// Waits for an output line starting with `prefix`.
+    pub fn wait_for(&mut self, prefix: &str, timeout: Duration) -> Result<String, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return Ok(line);
+                    }
+                }
+                Err(_) => {
+                    return Err(HarnessError::NotReady {
+                        what: format!("output line {prefix:?}"),
+                        timeout,
+                        output: self.seen.join("\n"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Tells a sender to open its session and send.
+    pub fn go(&mut self) -> Result<(), HarnessError> {
+        if let Some(stdin) = self.stdin.as_mut() {
+            stdin.write_all(b"go\n")?;
+            stdin.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        self.seen.join("\n")
+    }
+}
+
+impl Drop for SlimApp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Logs for tests (`RUST_LOG` applies); safe to call many times.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// The path of a file in the repository.
+pub fn repo_path(relative: impl AsRef<Path>) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(relative)
+}
