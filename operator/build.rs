@@ -1,11 +1,7 @@
 //! Compiles the operator's own `.proto` subset with protox (no system protoc needed).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = [
-        "proto/slim/name.proto",
-        "proto/slim/controller.proto",
-        "proto/slim/channel_manager.proto",
-    ];
+    let protos = ["proto/slim/name.proto", "proto/slim/controller.proto", "proto/slim/channel_manager.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

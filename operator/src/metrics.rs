@@ -138,7 +138,8 @@ impl Collector for NodeClientCollector {
             ("node_connects", "Control stream (re)connections to SLIM nodes", |s| s.connects.load(Relaxed)),
         ];
         for (name, help, read) in counters {
-            let mut family = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            let mut family =
+                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
             for client in &clients {
                 let labels = NodeLabels { node: client.endpoint().to_owned() };
                 ConstCounter::new(read(client.stats())).encode(family.encode_family(&labels)?)?;
@@ -185,7 +186,9 @@ mod tests {
         drop(metrics.reconcile_timer("Subscription"));
         let text = metrics.encode().expect("encode");
         assert!(text.contains("slim_operator_reconciles_total{kind=\"Subscription\",result=\"success\"} 1"), "{text}");
-        assert!(text.contains("slim_operator_reconcile_failures_total{kind=\"Subscription\",reason=\"NodeUnreachable\"} 1"));
+        assert!(
+            text.contains("slim_operator_reconcile_failures_total{kind=\"Subscription\",reason=\"NodeUnreachable\"} 1")
+        );
         assert!(text.contains("slim_operator_drift_repairs_total{node=\"http://n:1\"} 1"));
         assert!(text.contains("slim_operator_reconcile_duration_seconds_count{kind=\"Subscription\"} 1"));
     }

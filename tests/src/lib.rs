@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
-    #[error(
-        "no Python with slim-bindings at {0}: run scripts/test.sh once (it creates the venv), or set SLIM_PYTHON"
-    )]
+    #[error("no Python with slim-bindings at {0}: run scripts/test.sh once (it creates the venv), or set SLIM_PYTHON")]
     NoPython(PathBuf),
     #[error("starting {what}: {source}")]
     Spawn { what: String, source: std::io::Error },
@@ -91,15 +89,8 @@ impl SlimNode {
             ),
         )?;
         let log = dir.path().join("node.log");
-        let mut node = Self {
-            node_id: node_id.to_owned(),
-            data_port,
-            controller_port,
-            config,
-            log,
-            child: None,
-            _dir: dir,
-        };
+        let mut node =
+            Self { node_id: node_id.to_owned(), data_port, controller_port, config, log, child: None, _dir: dir };
         node.launch()?;
         Ok(node)
     }
@@ -193,10 +184,10 @@ impl SlimApp {
             .spawn()
             .map_err(|source| HarnessError::Spawn { what: format!("SLIM app {args:?}"), source })?;
         let (tx, lines) = mpsc::channel();
-        for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>)]
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
         .into_iter()
         .flatten()
         {

@@ -20,7 +20,12 @@ fn target(node: &SlimNode) -> NodeTarget {
     NodeTarget { endpoint: node.controller_endpoint(), pod: None }
 }
 
-async fn install(pool: &NodePool, want: &DesiredRoute, nodes: &[&SlimNode], previous: Option<&RouteRef>) -> Vec<NodeReport> {
+async fn install(
+    pool: &NodePool,
+    want: &DesiredRoute,
+    nodes: &[&SlimNode],
+    previous: Option<&RouteRef>,
+) -> Vec<NodeReport> {
     let targets: Vec<NodeTarget> = nodes.iter().map(|n| target(n)).collect();
     let previous_nodes: Vec<String> = targets.iter().map(|t| t.endpoint.clone()).collect();
     RouteSync {
@@ -195,7 +200,13 @@ async fn apps_on_two_nodes_exchange_messages_over_installed_routes() {
 
     alice.go().expect("start alice");
     let reply = alice.wait_for("reply ", Duration::from_secs(60)).unwrap_or_else(|e| {
-        panic!("no reply: {e}\nalice: {}\nbob: {}\nnode a: {}\nnode b: {}", alice.output(), bob.output(), a.log(), b.log())
+        panic!(
+            "no reply: {e}\nalice: {}\nbob: {}\nnode a: {}\nnode b: {}",
+            alice.output(),
+            bob.output(),
+            a.log(),
+            b.log()
+        )
     });
     assert_eq!(reply, "reply echo:hello over the operator");
     bob.wait_for("received hello over the operator", Duration::from_secs(5)).expect("bob saw the message");

@@ -7,7 +7,14 @@ use k8s_openapi::jiff::Timestamp;
 pub const READY: &str = "Ready";
 
 /// A condition of `type_` with the given outcome, stamped `now`.
-pub fn condition(type_: &str, ok: bool, reason: &str, message: impl Into<String>, generation: Option<i64>, now: Timestamp) -> Condition {
+pub fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
     Condition {
         type_: type_.to_owned(),
         status: if ok { "True" } else { "False" }.to_owned(),

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 /// A route on SLIM nodes: `spec.name` becomes reachable, from every node in `spec.nodes`, over the
 /// link described by `spec.link`. The operator installs the link and the route through each node's
 /// controller API, repairs them when a node loses them, and removes them on delete.
+// clippy reads the repeated `printcolumn(...)` keys as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "slim.agntcy.org",

@@ -230,3 +230,6 @@ fn subscriptions_selecting(store: &Store<Subscription>, pod: &Pod) -> Vec<Object
         .map(|sub| ObjectRef::from_obj(&*sub))
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

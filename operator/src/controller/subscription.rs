@@ -217,11 +217,7 @@ async fn secret_text(secrets: &Api<Secret>, name: &str, key: &str) -> Result<Str
         .await
         .map_err(|e| error(format!("cannot read: {e}")))?
         .ok_or_else(|| error("not found".to_owned()))?;
-    let bytes = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .ok_or_else(|| error(format!("has no key {key:?}")))?;
+    let bytes = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| error(format!("has no key {key:?}")))?;
     String::from_utf8(bytes.0.clone()).map_err(|_| error(format!("key {key:?} is not UTF-8 PEM text")))
 }
 
@@ -267,7 +263,12 @@ fn failure_of(reports: &[NodeReport]) -> Option<Error> {
 }
 
 /// Writes status by server-side apply, only when it changed.
-async fn patch_status(sub: &Subscription, ctx: &Context, old: &SubscriptionStatus, new: &SubscriptionStatus) -> Result<(), Error> {
+async fn patch_status(
+    sub: &Subscription,
+    ctx: &Context,
+    old: &SubscriptionStatus,
+    new: &SubscriptionStatus,
+) -> Result<(), Error> {
     if old == new && sub.status.is_some() {
         return Ok(());
     }

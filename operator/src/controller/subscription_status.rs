@@ -43,7 +43,11 @@ pub struct Notices {
 /// Builds the next status. `lastSyncTime` moves only when a node was written, and the route and
 /// link recorded in status move to the new ones only once no node can still hold the old ones, so
 /// a later sync still knows what to remove.
-pub fn next_status(old: &SubscriptionStatus, input: &StatusInput<'_>, reports: &[NodeReport]) -> (SubscriptionStatus, Notices) {
+pub fn next_status(
+    old: &SubscriptionStatus,
+    input: &StatusInput<'_>,
+    reports: &[NodeReport],
+) -> (SubscriptionStatus, Notices) {
     let mut notices = Notices::default();
     let mut nodes = Vec::new();
     for report in reports {
@@ -61,11 +65,8 @@ pub fn next_status(old: &SubscriptionStatus, input: &StatusInput<'_>, reports: &
                     _ => notices.installed.push(report.endpoint.clone()),
                 }
             }
-            let last_sync_time = if report.wrote() {
-                Some(Time(input.now))
-            } else {
-                before.and_then(|b| b.last_sync_time.clone())
-            };
+            let last_sync_time =
+                if report.wrote() { Some(Time(input.now)) } else { before.and_then(|b| b.last_sync_time.clone()) };
             nodes.push(NodeStatus {
                 endpoint: report.endpoint.clone(),
                 pod: report.pod.clone(),
@@ -102,7 +103,11 @@ pub fn next_status(old: &SubscriptionStatus, input: &StatusInput<'_>, reports: &
     let targets: Vec<&NodeReport> = reports.iter().filter(|r| r.target).collect();
     let failed: Vec<&NodeReport> = targets.iter().copied().filter(|r| !r.ok()).collect();
     let (ok, reason_text, message) = if targets.is_empty() {
-        (false, reason::NO_NODES, "no SLIM node selected: no endpoints, and the selector matches no Running Pod with an IP".to_owned())
+        (
+            false,
+            reason::NO_NODES,
+            "no SLIM node selected: no endpoints, and the selector matches no Running Pod with an IP".to_owned(),
+        )
     } else if failed.is_empty() {
         (
             true,
@@ -141,7 +146,13 @@ pub fn next_status(old: &SubscriptionStatus, input: &StatusInput<'_>, reports: &
 }
 
 /// Status after a failure before any node was touched (bad spec, missing Secret).
-pub fn failed_status(old: &SubscriptionStatus, generation: Option<i64>, reason: &str, message: String, now: Timestamp) -> SubscriptionStatus {
+pub fn failed_status(
+    old: &SubscriptionStatus,
+    generation: Option<i64>,
+    reason: &str,
+    message: String,
+    now: Timestamp,
+) -> SubscriptionStatus {
     let mut status = old.clone();
     status.observed_generation = generation;
     condition::upsert(&mut status.conditions, condition::condition(READY, false, reason, message, generation, now));
@@ -257,8 +268,11 @@ mod tests {
             ..Default::default()
         };
         let target = report("http://a", true, NodeResult::InSync { wrote: false });
-        let (removed, notices) =
-            next_status(&old, &input(100), &[target.clone(), report("http://gone", false, NodeResult::InSync { wrote: true })]);
+        let (removed, notices) = next_status(
+            &old,
+            &input(100),
+            &[target.clone(), report("http://gone", false, NodeResult::InSync { wrote: true })],
+        );
         assert_eq!(removed.nodes.len(), 1);
         assert_eq!(notices.removed, vec!["http://gone".to_string()]);
 

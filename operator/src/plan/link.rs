@@ -81,14 +81,14 @@ pub fn render_link(spec: &LinkSpec, tls: &ResolvedTls) -> LinkConfig {
         },
     };
     let endpoint = spec.endpoint.trim_end_matches('/');
-    let mut config = ClientConfig { endpoint, tls: tls_config, link_id: "", connection_type: spec.connection_type.as_str() };
+    let mut config =
+        ClientConfig { endpoint, tls: tls_config, link_id: "", connection_type: spec.connection_type.as_str() };
     let identity = serde_json::to_vec(&config).unwrap_or_default();
     let link_id = format!("{LINK_ID_PREFIX}{}", &hex::encode(Sha256::digest(&identity))[..16]);
     config.link_id = &link_id;
     let config_data = serde_json::to_string(&config).unwrap_or_default();
     LinkConfig { link_id, config_data }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -21,10 +21,8 @@ pub struct NodeTarget {
 
 /// Endpoints from the spec plus Running Pods with an IP, sorted and without duplicates.
 pub fn pod_targets(endpoints: &[String], pods: &[Pod]) -> Vec<NodeTarget> {
-    let mut targets: Vec<NodeTarget> = endpoints
-        .iter()
-        .map(|e| NodeTarget { endpoint: e.trim_end_matches('/').to_owned(), pod: None })
-        .collect();
+    let mut targets: Vec<NodeTarget> =
+        endpoints.iter().map(|e| NodeTarget { endpoint: e.trim_end_matches('/').to_owned(), pod: None }).collect();
     for pod in pods {
         let Some(status) = &pod.status else { continue };
         let running = status.phase.as_deref() == Some("Running");
@@ -60,8 +58,7 @@ pub struct SelectorError(String);
 
 /// The selector in `labelSelector` query syntax (`a=b,c in (d,e),!f`).
 pub fn selector_query(selector: &LabelSelector) -> Result<String, SelectorError> {
-    let mut parts: Vec<String> =
-        selector.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut parts: Vec<String> = selector.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
     for expr in selector.match_expressions.iter().flatten() {
         let values = expr.values.clone().unwrap_or_default();
         let part = match expr.operator.as_str() {
@@ -130,7 +127,8 @@ mod tests {
     }
 
     fn pod(name: &str, phase: &str, ip: Option<&str>, port: Option<i32>) -> Pod {
-        let ports = port.map(|p| json!([{"name": "controller-0", "containerPort": p}, {"name": "data", "containerPort": 1}]));
+        let ports =
+            port.map(|p| json!([{"name": "controller-0", "containerPort": p}, {"name": "data", "containerPort": 1}]));
         serde_json::from_value(json!({
             "metadata": {"name": name},
             "spec": {"containers": [{"name": "slim", "ports": ports.unwrap_or(json!([]))}]},

@@ -55,7 +55,9 @@ pub fn plan_node(
             change.delete_routes.push(previous.clone());
         }
         let link_still_wanted = desired.is_some_and(|d| d.link.link_id == previous.link_id);
-        if !link_still_wanted && observed.links.contains(&previous.link_id) && !users.link_in_use(node, &previous.link_id)
+        if !link_still_wanted
+            && observed.links.contains(&previous.link_id)
+            && !users.link_in_use(node, &previous.link_id)
         {
             change.delete_links.push(previous.link_id.clone());
         }
@@ -73,10 +75,7 @@ mod tests {
     }
 
     fn desired(name: &str, link: &str) -> DesiredRoute {
-        DesiredRoute {
-            route: route(name, link),
-            link: LinkConfig { link_id: link.into(), config_data: "{}".into() },
-        }
+        DesiredRoute { route: route(name, link), link: LinkConfig { link_id: link.into(), config_data: "{}".into() } }
     }
 
     fn observed(links: &[&str], routes: &[RouteRef]) -> Observed {
@@ -108,7 +107,7 @@ mod tests {
     #[test]
     fn in_sync_node_needs_nothing() {
         let want = desired("o/n/a", "l1");
-        let seen = observed(&["l1"], &[want.route.clone()]);
+        let seen = observed(&["l1"], std::slice::from_ref(&want.route));
         assert!(plan_node("n", Some(&want), Some(&want.route), &seen, &NoOtherUsers).is_empty());
     }
 
@@ -125,7 +124,7 @@ mod tests {
     fn renamed_route_replaces_the_old_one_on_the_same_link() {
         let want = desired("o/n/new", "l1");
         let old = route("o/n/old", "l1");
-        let seen = observed(&["l1"], &[old.clone()]);
+        let seen = observed(&["l1"], std::slice::from_ref(&old));
         let change = plan_node("n", Some(&want), Some(&old), &seen, &NoOtherUsers);
         assert_eq!(change.set_routes, vec![want.route]);
         assert_eq!(change.delete_routes, vec![old]);
@@ -136,7 +135,7 @@ mod tests {
     fn moved_link_deletes_the_old_link_when_unused() {
         let want = desired("o/n/a", "l2");
         let old = route("o/n/a", "l1");
-        let seen = observed(&["l1"], &[old.clone()]);
+        let seen = observed(&["l1"], std::slice::from_ref(&old));
         let change = plan_node("n", Some(&want), Some(&old), &seen, &NoOtherUsers);
         assert_eq!(change.delete_links, vec!["l1".to_string()]);
         let shared = plan_node("n", Some(&want), Some(&old), &seen, &LinkUsedElsewhere);
@@ -148,7 +147,7 @@ mod tests {
     fn removal_is_a_no_op_when_already_gone() {
         let old = route("o/n/a", "l1");
         assert!(plan_node("n", None, Some(&old), &Observed::default(), &NoOtherUsers).is_empty());
-        let seen = observed(&["l1"], &[old.clone()]);
+        let seen = observed(&["l1"], std::slice::from_ref(&old));
         let change = plan_node("n", None, Some(&old), &seen, &NoOtherUsers);
         assert_eq!(change.delete_routes, vec![old]);
         assert_eq!(change.delete_links, vec!["l1".to_string()]);

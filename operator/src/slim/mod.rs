@@ -6,5 +6,12 @@ pub mod pb;
 pub mod pool;
 
 pub use name::{NameError, NameKey, SlimName};
-pub use node::{ChangeOutcome, LinkConfig, NodeChange, NodeClient, NodeClientConfig, NodeError, NodeEvent, Observed, RouteRef};
+pub use node::{
+    ChangeOutcome, LinkConfig, NodeChange, NodeClient, NodeClientConfig, NodeError, NodeEvent, Observed, RouteRef,
+};
 pub use pool::NodePool;
+
+#[cfg(test)]
+pub(crate) mod fake_node;
+#[cfg(test)]
+mod node_tests;

@@ -46,10 +46,8 @@ impl SlimName {
         let instance = match parts.get(3) {
             None => None,
             Some(raw) => {
-                let uuid = uuid::Uuid::try_parse(raw).map_err(|_| NameError::BadInstance {
-                    input: input.to_owned(),
-                    instance: (*raw).to_owned(),
-                })?;
+                let uuid = uuid::Uuid::try_parse(raw)
+                    .map_err(|_| NameError::BadInstance { input: input.to_owned(), instance: (*raw).to_owned() })?;
                 Some(uuid.as_u128())
             }
         };
@@ -126,14 +124,9 @@ impl NameKey {
     /// Reads a name from a node's reply. Names with no encoded part are not routes we manage.
     pub fn from_proto(name: &dp::Name) -> Option<Self> {
         let encoded = name.name.as_ref()?;
-        let instance = encoded
-            .name_id
-            .as_ref()
-            .map_or(NO_INSTANCE, |id| (u128::from(id.id_0) << 64) | u128::from(id.id_1));
-        Some(Self {
-            components: [encoded.component_0, encoded.component_1, encoded.component_2],
-            instance,
-        })
+        let instance =
+            encoded.name_id.as_ref().map_or(NO_INSTANCE, |id| (u128::from(id.id_0) << 64) | u128::from(id.id_1));
+        Some(Self { components: [encoded.component_0, encoded.component_1, encoded.component_2], instance })
     }
 }
 

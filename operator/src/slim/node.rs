@@ -94,10 +94,7 @@ impl NodeChange {
     }
 
     fn links_touched(&self) -> impl Iterator<Item = &str> {
-        self.create_links
-            .iter()
-            .map(|l| l.link_id.as_str())
-            .chain(self.set_routes.iter().map(|r| r.link_id.as_str()))
+        self.create_links.iter().map(|l| l.link_id.as_str()).chain(self.set_routes.iter().map(|r| r.link_id.as_str()))
     }
 }
 
@@ -472,10 +469,9 @@ impl<'a> Session<'a> {
             let id = new_message_id();
             let stats = &self.actor.stats;
             stats.writes.fetch_add(1, Ordering::Relaxed);
-            stats.route_items.fetch_add(
-                (command.routes_to_set.len() + command.routes_to_delete.len()) as u64,
-                Ordering::Relaxed,
-            );
+            stats
+                .route_items
+                .fetch_add((command.routes_to_set.len() + command.routes_to_delete.len()) as u64, Ordering::Relaxed);
             debug!(
                 node = %self.actor.endpoint,
                 callers = parts.len(),
@@ -674,13 +670,13 @@ impl AckFailures {
         let links = ack
             .connections_status
             .iter()
-            .filter(|s| !s.success && !is_not_found(&s.error_msg))
+            .filter(|s| !s.success)
             .map(|s| (s.link_id.clone(), s.error_msg.clone()))
             .collect();
         let routes = ack
             .routes_status
             .iter()
-            .filter(|s| !s.success && !is_not_found(&s.error_msg))
+            .filter(|s| !s.success)
             .filter_map(|s| {
                 let route = s.route.as_ref()?;
                 let key = route.name.as_ref().and_then(NameKey::from_proto)?;
@@ -704,13 +700,15 @@ impl AckFailures {
                 failures.push(ItemFailure { item: describe_set_route(route), message });
             }
         }
+        // Deleting what is already gone is done.
         for route in &change.delete_routes {
-            if let Some(message) = route_failure(route) {
-                failures.push(ItemFailure { item: format!("delete route {} via {}", route.name, route.link_id), message });
+            if let Some(message) = route_failure(route).filter(|m| !is_not_found(m)) {
+                failures
+                    .push(ItemFailure { item: format!("delete route {} via {}", route.name, route.link_id), message });
             }
         }
         for link_id in &change.delete_links {
-            if let Some(message) = link_failure(link_id) {
+            if let Some(message) = link_failure(link_id).filter(|m| !is_not_found(m)) {
                 failures.push(ItemFailure { item: format!("delete link {link_id}"), message });
             }
         }
@@ -742,10 +740,9 @@ fn merge<'a>(changes: impl Iterator<Item = &'a NodeChange>) -> ctl::Configuratio
     for change in changes {
         for link in &change.create_links {
             if links.insert(link.link_id.clone()) {
-                command.connections_to_create.push(ctl::Connection {
-                    link_id: link.link_id.clone(),
-                    config_data: link.config_data.clone(),
-                });
+                command
+                    .connections_to_create
+                    .push(ctl::Connection { link_id: link.link_id.clone(), config_data: link.config_data.clone() });
             }
         }
         for route in &change.set_routes {
@@ -805,7 +802,8 @@ mod tests {
 
     #[test]
     fn merge_dedupes_links_and_routes() {
-        let a = NodeChange { create_links: vec![link("l1")], set_routes: vec![route("o/n/a", "l1")], ..Default::default() };
+        let a =
+            NodeChange { create_links: vec![link("l1")], set_routes: vec![route("o/n/a", "l1")], ..Default::default() };
         let b = NodeChange {
             create_links: vec![link("l1")],
             set_routes: vec![route("o/n/a", "l1"), route("o/n/b", "l1")],
@@ -829,7 +827,11 @@ mod tests {
             original_message_id: "m".into(),
             connections_status: vec![],
             routes_status: vec![
-                ctl::RouteAck { route: Some(route_proto(&route("o/n/b", "l1"))), success: false, error_msg: "boom".into() },
+                ctl::RouteAck {
+                    route: Some(route_proto(&route("o/n/b", "l1"))),
+                    success: false,
+                    error_msg: "boom".into(),
+                },
                 ctl::RouteAck {
                     route: Some(route_proto(&route("o/n/c", "l1"))),
                     success: false,
@@ -859,7 +861,8 @@ mod tests {
         assert!(observed.links.contains("l1"));
         assert!(observed.has_route(&route("o/n/a", "l1")));
         assert!(!observed.has_route(&route("o/n/b", "l1")), "refused items are not recorded");
-        observed.apply(&NodeChange { delete_links: vec!["l1".into()], ..Default::default() }, &ChangeOutcome::default());
+        observed
+            .apply(&NodeChange { delete_links: vec!["l1".into()], ..Default::default() }, &ChangeOutcome::default());
         assert!(observed.links.is_empty() && observed.routes.is_empty());
     }
 }
