@@ -207,3 +207,91 @@ pub struct NodeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removing_since: Option<Time>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+    use serde_json::json;
+
+    fn sub(spec: serde_json::Value) -> Subscription {
+        Subscription::new("s", serde_json::from_value(spec).expect("spec parses"))
+    }
+
+    fn valid() -> serde_json::Value {
+        json!({
+            "name": "org/ns/bob",
+            "nodes": {"endpoints": ["http://slim-0.slim:46358"]},
+            "link": {"endpoint": "http://slim-b:46357"},
+        })
+    }
+
+    fn rejection(spec: serde_json::Value) -> String {
+        match sub(spec).validate_cel() {
+            Ok(()) => String::new(),
+            Err(errors) => format!("{errors:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_specs_pass_the_crd_rules() {
+        assert_eq!(rejection(valid()), "");
+        let mut with_instance = valid();
+        with_instance["name"] = json!("org/ns/bob/0b3c5a8e-1111-4222-8333-944455556666");
+        assert_eq!(rejection(with_instance), "");
+        let mut by_selector = valid();
+        by_selector["nodes"] = json!({"selector": {"matchLabels": {"app.kubernetes.io/name": "slim"}}});
+        assert_eq!(rejection(by_selector), "");
+        let mut secure = valid();
+        secure["link"] = json!({"endpoint": "https://slim-b:46357", "tls": {"caSecretRef": {"name": "ca"}}});
+        assert_eq!(rejection(secure), "");
+    }
+
+    #[test]
+    fn bad_specs_are_refused_with_a_clear_message() {
+        let cases = [
+            (json!({"name": "org/ns"}), "must be org/namespace/name"),
+            (json!({"name": "org/ns/bob/not-a-uuid"}), "must be org/namespace/name"),
+            (json!({"name": "org/n s/bob"}), "without spaces"),
+            (json!({"nodes": {}}), "nodes needs at least one endpoint or a selector"),
+            (json!({"nodes": {"endpoints": []}}), "nodes needs at least one endpoint or a selector"),
+            (json!({"nodes": {"endpoints": ["slim-0:46358"]}}), "each endpoint must be http://host:port"),
+            (json!({"link": {"endpoint": "slim-b"}}), "endpoint must be http://host:port"),
+            (json!({"link": {"endpoint": "https://b:1", "tls": {"insecure": true}}}), "tls.insecure needs an http://"),
+            (json!({"link": {"endpoint": "http://b:1", "tls": {"insecure": false}}}), "TLS settings need an https://"),
+            (
+                json!({"link": {"endpoint": "http://b:1", "tls": {"insecure": true, "caSecretRef": {"name": "x"}}}}),
+                "an insecure link takes no certificates",
+            ),
+        ];
+        for (patch, expected) in cases {
+            let mut spec = valid();
+            for (key, value) in patch.as_object().expect("object") {
+                spec[key] = value.clone();
+            }
+            let message = rejection(spec.clone());
+            assert!(message.contains(expected), "{spec} -> {message:?}, wanted {expected:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_connection_types_are_not_in_the_schema() {
+        let crd = serde_json::to_value(Subscription::crd()).expect("crd");
+        let link = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["link"];
+        assert_eq!(link["properties"]["connectionType"]["enum"], json!(["remote", "peer", "edge"]));
+        let bad: Result<SubscriptionSpec, _> = serde_json::from_value(json!({
+            "name": "o/n/a", "nodes": {"endpoints": []}, "link": {"endpoint": "http://b:1", "connectionType": "mesh"}
+        }));
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn crd_has_short_name_category_and_columns() {
+        let crd = Subscription::crd();
+        assert_eq!(crd.spec.names.short_names, Some(vec!["slimsub".to_owned()]));
+        assert_eq!(crd.spec.names.categories, Some(vec!["slim".to_owned()]));
+        let columns: Vec<String> =
+            crd.spec.versions[0].additional_printer_columns.iter().flatten().map(|c| c.name.clone()).collect();
+        assert_eq!(columns, ["Name", "Ready", "Reason", "Age"]);
+    }
+}
