@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 pub enum HarnessError {
     #[error("no Python with slim-bindings at {0}: run scripts/test.sh once (it creates the venv), or set SLIM_PYTHON")]
     NoPython(PathBuf),
+    #[error("no SLIM channel manager at {0}: run scripts/test.sh once (it builds it), or set SLIM_CHANNEL_MANAGER")]
+    NoChannelManager(PathBuf),
     #[error("starting {what}: {source}")]
     Spawn { what: String, source: std::io::Error },
     #[error("{what} did not come up within {timeout:?}; its output: {output}")]
@@ -153,6 +155,82 @@ impl Drop for SlimNode {
     }
 }
 
+/// The SLIM channel manager binary: `SLIM_CHANNEL_MANAGER`, else `$SLIM_CACHE/cm/bin/channel-manager`.
+pub fn channel_manager_binary() -> Result<PathBuf, HarnessError> {
+    let path = std::env::var_os("SLIM_CHANNEL_MANAGER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("cm").join("bin").join("channel-manager"));
+    if path.exists() { Ok(path) } else { Err(HarnessError::NoChannelManager(path)) }
+}
+
+/// The shared secret of the harness's SLIM apps (the channel manager must use the same one).
+pub const APP_SECRET: &str = "slim-operator-e2e-shared-secret-0123456789abcdef";
+
+/// A real SLIM channel manager connected to `node`, serving its API on 127.0.0.1. Killed on drop.
+pub struct ChannelManager {
+    pub port: u16,
+    pub local_name: String,
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ChannelManager {
+    pub fn start(node: &SlimNode) -> Result<Self, HarnessError> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let local_name = "org/ns/channel-manager".to_owned();
+        let config = dir.path().join("cm.yaml");
+        let state = dir.path().join("state");
+        std::fs::write(
+            &config,
+            format!(
+                "channel-manager:\n  slim-connection:\n    endpoint: \"{}\"\n    tls: {{insecure: true}}\n  \
+                 api-server:\n    endpoint: \"127.0.0.1:{port}\"\n    tls: {{insecure: true}}\n  \
+                 local-name: \"{local_name}\"\n  auth:\n    type: shared_secret\n    secret: \"{APP_SECRET}\"\n  \
+                 channels: []\n  persistence:\n    path: {}\n    insecure: true\n    delete-sessions-on-shutdown: false\n",
+                node.data_endpoint(),
+                state.display()
+            ),
+        )?;
+        let log = dir.path().join("cm.log");
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(channel_manager_binary()?)
+            .arg("--config-file")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .map_err(|source| HarnessError::Spawn { what: "channel manager".into(), source })?;
+        let manager = Self { port, local_name, child: Some(child), log, _dir: dir };
+        let timeout = Duration::from_secs(30);
+        if !wait_for_port(port, timeout) {
+            return Err(HarnessError::NotReady { what: "channel manager".into(), timeout, output: manager.log() });
+        }
+        Ok(manager)
+    }
+
+    /// `http://127.0.0.1:<port>` of its gRPC API.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ChannelManager {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A SLIM application process (see `harness/slim_app.py`). Killed on drop.
 pub struct SlimApp {
     child: Child,
@@ -169,14 +247,33 @@ impl SlimApp {
         Self::spawn(&["listen", &node.data_endpoint(), name])
     }
 
+    /// A group member (`harness/slim_member.py`): joins channels it is invited to, prints what
+    /// it receives, publishes on [`SlimApp::publish`].
+    pub fn member(node: &SlimNode, name: &str) -> Result<Self, HarnessError> {
+        Self::spawn_script("slim_member.py", &[&node.data_endpoint(), name])
+    }
+
+    /// Publishes `text` on the channel a member joined.
+    pub fn publish(&mut self, text: &str) -> Result<(), HarnessError> {
+        if let Some(stdin) = self.stdin.as_mut() {
+            stdin.write_all(format!("publish {text}\n").as_bytes())?;
+            stdin.flush()?;
+        }
+        Ok(())
+    }
+
     /// An app that, on [`SlimApp::go`], opens a session to `remote` and sends `message`.
     pub fn sender(node: &SlimNode, name: &str, remote: &str, message: &str) -> Result<Self, HarnessError> {
         Self::spawn(&["send", &node.data_endpoint(), name, remote, message])
     }
 
     fn spawn(args: &[&str]) -> Result<Self, HarnessError> {
+        Self::spawn_script("slim_app.py", args)
+    }
+
+    fn spawn_script(script: &str, args: &[&str]) -> Result<Self, HarnessError> {
         let mut child = Command::new(python()?)
-            .arg(harness_dir().join("slim_app.py"))
+            .arg(harness_dir().join(script))
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

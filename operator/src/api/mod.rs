@@ -1,11 +1,13 @@
 //! Custom resource types of `slim.agntcy.org/v1alpha1`. Types only: no IO.
 
+pub mod channel;
 pub mod condition;
 pub mod subscription;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
+pub use channel::{ChannelManagerRef, ParticipantStatus, SlimChannel, SlimChannelSpec, SlimChannelStatus};
 pub use subscription::{
     ConnectionType, LinkSpec, LinkTls, NodeSet, NodeStatus, SecretKeyRef, SecretRef, Subscription, SubscriptionSpec,
     SubscriptionStatus,
@@ -16,7 +18,7 @@ pub const GROUP: &str = "slim.agntcy.org";
 
 /// Every CRD the operator serves, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Subscription::crd()]
+    vec![SlimChannel::crd(), Subscription::crd()]
 }
 
 /// File name under `crds/` for a CRD (`<plural>.<group>.yaml`).

@@ -1,5 +1,6 @@
 //! Pure planning: desired state against observed state, into actions. No IO.
 
+pub mod channel;
 pub mod link;
 pub mod nodes;
 pub mod routes;

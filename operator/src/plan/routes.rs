@@ -82,6 +82,7 @@ mod tests {
         Observed {
             links: links.iter().map(|l| l.to_string()).collect(),
             routes: routes.iter().map(|r| (r.name.key(), r.link_id.clone())).collect(),
+            names: routes.iter().map(|r| r.name.key()).collect(),
         }
     }
 

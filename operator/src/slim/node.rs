@@ -112,16 +112,28 @@ pub struct ItemFailure {
     pub message: String,
 }
 
-/// What a node reports: links by id, and (name, link) routes that go over a link.
+/// What a node reports: links by id, (name, link) routes that go over a link, and every name the
+/// node routes (including apps connected to it: `org/ns/app/<instance>`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
     pub links: BTreeSet<String>,
     pub routes: BTreeSet<(NameKey, String)>,
+    pub names: BTreeSet<NameKey>,
 }
 
 impl Observed {
     pub fn has_route(&self, route: &RouteRef) -> bool {
         self.routes.contains(&(route.name.key(), route.link_id.clone()))
+    }
+
+    /// Instance ids of `name` (its three components) the node routes: the live instances of an
+    /// app connected to it.
+    pub fn instances_of(&self, name: &SlimName) -> impl Iterator<Item = u128> + '_ {
+        let components = name.key().components;
+        self.names
+            .range(NameKey { components, instance: 0 }..=NameKey { components, instance: u128::MAX })
+            .map(|key| key.instance)
+            .filter(|instance| *instance != super::name::NO_INSTANCE)
     }
 
     /// Applies a change the node acknowledged (minus the items it refused).
@@ -135,6 +147,7 @@ impl Observed {
         for route in &change.set_routes {
             if !failed.contains(describe_set_route(route).as_str()) {
                 self.routes.insert((route.name.key(), route.link_id.clone()));
+                self.names.insert(route.name.key());
             }
         }
         for route in &change.delete_routes {
@@ -576,6 +589,7 @@ impl<'a> Session<'a> {
             let Some(key) = entry.name.as_ref().and_then(NameKey::from_proto) else {
                 continue;
             };
+            list.observed.names.insert(key);
             for connection in entry.connections {
                 if let Some(link_id) = connection.link_id {
                     list.observed.routes.insert((key, link_id));

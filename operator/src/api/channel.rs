@@ -1,0 +1,199 @@
+//! The `SlimChannel` custom resource: a SLIM group channel and its participants, kept true
+//! through the SLIM channel manager (the channel's moderator).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::subscription::NodeSet;
+
+/// A SLIM group channel: the channel exists, every listed participant is in it, removed ones are
+/// out, and members that restarted (they come back as a new instance) are invited again.
+// clippy reads the repeated `printcolumn(...)` keys as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "slim.agntcy.org",
+    version = "v1alpha1",
+    kind = "SlimChannel",
+    plural = "slimchannels",
+    singular = "slimchannel",
+    shortname = "slimch",
+    category = "slim",
+    namespaced,
+    doc = "A SLIM group channel and its participants, kept true through the SLIM channel manager.",
+    status = "SlimChannelStatus",
+    cel,
+    printcolumn(name = "Name", type_ = "string", json_path = ".spec.name", description = "SLIM channel name"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(
+        name = "Joined",
+        type_ = "integer",
+        json_path = ".status.joined",
+        description = "participants in the channel"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.desired",
+        description = "participants wanted"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimChannelSpec {
+    /// SLIM channel name, `org/namespace/name`. Immutable.
+    #[x_kube(validation = Rule::new("self.matches('^[^/\\\\s]+/[^/\\\\s]+/[^/\\\\s]+$')")
+        .message("must be org/namespace/name (3 components, no spaces)"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("name is immutable; create a new SlimChannel instead"))]
+    #[schemars(length(min = 5, max = 512))]
+    pub name: String,
+
+    /// End-to-end encryption (MLS) for the group. Immutable: the channel manager cannot change it
+    /// on a live channel; create a new SlimChannel instead.
+    #[serde(default = "default_true")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("mlsEnabled cannot change on a live channel; create a new SlimChannel instead"))]
+    pub mls_enabled: bool,
+
+    /// The channel manager (the moderator). Default: the operator's `--channel-manager`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_manager: Option<ChannelManagerRef>,
+
+    /// SLIM names (`org/namespace/name`) that must be members.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    #[x_kube(
+        validation = Rule::new("self.all(p, p.matches('^[^/\\\\s]+/[^/\\\\s]+/[^/\\\\s]+$'))")
+            .message("each participant must be org/namespace/name (3 components, no spaces)"),
+        validation = Rule::new("self.all(p, self.exists_one(q, q == p))").message("participants must not repeat"),
+    )]
+    pub participants: Vec<String>,
+
+    /// Pods in this namespace whose annotation `slim.agntcy.org/name` gives a participant's SLIM
+    /// name: they join while they run, without editing the SlimChannel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub participant_selector: Option<LabelSelector>,
+
+    /// SLIM nodes the participants connect to (optional). The operator reads their route lists to
+    /// see each member's live instance, and re-invites a member whose listed instance is gone
+    /// (it restarted). Without it, only members that drop out of the channel are re-invited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<NodeSet>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Where the channel manager's API is.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelManagerRef {
+    /// e.g. `http://slim-channel-manager.slim.svc:10356`.
+    #[x_kube(validation = Rule::new("self.matches('^http://[^/\\\\s]+:[0-9]+/?$')")
+        .message("endpoint must be http://host:port"))]
+    #[schemars(length(max = 512))]
+    pub endpoint: String,
+}
+
+/// Observed state of a SlimChannel.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimChannelStatus {
+    /// The generation the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Ready`: the channel exists and every desired participant is in it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+
+    /// The MLS setting the channel was created with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mls_enabled: Option<bool>,
+
+    /// The channel manager endpoint in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_manager: Option<String>,
+
+    /// Desired participants in the channel.
+    #[serde(default)]
+    pub joined: i32,
+
+    /// Desired participants.
+    #[serde(default)]
+    pub desired: i32,
+
+    /// One entry per desired participant (and per removed one until it is out).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub participants: Vec<ParticipantStatus>,
+}
+
+/// A participant's state.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ParticipantStatus {
+    /// SLIM name, `org/namespace/name`.
+    pub name: String,
+    /// The participant is in the channel (a live instance, when nodes are known).
+    pub joined: bool,
+    /// The member instance as the channel manager lists it (`org/ns/name/<uuid>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// The Pod it comes from, when chosen by `participantSelector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// Why it is not in, or what is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Being removed (no longer desired).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn channel(spec: serde_json::Value) -> SlimChannel {
+        SlimChannel::new("c", serde_json::from_value(spec).expect("spec"))
+    }
+
+    fn errors(result: Result<(), impl std::fmt::Debug>) -> String {
+        result.err().map(|e| format!("{e:?}")).unwrap_or_default()
+    }
+
+    #[test]
+    fn valid_channel_passes_and_mls_defaults_on() {
+        let c = channel(json!({"name": "org/ns/chat", "participants": ["org/ns/bob", "org/ns/carol"]}));
+        assert!(c.spec.mls_enabled);
+        assert_eq!(errors(c.validate_cel()), "");
+    }
+
+    #[test]
+    fn bad_names_and_duplicates_are_refused() {
+        for (spec, expected) in [
+            (json!({"name": "org/ns"}), "must be org/namespace/name"),
+            (json!({"name": "org/ns/chat/extra"}), "must be org/namespace/name"),
+            (json!({"name": "org/ns/chat", "participants": ["bob"]}), "each participant must be"),
+            (json!({"name": "org/ns/chat", "participants": ["o/n/bob", "o/n/bob"]}), "participants must not repeat"),
+            (json!({"name": "org/ns/chat", "channelManager": {"endpoint": "cm:10356"}}), "endpoint must be http"),
+        ] {
+            let message = errors(channel(spec.clone()).validate_cel());
+            assert!(message.contains(expected), "{spec} -> {message}");
+        }
+    }
+
+    #[test]
+    fn name_and_mls_are_immutable() {
+        let old = channel(json!({"name": "org/ns/chat", "mlsEnabled": true}));
+        let renamed = channel(json!({"name": "org/ns/other", "mlsEnabled": true}));
+        assert!(errors(renamed.validate_cel_update(&old)).contains("name is immutable"));
+        let mls_off = channel(json!({"name": "org/ns/chat", "mlsEnabled": false}));
+        assert!(errors(mls_off.validate_cel_update(&old)).contains("mlsEnabled cannot change"));
+        let more = channel(json!({"name": "org/ns/chat", "mlsEnabled": true, "participants": ["o/n/x"]}));
+        assert_eq!(errors(more.validate_cel_update(&old)), "");
+    }
+}

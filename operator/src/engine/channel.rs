@@ -1,0 +1,273 @@
+//! Keeps a group channel true through the channel manager. IO against SLIM only.
+//!
+//! Invites and removals run in background tasks, one per participant: the channel manager takes
+//! ~11 s to fail an invite (or a removal) for an offline participant, and that must not hold up the
+//! others. A sync lists the channel, plans, starts what is due and returns at once with each
+//! participant's state; a finished operation calls the sync's `on_done` so the caller can look
+//! again. Failed operations are retried with per-participant exponential backoff.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::backoff::exponential;
+use crate::plan::channel::{LiveInstances, MemberState, plan_channel};
+use crate::slim::{ChannelManagerClient, CmError};
+
+/// Called when a background operation of a channel finishes.
+pub type OnDone = Arc<dyn Fn() + Send + Sync>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OpKind {
+    Invite,
+    Rejoin,
+    Remove,
+}
+
+impl OpKind {
+    fn verb(self) -> &'static str {
+        match self {
+            OpKind::Invite => "invite",
+            OpKind::Rejoin => "re-invite",
+            OpKind::Remove => "removal",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum OpState {
+    Running { kind: OpKind, since: Instant },
+    Failed { kind: OpKind, message: String, attempts: u32, retry_at: Instant },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct OpKey {
+    manager: String,
+    channel: String,
+    participant: String,
+}
+
+/// What a sync asks for.
+pub struct ChannelSync<'a> {
+    pub manager: &'a ChannelManagerClient,
+    pub channel: &'a str,
+    pub mls_enabled: bool,
+    pub desired: &'a BTreeSet<String>,
+    pub managed_before: &'a BTreeSet<String>,
+    pub live: Option<&'a LiveInstances>,
+    pub on_done: OnDone,
+}
+
+/// One participant after a sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParticipantReport {
+    pub name: String,
+    pub joined: bool,
+    pub instance: Option<String>,
+    pub message: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChannelReport {
+    /// The channel was missing and has been created.
+    pub created: bool,
+    /// Every desired participant.
+    pub members: Vec<ParticipantReport>,
+    /// Participants being removed (no longer desired, still listed).
+    pub leaving: Vec<ParticipantReport>,
+    /// Some operation is running; its end triggers `on_done`.
+    pub busy: bool,
+    /// The soonest retry of a failed operation.
+    pub retry_in: Option<Duration>,
+}
+
+/// Background operations of every channel, shared by reconciles.
+pub struct ChannelEngine {
+    ops: Arc<Mutex<HashMap<OpKey, OpState>>>,
+    retry_min: Duration,
+    retry_max: Duration,
+}
+
+impl Default for ChannelEngine {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(2), Duration::from_secs(300))
+    }
+}
+
+impl ChannelEngine {
+    pub fn new(retry_min: Duration, retry_max: Duration) -> Self {
+        Self { ops: Arc::default(), retry_min, retry_max }
+    }
+
+    /// Lists the channel (creating it if missing), starts the operations that are due and reports.
+    pub async fn sync(&self, request: ChannelSync<'_>) -> Result<ChannelReport, CmError> {
+        let mut report = ChannelReport::default();
+        let listed = match request.manager.list_participants(request.channel).await {
+            Ok(listed) => listed,
+            Err(CmError::ChannelNotFound(_)) => {
+                request.manager.create_channel(request.channel, request.mls_enabled).await?;
+                info!(channel = request.channel, mls = request.mls_enabled, "channel created");
+                report.created = true;
+                Vec::new()
+            }
+            Err(error) => return Err(error),
+        };
+        let plan = plan_channel(request.desired, &listed, request.managed_before, request.live);
+        let now = Instant::now();
+        let due: Vec<(String, OpKind)> = plan
+            .add
+            .iter()
+            .map(|n| (n.clone(), OpKind::Invite))
+            .chain(plan.rejoin.iter().map(|n| (n.clone(), OpKind::Rejoin)))
+            .chain(plan.remove.iter().map(|n| (n.clone(), OpKind::Remove)))
+            .collect();
+        let mut notes: HashMap<String, String> = HashMap::new();
+        {
+            let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+            // Forget finished failures of participants that need nothing any more.
+            ops.retain(|key, state| {
+                key.manager != request.manager.endpoint()
+                    || key.channel != request.channel
+                    || matches!(state, OpState::Running { .. })
+                    || due.iter().any(|(name, _)| *name == key.participant)
+            });
+            for (participant, kind) in &due {
+                let key = OpKey {
+                    manager: request.manager.endpoint().to_owned(),
+                    channel: request.channel.to_owned(),
+                    participant: participant.clone(),
+                };
+                let attempts = match ops.get(&key) {
+                    Some(OpState::Running { kind, since }) => {
+                        report.busy = true;
+                        notes.insert(
+                            participant.clone(),
+                            format!("{} in progress ({}s)", kind.verb(), since.elapsed().as_secs()),
+                        );
+                        continue;
+                    }
+                    Some(OpState::Failed { kind, message, retry_at, .. }) if *retry_at > now => {
+                        let wait = *retry_at - now;
+                        report.retry_in = Some(report.retry_in.map_or(wait, |r| r.min(wait)));
+                        notes.insert(
+                            participant.clone(),
+                            format!("{} failed: {message}; retrying in {}s", kind.verb(), wait.as_secs().max(1)),
+                        );
+                        continue;
+                    }
+                    Some(OpState::Failed { kind, message, .. }) if others_running(&ops, &key) => {
+                        // The manager runs a channel's invites one at a time: a retry (likely of
+                        // an offline participant) waits until the others are through.
+                        report.busy = true;
+                        notes.insert(
+                            participant.clone(),
+                            format!("{} failed: {message}; retry waits for other invites", kind.verb()),
+                        );
+                        continue;
+                    }
+                    Some(OpState::Failed { attempts, .. }) => *attempts,
+                    None => 0,
+                };
+                ops.insert(key.clone(), OpState::Running { kind: *kind, since: now });
+                report.busy = true;
+                notes.insert(participant.clone(), format!("{} in progress", kind.verb()));
+                self.spawn(key, *kind, attempts, request.manager.clone(), request.on_done.clone());
+            }
+        }
+        report.members = plan.members.into_iter().map(|m| member_report(m, &notes)).collect();
+        report.leaving = plan
+            .remove
+            .iter()
+            .map(|name| ParticipantReport {
+                name: name.clone(),
+                joined: true,
+                instance: None,
+                message: notes.get(name).cloned(),
+            })
+            .collect();
+        Ok(report)
+    }
+
+    fn spawn(&self, key: OpKey, kind: OpKind, attempts: u32, manager: ChannelManagerClient, on_done: OnDone) {
+        let ops = self.ops.clone();
+        let (retry_min, retry_max) = (self.retry_min, self.retry_max);
+        tokio::spawn(async move {
+            let result = run_op(&manager, &key.channel, &key.participant, kind).await;
+            {
+                let mut ops = ops.lock().unwrap_or_else(|p| p.into_inner());
+                match &result {
+                    Ok(()) => {
+                        ops.remove(&key);
+                    }
+                    Err(error) => {
+                        let delay = exponential(retry_min, retry_max, attempts);
+                        ops.insert(
+                            key.clone(),
+                            OpState::Failed {
+                                kind,
+                                message: error.to_string(),
+                                attempts: attempts + 1,
+                                retry_at: Instant::now() + delay,
+                            },
+                        );
+                    }
+                }
+            }
+            debug!(channel = %key.channel, participant = %key.participant, op = kind.verb(), ok = result.is_ok(), "channel operation finished");
+            on_done();
+        });
+    }
+
+    /// Deletes the channel and forgets its operations.
+    pub async fn delete(&self, manager: &ChannelManagerClient, channel: &str) -> Result<(), CmError> {
+        manager.delete_channel(channel).await?;
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        ops.retain(|key, _| key.manager != manager.endpoint() || key.channel != channel);
+        Ok(())
+    }
+}
+
+fn others_running(ops: &HashMap<OpKey, OpState>, key: &OpKey) -> bool {
+    ops.iter().any(|(other, state)| {
+        other.manager == key.manager
+            && other.channel == key.channel
+            && other.participant != key.participant
+            && matches!(state, OpState::Running { .. })
+    })
+}
+
+async fn run_op(manager: &ChannelManagerClient, channel: &str, participant: &str, kind: OpKind) -> Result<(), CmError> {
+    match kind {
+        OpKind::Invite => invite(manager, channel, participant).await,
+        OpKind::Remove => manager.delete_participant(channel, participant).await,
+        OpKind::Rejoin => {
+            // The dead instance cannot be told, but the manager removes it all the same.
+            manager.delete_participant(channel, participant).await?;
+            invite(manager, channel, participant).await
+        }
+    }
+}
+
+/// An invite for a member that is already in counts as done.
+async fn invite(manager: &ChannelManagerClient, channel: &str, participant: &str) -> Result<(), CmError> {
+    match manager.add_participant(channel, participant).await {
+        Err(CmError::Refused { message, .. }) if message.contains("already in group") => Ok(()),
+        other => other,
+    }
+}
+
+fn member_report(member: MemberState, notes: &HashMap<String, String>) -> ParticipantReport {
+    let message = match notes.get(&member.name) {
+        Some(note) if !member.joined => Some(note.clone()),
+        _ => member.note,
+    };
+    ParticipantReport {
+        instance: member.listed.filter(|_| member.joined),
+        joined: member.joined,
+        message: if member.joined { None } else { message },
+        name: member.name,
+    }
+}

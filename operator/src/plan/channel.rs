@@ -1,0 +1,194 @@
+//! Desired channel members against the channel manager's list, planned into invites, removals
+//! and re-invites. Pure.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Live instances (UUID strings) per participant name, read from the nodes' route lists.
+pub type LiveInstances = BTreeMap<String, BTreeSet<String>>;
+
+/// `org/ns/bob` of a listed member `org/ns/bob/<uuid>` (a name without instance is returned as is).
+pub fn base_name(member: &str) -> &str {
+    match member.match_indices('/').nth(2) {
+        Some((index, _)) => &member[..index],
+        None => member,
+    }
+}
+
+/// The instance part of a listed member, if any.
+pub fn instance_of(member: &str) -> Option<&str> {
+    member.match_indices('/').nth(2).map(|(index, _)| &member[index + 1..])
+}
+
+/// One desired participant as the plan sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberState {
+    pub name: String,
+    /// In the channel: listed, and (when live instances are known) with a live instance.
+    pub joined: bool,
+    /// The listed member (`org/ns/name/<uuid>`).
+    pub listed: Option<String>,
+    /// Why it is not joined.
+    pub note: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChannelPlan {
+    /// Desired but not listed: invite.
+    pub add: Vec<String>,
+    /// Listed with an instance that is gone while another instance is live (it restarted):
+    /// remove the dead instance, then invite.
+    pub rejoin: Vec<String>,
+    /// Listed, managed by us before, no longer desired: remove.
+    pub remove: Vec<String>,
+    /// Every desired participant.
+    pub members: Vec<MemberState>,
+}
+
+/// Plans a channel.
+/// - `desired`: participant names (`org/ns/name`);
+/// - `listed`: what `ListParticipants` returned (instance names, the manager's own included);
+/// - `managed_before`: names this SlimChannel made members before (only those are ever removed,
+///   so the manager and members added by others are left alone);
+/// - `live`: live instances per name, or `None` when no node was consulted. When known, a
+///   participant with no live instance is not invited (it would stall the channel's invites).
+pub fn plan_channel(
+    desired: &BTreeSet<String>,
+    listed: &[String],
+    managed_before: &BTreeSet<String>,
+    live: Option<&LiveInstances>,
+) -> ChannelPlan {
+    let mut by_name: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for member in listed {
+        by_name.entry(base_name(member)).or_default().push(member);
+    }
+    let mut plan = ChannelPlan::default();
+    for name in desired {
+        let members = by_name.get(name.as_str()).cloned().unwrap_or_default();
+        let offline = live.is_some_and(|live| live.get(name.as_str()).is_none_or(BTreeSet::is_empty));
+        let state = if members.is_empty() && offline {
+            // The manager serialises invites per channel and takes ~11 s to fail one for an
+            // offline participant: inviting it would hold up everyone else.
+            MemberState {
+                name: name.clone(),
+                joined: false,
+                listed: None,
+                note: Some("offline: no instance connected to a watched node; invited once it connects".into()),
+            }
+        } else if members.is_empty() {
+            plan.add.push(name.clone());
+            MemberState { name: name.clone(), joined: false, listed: None, note: Some("not in the channel".into()) }
+        } else {
+            match live {
+                None => {
+                    MemberState { name: name.clone(), joined: true, listed: Some(members[0].to_owned()), note: None }
+                }
+                Some(live) => {
+                    let alive = live.get(name.as_str());
+                    let live_member =
+                        members.iter().find(|m| instance_of(m).is_some_and(|i| alive.is_some_and(|a| a.contains(i))));
+                    match (live_member, alive.and_then(|a| a.iter().next())) {
+                        (Some(member), _) => MemberState {
+                            name: name.clone(),
+                            joined: true,
+                            listed: Some((*member).to_owned()),
+                            note: None,
+                        },
+                        (None, Some(new_instance)) => {
+                            plan.rejoin.push(name.clone());
+                            MemberState {
+                                name: name.clone(),
+                                joined: false,
+                                listed: Some(members[0].to_owned()),
+                                note: Some(format!(
+                                    "restarted: listed instance is gone, live instance {new_instance} is re-invited"
+                                )),
+                            }
+                        }
+                        (None, None) => MemberState {
+                            name: name.clone(),
+                            joined: false,
+                            listed: Some(members[0].to_owned()),
+                            note: Some("listed, but no watched node has the instance connected (offline?)".into()),
+                        },
+                    }
+                }
+            }
+        };
+        plan.members.push(state);
+    }
+    for name in managed_before.difference(desired) {
+        if by_name.contains_key(name.as_str()) {
+            plan.remove.push(name.clone());
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    const MANAGER: &str = "org/ns/channel-manager/fb9b4e0d-179a-2618-26a1-4041f8c879ce";
+    const BOB: &str = "org/ns/bob/a085c273-27f0-9aea-557e-3ac14fd9f571";
+    const CAROL: &str = "org/ns/carol/e0a3a05a-1665-53ef-4297-74bf2afdef57";
+
+    #[test]
+    fn names_split_into_base_and_instance() {
+        assert_eq!(base_name(BOB), "org/ns/bob");
+        assert_eq!(instance_of(BOB), Some("a085c273-27f0-9aea-557e-3ac14fd9f571"));
+        assert_eq!(base_name("org/ns/bob"), "org/ns/bob");
+        assert_eq!(instance_of("org/ns/bob"), None);
+    }
+
+    #[test]
+    fn missing_members_are_invited_present_ones_left_alone() {
+        let plan = plan_channel(&set(&["org/ns/bob", "org/ns/carol"]), &[MANAGER.into(), BOB.into()], &set(&[]), None);
+        assert_eq!(plan.add, vec!["org/ns/carol".to_string()]);
+        assert!(plan.remove.is_empty() && plan.rejoin.is_empty());
+        assert!(plan.members[0].joined);
+        assert_eq!(plan.members[0].listed.as_deref(), Some(BOB));
+        assert!(!plan.members[1].joined);
+    }
+
+    #[test]
+    fn only_members_we_managed_are_removed() {
+        let listed = [MANAGER.to_string(), BOB.to_string(), CAROL.to_string()];
+        let plan =
+            plan_channel(&set(&["org/ns/bob"]), &listed, &set(&["org/ns/bob", "org/ns/carol", "org/ns/gone"]), None);
+        assert_eq!(plan.remove, vec!["org/ns/carol".to_string()], "the manager and unlisted names stay untouched");
+    }
+
+    #[test]
+    fn restarted_member_is_rejoined_offline_one_is_reported() {
+        let listed = [BOB.to_string(), CAROL.to_string()];
+        let mut live = LiveInstances::new();
+        live.insert("org/ns/bob".into(), set(&["d165bd17-d238-547c-ad69-4d19eb78171a"]));
+        let plan = plan_channel(&set(&["org/ns/bob", "org/ns/carol"]), &listed, &set(&[]), Some(&live));
+        assert_eq!(plan.rejoin, vec!["org/ns/bob".to_string()]);
+        assert!(plan.add.is_empty());
+        assert!(!plan.members[0].joined);
+        assert!(plan.members[0].note.as_deref().unwrap_or("").contains("d165bd17"));
+        assert!(!plan.members[1].joined, "carol has no live instance");
+        assert!(plan.members[1].note.as_deref().unwrap_or("").contains("offline"));
+
+        live.insert("org/ns/carol".into(), set(&["e0a3a05a-1665-53ef-4297-74bf2afdef57"]));
+        let plan = plan_channel(&set(&["org/ns/carol"]), &listed, &set(&[]), Some(&live));
+        assert!(plan.members[0].joined && plan.rejoin.is_empty());
+    }
+
+    #[test]
+    fn offline_participants_are_not_invited_when_nodes_are_known() {
+        let mut live = LiveInstances::new();
+        live.insert("org/ns/erin".into(), set(&["0b3c5a8e-1111-4222-8333-944455556666"]));
+        let desired = set(&["org/ns/dave", "org/ns/erin"]);
+        let plan = plan_channel(&desired, &[], &set(&[]), Some(&live));
+        assert_eq!(plan.add, vec!["org/ns/erin".to_string()], "dave has no live instance");
+        assert!(plan.members[0].note.as_deref().unwrap_or("").starts_with("offline"));
+        let blind = plan_channel(&desired, &[], &set(&[]), None);
+        assert_eq!(blind.add.len(), 2, "without node information everyone is invited");
+    }
+}

@@ -1,0 +1,55 @@
+"""A SLIM app that waits to be invited into group channels, as a real participant would.
+
+  python slim_member.py NODE_ENDPOINT org/ns/name
+
+Prints "instance <uuid>" once connected, "joined" when an invite arrives, and "received <text>"
+for every message on the channel. Reads commands on stdin: "publish <text>" publishes to the
+channel it joined.
+"""
+import datetime
+import sys
+import threading
+
+import slim_bindings as slim
+
+SECRET = "slim-operator-e2e-shared-secret-0123456789abcdef"
+
+
+def main(endpoint: str, local: str) -> None:
+    service = slim.create_service("svc-" + local.replace("/", "-"))
+    conn = service.connect(slim.new_insecure_client_config(endpoint))
+    name = slim.Name.from_string(local)
+    app = service.create_app_with_secret(name, SECRET)
+    app.subscribe(name, conn)
+    print("instance", app.id(), flush=True)
+    sessions = []
+
+    def receive(session) -> None:
+        while True:
+            try:
+                msg = session.get_message(datetime.timedelta(seconds=3600))
+            except Exception as error:  # noqa: BLE001 - closed sessions end the loop
+                print("closed", error, flush=True)
+                return
+            print("received", msg.payload.decode(), flush=True)
+
+    def accept() -> None:
+        while True:
+            session = app.listen_for_session(None)
+            sessions.append(session)
+            print("joined", flush=True)
+            threading.Thread(target=receive, args=(session,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    for line in sys.stdin:
+        command, _, text = line.strip().partition(" ")
+        if command == "publish" and sessions:
+            try:
+                sessions[-1].publish_and_wait(text.encode(), None, None)
+                print("published", text, flush=True)
+            except Exception as error:  # noqa: BLE001
+                print("error", error, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
