@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use slim_e2e::{ChannelManager, SlimApp, SlimNode, init_logging};
 use slim_operator::engine::{ChannelEngine, ChannelReport, ChannelSync};
-use slim_operator::plan::channel::LiveInstances;
-use slim_operator::slim::{ChannelManagerClient, NodePool, SlimName};
+use slim_operator::plan::channel::{LiveInstances, live_instances};
+use slim_operator::slim::{ChannelManagerClient, NodePool};
 use tokio::sync::Notify;
 
 const CHANNEL: &str = "org/ns/team-chat";
@@ -21,19 +21,7 @@ fn names(list: &[&str]) -> BTreeSet<String> {
 /// Live instances of `desired` on `node`, as the controller reads them.
 async fn live(pool: &NodePool, node: &SlimNode, desired: &BTreeSet<String>) -> LiveInstances {
     let observed = pool.node(&node.controller_endpoint()).snapshot(Duration::ZERO).await.expect("node listing");
-    desired
-        .iter()
-        .map(|name| {
-            let parsed = SlimName::parse(name).expect("name");
-            let instances = observed.instances_of(&parsed).map(|i| uuid_text(i)).collect();
-            (name.clone(), instances)
-        })
-        .collect()
-}
-
-fn uuid_text(id: u128) -> String {
-    let hex = format!("{id:032x}");
-    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+    live_instances(desired, [observed.as_ref()])
 }
 
 struct Harness {

@@ -3,8 +3,32 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::slim::{Observed, SlimName};
+
 /// Live instances (UUID strings) per participant name, read from the nodes' route lists.
 pub type LiveInstances = BTreeMap<String, BTreeSet<String>>;
+
+/// Live instances of each desired participant across node listings (unparsable names have none).
+pub fn live_instances<'a>(
+    desired: &BTreeSet<String>,
+    nodes: impl IntoIterator<Item = &'a Observed> + Clone,
+) -> LiveInstances {
+    desired
+        .iter()
+        .map(|name| {
+            let instances = match SlimName::parse(name) {
+                Ok(parsed) => nodes
+                    .clone()
+                    .into_iter()
+                    .flat_map(|observed| observed.instances_of(&parsed).collect::<Vec<_>>())
+                    .map(|id| uuid::Uuid::from_u128(id).to_string())
+                    .collect(),
+                Err(_) => BTreeSet::new(),
+            };
+            (name.clone(), instances)
+        })
+        .collect()
+}
 
 /// `org/ns/bob` of a listed member `org/ns/bob/<uuid>` (a name without instance is returned as is).
 pub fn base_name(member: &str) -> &str {
