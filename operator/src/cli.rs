@@ -56,6 +56,10 @@ pub struct RunArgs {
     #[arg(long, env = "SLIM_OPERATOR_NODE_TIMEOUT", default_value = "40s", value_parser = parse_duration)]
     pub node_timeout: Duration,
 
+    /// Channel manager for SlimChannels that name none, e.g. http://slim-channel-manager.slim.svc:10356.
+    #[arg(long, env = "SLIM_OPERATOR_CHANNEL_MANAGER")]
+    pub channel_manager: Option<String>,
+
     /// Name of this replica for events (the Pod name, from the downward API).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -99,7 +103,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 pub enum RunError {
     #[error("connecting to Kubernetes (is KUBECONFIG set, or are we in a cluster?): {0}")]
     Client(#[source] kube::Error),
-    #[error("Subscription controller: {0}")]
+    #[error("controllers: {0}")]
     Controller(#[source] controller::Error),
     #[error("admin server on {addr}: {source}")]
     Admin { addr: SocketAddr, source: std::io::Error },
@@ -114,12 +118,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut metrics = Metrics::new();
     metrics.register_collector(NodeClientCollector { pool: nodes.clone() });
     let metrics = Arc::new(metrics);
-    let subscriptions_ready = Arc::new(AtomicBool::new(false));
+    let ready = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
     let reporter = Reporter { controller: controller::MANAGER.to_owned(), instance: args.pod_name.clone() };
     let config = ControllerConfig {
         resync_interval: args.resync_interval,
         cleanup_timeout: args.cleanup_timeout,
         concurrency: args.concurrency,
+        channel_manager: args.channel_manager.clone(),
         ..Default::default()
     };
 
@@ -136,14 +141,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         let _ = stop_tx.send(true);
     });
 
-    let admin_state = AdminState { metrics: metrics.clone(), ready: vec![subscriptions_ready.clone()] };
+    let admin_state = AdminState { metrics: metrics.clone(), ready: ready.to_vec() };
     let admin_addr = args.admin_addr;
     let admin = admin::serve(admin_addr, admin_state, stopped());
-    let subscriptions =
-        controller::run_subscriptions(client, reporter, metrics, nodes, config, subscriptions_ready, stopped());
+    let controllers = controller::run(client, reporter, metrics, nodes, config, ready, stopped());
     // Either task ending ends the process: a controller that stopped must not look alive.
     tokio::select! {
-        result = subscriptions => result.map_err(RunError::Controller),
+        result = controllers => result.map_err(RunError::Controller),
         result = admin => result.map_err(|source| RunError::Admin { addr: admin_addr, source }),
     }
 }

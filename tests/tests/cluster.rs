@@ -14,9 +14,9 @@ use kube::runtime::events::Reporter;
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use slim_e2e::{SlimNode, init_logging};
-use slim_operator::api::{self, Subscription};
-use slim_operator::controller::{ControllerConfig, run_subscriptions};
+use slim_e2e::{ChannelManager, SlimApp, SlimNode, init_logging};
+use slim_operator::api::{self, SlimChannel, Subscription};
+use slim_operator::controller::{ControllerConfig, run};
 use slim_operator::metrics::Metrics;
 use slim_operator::plan::{ResolvedTls, render_link};
 use slim_operator::slim::{NodePool, RouteRef, SlimName};
@@ -73,6 +73,27 @@ fn ready_status(sub: &Subscription) -> Option<String> {
     Some(format!("{}/{}", ready.status, ready.reason))
 }
 
+/// Runs the operator's controllers in this process until the returned sender fires.
+fn start_controllers(
+    client: &Client,
+    pool: &NodePool,
+    channel_manager: Option<String>,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), slim_operator::controller::Error>>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(run(
+        client.clone(),
+        Reporter { controller: "slim-operator".into(), instance: Some("e2e".into()) },
+        Arc::new(Metrics::new()),
+        pool.clone(),
+        ControllerConfig { resync_interval: Duration::from_secs(5), channel_manager, ..Default::default() },
+        [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))],
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    (stop, controller)
+}
+
 async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -95,18 +116,7 @@ async fn subscription_lifecycle_on_a_real_cluster() {
     let b = SlimNode::start("node-b").expect("node b");
 
     let pool = NodePool::default();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(run_subscriptions(
-        client.clone(),
-        Reporter { controller: "slim-operator".into(), instance: Some("e2e".into()) },
-        Arc::new(Metrics::new()),
-        pool.clone(),
-        ControllerConfig { resync_interval: Duration::from_secs(5), ..Default::default() },
-        Arc::new(AtomicBool::new(false)),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let (stop, controller) = start_controllers(&client, &pool, None);
 
     let subs: Api<Subscription> = Api::namespaced(client.clone(), &ns.name);
     let sub: Subscription = serde_json::from_value(json!({
@@ -148,6 +158,61 @@ async fn subscription_lifecycle_on_a_real_cluster() {
     let observed = node.snapshot(Duration::ZERO).await.expect("list");
     assert!(!observed.has_route(&route) && !observed.links.contains(&link.link_id), "{observed:?}");
 
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs cluster"]
+async fn slim_channel_lifecycle_on_a_real_cluster() {
+    init_logging();
+    let client = Client::try_default().await.expect("KUBECONFIG");
+    install_crds(&client).await;
+    let ns = TempNamespace::new(&client).await;
+    let node = SlimNode::start("node-a").expect("node");
+    let cm = ChannelManager::start(&node).expect("channel manager");
+    let mut bob = SlimApp::member(&node, "org/ns/bob").expect("bob");
+    let mut carol = SlimApp::member(&node, "org/ns/carol").expect("carol");
+    let pool = NodePool::default();
+    let (stop, controller) = start_controllers(&client, &pool, Some(cm.endpoint()));
+
+    let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &ns.name);
+    let channel: SlimChannel = serde_json::from_value(json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel",
+        "metadata": {"name": "team-chat"},
+        "spec": {
+            "name": "org/ns/team-chat",
+            "participants": ["org/ns/bob", "org/ns/carol"],
+            "nodes": {"endpoints": [node.controller_endpoint()]},
+        }
+    }))
+    .expect("channel");
+    channels.create(&PostParams::default(), &channel).await.expect("create");
+    wait_for("all joined", Duration::from_secs(60), async || {
+        let ch = channels.get("team-chat").await.ok()?;
+        let status = ch.status.as_ref()?;
+        (status.joined == 2 && status.desired == 2).then_some(())
+    })
+    .await;
+    bob.wait_for("joined", Duration::from_secs(10)).expect("bob invited");
+    carol.wait_for("joined", Duration::from_secs(10)).expect("carol invited");
+    bob.publish("hello from the cluster").expect("publish");
+    carol.wait_for("received hello from the cluster", Duration::from_secs(15)).expect("carol received it");
+
+    // The API server refuses an MLS change on the live channel.
+    let refused = channels
+        .patch("team-chat", &PatchParams::default(), &Patch::Merge(json!({"spec": {"mlsEnabled": false}})))
+        .await
+        .expect_err("mlsEnabled is immutable");
+    assert!(refused.to_string().contains("mlsEnabled cannot change"), "{refused}");
+
+    channels.delete("team-chat", &DeleteParams::default()).await.expect("delete");
+    wait_for("SlimChannel gone", Duration::from_secs(60), async || {
+        channels.get_opt("team-chat").await.ok().filter(Option::is_none)
+    })
+    .await;
+    let manager = slim_operator::slim::ChannelManagerClient::new(&cm.endpoint()).expect("client");
+    assert!(!manager.list_channels().await.expect("channels").contains(&"org/ns/team-chat".to_owned()));
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
 }

@@ -1,13 +1,16 @@
 //! Kubernetes wiring: the controllers, their shared context, errors and retry policy.
 
+pub mod channel;
+pub mod channel_status;
 pub mod subscription;
 pub mod subscription_status;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
@@ -15,14 +18,16 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{finalizer, watcher};
 use kube::{Client, Resource, ResourceExt};
-use tokio_stream::wrappers::BroadcastStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{BroadcastStream, UnboundedReceiverStream};
 use tracing::{info, warn};
 
-use crate::api::Subscription;
+use crate::api::{SlimChannel, Subscription};
 use crate::backoff::{exponential, jitter};
+use crate::engine::ChannelEngine;
 use crate::metrics::Metrics;
 use crate::plan::{SelectorError, selector_matches};
-use crate::slim::{NameError, NodePool};
+use crate::slim::{ChannelManagerPool, CmError, NameError, NodePool};
 
 /// Field manager for server-side apply, and the events' reporting controller.
 pub const MANAGER: &str = "slim-operator";
@@ -40,8 +45,10 @@ pub struct ControllerConfig {
     /// Retry backoff bounds after a failed reconcile.
     pub retry_min: Duration,
     pub retry_max: Duration,
-    /// Reconciles running at once (0: unbounded).
+    /// Reconciles running at once per kind (0: unbounded).
     pub concurrency: u16,
+    /// Channel manager for SlimChannels that name none.
+    pub channel_manager: Option<String>,
 }
 
 impl Default for ControllerConfig {
@@ -53,6 +60,7 @@ impl Default for ControllerConfig {
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             concurrency: 0,
+            channel_manager: None,
         }
     }
 }
@@ -67,7 +75,20 @@ pub struct Context {
     pub config: ControllerConfig,
     /// Every Subscription, to tell whether a link is still used by another one.
     pub subscriptions: Store<Subscription>,
-    retries: Mutex<HashMap<ObjectRef<Subscription>, u32>>,
+    /// Every SlimChannel (metrics, Pod mapping).
+    pub channels: Store<SlimChannel>,
+    pub channel_engine: ChannelEngine,
+    pub channel_managers: ChannelManagerPool,
+    /// Asks for a SlimChannel's reconcile (a background invite finished).
+    pub channel_trigger: mpsc::UnboundedSender<ObjectRef<SlimChannel>>,
+    /// Consecutive failures per object (`kind/namespace/name`), for backoff.
+    retries: Mutex<HashMap<String, u32>>,
+}
+
+/// The caches the controllers keep, handed to the context.
+pub struct Stores {
+    pub subscriptions: Store<Subscription>,
+    pub channels: Store<SlimChannel>,
 }
 
 impl Context {
@@ -77,7 +98,8 @@ impl Context {
         metrics: Arc<Metrics>,
         nodes: NodePool,
         config: ControllerConfig,
-        subscriptions: Store<Subscription>,
+        stores: Stores,
+        channel_trigger: mpsc::UnboundedSender<ObjectRef<SlimChannel>>,
     ) -> Self {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
@@ -85,7 +107,11 @@ impl Context {
             metrics,
             nodes,
             config,
-            subscriptions,
+            subscriptions: stores.subscriptions,
+            channels: stores.channels,
+            channel_engine: ChannelEngine::default(),
+            channel_managers: ChannelManagerPool::default(),
+            channel_trigger,
             retries: Mutex::new(HashMap::new()),
         }
     }
@@ -104,7 +130,7 @@ impl Context {
         }
     }
 
-    fn next_retry(&self, key: ObjectRef<Subscription>) -> Duration {
+    fn next_retry(&self, key: String) -> Duration {
         let mut retries = self.retries.lock().unwrap_or_else(|p| p.into_inner());
         let attempt = retries.entry(key).or_insert(0);
         let delay = exponential(self.config.retry_min, self.config.retry_max, *attempt);
@@ -112,9 +138,14 @@ impl Context {
         jitter(delay)
     }
 
-    fn clear_retries(&self, key: &ObjectRef<Subscription>) {
+    fn clear_retries(&self, key: &str) {
         self.retries.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
     }
+}
+
+/// `Kind/namespace/name`: the key of per-object retry state.
+fn retry_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!("{}/{}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
 /// Reconcile failures. `reason()` is the PascalCase label used for metrics and Warning events.
@@ -140,6 +171,12 @@ pub enum Error {
     RouteRejected(String),
     #[error("deletion waits for {0} node(s) to confirm the route is removed")]
     CleanupPending(usize),
+    #[error("no channel manager: set spec.channelManager.endpoint or run the operator with --channel-manager")]
+    NoChannelManager,
+    #[error("{0}")]
+    ChannelManager(#[source] CmError),
+    #[error("mlsEnabled changed on a live channel; the operator refuses to recreate it")]
+    MlsChangeRefused,
 }
 
 impl Error {
@@ -158,63 +195,118 @@ impl Error {
             Error::NodesNotInSync(_) => "NodeUnreachable",
             Error::RouteRejected(_) => "RouteRejected",
             Error::CleanupPending(_) => "CleanupPending",
+            Error::NoChannelManager => "NoChannelManager",
+            Error::ChannelManager(CmError::Refused { .. }) => "ChannelManagerRefused",
+            Error::ChannelManager(_) => "ChannelManagerUnavailable",
+            Error::MlsChangeRefused => "MlsChangeRefused",
         }
     }
 }
 
 /// Retry policy: exponential per object (1 s doubling to 5 min, jittered), reset on success.
-pub fn error_policy(sub: Arc<Subscription>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failed("Subscription", error.reason());
-    let delay = ctx.next_retry(ObjectRef::from_obj(&*sub));
-    warn!(subscription = %sub.name_any(), namespace = ?sub.namespace(), reason = error.reason(), %error, retry_in = ?delay, "reconcile failed");
+pub fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    let kind = K::kind(&());
+    ctx.metrics.failed(kind_label(&kind), error.reason());
+    let delay = ctx.next_retry(retry_key(&*obj));
+    warn!(%kind, name = %obj.name_any(), namespace = ?obj.namespace(), reason = error.reason(), %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 
-/// Runs the Subscription controller until `shutdown` resolves. `ready` flips once the cache is
+fn kind_label(kind: &str) -> &'static str {
+    match kind {
+        "Subscription" => "Subscription",
+        "SlimChannel" => "SlimChannel",
+        _ => "Other",
+    }
+}
+
+/// Runs both controllers until `shutdown` resolves. Each flag in `ready` flips once its cache is
 /// synced (for `/readyz`).
-pub async fn run_subscriptions(
+pub async fn run(
     client: Client,
     reporter: Reporter,
     metrics: Arc<Metrics>,
     nodes: NodePool,
     config: ControllerConfig,
-    ready: Arc<std::sync::atomic::AtomicBool>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    ready: [Arc<AtomicBool>; 2],
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let subscriptions: Api<Subscription> = Api::all(client.clone());
-    // Fail fast with a clear message when the CRD is missing or RBAC forbids it.
+    let channels: Api<SlimChannel> = Api::all(client.clone());
+    // Fail fast with a clear message when a CRD is missing or RBAC forbids it.
     subscriptions.list(&ListParams::default().limit(1)).await.map_err(Error::Kube)?;
+    channels.list(&ListParams::default().limit(1)).await.map_err(Error::Kube)?;
 
-    let controller = Controller::new(subscriptions, watcher::Config::default().any_semantic());
-    let store = controller.store();
-    let ctx = Arc::new(Context::new(client.clone(), reporter, metrics, nodes.clone(), config.clone(), store.clone()));
+    let shutdown = shutdown.shared();
+    let sub_controller = Controller::new(subscriptions, watcher::Config::default().any_semantic());
+    let channel_controller = Controller::new(channels, watcher::Config::default().any_semantic());
+    let stores = Stores { subscriptions: sub_controller.store(), channels: channel_controller.store() };
+    let (trigger, triggered) = mpsc::unbounded_channel();
+    let ctx = Arc::new(Context::new(client.clone(), reporter, metrics, nodes.clone(), config.clone(), stores, trigger));
 
-    let ready_store = store.clone();
+    let [subs_ready, channels_ready] = ready;
+    let (sub_store, channel_store) = (ctx.subscriptions.clone(), ctx.channels.clone());
     tokio::spawn(async move {
-        if ready_store.wait_until_ready().await.is_ok() {
-            ready.store(true, std::sync::atomic::Ordering::SeqCst);
-            info!("Subscription cache synced");
+        if sub_store.wait_until_ready().await.is_ok() {
+            subs_ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    tokio::spawn(async move {
+        if channel_store.wait_until_ready().await.is_ok() {
+            channels_ready.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     });
 
-    // A node that reconnects may have restarted and lost its routes: check every Subscription.
-    let reconnects = BroadcastStream::new(nodes.events()).map(|_| ());
-    let pod_store = store.clone();
-    controller
-        .watches(Api::<Pod>::all(client), watcher::Config::default().any_semantic(), move |pod| {
+    let controller_config = kube::runtime::controller::Config::default().concurrency(config.concurrency);
+    // A node that reconnects may have restarted and lost its routes: check every object.
+    let pod_store = ctx.subscriptions.clone();
+    let subscriptions = sub_controller
+        .watches(Api::<Pod>::all(client.clone()), watcher::Config::default().any_semantic(), move |pod| {
             subscriptions_selecting(&pod_store, &pod)
         })
-        .reconcile_all_on(reconnects)
-        .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
-        .graceful_shutdown_on(shutdown)
-        .run(subscription::reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "controller event");
-            }
+        .reconcile_all_on(BroadcastStream::new(nodes.events()).map(|_| ()))
+        .with_config(controller_config.clone())
+        .graceful_shutdown_on(shutdown.clone())
+        .run(subscription::reconcile, error_policy, ctx.clone())
+        .for_each(log_outcome);
+    let channel_pods = ctx.channels.clone();
+    let channels = channel_controller
+        .watches(Api::<Pod>::all(client), watcher::Config::default().any_semantic(), move |pod| {
+            channels_selecting(&channel_pods, &pod)
         })
-        .await;
+        .reconcile_on(UnboundedReceiverStream::new(triggered))
+        .reconcile_all_on(BroadcastStream::new(nodes.events()).map(|_| ()))
+        .with_config(controller_config)
+        .graceful_shutdown_on(shutdown)
+        .run(channel::reconcile, error_policy, ctx)
+        .for_each(log_outcome);
+    info!("controllers started");
+    futures::join!(subscriptions, channels);
     Ok(())
+}
+
+async fn log_outcome<T: std::fmt::Debug, E: std::fmt::Display>(result: Result<T, E>) {
+    if let Err(error) = result {
+        tracing::debug!(%error, "controller event");
+    }
+}
+
+/// SlimChannels in the Pod's namespace whose participant or node selector matches it.
+fn channels_selecting(store: &Store<SlimChannel>, pod: &Pod) -> Vec<ObjectRef<SlimChannel>> {
+    let namespace = pod.namespace();
+    let labels = pod.metadata.labels.as_ref();
+    store
+        .state()
+        .into_iter()
+        .filter(|ch| ch.namespace() == namespace)
+        .filter(|ch| {
+            let participants = ch.spec.participant_selector.as_ref().is_some_and(|s| selector_matches(s, labels));
+            let nodes =
+                ch.spec.nodes.as_ref().and_then(|n| n.selector.as_ref()).is_some_and(|s| selector_matches(s, labels));
+            participants || nodes
+        })
+        .map(|ch| ObjectRef::from_obj(&*ch))
+        .collect()
 }
 
 /// Subscriptions in the Pod's namespace whose node selector matches it.

@@ -31,7 +31,6 @@ pub async fn reconcile(sub: Arc<Subscription>, ctx: Arc<Context>) -> Result<Acti
     async {
         let _timer = ctx.metrics.reconcile_timer(KIND);
         let api: Api<Subscription> = Api::namespaced(ctx.client.clone(), &namespace);
-        let key = ObjectRef::from_obj(&*sub);
         let result = finalizer(&api, FINALIZER, sub.clone(), |event| async {
             match event {
                 FinalizerEvent::Apply(sub) => apply(&sub, &ctx).await,
@@ -42,7 +41,7 @@ pub async fn reconcile(sub: Arc<Subscription>, ctx: Arc<Context>) -> Result<Acti
         .map_err(|e| Error::Finalizer(Box::new(e)));
         ctx.metrics.reconciled(KIND, result.is_ok());
         match &result {
-            Ok(_) => ctx.clear_retries(&key),
+            Ok(_) => ctx.clear_retries(&super::retry_key(&*sub)),
             Err(error) => {
                 let note = crate::slim::node::error_chain(error);
                 ctx.publish(&*sub, EventType::Warning, error.reason(), note).await;

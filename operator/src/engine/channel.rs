@@ -39,7 +39,7 @@ impl OpKind {
 
 #[derive(Clone, Debug)]
 enum OpState {
-    Running { kind: OpKind, since: Instant },
+    Running { kind: OpKind },
     Failed { kind: OpKind, message: String, attempts: u32, retry_at: Instant },
 }
 
@@ -84,7 +84,8 @@ pub struct ChannelReport {
     pub retry_in: Option<Duration>,
 }
 
-/// Background operations of every channel, shared by reconciles.
+/// Background operations of every channel, shared by reconciles (clones share them).
+#[derive(Clone)]
 pub struct ChannelEngine {
     ops: Arc<Mutex<HashMap<OpKey, OpState>>>,
     retry_min: Duration,
@@ -141,12 +142,10 @@ impl ChannelEngine {
                     participant: participant.clone(),
                 };
                 let attempts = match ops.get(&key) {
-                    Some(OpState::Running { kind, since }) => {
+                    // Notes stay the same while the state does, so status is not rewritten for nothing.
+                    Some(OpState::Running { kind }) => {
                         report.busy = true;
-                        notes.insert(
-                            participant.clone(),
-                            format!("{} in progress ({}s)", kind.verb(), since.elapsed().as_secs()),
-                        );
+                        notes.insert(participant.clone(), format!("{} in progress", kind.verb()));
                         continue;
                     }
                     Some(OpState::Failed { kind, message, retry_at, .. }) if *retry_at > now => {
@@ -154,7 +153,7 @@ impl ChannelEngine {
                         report.retry_in = Some(report.retry_in.map_or(wait, |r| r.min(wait)));
                         notes.insert(
                             participant.clone(),
-                            format!("{} failed: {message}; retrying in {}s", kind.verb(), wait.as_secs().max(1)),
+                            format!("{} failed: {message}; retried with backoff", kind.verb()),
                         );
                         continue;
                     }
@@ -171,7 +170,7 @@ impl ChannelEngine {
                     Some(OpState::Failed { attempts, .. }) => *attempts,
                     None => 0,
                 };
-                ops.insert(key.clone(), OpState::Running { kind: *kind, since: now });
+                ops.insert(key.clone(), OpState::Running { kind: *kind });
                 report.busy = true;
                 notes.insert(participant.clone(), format!("{} in progress", kind.verb()));
                 self.spawn(key, *kind, attempts, request.manager.clone(), request.on_done.clone());

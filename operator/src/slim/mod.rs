@@ -14,6 +14,8 @@ pub use node::{
 pub use pool::NodePool;
 
 #[cfg(test)]
+pub(crate) mod fake_channel_manager;
+#[cfg(test)]
 pub(crate) mod fake_node;
 #[cfg(test)]
 mod node_tests;

@@ -1,27 +1,23 @@
-//! The Subscription reconciler against a mocked API server (tower-test) and a fake SLIM node.
-//! Each scenario asserts the exact calls the reconciler makes and what it sends.
+//! Subscription reconciles.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Method, Request, Response};
-use kube::client::Body;
+use http::Method;
+use kube::Resource;
 use kube::runtime::controller::Action;
-use kube::runtime::events::Reporter;
-use kube::runtime::reflector;
-use kube::{Client, Resource};
 use serde_json::{Value, json};
 
-use super::subscription::{FINALIZER, reconcile};
-use super::{Context, ControllerConfig, Error};
+use super::{EVENTS, Expect, context, context_with, event_reply, ready_of, serve};
 use crate::api::{Subscription, SubscriptionSpec};
-use crate::metrics::Metrics;
+use crate::controller::subscription::{FINALIZER, reconcile};
+use crate::controller::{ControllerConfig, Error};
 use crate::plan::{ResolvedTls, render_link};
+use crate::slim::SlimName;
 use crate::slim::fake_node::FakeNode;
-use crate::slim::{NodePool, SlimName};
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-
+const SUBS: &str = "/apis/slim.agntcy.org/v1alpha1/namespaces/default/subscriptions/bob-route";
+const STATUS: &str = "/apis/slim.agntcy.org/v1alpha1/namespaces/default/subscriptions/bob-route/status";
 fn subscription(endpoints: &[String]) -> Subscription {
     let spec: SubscriptionSpec = serde_json::from_value(json!({
         "name": "org/ns/bob",
@@ -46,74 +42,6 @@ fn deleting(mut sub: Subscription) -> Subscription {
     sub.meta_mut().deletion_timestamp =
         Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
     sub
-}
-
-fn context(config: ControllerConfig) -> (Arc<Context>, Handle) {
-    context_with(config, NodePool::default())
-}
-
-fn context_with(config: ControllerConfig, nodes: NodePool) -> (Arc<Context>, Handle) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
-    let (store, _writer) = reflector::store::<Subscription>();
-    let ctx = Context::new(
-        client,
-        Reporter { controller: "slim-operator".into(), instance: Some("test".into()) },
-        Arc::new(Metrics::new()),
-        nodes,
-        config,
-        store,
-    );
-    (Arc::new(ctx), handle)
-}
-
-/// One expected API call: method, path (and query) prefix, and the JSON the server answers.
-struct Expect {
-    method: Method,
-    path: &'static str,
-    reply: Value,
-}
-
-/// Serves `expected` in order, returning the bodies the reconciler sent.
-async fn serve(mut handle: Handle, expected: Vec<Expect>) -> Vec<Value> {
-    let mut bodies = Vec::new();
-    for expect in expected {
-        let (request, respond) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("no {} {} within 5 s", expect.method, expect.path))
-            .expect("a request");
-        let uri = request.uri().to_string();
-        assert_eq!(request.method(), expect.method, "{uri}");
-        assert_eq!(request.uri().path(), expect.path, "expected {} {}, got {uri}", expect.method, expect.path);
-        if expect.path.ends_with("/status") {
-            let query = request.uri().query().unwrap_or_default();
-            assert!(query.contains("fieldManager=slim-operator") && query.contains("force=true"), "SSA status: {uri}");
-        }
-        let bytes = request.into_body().collect_bytes().await.expect("body");
-        bodies.push(serde_json::from_slice(&bytes).unwrap_or(Value::Null));
-        let reply = serde_json::to_vec(&expect.reply).expect("reply");
-        respond.send_response(Response::builder().body(Body::from(reply)).expect("response"));
-    }
-    // Nothing else may be called.
-    let extra = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
-    if let Ok(Some((request, _))) = extra {
-        panic!("unexpected call {} {}", request.method(), request.uri());
-    }
-    bodies
-}
-
-const SUBS: &str = "/apis/slim.agntcy.org/v1alpha1/namespaces/default/subscriptions/bob-route";
-const STATUS: &str = "/apis/slim.agntcy.org/v1alpha1/namespaces/default/subscriptions/bob-route/status";
-const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
-
-fn event_reply() -> Value {
-    json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e", "namespace": "default"}, "eventTime": null})
-}
-
-fn ready_of(status_patch: &Value) -> (&str, &str) {
-    let conditions = status_patch["status"]["conditions"].as_array().expect("conditions");
-    let ready = conditions.iter().find(|c| c["type"] == "Ready").expect("Ready");
-    (ready["status"].as_str().unwrap_or(""), ready["reason"].as_str().unwrap_or(""))
 }
 
 #[tokio::test]
@@ -215,8 +143,8 @@ async fn unreachable_node_is_not_ready_with_a_warning_and_a_retry() {
     assert_eq!(bodies[1]["type"], "Warning");
     assert_eq!(bodies[1]["reason"], "NodeUnreachable");
 
-    let first = super::error_policy(Arc::new(sub.clone()), &error, ctx.clone());
-    let second = super::error_policy(Arc::new(sub), &error, ctx);
+    let first = crate::controller::error_policy(Arc::new(sub.clone()), &error, ctx.clone());
+    let second = crate::controller::error_policy(Arc::new(sub), &error, ctx);
     assert!(first != second, "retries back off");
 }
 

@@ -1,0 +1,277 @@
+//! Reconciling a `SlimChannel`: desired participants (spec and selected Pods), live instances
+//! (optional nodes), a channel sync, then status and events.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::channel_status::{ChannelNotices, ChannelStatusInput, next_channel_status, reason};
+use super::{Context, Error, MANAGER, retry_key};
+use crate::api::condition;
+use crate::api::{SlimChannel, SlimChannelStatus};
+use crate::engine::ChannelSync;
+use crate::plan::channel::{LiveInstances, live_instances};
+use crate::plan::{pod_targets, selector_query};
+use crate::slim::SlimName;
+
+/// Finalizer that keeps a SlimChannel until its channel is deleted from the channel manager.
+pub const FINALIZER: &str = "slimchannels.slim.agntcy.org/cleanup";
+/// Pod annotation with the SLIM name a selected Pod joins as.
+pub const NAME_ANNOTATION: &str = "slim.agntcy.org/name";
+
+const KIND: &str = "SlimChannel";
+/// How often a channel with members not yet in is looked at again (offline ones may connect).
+const PENDING_RECHECK: Duration = Duration::from_secs(15);
+
+pub async fn reconcile(channel: Arc<SlimChannel>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = channel.namespace().ok_or(Error::MissingNamespace)?;
+    let span = info_span!("reconcile", kind = KIND, namespace = %namespace, name = %channel.name_any());
+    async {
+        let _timer = ctx.metrics.reconcile_timer(KIND);
+        let api: Api<SlimChannel> = Api::namespaced(ctx.client.clone(), &namespace);
+        let result = finalizer(&api, FINALIZER, channel.clone(), |event| async {
+            match event {
+                FinalizerEvent::Apply(channel) => apply(&channel, &ctx).await,
+                FinalizerEvent::Cleanup(channel) => cleanup(&channel, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)));
+        ctx.metrics.reconciled(KIND, result.is_ok());
+        match &result {
+            Ok(_) => ctx.clear_retries(&retry_key(&*channel)),
+            Err(error) => {
+                let note = crate::slim::node::error_chain(error);
+                ctx.publish(&*channel, EventType::Warning, error.reason(), note).await;
+            }
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+fn manager_endpoint(channel: &SlimChannel, ctx: &Context) -> Option<String> {
+    channel.spec.channel_manager.as_ref().map(|m| m.endpoint.trim_end_matches('/').to_owned()).or_else(|| {
+        channel.status.as_ref().and_then(|s| s.channel_manager.clone()).or_else(|| ctx.config.channel_manager.clone())
+    })
+}
+
+async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
+    let old = channel.status.clone().unwrap_or_default();
+    let generation = channel.meta().generation;
+    let fail = |error: Error| async {
+        let status = failed(&old, generation, error.reason(), error.to_string());
+        patch_status(channel, ctx, &old, &status).await?;
+        Err::<Action, Error>(error)
+    };
+    let Some(endpoint) = manager_endpoint(channel, ctx) else {
+        return fail(Error::NoChannelManager).await;
+    };
+    if old.mls_enabled.is_some_and(|created_with| created_with != channel.spec.mls_enabled) {
+        // The CRD refuses this change; an object stored before that rule gets a clear condition.
+        let status = failed(&old, generation, reason::MLS_CHANGE_REFUSED, Error::MlsChangeRefused.to_string());
+        patch_status(channel, ctx, &old, &status).await?;
+        return Ok(Action::await_change());
+    }
+    let manager = match ctx.channel_managers.client(&endpoint) {
+        Ok(manager) => manager,
+        Err(error) => return fail(Error::ChannelManager(error)).await,
+    };
+    let (desired, pods) = match desired_participants(channel, ctx).await {
+        Ok(found) => found,
+        Err(error) => return fail(error).await,
+    };
+    let live = live_participants(channel, ctx, &desired).await;
+    let managed_before: BTreeSet<String> = old.participants.iter().map(|p| p.name.clone()).collect();
+    let trigger = ctx.channel_trigger.clone();
+    let key = ObjectRef::from_obj(channel);
+    let report = ctx
+        .channel_engine
+        .sync(ChannelSync {
+            manager: &manager,
+            channel: &channel.spec.name,
+            mls_enabled: channel.spec.mls_enabled,
+            desired: &desired,
+            managed_before: &managed_before,
+            live: live.as_ref(),
+            on_done: Arc::new(move || {
+                let _ = trigger.send(key.clone());
+            }),
+        })
+        .await;
+    let report = match report {
+        Ok(report) => report,
+        Err(error) => return fail(Error::ChannelManager(error)).await,
+    };
+    let input = ChannelStatusInput {
+        generation,
+        channel_manager: &endpoint,
+        mls_enabled: channel.spec.mls_enabled,
+        pods: &pods,
+        now: Timestamp::now(),
+    };
+    let (status, notices) = next_channel_status(&old, &input, &report);
+    patch_status(channel, ctx, &old, &status).await?;
+    announce(channel, ctx, &notices).await;
+
+    let all_in = status.joined == status.desired;
+    Ok(match (report.busy, report.retry_in) {
+        // A finished operation triggers a reconcile; the requeue is only a backstop.
+        (true, _) => Action::requeue(Duration::from_secs(10)),
+        (false, Some(retry)) => Action::requeue(retry.max(Duration::from_millis(500))),
+        (false, None) if !all_in => Action::requeue(PENDING_RECHECK),
+        (false, None) => Action::requeue(crate::backoff::jitter(ctx.config.resync_interval)),
+    })
+}
+
+async fn cleanup(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
+    let Some(endpoint) = manager_endpoint(channel, ctx) else {
+        info!("no channel manager was ever used; nothing to delete");
+        return Ok(Action::await_change());
+    };
+    let result = match ctx.channel_managers.client(&endpoint) {
+        Ok(manager) => ctx.channel_engine.delete(&manager, &channel.spec.name).await,
+        Err(error) => Err(error),
+    };
+    let Err(error) = result else {
+        info!(channel = %channel.spec.name, "channel deleted; releasing the finalizer");
+        return Ok(Action::await_change());
+    };
+    let since = channel.meta().deletion_timestamp.as_ref().map(|t| t.0).unwrap_or_else(Timestamp::now);
+    if Timestamp::now().duration_since(since).unsigned_abs() >= ctx.config.cleanup_timeout {
+        let note = format!(
+            "gave up deleting channel {} after {:?}: {error}; delete it from the channel manager by hand if it still exists",
+            channel.spec.name, ctx.config.cleanup_timeout
+        );
+        ctx.publish(channel, EventType::Warning, "CleanupAbandoned", note).await;
+        return Ok(Action::await_change());
+    }
+    let old = channel.status.clone().unwrap_or_default();
+    let status = failed(&old, channel.meta().generation, "CleanupPending", format!("deleting the channel: {error}"));
+    patch_status(channel, ctx, &old, &status).await?;
+    Err(Error::ChannelManager(error))
+}
+
+/// `spec.participants` plus the names of Running Pods picked by `participantSelector`.
+async fn desired_participants(
+    channel: &SlimChannel,
+    ctx: &Context,
+) -> Result<(BTreeSet<String>, BTreeMap<String, String>), Error> {
+    let mut desired: BTreeSet<String> = channel.spec.participants.iter().cloned().collect();
+    let mut pods = BTreeMap::new();
+    let Some(selector) = &channel.spec.participant_selector else {
+        return Ok((desired, pods));
+    };
+    let namespace = channel.namespace().ok_or(Error::MissingNamespace)?;
+    let query = selector_query(selector).map_err(Error::InvalidSelector)?;
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let listed = api.list(&ListParams::default().labels(&query)).await.map_err(Error::ListPods)?;
+    for pod in listed.items {
+        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        if !running || pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let Some(name) = pod.annotations().get(NAME_ANNOTATION) else { continue };
+        match SlimName::parse(name) {
+            Ok(parsed) if parsed.instance().is_none() => {
+                desired.insert(name.clone());
+                pods.insert(name.clone(), pod.name_any());
+            }
+            _ => {
+                warn!(pod = %pod.name_any(), annotation = %name, "annotation {NAME_ANNOTATION} is not org/namespace/name; ignored")
+            }
+        }
+    }
+    Ok((desired, pods))
+}
+
+/// Live instances from the nodes in `spec.nodes`, or `None` (unknown) when there are none or any
+/// of them could not be listed: a wrong guess would re-invite healthy members.
+async fn live_participants(channel: &SlimChannel, ctx: &Context, desired: &BTreeSet<String>) -> Option<LiveInstances> {
+    let nodes = channel.spec.nodes.as_ref()?;
+    let pods = match &nodes.selector {
+        None => Vec::new(),
+        Some(selector) => {
+            let query = selector_query(selector).ok()?;
+            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &channel.namespace()?);
+            api.list(&ListParams::default().labels(&query)).await.ok()?.items
+        }
+    };
+    let targets = pod_targets(&nodes.endpoints, &pods);
+    if targets.is_empty() {
+        return None;
+    }
+    let listings = futures::future::join_all(
+        targets.iter().map(|t| async { ctx.nodes.node(&t.endpoint).snapshot(ctx.config.snapshot_max_age).await }),
+    )
+    .await;
+    let observed: Vec<_> = listings.into_iter().collect::<Result<_, _>>().ok()?;
+    Some(live_instances(desired, observed.iter().map(|o| o.as_ref())))
+}
+
+fn failed(old: &SlimChannelStatus, generation: Option<i64>, reason: &str, message: String) -> SlimChannelStatus {
+    let mut status = old.clone();
+    status.observed_generation = generation;
+    condition::upsert(
+        &mut status.conditions,
+        condition::condition(condition::READY, false, reason, message, generation, Timestamp::now()),
+    );
+    status
+}
+
+async fn patch_status(
+    channel: &SlimChannel,
+    ctx: &Context,
+    old: &SlimChannelStatus,
+    new: &SlimChannelStatus,
+) -> Result<(), Error> {
+    if old == new && channel.status.is_some() {
+        return Ok(());
+    }
+    let namespace = channel.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<SlimChannel> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = json!({"apiVersion": "slim.agntcy.org/v1alpha1", "kind": KIND, "status": new});
+    api.patch_status(&channel.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(Error::Kube)?;
+    Ok(())
+}
+
+async fn announce(channel: &SlimChannel, ctx: &Context, notices: &ChannelNotices) {
+    if notices.created {
+        let note = format!(
+            "channel {} created (MLS {})",
+            channel.spec.name,
+            if channel.spec.mls_enabled { "on" } else { "off" }
+        );
+        ctx.publish(channel, EventType::Normal, "ChannelCreated", note).await;
+    }
+    if !notices.joined.is_empty() {
+        ctx.publish(channel, EventType::Normal, "ParticipantsJoined", format!("joined: {}", notices.joined.join(", ")))
+            .await;
+    }
+    if !notices.removed.is_empty() {
+        ctx.publish(
+            channel,
+            EventType::Normal,
+            "ParticipantsRemoved",
+            format!("removed: {}", notices.removed.join(", ")),
+        )
+        .await;
+    }
+    if !notices.failed.is_empty() {
+        ctx.publish(channel, EventType::Warning, "InviteFailed", notices.failed.join("; ")).await;
+    }
+}

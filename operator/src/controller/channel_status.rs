@@ -1,0 +1,186 @@
+//! The next `SlimChannelStatus` from the previous one and a sync's report. Pure.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::jiff::Timestamp;
+
+use crate::api::condition::{self, READY};
+use crate::api::{ParticipantStatus, SlimChannelStatus};
+use crate::engine::ChannelReport;
+
+/// Condition reasons a SlimChannel can carry (documented in the README's troubleshooting).
+pub mod reason {
+    pub const ALL_JOINED: &str = "AllJoined";
+    pub const PARTICIPANTS_PENDING: &str = "ParticipantsPending";
+    pub const MLS_CHANGE_REFUSED: &str = "MlsChangeRefused";
+}
+
+pub struct ChannelStatusInput<'a> {
+    pub generation: Option<i64>,
+    pub channel_manager: &'a str,
+    pub mls_enabled: bool,
+    /// Pod of each participant chosen by `participantSelector`.
+    pub pods: &'a BTreeMap<String, String>,
+    pub now: Timestamp,
+}
+
+/// What changed, for events.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChannelNotices {
+    pub created: bool,
+    pub joined: Vec<String>,
+    pub removed: Vec<String>,
+    /// Participants whose failure message is new (`name: message`).
+    pub failed: Vec<String>,
+}
+
+pub fn next_channel_status(
+    old: &SlimChannelStatus,
+    input: &ChannelStatusInput<'_>,
+    report: &ChannelReport,
+) -> (SlimChannelStatus, ChannelNotices) {
+    let before = |name: &str| old.participants.iter().find(|p| p.name == name);
+    let mut notices = ChannelNotices { created: report.created, ..Default::default() };
+    let mut participants: Vec<ParticipantStatus> = report
+        .members
+        .iter()
+        .map(|m| {
+            if m.joined && !before(&m.name).is_some_and(|b| b.joined) {
+                notices.joined.push(m.name.clone());
+            }
+            if let Some(message) = m.message.as_deref().filter(|msg| msg.contains("failed")) {
+                let old_message = before(&m.name).and_then(|b| b.message.as_deref());
+                if old_message != Some(message) {
+                    notices.failed.push(format!("{}: {message}", m.name));
+                }
+            }
+            ParticipantStatus {
+                name: m.name.clone(),
+                joined: m.joined,
+                instance: m.instance.clone(),
+                pod: input.pods.get(&m.name).cloned(),
+                message: m.message.clone(),
+                leaving: false,
+            }
+        })
+        .collect();
+    participants.extend(report.leaving.iter().map(|m| ParticipantStatus {
+        name: m.name.clone(),
+        joined: true,
+        instance: None,
+        pod: None,
+        message: m.message.clone().or_else(|| Some("being removed".into())),
+        leaving: true,
+    }));
+    for gone in old.participants.iter().filter(|p| !participants.iter().any(|n| n.name == p.name)) {
+        notices.removed.push(gone.name.clone());
+    }
+    participants.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let desired = report.members.len();
+    let joined = report.members.iter().filter(|m| m.joined).count();
+    let (ok, reason_text, message) = if joined == desired {
+        (true, reason::ALL_JOINED, format!("all {desired} participant(s) are in the channel"))
+    } else {
+        let waiting: Vec<&str> = report.members.iter().filter(|m| !m.joined).map(|m| m.name.as_str()).collect();
+        (
+            false,
+            reason::PARTICIPANTS_PENDING,
+            format!("{joined} of {desired} joined; waiting for {}", waiting.join(", ")),
+        )
+    };
+    let mut status = SlimChannelStatus {
+        observed_generation: input.generation,
+        conditions: old.conditions.clone(),
+        mls_enabled: Some(old.mls_enabled.unwrap_or(input.mls_enabled)),
+        channel_manager: Some(input.channel_manager.to_owned()),
+        joined: i32::try_from(joined).unwrap_or(i32::MAX),
+        desired: i32::try_from(desired).unwrap_or(i32::MAX),
+        participants,
+    };
+    condition::upsert(
+        &mut status.conditions,
+        condition::condition(READY, ok, reason_text, message, input.generation, input.now),
+    );
+    (status, notices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ParticipantReport;
+
+    fn member(name: &str, joined: bool, message: Option<&str>) -> ParticipantReport {
+        ParticipantReport {
+            name: name.into(),
+            joined,
+            instance: joined.then(|| format!("{name}/0b3c5a8e-1111-4222-8333-944455556666")),
+            message: message.map(str::to_owned),
+        }
+    }
+
+    fn input(pods: &BTreeMap<String, String>) -> ChannelStatusInput<'_> {
+        ChannelStatusInput {
+            generation: Some(4),
+            channel_manager: "http://cm:10356",
+            mls_enabled: true,
+            pods,
+            now: Timestamp::from_second(100).expect("time"),
+        }
+    }
+
+    fn ready(status: &SlimChannelStatus) -> (&str, &str) {
+        let c = condition::find(&status.conditions, READY).expect("ready");
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn ready_only_when_everyone_joined() {
+        let pods = BTreeMap::from([("o/n/carol".to_string(), "carol-7d9f".to_string())]);
+        let report = ChannelReport {
+            created: true,
+            members: vec![member("o/n/bob", true, None), member("o/n/carol", false, Some("invite in progress"))],
+            ..Default::default()
+        };
+        let (status, notices) = next_channel_status(&SlimChannelStatus::default(), &input(&pods), &report);
+        assert_eq!(ready(&status), ("False", reason::PARTICIPANTS_PENDING));
+        assert_eq!((status.joined, status.desired), (1, 2));
+        assert_eq!(status.mls_enabled, Some(true));
+        assert_eq!(status.participants[1].pod.as_deref(), Some("carol-7d9f"));
+        assert!(notices.created);
+        assert_eq!(notices.joined, vec!["o/n/bob".to_string()]);
+
+        let all_in = ChannelReport {
+            members: vec![member("o/n/bob", true, None), member("o/n/carol", true, None)],
+            ..Default::default()
+        };
+        let (status, notices) = next_channel_status(&status, &input(&pods), &all_in);
+        assert_eq!(ready(&status), ("True", reason::ALL_JOINED));
+        assert_eq!(notices.joined, vec!["o/n/carol".to_string()], "only the newly joined are announced");
+    }
+
+    #[test]
+    fn failures_are_announced_once_and_removals_noticed() {
+        let pods = BTreeMap::new();
+        let failing = ChannelReport {
+            members: vec![member("o/n/dave", false, Some("invite failed: offline; retrying in 4s"))],
+            leaving: vec![member("o/n/old", true, Some("removal in progress"))],
+            ..Default::default()
+        };
+        let (status, notices) = next_channel_status(&SlimChannelStatus::default(), &input(&pods), &failing);
+        assert_eq!(notices.failed.len(), 1);
+        assert!(status.participants.iter().any(|p| p.name == "o/n/old" && p.leaving));
+        let (status, notices) = next_channel_status(&status, &input(&pods), &failing);
+        assert!(notices.failed.is_empty(), "the same failure is not announced again");
+        let done = ChannelReport { members: failing.members.clone(), ..Default::default() };
+        let (_, notices) = next_channel_status(&status, &input(&pods), &done);
+        assert_eq!(notices.removed, vec!["o/n/old".to_string()]);
+    }
+
+    #[test]
+    fn the_creation_mls_setting_is_kept() {
+        let old = SlimChannelStatus { mls_enabled: Some(false), ..Default::default() };
+        let (status, _) = next_channel_status(&old, &input(&BTreeMap::new()), &ChannelReport::default());
+        assert_eq!(status.mls_enabled, Some(false));
+    }
+}
