@@ -13,6 +13,9 @@ use crate::controller::{self, ControllerConfig};
 use crate::metrics::{Metrics, NodeClientCollector};
 use crate::slim::{NodeClientConfig, NodePool};
 use crate::telemetry::{self, LogFormat};
+use crate::webhook::certs::SelfManaged;
+use crate::webhook::run::{CertSource, WebhookError, WebhookSettings};
+use crate::webhook::{InjectorConfig, SocketSource};
 
 #[derive(Parser, Debug)]
 #[command(name = "slim-operator", version, about = "Kubernetes operator for SLIM")]
@@ -25,7 +28,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the controllers and the admin server against the cluster (kubeconfig inferred as
     /// kubectl does: KUBECONFIG, ~/.kube/config, then in-cluster).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print every CRD as multi-document YAML.
     Crds,
 }
@@ -63,6 +66,121 @@ pub struct RunArgs {
     /// Name of this replica for events (the Pod name, from the downward API).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+
+    /// The operator's namespace (never injected into; holds the webhook Secret).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "slim-system")]
+    pub namespace: String,
+
+    #[command(flatten)]
+    pub webhook: WebhookArgs,
+}
+
+/// The sidecar injection webhook.
+#[derive(Args, Debug, Clone)]
+pub struct WebhookArgs {
+    /// Do not serve the injection webhook.
+    #[arg(long, env = "SLIM_OPERATOR_DISABLE_WEBHOOK")]
+    pub disable_webhook: bool,
+
+    /// Address of the webhook's HTTPS server (`POST /mutate`).
+    #[arg(long, env = "SLIM_OPERATOR_WEBHOOK_ADDR", default_value = "0.0.0.0:8443")]
+    pub webhook_addr: SocketAddr,
+
+    /// `self-managed`: the operator issues its certificate, keeps it in a Secret and publishes the
+    /// CA in the webhook configuration; `files`: tls.crt/tls.key mounted in --webhook-cert-dir
+    /// (cert-manager), reloaded on change.
+    #[arg(long, env = "SLIM_OPERATOR_WEBHOOK_CERT_MODE", value_enum, default_value = "self-managed")]
+    pub webhook_cert_mode: CertMode,
+
+    #[arg(long, env = "SLIM_OPERATOR_WEBHOOK_CERT_DIR", default_value = "/tls")]
+    pub webhook_cert_dir: std::path::PathBuf,
+
+    /// Secret for the self-managed certificate (in --namespace).
+    #[arg(long, env = "SLIM_OPERATOR_WEBHOOK_SECRET", default_value = "slim-operator-webhook-tls")]
+    pub webhook_secret: String,
+
+    /// Service in front of the webhook (its DNS names go into the certificate).
+    #[arg(long, env = "SLIM_OPERATOR_WEBHOOK_SERVICE", default_value = "slim-operator-webhook")]
+    pub webhook_service: String,
+
+    /// MutatingWebhookConfiguration whose caBundle the operator keeps current.
+    #[arg(long, env = "SLIM_OPERATOR_WEBHOOK_CONFIGURATION", default_value = "slim-operator")]
+    pub webhook_configuration: String,
+
+    /// Image of the injected slim-identity-agent.
+    #[arg(long, env = "SLIM_OPERATOR_SIDECAR_IMAGE", default_value = concat!("ghcr.io/agntcy/slim-identity-agent:", env!("CARGO_PKG_VERSION")))]
+    pub sidecar_image: String,
+
+    #[arg(long, env = "SLIM_OPERATOR_SIDECAR_IMAGE_PULL_POLICY")]
+    pub sidecar_image_pull_policy: Option<String>,
+
+    /// How the SPIRE agent socket reaches pods: `csi` (SPIFFE CSI driver) or `host-path`.
+    #[arg(long, env = "SLIM_OPERATOR_SPIRE_SOCKET", value_enum, default_value = "csi")]
+    pub spire_socket: SocketMode,
+
+    #[arg(long, env = "SLIM_OPERATOR_SPIRE_CSI_DRIVER", default_value = "csi.spiffe.io")]
+    pub spire_csi_driver: String,
+
+    /// Node directory holding the socket (host-path mode).
+    #[arg(long, env = "SLIM_OPERATOR_SPIRE_HOST_PATH", default_value = "/run/spire/agent-sockets")]
+    pub spire_host_path: String,
+
+    /// Socket file name inside that directory.
+    #[arg(long, env = "SLIM_OPERATOR_SPIRE_SOCKET_FILE", default_value = "api.sock")]
+    pub spire_socket_file: String,
+
+    /// JWT audiences when a pod names none (comma-separated).
+    #[arg(long, env = "SLIM_OPERATOR_DEFAULT_AUDIENCES", default_value = "slim", value_delimiter = ',')]
+    pub default_audiences: Vec<String>,
+
+    /// JWT bundle format when a pod names none: `jwks` (SLIM loads it directly) or `spiffe-helper`.
+    #[arg(long, env = "SLIM_OPERATOR_DEFAULT_JWT_BUNDLE_FORMAT", default_value = "jwks")]
+    pub default_jwt_bundle_format: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CertMode {
+    SelfManaged,
+    Files,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketMode {
+    Csi,
+    HostPath,
+}
+
+impl RunArgs {
+    /// The webhook's settings, or `None` when it is disabled.
+    pub fn webhook_settings(&self) -> Option<WebhookSettings> {
+        let w = &self.webhook;
+        if w.disable_webhook {
+            return None;
+        }
+        let mut injector = InjectorConfig {
+            image: w.sidecar_image.clone(),
+            image_pull_policy: w.sidecar_image_pull_policy.clone(),
+            socket: match w.spire_socket {
+                SocketMode::Csi => SocketSource::Csi { driver: w.spire_csi_driver.clone() },
+                SocketMode::HostPath => SocketSource::HostPath { path: w.spire_host_path.clone() },
+            },
+            socket_file: w.spire_socket_file.clone(),
+            audiences: w.default_audiences.clone(),
+            jwt_bundle_format: w.default_jwt_bundle_format.clone(),
+            ..Default::default()
+        };
+        injector.excluded_namespaces.push(self.namespace.clone());
+        let certs = match w.webhook_cert_mode {
+            CertMode::SelfManaged => CertSource::SelfManaged(SelfManaged {
+                namespace: self.namespace.clone(),
+                secret: w.webhook_secret.clone(),
+                service: w.webhook_service.clone(),
+                webhook_configuration: w.webhook_configuration.clone(),
+            }),
+            CertMode::Files => CertSource::Files { dir: w.webhook_cert_dir.clone() },
+        };
+        Some(WebhookSettings { addr: w.webhook_addr, certs, injector })
+    }
 }
 
 impl Default for RunArgs {
@@ -109,6 +227,8 @@ pub enum RunError {
     Admin { addr: SocketAddr, source: std::io::Error },
     #[error("rendering CRDs: {0}")]
     Crds(#[source] serde_yaml::Error),
+    #[error("{0}")]
+    Webhook(#[source] WebhookError),
 }
 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
@@ -119,6 +239,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     metrics.register_collector(NodeClientCollector { pool: nodes.clone() });
     let metrics = Arc::new(metrics);
     let ready = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
+    let webhook_ready = Arc::new(AtomicBool::new(false));
     let reporter = Reporter { controller: controller::MANAGER.to_owned(), instance: args.pod_name.clone() };
     let config = ControllerConfig {
         resync_interval: args.resync_interval,
@@ -141,13 +262,31 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         let _ = stop_tx.send(true);
     });
 
-    let admin_state = AdminState { metrics: metrics.clone(), ready: ready.to_vec() };
+    let webhook_settings = args.webhook_settings();
+    let mut gates = ready.to_vec();
+    if webhook_settings.is_some() {
+        gates.push(webhook_ready.clone());
+    }
+    let admin_state = AdminState { metrics: metrics.clone(), ready: gates };
     let admin_addr = args.admin_addr;
     let admin = admin::serve(admin_addr, admin_state, stopped());
+    let webhook = {
+        let (client, metrics, stopped) = (client.clone(), metrics.clone(), stopped());
+        async move {
+            match webhook_settings {
+                Some(settings) => crate::webhook::run::run(settings, client, metrics, webhook_ready, stopped).await,
+                None => {
+                    stopped.await;
+                    Ok(())
+                }
+            }
+        }
+    };
     let controllers = controller::run(client, reporter, metrics, nodes, config, ready, stopped());
-    // Either task ending ends the process: a controller that stopped must not look alive.
+    // Any task ending ends the process: a part that stopped must not look alive.
     tokio::select! {
         result = controllers => result.map_err(RunError::Controller),
+        result = webhook => result.map_err(RunError::Webhook),
         result = admin => result.map_err(|source| RunError::Admin { addr: admin_addr, source }),
     }
 }

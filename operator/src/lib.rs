@@ -19,3 +19,4 @@ pub mod metrics;
 pub mod plan;
 pub mod slim;
 pub mod telemetry;
+pub mod webhook;

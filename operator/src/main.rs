@@ -7,7 +7,7 @@ async fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Crds => api::crds_yaml().map(|yaml| print!("{yaml}")).map_err(RunError::Crds),
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
     };
     if let Err(error) = result {
         eprintln!("slim-operator: {}", slim_operator::slim::node::error_chain(&error));

@@ -42,6 +42,13 @@ pub struct Metrics {
     failures: Family<FailureLabels, Counter>,
     duration: Family<KindLabels, Histogram>,
     drift_repairs: Family<NodeLabels, Counter>,
+    webhook_reviews: Family<ResultLabels, Counter>,
+    webhook_latency: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
 }
 
 impl Metrics {
@@ -61,7 +68,24 @@ impl Metrics {
             "Routes or links found missing on a node and reinstalled",
             drift_repairs.clone(),
         );
-        Self { registry, reconciles, failures, duration, drift_repairs }
+        let webhook_reviews = Family::<ResultLabels, Counter>::default();
+        let webhook_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "webhook_reviews",
+            "AdmissionReviews answered, by result (injected, skipped, refused, invalid)",
+            webhook_reviews.clone(),
+        );
+        registry.register(
+            "webhook_review_duration_seconds",
+            "Time to answer an AdmissionReview",
+            webhook_latency.clone(),
+        );
+        Self { registry, reconciles, failures, duration, drift_repairs, webhook_reviews, webhook_latency }
+    }
+
+    pub fn webhook_review(&self, result: &'static str, elapsed: std::time::Duration) {
+        self.webhook_reviews.get_or_create(&ResultLabels { result }).inc();
+        self.webhook_latency.observe(elapsed.as_secs_f64());
     }
 
     /// Registers a scrape-time collector (node client counters, per-node route gauges).

@@ -1,0 +1,472 @@
+//! Sidecar injection, decided and built as a JSON patch. Pure: a Pod (and its namespace's labels)
+//! in, a decision out.
+
+use std::collections::BTreeMap;
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Pod, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::{Value, json};
+
+/// Opt-in key: pod annotation or label, or namespace label. `"true"` injects, `"false"` opts out.
+pub const INJECT: &str = "slim.agntcy.org/inject-identity";
+/// Marker set on injected pods; its presence makes re-invocation a no-op.
+pub const INJECTED: &str = "slim.agntcy.org/identity-injected";
+/// Name of the injected container.
+pub const CONTAINER_NAME: &str = "slim-identity-agent";
+/// Environment variable that carries the agent's generated config (YAML).
+pub const CONFIG_ENV: &str = "SLIM_IDENTITY_AGENT_CONFIG";
+
+/// Per-pod settings (annotations under `slim.agntcy.org/`).
+pub mod annotation {
+    pub const JWT_AUDIENCES: &str = "slim.agntcy.org/jwt-audiences";
+    pub const JWT_SVID_FILE_NAMES: &str = "slim.agntcy.org/jwt-svid-file-names";
+    pub const JWT_BUNDLE_FILE_NAME: &str = "slim.agntcy.org/jwt-bundle-file-name";
+    pub const JWT_BUNDLE_FORMAT: &str = "slim.agntcy.org/jwt-bundle-format";
+    pub const X509: &str = "slim.agntcy.org/x509";
+    pub const SVID_FILE_NAME: &str = "slim.agntcy.org/svid-file-name";
+    pub const SVID_KEY_FILE_NAME: &str = "slim.agntcy.org/svid-key-file-name";
+    pub const SVID_BUNDLE_FILE_NAME: &str = "slim.agntcy.org/svid-bundle-file-name";
+    pub const KEY_FILE_MODE: &str = "slim.agntcy.org/key-file-mode";
+    pub const MOUNT_PATH: &str = "slim.agntcy.org/svid-mount-path";
+    pub const CONTAINERS: &str = "slim.agntcy.org/svid-containers";
+    pub const CPU_REQUEST: &str = "slim.agntcy.org/sidecar-cpu-request";
+    pub const MEMORY_REQUEST: &str = "slim.agntcy.org/sidecar-memory-request";
+    pub const MEMORY_LIMIT: &str = "slim.agntcy.org/sidecar-memory-limit";
+    pub const HEALTH_PORT: &str = "slim.agntcy.org/sidecar-health-port";
+}
+
+/// How the SPIRE agent socket reaches the pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketSource {
+    /// A CSI ephemeral volume (SPIFFE CSI driver, `csi.spiffe.io`).
+    Csi { driver: String },
+    /// A directory on the node.
+    HostPath { path: String },
+}
+
+/// Operator-wide injection settings (flags / chart values).
+#[derive(Clone, Debug, PartialEq)]
+pub struct InjectorConfig {
+    pub image: String,
+    pub image_pull_policy: Option<String>,
+    pub socket: SocketSource,
+    /// Where the socket directory is mounted in the sidecar, and the socket file in it.
+    pub socket_dir: String,
+    pub socket_file: String,
+    pub mount_path: String,
+    pub audiences: Vec<String>,
+    pub jwt_bundle_format: String,
+    pub cpu_request: String,
+    pub memory_request: String,
+    pub memory_limit: String,
+    pub health_port: i32,
+    /// UID the sidecar runs as when the pod sets none.
+    pub run_as_user: i64,
+    /// Never injected into (the operator's own namespace is added at start-up).
+    pub excluded_namespaces: Vec<String>,
+}
+
+impl Default for InjectorConfig {
+    fn default() -> Self {
+        Self {
+            image: "ghcr.io/agntcy/slim-identity-agent:latest".into(),
+            image_pull_policy: None,
+            socket: SocketSource::Csi { driver: "csi.spiffe.io".into() },
+            socket_dir: "/run/spire/agent-sockets".into(),
+            socket_file: "api.sock".into(),
+            mount_path: "/svids".into(),
+            audiences: vec!["slim".into()],
+            jwt_bundle_format: "jwks".into(),
+            cpu_request: "10m".into(),
+            memory_request: "16Mi".into(),
+            memory_limit: "64Mi".into(),
+            health_port: 8081,
+            run_as_user: 65532,
+            excluded_namespaces: vec!["kube-system".into(), "kube-public".into(), "kube-node-lease".into()],
+        }
+    }
+}
+
+/// The outcome for one pod.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Leave the pod alone (why).
+    Skip(&'static str),
+    /// Inject with this patch.
+    Inject(Patch),
+    /// The pod asks for injection with settings that cannot work: refuse it with this message.
+    Refuse(String),
+}
+
+/// Decides for `pod` in `namespace` (whose labels are `namespace_labels`).
+pub fn decide(
+    pod: &Pod,
+    namespace: &str,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    config: &InjectorConfig,
+) -> Decision {
+    if config.excluded_namespaces.iter().any(|n| n == namespace) {
+        return Decision::Skip("namespace excluded from injection");
+    }
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let pod_says = [annotations.get(INJECT), labels.get(INJECT)];
+    if pod_says.iter().flatten().any(|v| v.as_str() == "false") {
+        return Decision::Skip("pod opted out");
+    }
+    let pod_opts_in = pod_says.iter().flatten().any(|v| v.as_str() == "true");
+    let namespace_opts_in = namespace_labels.and_then(|l| l.get(INJECT)).is_some_and(|v| v == "true");
+    if !(pod_opts_in || namespace_opts_in) {
+        return Decision::Skip("not opted in");
+    }
+    if annotations.contains_key(INJECTED) || all_containers(pod).any(|c| c.name == CONTAINER_NAME) {
+        return Decision::Skip("already injected");
+    }
+    match Settings::read(&annotations, pod, config) {
+        Ok(settings) => Decision::Inject(build_patch(pod, &settings, config)),
+        Err(message) => Decision::Refuse(message),
+    }
+}
+
+fn all_containers(pod: &Pod) -> impl Iterator<Item = &Container> {
+    pod.spec.iter().flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()))
+}
+
+/// Settings resolved from annotations and operator defaults.
+#[derive(Clone, Debug, PartialEq)]
+struct Settings {
+    jwt: Vec<(String, String)>,
+    jwt_bundle_file: String,
+    jwt_bundle_format: String,
+    x509: Option<(String, String, String)>,
+    key_file_mode: String,
+    mount_path: String,
+    containers: Vec<usize>,
+    resources: ResourceRequirements,
+    health_port: i32,
+}
+
+impl Settings {
+    fn read(annotations: &BTreeMap<String, String>, pod: &Pod, config: &InjectorConfig) -> Result<Self, String> {
+        let get = |key: &str| annotations.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let list = |key: &str| {
+            get(key).map(|v| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect::<Vec<_>>())
+        };
+
+        let audiences = list(annotation::JWT_AUDIENCES).unwrap_or_else(|| config.audiences.clone());
+        if audiences.is_empty() {
+            return Err(format!("{}: at least one audience is needed", annotation::JWT_AUDIENCES));
+        }
+        let files = match list(annotation::JWT_SVID_FILE_NAMES) {
+            Some(files) if files.len() != audiences.len() => {
+                return Err(format!(
+                    "{} has {} names for {} audiences in {}",
+                    annotation::JWT_SVID_FILE_NAMES,
+                    files.len(),
+                    audiences.len(),
+                    annotation::JWT_AUDIENCES
+                ));
+            }
+            Some(files) => files,
+            None if audiences.len() == 1 => vec!["jwt_svid.token".to_owned()],
+            None => audiences.iter().map(|a| format!("jwt_svid-{}.token", file_safe(a))).collect(),
+        };
+        for file in files.iter() {
+            check_file_name(annotation::JWT_SVID_FILE_NAMES, file)?;
+        }
+        let jwt_bundle_format = get(annotation::JWT_BUNDLE_FORMAT).unwrap_or(&config.jwt_bundle_format).to_owned();
+        if !matches!(jwt_bundle_format.as_str(), "jwks" | "spiffe-helper") {
+            return Err(format!(
+                "{}: {jwt_bundle_format:?} is not jwks or spiffe-helper",
+                annotation::JWT_BUNDLE_FORMAT
+            ));
+        }
+        let jwt_bundle_file = get(annotation::JWT_BUNDLE_FILE_NAME).unwrap_or("key.jwt").to_owned();
+        check_file_name(annotation::JWT_BUNDLE_FILE_NAME, &jwt_bundle_file)?;
+        let x509 = match get(annotation::X509) {
+            None | Some("true") => {
+                let names = (
+                    get(annotation::SVID_FILE_NAME).unwrap_or("tls.crt").to_owned(),
+                    get(annotation::SVID_KEY_FILE_NAME).unwrap_or("tls.key").to_owned(),
+                    get(annotation::SVID_BUNDLE_FILE_NAME).unwrap_or("svid_bundle.pem").to_owned(),
+                );
+                for name in [&names.0, &names.1, &names.2] {
+                    check_file_name("X.509 file names", name)?;
+                }
+                Some(names)
+            }
+            Some("false") => None,
+            Some(other) => return Err(format!("{}: {other:?} is not true or false", annotation::X509)),
+        };
+        let key_file_mode = get(annotation::KEY_FILE_MODE).unwrap_or("0644").to_owned();
+        if !(key_file_mode.len() == 4
+            && key_file_mode.starts_with('0')
+            && key_file_mode.chars().all(|c| ('0'..='7').contains(&c)))
+        {
+            return Err(format!("{}: {key_file_mode:?} is not an octal mode like 0640", annotation::KEY_FILE_MODE));
+        }
+        let mount_path = get(annotation::MOUNT_PATH).unwrap_or(&config.mount_path).trim_end_matches('/').to_owned();
+        if !mount_path.starts_with('/') || mount_path.len() < 2 {
+            return Err(format!("{}: {mount_path:?} is not an absolute path", annotation::MOUNT_PATH));
+        }
+
+        let containers = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
+        let selected: Vec<usize> = match list(annotation::CONTAINERS) {
+            None => (0..containers.len()).collect(),
+            Some(names) => {
+                let mut indexes = Vec::new();
+                for name in &names {
+                    match containers.iter().position(|c| &c.name == name) {
+                        Some(i) => indexes.push(i),
+                        None => return Err(format!("{}: the pod has no container {name:?}", annotation::CONTAINERS)),
+                    }
+                }
+                indexes
+            }
+        };
+        for &i in &selected {
+            let container = &containers[i];
+            if container.volume_mounts.iter().flatten().any(|m| m.mount_path.trim_end_matches('/') == mount_path) {
+                return Err(format!(
+                    "container {:?} already mounts {mount_path}; choose another path with {}",
+                    container.name,
+                    annotation::MOUNT_PATH
+                ));
+            }
+        }
+
+        let quantity = |key: &str, default: &str| -> Result<Quantity, String> {
+            let value = get(key).unwrap_or(default);
+            if value.chars().next().is_some_and(|c| c.is_ascii_digit())
+                && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
+            {
+                Ok(Quantity(value.to_owned()))
+            } else {
+                Err(format!("{key}: {value:?} is not a quantity like 10m or 64Mi"))
+            }
+        };
+        let resources = ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), quantity(annotation::CPU_REQUEST, &config.cpu_request)?),
+                ("memory".to_owned(), quantity(annotation::MEMORY_REQUEST, &config.memory_request)?),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_owned(),
+                quantity(annotation::MEMORY_LIMIT, &config.memory_limit)?,
+            )])),
+            ..Default::default()
+        };
+        let health_port = match get(annotation::HEALTH_PORT) {
+            Some(port) => port
+                .parse::<i32>()
+                .ok()
+                .filter(|p| (1..=65535).contains(p))
+                .ok_or_else(|| format!("{}: {port:?} is not a port", annotation::HEALTH_PORT))?,
+            None => free_port(pod, config.health_port),
+        };
+        Ok(Self {
+            jwt: audiences.into_iter().zip(files).collect(),
+            jwt_bundle_file,
+            jwt_bundle_format,
+            x509,
+            key_file_mode,
+            mount_path,
+            containers: selected,
+            resources,
+            health_port,
+        })
+    }
+}
+
+fn check_file_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty() && !name.starts_with('.') && !name.contains('/') && name.len() <= 128;
+    if ok { Ok(()) } else { Err(format!("{what}: {name:?} is not a plain file name")) }
+}
+
+/// An audience as a file-name part.
+fn file_safe(audience: &str) -> String {
+    audience.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+/// The first port from `preferred` that no container of the pod declares.
+fn free_port(pod: &Pod, preferred: i32) -> i32 {
+    let used: Vec<i32> = all_containers(pod).flat_map(|c| c.ports.iter().flatten()).map(|p| p.container_port).collect();
+    (preferred..preferred + 100).find(|p| !used.contains(p)).unwrap_or(preferred)
+}
+
+/// A volume name not used by the pod yet.
+fn unique_volume_name(pod: &Pod, base: &str) -> String {
+    let taken: Vec<&str> = pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()).map(|v| v.name.as_str()).collect();
+    std::iter::once(base.to_owned())
+        .chain((1..).map(|i| format!("{base}-{i}")))
+        .find(|name| !taken.contains(&name.as_str()))
+        .unwrap_or_else(|| base.to_owned())
+}
+
+/// The agent's config (spiffe-helper keys, YAML).
+fn agent_config(settings: &Settings, config: &InjectorConfig) -> String {
+    let mut doc = json!({
+        "agent_address": format!("{}/{}", config.socket_dir, config.socket_file),
+        "cert_dir": settings.mount_path,
+        "daemon_mode": true,
+        "jwt_bundle_file_name": settings.jwt_bundle_file,
+        "jwt_bundle_format": settings.jwt_bundle_format,
+        "jwt_svids": settings.jwt.iter().map(|(audience, file)| json!({
+            "jwt_audience": audience, "jwt_svid_file_name": file,
+        })).collect::<Vec<_>>(),
+        // Octal strings, as in helper.conf; the volume is private to the pod, so 0644 is the
+        // default (0600 only works when the app runs as the sidecar's user).
+        "cert_file_mode": "0644",
+        "key_file_mode": settings.key_file_mode,
+        "jwt_svid_file_mode": settings.key_file_mode,
+        "jwt_bundle_file_mode": "0644",
+        "health_checks": {
+            "listener_enabled": true,
+            "bind_port": settings.health_port,
+            "liveness_path": "/live",
+            "readiness_path": "/ready",
+        },
+    });
+    if let (Some((svid, key, bundle)), Value::Object(map)) = (&settings.x509, &mut doc) {
+        map.insert("svid_file_name".into(), json!(svid));
+        map.insert("svid_key_file_name".into(), json!(key));
+        map.insert("svid_bundle_file_name".into(), json!(bundle));
+    }
+    serde_yaml::to_string(&doc).unwrap_or_default()
+}
+
+fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Patch {
+    let svids = unique_volume_name(pod, "slim-svids");
+    let socket = unique_volume_name(pod, "slim-spire-agent-socket");
+    let socket_volume = match &config.socket {
+        SocketSource::Csi { driver } => json!({"name": socket, "csi": {"driver": driver, "readOnly": true}}),
+        SocketSource::HostPath { path } => json!({"name": socket, "hostPath": {"path": path, "type": "Directory"}}),
+    };
+    let volumes: Vec<Volume> =
+        [json!({"name": svids, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}), socket_volume]
+            .into_iter()
+            .filter_map(|v| serde_json::from_value(v).ok())
+            .collect();
+    let pod_sets_user =
+        pod.spec.as_ref().and_then(|s| s.security_context.as_ref()).and_then(|c| c.run_as_user).is_some();
+    let probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(settings.health_port),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    };
+    let sidecar = Container {
+        name: CONTAINER_NAME.to_owned(),
+        image: Some(config.image.clone()),
+        image_pull_policy: config.image_pull_policy.clone(),
+        // A native sidecar: started before the app containers, which wait for its startup probe.
+        restart_policy: Some("Always".to_owned()),
+        args: Some(vec!["-config-env".to_owned(), CONFIG_ENV.to_owned()]),
+        env: Some(vec![
+            EnvVar { name: CONFIG_ENV.to_owned(), value: Some(agent_config(settings, config)), ..Default::default() },
+            EnvVar {
+                name: "SPIFFE_ENDPOINT_SOCKET".to_owned(),
+                value: Some(format!("unix://{}/{}", config.socket_dir, config.socket_file)),
+                ..Default::default()
+            },
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("identity-health".to_owned()),
+            container_port: settings.health_port,
+            ..Default::default()
+        }]),
+        // Passes only once every output file is written, so the app starts with its identity.
+        startup_probe: Some(probe("/ready", 1, 300)),
+        liveness_probe: Some(probe("/live", 10, 3)),
+        readiness_probe: Some(probe("/ready", 5, 2)),
+        resources: Some(settings.resources.clone()),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: (!pod_sets_user).then_some(config.run_as_user),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Default::default() }),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".to_owned(), ..Default::default() }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount { name: svids.clone(), mount_path: settings.mount_path.clone(), ..Default::default() },
+            VolumeMount {
+                name: socket.clone(),
+                mount_path: config.socket_dir.clone(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    };
+    let app_mount = VolumeMount {
+        name: svids,
+        mount_path: settings.mount_path.clone(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+
+    let spec = pod.spec.as_ref();
+    let mut ops = Vec::new();
+    let add = |ops: &mut Vec<PatchOperation>, path: PointerBuf, value: Value| {
+        ops.push(PatchOperation::Add(AddOperation { path, value }));
+    };
+    match &pod.metadata.annotations {
+        Some(_) => add(
+            &mut ops,
+            PointerBuf::from_tokens(["metadata", "annotations", INJECTED]),
+            json!(env!("CARGO_PKG_VERSION")),
+        ),
+        None => add(
+            &mut ops,
+            PointerBuf::from_tokens(["metadata", "annotations"]),
+            json!({INJECTED: env!("CARGO_PKG_VERSION")}),
+        ),
+    }
+    match spec.and_then(|s| s.volumes.as_ref()) {
+        Some(_) => {
+            for volume in &volumes {
+                add(&mut ops, PointerBuf::from_tokens(["spec", "volumes", "-"]), to_value(volume));
+            }
+        }
+        None => add(&mut ops, PointerBuf::from_tokens(["spec", "volumes"]), to_value(&volumes)),
+    }
+    // First among the init containers, so later init containers have the identity too.
+    match spec.and_then(|s| s.init_containers.as_ref()) {
+        Some(_) => add(&mut ops, PointerBuf::from_tokens(["spec", "initContainers", "0"]), to_value(&sidecar)),
+        None => add(&mut ops, PointerBuf::from_tokens(["spec", "initContainers"]), to_value(&vec![sidecar])),
+    }
+    for &i in &settings.containers {
+        let index = i.to_string();
+        let has_mounts = spec.and_then(|s| s.containers.get(i)).is_some_and(|c| c.volume_mounts.is_some());
+        if has_mounts {
+            add(
+                &mut ops,
+                PointerBuf::from_tokens(["spec", "containers", &index, "volumeMounts", "-"]),
+                to_value(&app_mount),
+            );
+        } else {
+            add(
+                &mut ops,
+                PointerBuf::from_tokens(["spec", "containers", &index, "volumeMounts"]),
+                to_value(&vec![app_mount.clone()]),
+            );
+        }
+    }
+    Patch(ops)
+}
+
+fn to_value<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}

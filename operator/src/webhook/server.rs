@@ -1,0 +1,164 @@
+//! The mutating webhook's HTTP surface: `POST /mutate` (AdmissionReview v1), served over TLS with
+//! a certificate that can be swapped while running.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::{get, post};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tracing::{debug, info, warn};
+
+use super::inject::{Decision, InjectorConfig, decide};
+use crate::metrics::Metrics;
+
+/// Labels of a namespace by name (from a cache in production).
+pub type NamespaceLabels = Arc<dyn Fn(&str) -> Option<BTreeMap<String, String>> + Send + Sync>;
+
+#[derive(Clone)]
+pub struct WebhookState {
+    pub config: Arc<InjectorConfig>,
+    pub namespaces: NamespaceLabels,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn router(state: WebhookState) -> Router {
+    Router::new().route("/mutate", post(mutate)).route("/healthz", get(|| async { "ok" })).with_state(state)
+}
+
+async fn mutate(State(state): State<WebhookState>, body: Bytes) -> Json<AdmissionReview<DynamicObject>> {
+    let start = Instant::now();
+    let (result, response) = review(&state, &body);
+    state.metrics.webhook_review(result, start.elapsed());
+    Json(response.into_review())
+}
+
+/// Answers one AdmissionReview body; never panics on bad input.
+fn review(state: &WebhookState, body: &[u8]) -> (&'static str, AdmissionResponse) {
+    let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
+        Ok(review) => review,
+        Err(error) => {
+            warn!(%error, "malformed AdmissionReview");
+            return ("invalid", AdmissionResponse::invalid(format!("malformed AdmissionReview: {error}")));
+        }
+    };
+    let request: AdmissionRequest<Pod> = match review.try_into() {
+        Ok(request) => request,
+        Err(_) => return ("invalid", AdmissionResponse::invalid("AdmissionReview has no request")),
+    };
+    let response = AdmissionResponse::from(&request);
+    let Some(pod) = request.object.as_ref().filter(|_| request.operation == Operation::Create) else {
+        return ("skipped", response);
+    };
+    let namespace = request.namespace.clone().or_else(|| pod.metadata.namespace.clone()).unwrap_or_default();
+    let pod_name = pod.metadata.name.clone().or_else(|| pod.metadata.generate_name.clone()).unwrap_or_default();
+    let labels = (state.namespaces)(&namespace);
+    match decide(pod, &namespace, labels.as_ref(), &state.config) {
+        Decision::Skip(reason) => {
+            debug!(%namespace, pod = %pod_name, reason, "not injected");
+            ("skipped", response)
+        }
+        Decision::Refuse(message) => {
+            info!(%namespace, pod = %pod_name, %message, "injection refused");
+            ("refused", response.deny(format!("slim identity injection: {message}")))
+        }
+        Decision::Inject(patch) => match response.with_patch(patch) {
+            Ok(response) => {
+                info!(%namespace, pod = %pod_name, "identity sidecar injected");
+                ("injected", response)
+            }
+            Err(error) => ("invalid", AdmissionResponse::invalid(format!("building the patch: {error}"))),
+        },
+    }
+}
+
+/// The serving certificate, replaceable while connections keep being accepted.
+#[derive(Debug, Default)]
+pub struct CertStore {
+    current: RwLock<Option<Arc<CertifiedKey>>>,
+}
+
+impl CertStore {
+    pub fn set(&self, key: Arc<CertifiedKey>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(key);
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Serves `router` over TLS on `addr` until `shutdown` resolves.
+pub async fn serve_tls(
+    addr: SocketAddr,
+    router: Router,
+    certs: Arc<CertStore>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    serve_tls_on(listener, router, certs, shutdown).await
+}
+
+/// Serves `router` over TLS on an already bound listener until `shutdown` resolves.
+pub async fn serve_tls_on(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    certs: Arc<CertStore>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    info!(addr = %listener.local_addr()?, "webhook listening (TLS)");
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(%error, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    debug!(%peer, %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
+                debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+}

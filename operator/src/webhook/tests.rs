@@ -1,0 +1,374 @@
+//! AdmissionReview fixtures through the router (no TLS), asserting the exact JSON patch and the pod
+//! after applying it; and a real HTTPS round trip with a certificate swapped at run time.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use base64::Engine;
+use http::Request;
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::inject::{CONFIG_ENV, CONTAINER_NAME, INJECTED, InjectorConfig};
+use super::server::{CertStore, WebhookState, router, serve_tls_on};
+use super::{Decision, certs, decide};
+use crate::metrics::Metrics;
+
+fn state(namespace_labels: BTreeMap<String, BTreeMap<String, String>>) -> WebhookState {
+    let mut config =
+        InjectorConfig { image: "registry.example/slim-identity-agent:0.1.0".into(), ..Default::default() };
+    config.excluded_namespaces.push("slim-system".into());
+    WebhookState {
+        config: Arc::new(config),
+        namespaces: Arc::new(move |ns| namespace_labels.get(ns).cloned()),
+        metrics: Arc::new(Metrics::new()),
+    }
+}
+
+fn review(namespace: &str, pod: &Value) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod,
+            "dryRun": false,
+        }
+    })
+}
+
+/// Sends a raw body to `/mutate` and returns the response review.
+async fn send(state: WebhookState, body: Vec<u8>) -> Value {
+    let request =
+        Request::post("/mutate").header("content-type", "application/json").body(Body::from(body)).expect("request");
+    let response = router(state).oneshot(request).await.expect("response");
+    assert_eq!(response.status(), 200);
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+    serde_json::from_slice(&bytes).expect("review json")
+}
+
+/// The response, the JSON patch (if any) and the pod after applying it.
+async fn mutate(state: WebhookState, namespace: &str, pod: Value) -> (Value, Option<Value>, Pod) {
+    let response = send(state, serde_json::to_vec(&review(namespace, &pod)).expect("json")).await;
+    let answer = response["response"].clone();
+    assert_eq!(answer["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+    let patch = patch_bytes(&answer).map(|bytes| {
+        assert_eq!(answer["patchType"], "JSONPatch");
+        serde_json::from_slice::<Value>(&bytes).expect("patch json")
+    });
+    let mut patched = pod;
+    if let Some(ops) = &patch {
+        let ops: json_patch::Patch = serde_json::from_value(ops.clone()).expect("patch ops");
+        json_patch::patch(&mut patched, &ops).expect("patch applies to the pod");
+    }
+    let pod: Pod = serde_json::from_value(patched).expect("patched pod parses as a Pod");
+    (answer, patch, pod)
+}
+
+/// The response's patch bytes: Go's `[]byte` JSON is base64, and kube 5 sends a byte array,
+/// which the API server's decoder also accepts; read both.
+fn patch_bytes(answer: &Value) -> Option<Vec<u8>> {
+    match &answer["patch"] {
+        Value::String(encoded) => {
+            Some(base64::engine::general_purpose::STANDARD.decode(encoded).expect("base64 patch"))
+        }
+        Value::Array(bytes) => {
+            Some(bytes.iter().map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()).expect("byte")).collect())
+        }
+        _ => None,
+    }
+}
+
+fn app_pod(annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "chat-0", "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/chat:1"}]}
+    })
+}
+
+fn sidecar(pod: &Pod) -> &k8s_openapi::api::core::v1::Container {
+    let init = pod.spec.as_ref().and_then(|s| s.init_containers.as_ref()).expect("init containers");
+    init.iter().find(|c| c.name == CONTAINER_NAME).expect("sidecar injected")
+}
+
+fn agent_config(pod: &Pod) -> Value {
+    let env = sidecar(pod).env.as_ref().expect("env");
+    let yaml = env.iter().find(|e| e.name == CONFIG_ENV).and_then(|e| e.value.clone()).expect("config env");
+    serde_yaml::from_str(&yaml).expect("config is YAML")
+}
+
+fn golden(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/webhook").join(name)
+}
+
+#[tokio::test]
+async fn annotated_pod_gets_the_exact_patch_and_a_native_sidecar() {
+    let (answer, patch, pod) =
+        mutate(state(BTreeMap::new()), "apps", app_pod(json!({"slim.agntcy.org/inject-identity": "true"}))).await;
+    assert_eq!(answer["allowed"], true);
+    let patch = patch.expect("a patch");
+    let path = golden("annotated-pod.patch.json");
+    if std::env::var_os("SLIM_UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+        std::fs::write(&path, serde_json::to_string_pretty(&patch).expect("json") + "\n").expect("write golden");
+    }
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("golden file; SLIM_UPDATE_GOLDEN=1 writes it"))
+            .expect("golden json");
+    assert_eq!(patch, expected, "the exact patch (regenerate with SLIM_UPDATE_GOLDEN=1 after an intended change)");
+
+    let agent = sidecar(&pod);
+    assert_eq!(agent.restart_policy.as_deref(), Some("Always"), "a native sidecar");
+    assert_eq!(agent.image.as_deref(), Some("registry.example/slim-identity-agent:0.1.0"));
+    let startup = agent.startup_probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("startup probe");
+    assert_eq!(startup.path.as_deref(), Some("/ready"));
+    let security = agent.security_context.as_ref().expect("security context");
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(security.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_owned()]));
+
+    let spec = pod.spec.as_ref().expect("spec");
+    let volumes = spec.volumes.as_ref().expect("volumes");
+    let svids = volumes.iter().find(|v| v.name == "slim-svids").expect("svids volume");
+    assert_eq!(svids.empty_dir.as_ref().and_then(|e| e.medium.as_deref()), Some("Memory"));
+    let socket = volumes.iter().find(|v| v.name == "slim-spire-agent-socket").expect("socket volume");
+    assert_eq!(socket.csi.as_ref().map(|c| c.driver.as_str()), Some("csi.spiffe.io"));
+    let app_mount = spec.containers[0].volume_mounts.as_ref().expect("mounts")[0].clone();
+    assert_eq!((app_mount.mount_path.as_str(), app_mount.read_only), ("/svids", Some(true)));
+    assert!(pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(INJECTED)));
+
+    let config = agent_config(&pod);
+    assert_eq!(config["cert_dir"], "/svids");
+    assert_eq!(config["jwt_svids"], json!([{"jwt_audience": "slim", "jwt_svid_file_name": "jwt_svid.token"}]));
+    assert_eq!(config["health_checks"]["listener_enabled"], true);
+    assert_eq!(config["agent_address"], "/run/spire/agent-sockets/api.sock");
+}
+
+#[tokio::test]
+async fn pods_that_did_not_ask_are_untouched() {
+    let s = state(BTreeMap::new());
+    let (answer, patch, _) = mutate(s.clone(), "apps", app_pod(json!({}))).await;
+    assert_eq!((answer["allowed"].clone(), patch), (json!(true), None));
+    // Opted in, but in a system namespace or the operator's own.
+    for namespace in ["kube-system", "slim-system"] {
+        let (_, patch, _) =
+            mutate(s.clone(), namespace, app_pod(json!({"slim.agntcy.org/inject-identity": "true"}))).await;
+        assert_eq!(patch, None, "{namespace}");
+    }
+}
+
+#[tokio::test]
+async fn namespace_label_opts_in_and_the_pod_can_opt_out() {
+    let labels =
+        BTreeMap::from([("team".to_owned(), BTreeMap::from([(super::inject::INJECT.to_owned(), "true".to_owned())]))]);
+    let (_, patch, pod) = mutate(state(labels.clone()), "team", app_pod(json!({}))).await;
+    assert!(patch.is_some());
+    sidecar(&pod);
+    let mut opted_out = app_pod(json!({}));
+    opted_out["metadata"]["labels"] = json!({"slim.agntcy.org/inject-identity": "false"});
+    let (_, patch, _) = mutate(state(labels), "team", opted_out).await;
+    assert_eq!(patch, None);
+}
+
+#[tokio::test]
+async fn injected_pods_are_not_injected_again() {
+    let (_, _, pod) =
+        mutate(state(BTreeMap::new()), "apps", app_pod(json!({"slim.agntcy.org/inject-identity": "true"}))).await;
+    let again = serde_json::to_value(&pod).expect("json");
+    let (answer, patch, _) = mutate(state(BTreeMap::new()), "apps", again).await;
+    assert_eq!((answer["allowed"].clone(), patch), (json!(true), None), "reinvocation is a no-op");
+    assert_eq!(decide(&pod, "apps", None, &InjectorConfig::default()), Decision::Skip("already injected"));
+}
+
+#[tokio::test]
+async fn existing_volumes_init_containers_clashes_and_generate_name_are_handled() {
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "chat-", "labels": {"slim.agntcy.org/inject-identity": "true"}},
+        "spec": {
+            "initContainers": [{"name": "migrate", "image": "registry.example/migrate:1"}],
+            "containers": [
+                {"name": "app", "image": "registry.example/chat:1",
+                 "ports": [{"containerPort": 8081}],
+                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                {"name": "metrics", "image": "registry.example/exporter:1"}
+            ],
+            "volumes": [{"name": "data", "emptyDir": {}}, {"name": "slim-svids", "emptyDir": {}}]
+        }
+    });
+    let (answer, patch, pod) = mutate(state(BTreeMap::new()), "apps", pod).await;
+    assert_eq!(answer["allowed"], true);
+    let ops: Vec<(String, String)> = patch
+        .expect("patch")
+        .as_array()
+        .expect("ops")
+        .iter()
+        .map(|op| (op["op"].as_str().unwrap_or("").to_owned(), op["path"].as_str().unwrap_or("").to_owned()))
+        .collect();
+    let expected = [
+        ("add", "/metadata/annotations"),
+        ("add", "/spec/volumes/-"),
+        ("add", "/spec/volumes/-"),
+        ("add", "/spec/initContainers/0"),
+        ("add", "/spec/containers/0/volumeMounts/-"),
+        ("add", "/spec/containers/1/volumeMounts"),
+    ];
+    assert_eq!(ops, expected.map(|(a, b)| (a.to_owned(), b.to_owned())));
+    let spec = pod.spec.as_ref().expect("spec");
+    let init: Vec<&str> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+    assert_eq!(init, vec![CONTAINER_NAME, "migrate"], "the sidecar runs before other init containers");
+    let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+    assert_eq!(volumes, vec!["data", "slim-svids", "slim-svids-1", "slim-spire-agent-socket"]);
+    let mounted = spec.containers[1].volume_mounts.as_ref().expect("mounts")[0].name.clone();
+    assert_eq!(mounted, "slim-svids-1", "the clash got a fresh name");
+    assert_eq!(agent_config(&pod)["health_checks"]["bind_port"], 8082, "8081 is taken by the app");
+}
+
+#[tokio::test]
+async fn custom_audiences_and_settings_by_annotation() {
+    let pod = app_pod(json!({
+        "slim.agntcy.org/inject-identity": "true",
+        "slim.agntcy.org/jwt-audiences": "slim, spiffe://example.org/gateway",
+        "slim.agntcy.org/jwt-bundle-format": "spiffe-helper",
+        "slim.agntcy.org/x509": "false",
+        "slim.agntcy.org/svid-mount-path": "/run/identity",
+        "slim.agntcy.org/sidecar-memory-limit": "32Mi",
+    }));
+    let (_, _, pod) = mutate(state(BTreeMap::new()), "apps", pod).await;
+    let config = agent_config(&pod);
+    assert_eq!(
+        config["jwt_svids"],
+        json!([
+            {"jwt_audience": "slim", "jwt_svid_file_name": "jwt_svid-slim.token"},
+            {"jwt_audience": "spiffe://example.org/gateway", "jwt_svid_file_name": "jwt_svid-spiffe___example_org_gateway.token"}
+        ])
+    );
+    assert_eq!(config["jwt_bundle_format"], "spiffe-helper");
+    assert_eq!(config["cert_dir"], "/run/identity");
+    assert!(config.get("svid_file_name").is_none(), "X.509 outputs are off");
+    let limits = sidecar(&pod).resources.as_ref().and_then(|r| r.limits.clone()).expect("limits");
+    assert_eq!(limits["memory"].0, "32Mi");
+}
+
+#[tokio::test]
+async fn impossible_settings_are_refused_with_the_reason() {
+    for (annotations, expected) in [
+        (
+            json!({"slim.agntcy.org/jwt-audiences": "a,b", "slim.agntcy.org/jwt-svid-file-names": "one.token"}),
+            "has 1 names for 2 audiences",
+        ),
+        (json!({"slim.agntcy.org/jwt-bundle-format": "pem"}), "is not jwks or spiffe-helper"),
+        (json!({"slim.agntcy.org/svid-containers": "sidecar"}), "the pod has no container \"sidecar\""),
+        (json!({"slim.agntcy.org/key-file-mode": "600"}), "is not an octal mode"),
+        (json!({"slim.agntcy.org/sidecar-cpu-request": "lots"}), "is not a quantity"),
+    ] {
+        let mut all = annotations.clone();
+        all["slim.agntcy.org/inject-identity"] = json!("true");
+        let (answer, patch, _) = mutate(state(BTreeMap::new()), "apps", app_pod(all)).await;
+        assert_eq!(answer["allowed"], false, "{annotations}");
+        assert_eq!(patch, None);
+        let message = answer["status"]["message"].as_str().unwrap_or("");
+        assert!(message.contains(expected), "{annotations}: {message}");
+    }
+}
+
+#[tokio::test]
+async fn malformed_reviews_get_an_error_response_not_a_panic() {
+    for body in [
+        b"not json".to_vec(),
+        b"{}".to_vec(),
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"x"}}"#.to_vec(),
+    ] {
+        let response = send(state(BTreeMap::new()), body).await;
+        assert_eq!(response["response"]["allowed"], false, "{response}");
+        assert!(!response["response"]["status"]["message"].as_str().unwrap_or("").is_empty());
+    }
+}
+
+/// Minimal HTTPS client: trusts `ca_pem` only, posts `body` to `/mutate`.
+async fn https_post(port: u16, ca_pem: &str, body: Vec<u8>) -> Result<Value, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+    let server_name =
+        rustls::pki_types::ServerName::try_from("slim-operator-webhook.slim-system.svc").map_err(|e| e.to_string())?;
+    let tls = connector.connect(server_name, tcp).await.map_err(|e| e.to_string())?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let request = http::Request::post("/mutate")
+        .header("host", "slim-operator-webhook.slim-system.svc")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(axum::body::Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    use http_body_util::BodyExt;
+    let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn https_with_a_generated_certificate_and_a_swap_without_restart() {
+    let names = certs::service_names("slim-operator-webhook", "slim-system");
+    let first = certs::generate(&names, None).expect("certificates");
+    let store = Arc::new(CertStore::default());
+    store.set(certs::certified_key(&first.cert_pem, &first.key_pem).expect("key"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_tls_on(listener, router(state(BTreeMap::new())), store.clone(), async {
+        let _ = stopped.await;
+    }));
+    let body = serde_json::to_vec(&review("apps", &app_pod(json!({"slim.agntcy.org/inject-identity": "true"}))))
+        .expect("json");
+
+    let response = https_post(port, &first.ca_pem, body.clone()).await.expect("HTTPS round trip");
+    assert_eq!(response["response"]["allowed"], true);
+    assert!(patch_bytes(&response["response"]).is_some());
+
+    // Rotation to a new CA: new connections get the new certificate, without a restart.
+    let second = certs::generate(&names, None).expect("certificates");
+    store.set(certs::certified_key(&second.cert_pem, &second.key_pem).expect("key"));
+    assert!(https_post(port, &second.ca_pem, body.clone()).await.is_ok(), "the new certificate is served");
+    assert!(https_post(port, &first.ca_pem, body).await.is_err(), "the old CA no longer verifies it");
+    let _ = stop.send(());
+    let _ = server.await;
+}
+
+#[test]
+fn generated_leaf_is_valid_for_the_service_and_fresh() {
+    let material = certs::generate(&certs::service_names("svc", "ns"), None).expect("certificates");
+    let (left, total) = certs::lifetime(&material.cert_pem).expect("parses");
+    assert!(left > 0 && total >= 364 * 86400);
+    assert!(!certs::needs_rotation(&material.cert_pem));
+    assert!(certs::needs_rotation("not a certificate"));
+    // Re-issuing with the same CA keeps the CA.
+    let again = certs::generate(&certs::service_names("svc", "ns"), Some((&material.ca_pem, &material.ca_key_pem)))
+        .expect("certificates");
+    assert_eq!(again.ca_pem, material.ca_pem);
+    assert_ne!(again.cert_pem, material.cert_pem);
+    assert!(!format!("{again:?}").contains("PRIVATE KEY"));
+}
