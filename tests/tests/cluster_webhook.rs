@@ -21,7 +21,7 @@ use slim_operator::webhook::{CertStore, InjectorConfig, WebhookState, certs, rou
 async fn annotated_pods_get_the_sidecar_from_a_registered_webhook() {
     let client = Client::try_default().await.expect("KUBECONFIG");
     let host = std::env::var("SLIM_E2E_WEBHOOK_HOST").unwrap_or_else(|_| "host.docker.internal".to_owned());
-    let material = certs::generate(&[host.clone()], None).expect("certificates");
+    let material = certs::generate(std::slice::from_ref(&host), None).expect("certificates");
     let store = Arc::new(CertStore::default());
     store.set(certs::certified_key(&material.cert_pem, &material.key_pem).expect("key"));
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.expect("bind");
