@@ -12,12 +12,22 @@ use axum::routing::get;
 
 use crate::metrics::Metrics;
 
+/// Readiness: `Ok` when ready, else what is missing.
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// What the admin endpoints report.
 #[derive(Clone)]
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
-    /// Every readiness gate (caches synced, …); ready when all are set.
-    pub ready: Vec<Arc<AtomicBool>>,
+    pub ready: Readiness,
+}
+
+/// Ready when every gate is set; names the first one that is not.
+pub fn all_gates(gates: Vec<(&'static str, Arc<AtomicBool>)>) -> Readiness {
+    Arc::new(move || match gates.iter().find(|(_, gate)| !gate.load(Ordering::SeqCst)) {
+        None => Ok(()),
+        Some((name, _)) => Err(format!("{name} not ready")),
+    })
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -29,10 +39,9 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    if state.ready.iter().all(|gate| gate.load(Ordering::SeqCst)) {
-        (StatusCode::OK, "ok").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced").into_response()
+    match (state.ready)() {
+        Ok(()) => (StatusCode::OK, "ok").into_response(),
+        Err(missing) => (StatusCode::SERVICE_UNAVAILABLE, missing).into_response(),
     }
 }
 

@@ -8,9 +8,12 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use kube::runtime::events::Reporter;
 
-use crate::admin::{self, AdminState};
-use crate::controller::{self, ControllerConfig};
-use crate::metrics::{Metrics, NodeClientCollector};
+use std::sync::atomic::Ordering;
+
+use crate::admin::{self, AdminState, Readiness};
+use crate::controller::leader::{self, Leadership, LeaseConfig};
+use crate::controller::{self, ControllerConfig, StoreSlot};
+use crate::metrics::{Metrics, NodeClientCollector, ResourceCollector};
 use crate::slim::{NodeClientConfig, NodePool};
 use crate::telemetry::{self, LogFormat};
 use crate::webhook::certs::SelfManaged;
@@ -63,9 +66,14 @@ pub struct RunArgs {
     #[arg(long, env = "SLIM_OPERATOR_CHANNEL_MANAGER")]
     pub channel_manager: Option<String>,
 
-    /// Name of this replica for events (the Pod name, from the downward API).
+    /// Name of this replica for events and the leader Lease (the Pod name, from the downward API).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+
+    /// Reconcile only while holding the Lease `slim-operator-leader` in --namespace (required when
+    /// running more than one replica; every replica serves the webhook either way).
+    #[arg(long, env = "SLIM_OPERATOR_LEADER_ELECTION")]
+    pub leader_election: bool,
 
     /// The operator's namespace (never injected into; holds the webhook Secret).
     #[arg(long, env = "POD_NAMESPACE", default_value = "slim-system")]
@@ -235,12 +243,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     telemetry::init(args.log_format);
     let client = kube::Client::try_default().await.map_err(RunError::Client)?;
     let nodes = NodePool::new(NodeClientConfig { change_timeout: args.node_timeout, ..Default::default() });
+    let slot: StoreSlot = Arc::default();
     let mut metrics = Metrics::new();
     metrics.register_collector(NodeClientCollector { pool: nodes.clone() });
+    metrics.register_collector(ResourceCollector { stores: slot.clone() });
     let metrics = Arc::new(metrics);
-    let ready = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
-    let webhook_ready = Arc::new(AtomicBool::new(false));
-    let reporter = Reporter { controller: controller::MANAGER.to_owned(), instance: args.pod_name.clone() };
+    let identity = args.pod_name.clone().unwrap_or_else(|| format!("slim-operator-{}", std::process::id()));
+    let reporter = Reporter { controller: controller::MANAGER.to_owned(), instance: Some(identity.clone()) };
     let config = ControllerConfig {
         resync_interval: args.resync_interval,
         cleanup_timeout: args.cleanup_timeout,
@@ -262,14 +271,41 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         let _ = stop_tx.send(true);
     });
 
+    // Leadership: only the leader reconciles.
+    let (leader_tx, leader_rx) = tokio::sync::watch::channel(Leadership::Unknown);
+    // The lease is released only after the controllers have finished their in-flight work.
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let leader_task = if args.leader_election {
+        let lease = LeaseConfig::new(&args.namespace, &identity);
+        Some(tokio::spawn(leader::run(client.clone(), lease, leader_tx, async {
+            let _ = release_rx.await;
+        })))
+    } else {
+        leader_tx.send_replace(Leadership::Leader);
+        None
+    };
+
+    let caches = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
+    let webhook_ready = Arc::new(AtomicBool::new(false));
     let webhook_settings = args.webhook_settings();
-    let mut gates = ready.to_vec();
-    if webhook_settings.is_some() {
-        gates.push(webhook_ready.clone());
-    }
-    let admin_state = AdminState { metrics: metrics.clone(), ready: gates };
+    let readiness: Readiness = {
+        let (caches, webhook_ready, leader_rx) = (caches.clone(), webhook_ready.clone(), leader_rx.clone());
+        let webhook_on = webhook_settings.is_some();
+        Arc::new(move || {
+            if webhook_on && !webhook_ready.load(Ordering::SeqCst) {
+                return Err("webhook not ready (certificate or namespace cache)".into());
+            }
+            match *leader_rx.borrow() {
+                Leadership::Unknown => Err("leadership not known yet".into()),
+                Leadership::Follower => Ok(()),
+                Leadership::Leader if caches.iter().all(|c| c.load(Ordering::SeqCst)) => Ok(()),
+                Leadership::Leader => Err("caches not synced".into()),
+            }
+        })
+    };
+
     let admin_addr = args.admin_addr;
-    let admin = admin::serve(admin_addr, admin_state, stopped());
+    let admin = admin::serve(admin_addr, AdminState { metrics: metrics.clone(), ready: readiness }, stopped());
     let webhook = {
         let (client, metrics, stopped) = (client.clone(), metrics.clone(), stopped());
         async move {
@@ -282,13 +318,49 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             }
         }
     };
-    let controllers = controller::run(client, reporter, metrics, nodes, config, ready, stopped());
-    // Any task ending ends the process: a part that stopped must not look alive.
-    tokio::select! {
+    let controllers = async {
+        let mut leader_rx = leader_rx;
+        let mut shutdown = std::pin::pin!(stopped());
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                changed = leader_rx.wait_for(|l| *l == Leadership::Leader) => if changed.is_err() { return Ok(()) },
+            }
+            let runtime = controller::Runtime {
+                client: client.clone(),
+                reporter: reporter.clone(),
+                metrics: metrics.clone(),
+                nodes: nodes.clone(),
+                config: config.clone(),
+                ready: caches.clone(),
+                slot: slot.clone(),
+            };
+            let run = controller::run(runtime, stopped());
+            let mut lost = leader_rx.clone();
+            tokio::select! {
+                result = run => return result,
+                // Losing the lease stops reconciling at once (SLIM writes are idempotent, so a
+                // reconcile cut short is simply redone by the next leader).
+                _ = lost.wait_for(|l| *l != Leadership::Leader) => {
+                    for cache in &caches {
+                        cache.store(false, Ordering::SeqCst);
+                    }
+                    *slot.write().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+            }
+        }
+    };
+    // Any part ending ends the process: a part that stopped must not look alive.
+    let result = tokio::select! {
         result = controllers => result.map_err(RunError::Controller),
         result = webhook => result.map_err(RunError::Webhook),
         result = admin => result.map_err(|source| RunError::Admin { addr: admin_addr, source }),
+    };
+    let _ = release_tx.send(());
+    if let Some(task) = leader_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
     }
+    result
 }
 
 async fn shutdown_signal() {

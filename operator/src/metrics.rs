@@ -1,6 +1,5 @@
 //! Prometheus metrics (OpenMetrics text on the admin server's `/metrics`).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus_client::collector::Collector;
@@ -173,25 +172,66 @@ impl Collector for NodeClientCollector {
     }
 }
 
-/// A gauge family computed at scrape time from a closure.
-pub struct GaugeCollector {
-    pub name: &'static str,
-    pub help: &'static str,
-    pub read: Arc<dyn Fn() -> Vec<(NodeLabels, i64)> + Send + Sync>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelLabels {
+    pub namespace: String,
+    pub channel: String,
 }
 
-impl std::fmt::Debug for GaugeCollector {
+/// Gauges computed from the controllers' caches at scrape time: routes installed per node,
+/// channel participants joined and desired.
+#[derive(Clone)]
+pub struct ResourceCollector {
+    pub stores: crate::controller::StoreSlot,
+}
+
+impl std::fmt::Debug for ResourceCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GaugeCollector").field("name", &self.name).finish()
+        f.write_str("ResourceCollector")
     }
 }
 
-impl Collector for GaugeCollector {
+impl Collector for ResourceCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::MetricType::Gauge;
+        let Some(stores) = self.stores.read().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return Ok(());
+        };
+        let mut routes: std::collections::BTreeMap<String, i64> = Default::default();
+        for sub in stores.subscriptions.state() {
+            for node in sub.status.iter().flat_map(|s| &s.nodes) {
+                *routes.entry(node.endpoint.clone()).or_default() += i64::from(node.route_installed);
+            }
+        }
         let mut family =
-            encoder.encode_descriptor(self.name, self.help, None, prometheus_client::metrics::MetricType::Gauge)?;
-        for (labels, value) in (self.read)() {
-            ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+            encoder.encode_descriptor("node_routes", "Subscription routes installed per SLIM node", None, Gauge)?;
+        for (node, count) in routes {
+            ConstGauge::new(count).encode(family.encode_family(&NodeLabels { node })?)?;
+        }
+        let channels = stores.channels.state();
+        let label = |ch: &crate::api::SlimChannel| ChannelLabels {
+            namespace: ch.metadata.namespace.clone().unwrap_or_default(),
+            channel: ch.spec.name.clone(),
+        };
+        let mut joined = encoder.encode_descriptor(
+            "channel_participants_joined",
+            "Desired participants in the channel",
+            None,
+            Gauge,
+        )?;
+        for ch in &channels {
+            let value = ch.status.as_ref().map_or(0, |s| i64::from(s.joined));
+            ConstGauge::new(value).encode(joined.encode_family(&label(ch))?)?;
+        }
+        let mut desired = encoder.encode_descriptor(
+            "channel_participants_desired",
+            "Participants wanted in the channel",
+            None,
+            Gauge,
+        )?;
+        for ch in &channels {
+            let value = ch.status.as_ref().map_or(0, |s| i64::from(s.desired));
+            ConstGauge::new(value).encode(desired.encode_family(&label(ch))?)?;
         }
         Ok(())
     }

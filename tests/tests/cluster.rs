@@ -16,7 +16,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use slim_e2e::{ChannelManager, SlimApp, SlimNode, init_logging};
 use slim_operator::api::{self, SlimChannel, Subscription};
-use slim_operator::controller::{ControllerConfig, run};
+use slim_operator::controller::{ControllerConfig, Runtime, run};
 use slim_operator::metrics::Metrics;
 use slim_operator::plan::{ResolvedTls, render_link};
 use slim_operator::slim::{NodePool, RouteRef, SlimName};
@@ -80,17 +80,18 @@ fn start_controllers(
     channel_manager: Option<String>,
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), slim_operator::controller::Error>>) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(run(
-        client.clone(),
-        Reporter { controller: "slim-operator".into(), instance: Some("e2e".into()) },
-        Arc::new(Metrics::new()),
-        pool.clone(),
-        ControllerConfig { resync_interval: Duration::from_secs(5), channel_manager, ..Default::default() },
-        [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))],
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let runtime = Runtime {
+        client: client.clone(),
+        reporter: Reporter { controller: "slim-operator".into(), instance: Some("e2e".into()) },
+        metrics: Arc::new(Metrics::new()),
+        nodes: pool.clone(),
+        config: ControllerConfig { resync_interval: Duration::from_secs(5), channel_manager, ..Default::default() },
+        ready: [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))],
+        slot: Default::default(),
+    };
+    let controller = tokio::spawn(run(runtime, async move {
+        let _ = stopped.await;
+    }));
     (stop, controller)
 }
 

@@ -2,6 +2,7 @@
 
 pub mod channel;
 pub mod channel_status;
+pub mod leader;
 pub mod subscription;
 pub mod subscription_status;
 
@@ -85,7 +86,11 @@ pub struct Context {
     retries: Mutex<HashMap<String, u32>>,
 }
 
+/// Where the running controllers publish their caches (for scrape-time metrics).
+pub type StoreSlot = Arc<std::sync::RwLock<Option<Stores>>>;
+
 /// The caches the controllers keep, handed to the context.
+#[derive(Clone)]
 pub struct Stores {
     pub subscriptions: Store<Subscription>,
     pub channels: Store<SlimChannel>,
@@ -222,15 +227,25 @@ fn kind_label(kind: &str) -> &'static str {
 
 /// Runs both controllers until `shutdown` resolves. Each flag in `ready` flips once its cache is
 /// synced (for `/readyz`).
+/// What the controllers run with.
+#[derive(Clone)]
+pub struct Runtime {
+    pub client: Client,
+    pub reporter: Reporter,
+    pub metrics: Arc<Metrics>,
+    pub nodes: NodePool,
+    pub config: ControllerConfig,
+    /// Set once each cache (Subscriptions, SlimChannels) is synced.
+    pub ready: [Arc<AtomicBool>; 2],
+    /// Receives the caches for scrape-time metrics.
+    pub slot: StoreSlot,
+}
+
 pub async fn run(
-    client: Client,
-    reporter: Reporter,
-    metrics: Arc<Metrics>,
-    nodes: NodePool,
-    config: ControllerConfig,
-    ready: [Arc<AtomicBool>; 2],
+    runtime: Runtime,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let Runtime { client, reporter, metrics, nodes, config, ready, slot } = runtime;
     let subscriptions: Api<Subscription> = Api::all(client.clone());
     let channels: Api<SlimChannel> = Api::all(client.clone());
     // Fail fast with a clear message when a CRD is missing or RBAC forbids it.
@@ -242,6 +257,7 @@ pub async fn run(
     let channel_controller = Controller::new(channels, watcher::Config::default().any_semantic());
     let stores = Stores { subscriptions: sub_controller.store(), channels: channel_controller.store() };
     let (trigger, triggered) = mpsc::unbounded_channel();
+    *slot.write().unwrap_or_else(|p| p.into_inner()) = Some(stores.clone());
     let ctx = Arc::new(Context::new(client.clone(), reporter, metrics, nodes.clone(), config.clone(), stores, trigger));
 
     let [subs_ready, channels_ready] = ready;
