@@ -17,6 +17,7 @@ pub mod controller;
 pub mod engine;
 pub mod metrics;
 pub mod plan;
+pub mod rbac;
 pub mod slim;
 pub mod telemetry;
 pub mod webhook;

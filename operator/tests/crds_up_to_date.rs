@@ -18,6 +18,9 @@ fn committed_crds_match_the_rust_types() {
         let yaml = api::crd_yaml(&crd).expect("render CRD");
         if std::env::var_os("SLIM_UPDATE_CRDS").is_some() {
             std::fs::write(&path, &yaml).expect("write CRD");
+            // The chart ships the same files (tests/tests/chart.rs keeps them identical).
+            let chart_copy = repo_root().join("charts/slim-operator/crds").join(api::crd_file_name(&crd));
+            std::fs::write(chart_copy, &yaml).expect("write chart CRD");
         }
         let committed = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{} is missing ({e}); {regenerate}", path.display()));

@@ -1,0 +1,67 @@
+//! The Kubernetes permissions the operator's code uses, in one table: the Helm chart's RBAC is
+//! checked against it (tests/tests/chart.rs), so neither can drift from the other.
+
+/// One rule: API group, resource (with subresource), verbs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Permission {
+    pub group: &'static str,
+    pub resource: &'static str,
+    pub verbs: &'static [&'static str],
+    /// Why the code needs it.
+    pub used_by: &'static str,
+}
+
+const fn rule(
+    group: &'static str,
+    resource: &'static str,
+    verbs: &'static [&'static str],
+    used_by: &'static str,
+) -> Permission {
+    Permission { group, resource, verbs, used_by }
+}
+
+/// Cluster-wide (ClusterRole).
+pub const CLUSTER: &[Permission] = &[
+    rule(
+        "slim.agntcy.org",
+        "subscriptions",
+        &["list", "watch", "patch"],
+        "Subscription controller; finalizer add/remove",
+    ),
+    rule("slim.agntcy.org", "subscriptions/status", &["patch"], "status by server-side apply"),
+    rule(
+        "slim.agntcy.org",
+        "subscriptions/finalizers",
+        &["update"],
+        "finalizers on clusters that enforce owner-reference permissions",
+    ),
+    rule(
+        "slim.agntcy.org",
+        "slimchannels",
+        &["list", "watch", "patch"],
+        "SlimChannel controller; finalizer add/remove",
+    ),
+    rule("slim.agntcy.org", "slimchannels/status", &["patch"], "status by server-side apply"),
+    rule(
+        "slim.agntcy.org",
+        "slimchannels/finalizers",
+        &["update"],
+        "finalizers on clusters that enforce owner-reference permissions",
+    ),
+    rule("events.k8s.io", "events", &["create", "patch"], "events; repeated ones are patched into a series"),
+    rule("", "pods", &["list", "watch"], "node and participant selectors"),
+    rule("", "secrets", &["get"], "TLS material of Subscription links"),
+    rule("", "namespaces", &["list", "watch"], "namespace opt-in for injection"),
+];
+
+/// Only when the operator manages the webhook certificate (cluster-wide, restricted by name).
+pub const WEBHOOK_CONFIGURATION: &[Permission] =
+    &[rule("admissionregistration.k8s.io", "mutatingwebhookconfigurations", &["get", "patch"], "publish caBundle")];
+
+/// In the operator's namespace (Role).
+pub const NAMESPACED: &[Permission] =
+    &[rule("coordination.k8s.io", "leases", &["get", "create", "update"], "leader election")];
+
+/// In the operator's namespace, only when the operator manages the webhook certificate.
+pub const WEBHOOK_SECRET: &[Permission] =
+    &[rule("", "secrets", &["get", "create", "update"], "the webhook's serving certificate")];

@@ -1,0 +1,231 @@
+//! The Helm chart: lint, render with default and non-default values, parse every document into its
+//! Kubernetes type, compare the RBAC with what the code uses, keep CRDs identical to `crds/`.
+//! Helm comes from `HELM`, else `$SLIM_CACHE/bin/helm` (scripts/test.sh installs it).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use kube::core::DynamicObject;
+use serde::Deserialize;
+use slim_e2e::{cache_dir, repo_path};
+use slim_operator::rbac::{self, Permission};
+
+fn helm() -> PathBuf {
+    let path = std::env::var_os("HELM").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("bin").join("helm"));
+    assert!(path.exists(), "no helm at {}: run scripts/test.sh once (it installs helm), or set HELM", path.display());
+    path
+}
+
+fn run_helm(args: &[&str]) -> Result<String, String> {
+    let output = Command::new(helm()).args(args).output().map_err(|e| e.to_string())?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+fn chart() -> String {
+    repo_path("charts/slim-operator").display().to_string()
+}
+
+fn custom_values() -> String {
+    repo_path("tests/fixtures/chart-values-custom.yaml").display().to_string()
+}
+
+/// Every rendered document, parsed into its type.
+#[derive(Default)]
+struct Rendered {
+    deployments: Vec<Deployment>,
+    services: Vec<Service>,
+    cluster_roles: Vec<ClusterRole>,
+    roles: Vec<Role>,
+    bindings: usize,
+    webhooks: Vec<MutatingWebhookConfiguration>,
+    pdbs: Vec<PodDisruptionBudget>,
+    others: Vec<DynamicObject>,
+}
+
+fn render(extra: &[&str]) -> Rendered {
+    let chart = chart();
+    let mut args = vec!["template", "slim", chart.as_str(), "--namespace", "slim-system"];
+    args.extend_from_slice(extra);
+    let yaml = run_helm(&args).unwrap_or_else(|e| panic!("helm template {extra:?}: {e}"));
+    let mut rendered = Rendered::default();
+    for document in serde_yaml::Deserializer::from_str(&yaml) {
+        let value = serde_yaml::Value::deserialize(document).expect("YAML document");
+        if value.is_null() {
+            continue;
+        }
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+        let json = serde_json::to_value(&value).expect("json");
+        match kind.as_str() {
+            "Deployment" => rendered.deployments.push(parse(&json)),
+            "Service" => rendered.services.push(parse(&json)),
+            "ServiceAccount" => drop(parse::<ServiceAccount>(&json)),
+            "ClusterRole" => rendered.cluster_roles.push(parse(&json)),
+            "Role" => rendered.roles.push(parse(&json)),
+            "ClusterRoleBinding" => {
+                parse::<ClusterRoleBinding>(&json);
+                rendered.bindings += 1;
+            }
+            "RoleBinding" => {
+                parse::<RoleBinding>(&json);
+                rendered.bindings += 1;
+            }
+            "MutatingWebhookConfiguration" => rendered.webhooks.push(parse(&json)),
+            "PodDisruptionBudget" => rendered.pdbs.push(parse(&json)),
+            "ServiceMonitor" | "Certificate" | "Issuer" => {
+                let object: DynamicObject = parse(&json);
+                assert!(object.types.as_ref().is_some_and(|t| !t.api_version.is_empty()));
+                rendered.others.push(object);
+            }
+            other => panic!("unexpected kind {other:?} rendered"),
+        }
+    }
+    rendered
+}
+
+/// A rendered document as its Kubernetes type; panics with the document when it does not fit.
+fn parse<T: serde::de::DeserializeOwned>(json: &serde_json::Value) -> T {
+    serde_json::from_value(json.clone()).unwrap_or_else(|e| panic!("{} does not parse: {e}\n{json}", json["kind"]))
+}
+
+/// (group, resource, verb) triples of rules.
+fn triples(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
+    let mut set = BTreeSet::new();
+    for rule in rules {
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    set.insert((group.clone(), resource.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    set
+}
+
+fn needed(tables: &[&[Permission]]) -> BTreeSet<(String, String, String)> {
+    tables
+        .iter()
+        .flat_map(|t| t.iter())
+        .flat_map(|p| p.verbs.iter().map(move |v| (p.group.to_owned(), p.resource.to_owned(), (*v).to_owned())))
+        .collect()
+}
+
+#[test]
+fn chart_lints_strictly_with_default_and_custom_values() {
+    run_helm(&["lint", "--strict", &chart()]).unwrap_or_else(|e| panic!("lint: {e}"));
+    run_helm(&["lint", "--strict", &chart(), "-f", &custom_values()]).unwrap_or_else(|e| panic!("lint custom: {e}"));
+}
+
+#[test]
+fn default_render_parses_and_rbac_is_exactly_what_the_code_uses() {
+    let rendered = render(&[]);
+    assert_eq!(rendered.deployments.len(), 1);
+    assert_eq!(rendered.bindings, 2);
+    assert!(rendered.pdbs.is_empty(), "one replica: no PodDisruptionBudget");
+    let cluster = triples(&rendered.cluster_roles[0].rules.clone().unwrap_or_default());
+    assert_eq!(cluster, needed(&[rbac::CLUSTER, rbac::WEBHOOK_CONFIGURATION]), "ClusterRole vs operator/src/rbac.rs");
+    let namespaced = triples(&rendered.roles[0].rules.clone().unwrap_or_default());
+    assert_eq!(namespaced, needed(&[rbac::NAMESPACED, rbac::WEBHOOK_SECRET]), "Role vs operator/src/rbac.rs");
+
+    let deployment = &rendered.deployments[0];
+    let pod = deployment.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec");
+    let container = &pod.containers[0];
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|h| h.path.clone())
+    };
+    assert_eq!(probe_path(&container.liveness_probe).as_deref(), Some("/livez"));
+    assert_eq!(probe_path(&container.readiness_probe).as_deref(), Some("/readyz"));
+    let security = container.security_context.as_ref().expect("security context");
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(pod.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
+    let env: Vec<String> = container.env.iter().flatten().map(|e| e.name.clone()).collect();
+    for name in ["POD_NAME", "POD_NAMESPACE", "SLIM_OPERATOR_LEADER_ELECTION", "RUST_LOG"] {
+        assert!(env.contains(&name.to_owned()), "{name} missing: {env:?}");
+    }
+
+    let webhook = &rendered.webhooks[0].webhooks.as_ref().expect("webhooks")[0];
+    assert_eq!(webhook.side_effects, "None");
+    assert_eq!(webhook.admission_review_versions, vec!["v1".to_owned()]);
+    assert_eq!(webhook.failure_policy.as_deref(), Some("Ignore"));
+    assert_eq!(webhook.reinvocation_policy.as_deref(), Some("IfNeeded"));
+    let excluded = &webhook.namespace_selector.as_ref().and_then(|s| s.match_expressions.clone()).expect("selector")[0];
+    let values = excluded.values.clone().unwrap_or_default();
+    assert!(values.contains(&"kube-system".to_owned()) && values.contains(&"slim-system".to_owned()), "{values:?}");
+    let service = webhook.client_config.service.as_ref().expect("service");
+    assert_eq!((service.path.as_deref(), service.port), (Some("/mutate"), Some(443)));
+    assert!(rendered.services.iter().any(|s| s.metadata.name.as_deref() == Some(service.name.as_str())));
+}
+
+#[test]
+fn custom_render_follows_the_values() {
+    let rendered = render(&["-f", &custom_values()]);
+    let deployment = &rendered.deployments[0];
+    assert_eq!(deployment.spec.as_ref().and_then(|s| s.replicas), Some(3));
+    assert_eq!(rendered.pdbs.len(), 1, "more than one replica: a PodDisruptionBudget");
+    let container = &deployment.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("spec").containers[0];
+    assert_eq!(container.image.as_deref(), Some("registry.example/slim-operator:9.9.9"));
+    let env = |name: &str| {
+        container.env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.clone()).unwrap_or_default()
+    };
+    assert_eq!(env("SLIM_OPERATOR_WEBHOOK_CERT_MODE"), "files");
+    assert_eq!(env("SLIM_OPERATOR_SPIRE_SOCKET"), "host-path");
+    assert_eq!(env("SLIM_OPERATOR_DEFAULT_AUDIENCES"), "slim,gateway");
+    assert_eq!(env("SLIM_OPERATOR_CHANNEL_MANAGER"), "http://slim-channel-manager.slim.svc:10356");
+    let webhook = &rendered.webhooks[0];
+    assert!(webhook.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("cert-manager.io/inject-ca-from")));
+    assert_eq!(webhook.webhooks.as_ref().expect("webhooks")[0].failure_policy.as_deref(), Some("Fail"));
+    let kinds: BTreeSet<String> =
+        rendered.others.iter().filter_map(|o| o.types.as_ref().map(|t| t.kind.clone())).collect();
+    assert_eq!(kinds, ["Certificate", "Issuer", "ServiceMonitor"].map(String::from).into_iter().collect());
+    // cert-manager mode: the operator manages no Secret and patches no webhook configuration.
+    assert_eq!(triples(&rendered.cluster_roles[0].rules.clone().unwrap_or_default()), needed(&[rbac::CLUSTER]));
+    assert_eq!(triples(&rendered.roles[0].rules.clone().unwrap_or_default()), needed(&[rbac::NAMESPACED]));
+}
+
+#[test]
+fn schema_rejects_typos_and_bad_types() {
+    for (set, expected) in [
+        ("iamge.repository=x", "additional properties 'iamge' not allowed"),
+        ("replicaCount=many", "replicaCount"),
+        ("webhook.failurePolicy=Sometimes", "failurePolicy"),
+        ("sidecar.jwtBundleFormat=pem", "jwtBundleFormat"),
+        ("operator.resyncInterval=often", "resyncInterval"),
+    ] {
+        let error = run_helm(&["template", "slim", &chart(), "--set", set]).expect_err(set);
+        assert!(error.contains(expected), "{set}: {error}");
+    }
+    let error =
+        run_helm(&["template", "slim", &chart(), "--set", "replicaCount=2", "--set", "leaderElection.enabled=false"])
+            .expect_err("two replicas without leader election");
+    assert!(error.contains("needs leaderElection.enabled"), "{error}");
+}
+
+#[test]
+fn chart_crds_are_the_generated_ones() {
+    let top = repo_path("crds");
+    let chart_crds = repo_path("charts/slim-operator/crds");
+    let names = |dir: &PathBuf| -> BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(names(&top), names(&chart_crds), "charts/slim-operator/crds must hold the same files as crds/");
+    for name in names(&top) {
+        let a = std::fs::read_to_string(top.join(&name)).expect("read");
+        let b = std::fs::read_to_string(chart_crds.join(&name)).expect("read");
+        assert!(a == b, "{name} differs: copy crds/*.yaml into charts/slim-operator/crds/");
+    }
+}
