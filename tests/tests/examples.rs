@@ -1,0 +1,88 @@
+//! Every example manifest parses into its type (our CRDs into the Rust types, which also pass
+//! their CEL rules), and the configs embedded in them parse too.
+
+use std::path::PathBuf;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
+use kube::core::DynamicObject;
+use serde::Deserialize;
+use slim_e2e::repo_path;
+use slim_operator::api::{SlimChannel, Subscription};
+
+fn parse<T: serde::de::DeserializeOwned>(file: &str, json: &serde_json::Value) -> T {
+    serde_json::from_value(json.clone()).unwrap_or_else(|e| panic!("{file}: {} does not parse: {e}", json["kind"]))
+}
+
+fn example_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_path("examples"))
+        .expect("examples/")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_example_parses_into_its_type() {
+    let mut kinds = Vec::new();
+    for path in example_files() {
+        let file = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&path).expect("read");
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(document).expect("YAML");
+            if value.is_null() {
+                continue;
+            }
+            let json = serde_json::to_value(&value).expect("json");
+            let kind = json["kind"].as_str().unwrap_or_default().to_owned();
+            match kind.as_str() {
+                "Namespace" => drop(parse::<Namespace>(&file, &json)),
+                "Service" => drop(parse::<Service>(&file, &json)),
+                "Deployment" => drop(parse::<Deployment>(&file, &json)),
+                "StatefulSet" => drop(parse::<StatefulSet>(&file, &json)),
+                "ConfigMap" => {
+                    let config: ConfigMap = parse(&file, &json);
+                    for (key, text) in config.data.iter().flatten() {
+                        serde_yaml::from_str::<serde_yaml::Value>(text)
+                            .unwrap_or_else(|e| panic!("{file}: ConfigMap key {key} is not YAML: {e}"));
+                    }
+                }
+                "Subscription" => {
+                    let sub: Subscription = parse(&file, &json);
+                    sub.validate_cel().unwrap_or_else(|e| panic!("{file}: Subscription fails its CEL rules: {e:?}"));
+                }
+                "SlimChannel" => {
+                    let channel: SlimChannel = parse(&file, &json);
+                    channel.validate_cel().unwrap_or_else(|e| panic!("{file}: SlimChannel fails its CEL rules: {e:?}"));
+                }
+                "ClusterSPIFFEID" => {
+                    let object: DynamicObject = parse(&file, &json);
+                    assert_eq!(json["apiVersion"], "spire.spiffe.io/v1alpha1");
+                    let template = object.data["spec"]["spiffeIDTemplate"].as_str().unwrap_or_default();
+                    assert!(template.starts_with("spiffe://"), "{file}: spiffeIDTemplate {template:?}");
+                }
+                other => panic!("{file}: no test knows kind {other:?}; add it here"),
+            }
+            kinds.push(kind);
+        }
+    }
+    for expected in ["Subscription", "SlimChannel", "Deployment", "ClusterSPIFFEID", "StatefulSet"] {
+        assert!(kinds.iter().any(|k| k == expected), "the quickstart has no {expected}");
+    }
+}
+
+#[test]
+fn the_injected_app_opts_in_and_joins_the_channel() {
+    let text = std::fs::read_to_string(repo_path("examples/05-app.yaml")).expect("read");
+    let deployment: Deployment = serde_yaml::from_str(&text).expect("deployment");
+    let template = deployment.spec.expect("spec").template;
+    let annotations = template.metadata.as_ref().and_then(|m| m.annotations.clone()).unwrap_or_default();
+    assert_eq!(annotations.get("slim.agntcy.org/inject-identity").map(String::as_str), Some("true"));
+    let channel: SlimChannel =
+        serde_yaml::from_str(&std::fs::read_to_string(repo_path("examples/04-slimchannel.yaml")).expect("read")).expect("channel");
+    let selector = channel.spec.participant_selector.expect("selector");
+    let labels = template.metadata.and_then(|m| m.labels);
+    assert!(slim_operator::plan::selector_matches(&selector, labels.as_ref()), "the app is selected by the channel");
+}
