@@ -1,13 +1,23 @@
-//! `slim-identity-agent`: the SPIFFE identity sidecar. Its implementation is tracked in its own
-//! issue; until it lands the binary only reports its version so the workspace layout is final.
+use slim_identity_agent::cli;
 
-fn main() {
-    let arg = std::env::args().nth(1);
-    match arg.as_deref() {
-        Some("-version" | "--version") => println!("slim-identity-agent {}", env!("CARGO_PKG_VERSION")),
-        _ => {
-            eprintln!("slim-identity-agent: not implemented yet (only -version is supported)");
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = match cli::parse(&args) {
+        Ok(command) => command,
+        Err(message) => {
+            if !message.is_empty() {
+                eprintln!("{message}");
+            }
+            eprintln!("{}", cli::USAGE);
             std::process::exit(2);
         }
-    }
+    };
+    std::process::exit(cli::execute(command).await);
 }

@@ -1,0 +1,556 @@
+//! The agent: daemon mode (streams, refreshes, file watching, health) and one-shot mode.
+//!
+//! Daemon mode runs one task per source (the X.509 stream, the JWT bundle stream, one refresh
+//! loop per JWT-SVID) and the file watcher; they all send updates to a single writer, which owns
+//! the output directory, so every version it writes holds a consistent set of files.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, ConfigError, JwtBundleFormat, JwtSvidConfig, refresh_after};
+use crate::health::{Health, WriteStatus};
+use crate::hooks::Hooks;
+use crate::output::{FileContent, OutputDir, OutputError};
+use crate::svid::jwt::{self, JwtBundles, JwtError};
+use crate::svid::x509::{self, X509Files, X509Options};
+use crate::workload::pb;
+use crate::workload::{WorkloadClient, WorkloadError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Output(#[from] OutputError),
+    #[error("{0}")]
+    Workload(#[from] WorkloadError),
+    #[error("X.509-SVID: {0}")]
+    X509(#[from] x509::X509Error),
+    #[error("JWT-SVID for audience {audience:?}: {source}")]
+    Jwt { audience: String, source: JwtError },
+    #[error("JWT-SVID for audience {0:?}: the Workload API returned none (or none with the hint)")]
+    NoJwt(String),
+    #[error("health listener on port {port}: {source}")]
+    Health { port: u16, source: std::io::Error },
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Exponential backoff between `min` and `max`.
+struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self { next: min, min, max }
+    }
+    fn delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+enum Update {
+    X509(X509Files),
+    Bundles(JwtBundles),
+    Jwt { index: usize, token: String, expiry: i64, spiffe_id: String },
+    CheckFiles,
+    Fatal(AgentError),
+}
+
+/// Owns the output directory and the latest of everything.
+struct Writer {
+    config: Config,
+    out: OutputDir,
+    health: Health,
+    hooks: Hooks,
+    x509: Option<X509Files>,
+    bundles: Option<JwtBundles>,
+    jwts: Vec<Option<(String, i64)>>,
+    own_trust_domain: Option<String>,
+}
+
+impl Writer {
+    fn path(&self, name: &str) -> String {
+        self.config.cert_dir.join(name).to_string_lossy().into_owned()
+    }
+
+    /// Every file we can write now.
+    fn files(&self) -> Result<Vec<(String, FileContent)>, AgentError> {
+        let c = &self.config;
+        let mut files = Vec::new();
+        if let (Some((svid, key, bundle)), Some(x)) = (&c.x509, &self.x509) {
+            files.push((svid.clone(), FileContent { bytes: x.svid_pem.clone(), mode: c.cert_file_mode }));
+            files.push((key.clone(), FileContent { bytes: x.key_pem.clone(), mode: c.key_file_mode }));
+            files.push((bundle.clone(), FileContent { bytes: x.bundle_pem.clone(), mode: c.cert_file_mode }));
+        }
+        if let (false, Some(bundles)) = (c.jwt_bundle_file_name.is_empty(), &self.bundles) {
+            let bytes = match c.jwt_bundle_format {
+                JwtBundleFormat::SpiffeHelper => Some(jwt::spiffe_helper_bundle(bundles)),
+                JwtBundleFormat::Jwks => {
+                    let domain = Some(c.jwt_bundle_trust_domain.clone()).filter(|d| !d.is_empty()).or(self.own_trust_domain.clone());
+                    match domain {
+                        // Our trust domain is not known before the first SVID: wait for it.
+                        None => None,
+                        Some(domain) => Some(jwt::jwks_bundle(bundles, &domain).map_err(|source| AgentError::Jwt {
+                            audience: String::new(),
+                            source,
+                        })?),
+                    }
+                }
+            };
+            if let Some(bytes) = bytes {
+                files.push((c.jwt_bundle_file_name.clone(), FileContent { bytes, mode: c.jwt_bundle_file_mode }));
+            }
+        }
+        for (entry, token) in c.jwt_svids.iter().zip(&self.jwts) {
+            if let Some((token, _)) = token {
+                files.push((entry.file_name.clone(), FileContent { bytes: token.clone().into_bytes(), mode: c.jwt_svid_file_mode }));
+            }
+        }
+        Ok(files)
+    }
+
+    async fn apply(&mut self, update: Update) -> Result<(), AgentError> {
+        let renews_hooks = match update {
+            Update::Fatal(error) => return Err(error),
+            Update::CheckFiles => {
+                if self.out.restore_if_tampered()? {
+                    warn!(dir = %self.config.cert_dir.display(), "output files were changed or deleted; restored");
+                }
+                return Ok(());
+            }
+            Update::X509(files) => {
+                self.own_trust_domain = x509::trust_domain_of(&files.spiffe_id).map(str::to_owned);
+                self.x509 = Some(files);
+                true
+            }
+            Update::Bundles(bundles) => {
+                self.bundles = Some(bundles);
+                self.config.renew_on_jwt_update
+            }
+            Update::Jwt { index, token, expiry, spiffe_id } => {
+                if self.own_trust_domain.is_none() {
+                    self.own_trust_domain = x509::trust_domain_of(&spiffe_id).map(str::to_owned);
+                }
+                if let Some(slot) = self.jwts.get_mut(index) {
+                    *slot = Some((token, expiry));
+                }
+                self.config.renew_on_jwt_update
+            }
+        };
+        let files = self.files()?;
+        match self.out.update(files) {
+            Ok(changed) => {
+                self.record_health();
+                if changed {
+                    debug!(version = self.out.writes(), "output files swapped");
+                    if renews_hooks && !self.hooks.is_empty() {
+                        self.hooks.renewed().await;
+                    }
+                }
+                Ok(())
+            }
+            Err(error) => {
+                warn!(%error, "writing output files failed");
+                if self.config.x509.is_some() {
+                    self.health.x509(WriteStatus::Failed, None);
+                }
+                Err(error.into())
+            }
+        }
+    }
+
+    fn record_health(&self) {
+        if let Some(x) = &self.x509 {
+            self.health.x509(WriteStatus::Written, Some(x.not_after));
+        }
+        if !self.config.jwt_bundle_file_name.is_empty() && self.bundles.is_some() {
+            let path = self.path(&self.config.jwt_bundle_file_name);
+            let written = self.files().is_ok_and(|f| f.iter().any(|(n, _)| *n == self.config.jwt_bundle_file_name));
+            if written {
+                self.health.jwt(&path, WriteStatus::Written, None);
+            }
+        }
+        for (entry, token) in self.config.jwt_svids.iter().zip(&self.jwts) {
+            if let Some((_, expiry)) = token {
+                self.health.jwt(&self.path(&entry.file_name), WriteStatus::Written, Some(*expiry));
+            }
+        }
+    }
+}
+
+fn health_for(config: &Config) -> Health {
+    let path = |name: &str| config.cert_dir.join(name).to_string_lossy().into_owned();
+    let mut jwt_files: Vec<String> = config.jwt_svids.iter().map(|s| path(&s.file_name)).collect();
+    if !config.jwt_bundle_file_name.is_empty() {
+        jwt_files.push(path(&config.jwt_bundle_file_name));
+    }
+    Health::new(config.x509.is_some(), jwt_files)
+}
+
+fn x509_options(config: &Config) -> X509Options {
+    X509Options {
+        add_intermediates_to_bundle: config.add_intermediates_to_bundle,
+        include_federated_domains: config.include_federated_domains,
+        omit_expired: config.omit_expired,
+    }
+}
+
+/// Daemon mode: runs until `shutdown` (returns `Ok`), or a fatal error.
+pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+    let socket = config.socket_path()?;
+    let out = OutputDir::new(&config.cert_dir)?;
+    let health = health_for(&config);
+    if config.health_checks.listener_enabled {
+        let port = config.health_checks.bind_port;
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+            .await
+            .map_err(|source| AgentError::Health { port, source })?;
+        let router = crate::health::router(health.clone(), &config.health_checks.liveness_path, &config.health_checks.readiness_path);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        info!(port, "health listener started");
+    }
+    if !config.cmd.is_empty() && !config.daemon_mode {
+        warn!("cmd is ignored when daemon_mode is false");
+    }
+    info!(socket = %socket.display(), dir = %config.cert_dir.display(), "starting");
+
+    let (tx, mut rx) = mpsc::channel::<Update>(64);
+    let (bundles_tx, bundles_rx) = watch::channel::<Option<JwtBundles>>(None);
+    let mut tasks = tokio::task::JoinSet::new();
+    if config.x509.is_some() {
+        tasks.spawn(x509_loop(socket.clone(), config.hint.clone(), x509_options(&config), tx.clone(), health.clone()));
+    }
+    if !config.jwt_svids.is_empty() || !config.jwt_bundle_file_name.is_empty() {
+        tasks.spawn(bundle_loop(socket.clone(), tx.clone(), bundles_tx, health.clone()));
+    }
+    for (index, entry) in config.jwt_svids.iter().enumerate() {
+        tasks.spawn(jwt_loop(socket.clone(), entry.clone(), index, config.clone(), tx.clone(), bundles_rx.clone(), health.clone()));
+    }
+    let _watcher = watch_dir(&config.cert_dir, tx.clone());
+
+    let mut writer = Writer {
+        jwts: vec![None; config.jwt_svids.len()],
+        hooks: Hooks::new(&config.cmd, &config.cmd_args, &config.renew_signal, &config.pid_file_name),
+        config,
+        out,
+        health,
+        x509: None,
+        bundles: None,
+        own_trust_domain: None,
+    };
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                info!("shutting down");
+                tasks.abort_all();
+                return Ok(());
+            }
+            update = rx.recv() => match update {
+                None => return Ok(()),
+                Some(update) => match writer.apply(update).await {
+                    Ok(()) => {}
+                    // A disk error is retried with the next update; a fatal one ends the agent.
+                    Err(AgentError::Output(error)) => warn!(%error, "will retry on the next update"),
+                    Err(error) => {
+                        tasks.abort_all();
+                        return Err(error);
+                    }
+                },
+            },
+        }
+    }
+}
+
+/// Watches the output directory; any change triggers a check (debounced).
+fn watch_dir(dir: &Path, tx: mpsc::Sender<Update>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let (event_tx, mut event_rx) = mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = event_tx.send(());
+        }
+    })
+    .map_err(|error| warn!(%error, "cannot watch the output directory; tampering will not be repaired"))
+    .ok()?;
+    if let Err(error) = watcher.watch(dir, notify::RecursiveMode::Recursive) {
+        warn!(%error, dir = %dir.display(), "cannot watch the output directory");
+        return None;
+    }
+    tokio::spawn(async move {
+        while event_rx.recv().await.is_some() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while event_rx.try_recv().is_ok() {}
+            if tx.send(Update::CheckFiles).await.is_err() {
+                return;
+            }
+        }
+    });
+    Some(watcher)
+}
+
+/// Follows the X.509 stream forever; reconnects with backoff; only InvalidArgument stops it.
+async fn x509_loop(socket: PathBuf, hint: String, options: X509Options, tx: mpsc::Sender<Update>, health: Health) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        let result = async {
+            let client = WorkloadClient::connect(&socket).await?;
+            let mut stream = client.x509_svids().await?;
+            loop {
+                match stream.message().await {
+                    Ok(Some(response)) => {
+                        health.connected();
+                        backoff.reset();
+                        match x509::render(&response, &hint, options, unix_now()) {
+                            Ok(files) => {
+                                if tx.send(Update::X509(files)).await.is_err() {
+                                    return Ok(());
+                                }
+                            }
+                            Err(error) => {
+                                warn!(%error, "X.509-SVID update skipped");
+                                health.x509(WriteStatus::Failed, None);
+                            }
+                        }
+                    }
+                    Ok(None) => return Err(WorkloadError::Unavailable { socket: socket.clone(), reason: "stream ended".into() }),
+                    Err(status) => return Err(WorkloadError::from_status(&socket, &status)),
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(error) if error.is_fatal() => {
+                let _ = tx.send(Update::Fatal(error.into())).await;
+                return;
+            }
+            Err(error) => {
+                health.disconnected();
+                let delay = backoff.delay();
+                warn!(%error, retry_in = ?delay, "X.509-SVID stream");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Follows the JWT bundle stream forever.
+async fn bundle_loop(
+    socket: PathBuf,
+    tx: mpsc::Sender<Update>,
+    bundles_tx: watch::Sender<Option<JwtBundles>>,
+    health: Health,
+) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        let result = async {
+            let client = WorkloadClient::connect(&socket).await?;
+            let mut stream = client.jwt_bundles().await?;
+            loop {
+                match stream.message().await {
+                    Ok(Some(response)) => {
+                        health.connected();
+                        backoff.reset();
+                        let bundles = bundles_of(response);
+                        bundles_tx.send_replace(Some(bundles.clone()));
+                        if tx.send(Update::Bundles(bundles)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(None) => return Err(WorkloadError::Unavailable { socket: socket.clone(), reason: "stream ended".into() }),
+                    Err(status) => return Err(WorkloadError::from_status(&socket, &status)),
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(error) if error.is_fatal() => {
+                let _ = tx.send(Update::Fatal(error.into())).await;
+                return;
+            }
+            Err(error) => {
+                health.disconnected();
+                let delay = backoff.delay();
+                warn!(%error, retry_in = ?delay, "JWT bundle stream");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Bundles keyed by trust domain name (the Workload API keys them `spiffe://td`).
+pub fn bundles_of(response: pb::JwtBundlesResponse) -> JwtBundles {
+    response.bundles.into_iter().map(|(td, jwks)| (td.strip_prefix("spiffe://").unwrap_or(&td).to_owned(), jwks)).collect()
+}
+
+/// Keeps one JWT-SVID fresh: fetch, validate against the current bundles, hand over, sleep until
+/// the refresh point (measured on the selected SVID), retry failures with backoff.
+async fn jwt_loop(
+    socket: PathBuf,
+    entry: JwtSvidConfig,
+    index: usize,
+    config: Config,
+    tx: mpsc::Sender<Update>,
+    mut bundles: watch::Receiver<Option<JwtBundles>>,
+    health: Health,
+) {
+    // Like spiffe-helper's JWTSource: nothing can be validated before the first bundle.
+    if bundles.wait_for(Option::is_some).await.is_err() {
+        return;
+    }
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        let current = bundles.borrow().clone().unwrap_or_default();
+        match fetch_jwt(&socket, &entry, &config.hint, &current).await {
+            Ok((token, valid)) => {
+                health.connected();
+                backoff.reset();
+                let remaining = Duration::from_secs(u64::try_from(valid.expiry - unix_now()).unwrap_or(0));
+                let update = Update::Jwt { index, token, expiry: valid.expiry, spiffe_id: valid.spiffe_id };
+                if tx.send(update).await.is_err() {
+                    return;
+                }
+                let wait = refresh_after(remaining, config.jwt_svid_refresh_percent);
+                debug!(audience = %entry.audience, refresh_in = ?wait, "JWT-SVID written");
+                tokio::time::sleep(wait).await;
+            }
+            Err(AgentError::Workload(error)) if error.is_fatal() => {
+                let _ = tx.send(Update::Fatal(error.into())).await;
+                return;
+            }
+            Err(error) => {
+                if matches!(error, AgentError::Workload(_)) {
+                    health.disconnected();
+                }
+                let delay = backoff.delay();
+                warn!(%error, retry_in = ?delay, "JWT-SVID not refreshed");
+                // A bundle update (a new key) is worth an immediate retry.
+                let _ = tokio::time::timeout(delay, bundles.changed()).await;
+            }
+        }
+    }
+}
+
+/// Fetches one JWT-SVID (all its audiences), picks it by hint, and validates it.
+async fn fetch_jwt(
+    socket: &Path,
+    entry: &JwtSvidConfig,
+    hint: &str,
+    bundles: &JwtBundles,
+) -> Result<(String, jwt::ValidJwt), AgentError> {
+    let client = WorkloadClient::connect(socket).await?;
+    let svids = client.jwt_svids(&entry.audiences()).await?;
+    let svid = if hint.is_empty() { svids.first() } else { svids.iter().find(|s| s.hint == hint) }
+        .ok_or_else(|| AgentError::NoJwt(entry.audience.clone()))?;
+    let valid = jwt::validate(&svid.svid, bundles, std::slice::from_ref(&entry.audience), unix_now(), 0)
+        .map_err(|source| AgentError::Jwt { audience: entry.audience.clone(), source })?;
+    Ok((svid.svid.clone(), valid))
+}
+
+/// spiffe-helper's one-shot retry of PermissionDenied: 10 steps from 10 ms, ×5, ±10 % jitter.
+pub fn permission_denied_delays() -> impl Iterator<Item = Duration> {
+    (0..9u32).map(|i| {
+        let base = Duration::from_millis(10).mul_f64(5f64.powi(i as i32));
+        base.mul_f64(1.0 + (rand::random::<f64>() - 0.5) * 0.2)
+    })
+}
+
+async fn retry_denied<T, F, Fut>(mut call: F) -> Result<T, AgentError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, AgentError>>,
+{
+    let mut delays = permission_denied_delays();
+    loop {
+        match call().await {
+            Err(AgentError::Workload(WorkloadError::PermissionDenied(message))) => match delays.next() {
+                Some(delay) => {
+                    info!(%message, retry_in = ?delay, "no identity yet");
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(WorkloadError::PermissionDenied(message).into()),
+            },
+            other => return other,
+        }
+    }
+}
+
+/// One-shot mode (`daemon_mode = false`): fetch everything once, write one version, return.
+pub async fn run_once(config: Config) -> Result<(), AgentError> {
+    let socket = config.socket_path()?;
+    let client = WorkloadClient::connect(&socket).await?;
+    let mut writer = Writer {
+        jwts: vec![None; config.jwt_svids.len()],
+        hooks: Hooks::new("", "", "", ""),
+        config: config.clone(),
+        out: OutputDir::new(&config.cert_dir)?,
+        health: health_for(&config),
+        x509: None,
+        bundles: None,
+        own_trust_domain: None,
+    };
+    if config.x509.is_some() {
+        let response = retry_denied(|| async {
+            let mut stream = client.x509_svids().await?;
+            match stream.message().await {
+                Ok(Some(response)) => Ok(response),
+                Ok(None) => Err(WorkloadError::Unavailable { socket: socket.clone(), reason: "stream ended".into() }.into()),
+                Err(status) => Err(WorkloadError::from_status(&socket, &status).into()),
+            }
+        })
+        .await?;
+        let files = x509::render(&response, &config.hint, x509_options(&config), unix_now())?;
+        writer.own_trust_domain = x509::trust_domain_of(&files.spiffe_id).map(str::to_owned);
+        writer.x509 = Some(files);
+    }
+    if !config.jwt_svids.is_empty() || !config.jwt_bundle_file_name.is_empty() {
+        let response = retry_denied(|| async {
+            let mut stream = client.jwt_bundles().await?;
+            match stream.message().await {
+                Ok(Some(response)) => Ok(response),
+                Ok(None) => Err(WorkloadError::Unavailable { socket: socket.clone(), reason: "stream ended".into() }.into()),
+                Err(status) => Err(WorkloadError::from_status(&socket, &status).into()),
+            }
+        })
+        .await?;
+        writer.bundles = Some(bundles_of(response));
+    }
+    let bundles = writer.bundles.clone().unwrap_or_default();
+    let mut errors = Vec::new();
+    for (index, entry) in config.jwt_svids.iter().enumerate() {
+        // Extra audiences are honoured here too (spiffe-helper drops them in one-shot mode).
+        match retry_denied(|| fetch_jwt(&socket, entry, &config.hint, &bundles)).await {
+            Ok((token, valid)) => {
+                if writer.own_trust_domain.is_none() {
+                    writer.own_trust_domain = x509::trust_domain_of(&valid.spiffe_id).map(str::to_owned);
+                }
+                writer.jwts[index] = Some((token, valid.expiry));
+            }
+            Err(error) => errors.push(error),
+        }
+    }
+    let files = writer.files()?;
+    writer.out.update(files)?;
+    match errors.into_iter().next() {
+        None => Ok(()),
+        Some(error) => Err(error),
+    }
+}

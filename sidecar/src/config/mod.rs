@@ -1,0 +1,409 @@
+//! The agent's configuration: spiffe-helper's `helper.conf` keys, defaults and validation, read
+//! from HCL v1 or YAML, plus a few keys of our own (marked below).
+
+pub mod hcl;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hcl::{Pos, Value};
+
+/// spiffe-helper's default agent socket.
+pub const DEFAULT_AGENT_ADDRESS: &str = "/tmp/spire-agent/public/api.sock";
+
+/// How the JWT bundle file is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum JwtBundleFormat {
+    /// spiffe-helper's: `{"<trust domain>": "<base64 of a JWKS>"}` for every trust domain.
+    #[default]
+    SpiffeHelper,
+    /// A plain JWKS (`{"keys": [...]}`) of one trust domain, as SLIM's JWT verifier loads it.
+    Jwks,
+}
+
+/// One JWT-SVID to keep on disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JwtSvidConfig {
+    pub audience: String,
+    pub extra_audiences: Vec<String>,
+    pub file_name: String,
+}
+
+impl JwtSvidConfig {
+    /// Every audience the token is requested (and checked) for.
+    pub fn audiences(&self) -> Vec<String> {
+        std::iter::once(self.audience.clone()).chain(self.extra_audiences.iter().cloned()).collect()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthChecks {
+    pub listener_enabled: bool,
+    pub bind_port: u16,
+    pub liveness_path: String,
+    pub readiness_path: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub agent_address: String,
+    pub cmd: String,
+    pub cmd_args: String,
+    pub pid_file_name: String,
+    pub cert_dir: PathBuf,
+    pub daemon_mode: bool,
+    pub add_intermediates_to_bundle: bool,
+    pub include_federated_domains: bool,
+    pub omit_expired: bool,
+    pub renew_signal: String,
+    pub hint: String,
+    /// `(svid, key, bundle)` file names, or none.
+    pub x509: Option<(String, String, String)>,
+    pub jwt_bundle_file_name: String,
+    pub jwt_svids: Vec<JwtSvidConfig>,
+    pub cert_file_mode: u32,
+    pub key_file_mode: u32,
+    pub jwt_bundle_file_mode: u32,
+    pub jwt_svid_file_mode: u32,
+    pub health_checks: HealthChecks,
+    // Ours:
+    /// `jwt_bundle_format`: `spiffe-helper` (default) or `jwks`.
+    pub jwt_bundle_format: JwtBundleFormat,
+    /// `jwt_bundle_trust_domain`: the trust domain of the `jwks` file (default: the workload's own).
+    pub jwt_bundle_trust_domain: String,
+    /// `jwt_svid_refresh_percent`: refresh a JWT-SVID after this share of its remaining life
+    /// (1..=50; 50 is spiffe-helper's half-remaining-life rule, and the latest allowed).
+    pub jwt_svid_refresh_percent: u8,
+    /// `renew_on_jwt_update`: also signal / run `cmd` when a JWT-SVID or the JWT bundle changes.
+    pub renew_on_jwt_update: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config environment variable {0} is not set")]
+    MissingEnv(String),
+    #[error("parsing HCL config: {0}")]
+    Hcl(#[from] hcl::ParseError),
+    #[error("parsing YAML config: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid<T>(message: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid(message.into()))
+}
+
+impl Config {
+    /// Reads `path`: YAML when it ends in `.yaml`/`.yml`, else HCL (spiffe-helper's format).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+        if yaml { Self::from_yaml(&text) } else { Self::from_hcl(&text) }
+    }
+
+    /// Reads YAML from an environment variable (how the injector hands the config over).
+    pub fn from_env(name: &str) -> Result<Self, ConfigError> {
+        let text = std::env::var(name).map_err(|_| ConfigError::MissingEnv(name.to_owned()))?;
+        Self::from_yaml(&text)
+    }
+
+    pub fn from_hcl(text: &str) -> Result<Self, ConfigError> {
+        Self::from_value(&hcl::parse(text)?)
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let yaml: serde_yaml::Value = serde_yaml::from_str(text)?;
+        Self::from_value(&from_yaml(&yaml)?)
+    }
+
+    fn from_value(value: &Value) -> Result<Self, ConfigError> {
+        let mut top = Fields::new(value, "top-level")?;
+        // `health_checks { }` (or `= { }`); written as repeated blocks, the last one wins.
+        let health = match top.take("health_checks") {
+            None => None,
+            Some((object @ Value::Object(_), _)) => Some(Fields::new(object, "health_checks")?),
+            Some((Value::List(list), pos)) => match list.last() {
+                Some(object @ Value::Object(_)) => Some(Fields::new(object, "health_checks")?),
+                _ => return invalid(format!("health_checks at line {pos} must be a block")),
+            },
+            Some((_, pos)) => return invalid(format!("health_checks at line {pos} must be a block")),
+        };
+        let mut config = Config {
+            agent_address: top.string("agent_address")?,
+            cmd: top.string("cmd")?,
+            cmd_args: top.string("cmd_args")?,
+            pid_file_name: top.string("pid_file_name")?,
+            cert_dir: PathBuf::from(top.string("cert_dir")?),
+            daemon_mode: top.bool("daemon_mode")?.unwrap_or(true),
+            add_intermediates_to_bundle: top.bool("add_intermediates_to_bundle")?.unwrap_or(false),
+            include_federated_domains: top.bool("include_federated_domains")?.unwrap_or(false),
+            omit_expired: top.bool("omit_expired")?.unwrap_or(false),
+            renew_signal: top.string("renew_signal")?,
+            hint: top.string("hint")?,
+            x509: None,
+            jwt_bundle_file_name: top.string("jwt_bundle_file_name")?,
+            jwt_svids: Vec::new(),
+            cert_file_mode: top.mode("cert_file_mode", 0o644)?,
+            key_file_mode: top.mode("key_file_mode", 0o600)?,
+            jwt_bundle_file_mode: top.mode("jwt_bundle_file_mode", 0o600)?,
+            jwt_svid_file_mode: top.mode("jwt_svid_file_mode", 0o600)?,
+            health_checks: HealthChecks {
+                listener_enabled: false,
+                bind_port: 8081,
+                liveness_path: "/live".into(),
+                readiness_path: "/ready".into(),
+            },
+            jwt_bundle_format: match top.string("jwt_bundle_format")?.as_str() {
+                "" | "spiffe-helper" => JwtBundleFormat::SpiffeHelper,
+                "jwks" => JwtBundleFormat::Jwks,
+                other => return invalid(format!("jwt_bundle_format {other:?} is not \"spiffe-helper\" or \"jwks\"")),
+            },
+            jwt_bundle_trust_domain: top.string("jwt_bundle_trust_domain")?,
+            jwt_svid_refresh_percent: match top.int("jwt_svid_refresh_percent")? {
+                None => 50,
+                Some(p) if (1..=50).contains(&p) => p as u8,
+                Some(p) => return invalid(format!("jwt_svid_refresh_percent {p} must be between 1 and 50")),
+            },
+            renew_on_jwt_update: top.bool("renew_on_jwt_update")?.unwrap_or(false),
+        };
+        let x509 = (top.string("svid_file_name")?, top.string("svid_key_file_name")?, top.string("svid_bundle_file_name")?);
+        let set = [&x509.0, &x509.1, &x509.2].iter().filter(|s| !s.is_empty()).count();
+        match set {
+            0 => {}
+            3 => config.x509 = Some(x509),
+            _ => {
+                return invalid(
+                    "all or none of 'svid_file_name', 'svid_key_file_name', 'svid_bundle_file_name' must be specified",
+                );
+            }
+        }
+        if let Some((list, _)) = top.take("jwt_svids") {
+            let entries: Vec<&Value> = match list {
+                Value::List(entries) => entries.iter().collect(),
+                object @ Value::Object(_) => vec![object],
+                _ => return invalid("jwt_svids must be a list of objects"),
+            };
+            for entry in entries {
+                let mut fields = Fields::new(entry, "jwt_svids")?;
+                let svid = JwtSvidConfig {
+                    audience: fields.string("jwt_audience")?,
+                    extra_audiences: fields.strings("jwt_extra_audiences")?,
+                    file_name: fields.string("jwt_svid_file_name")?,
+                };
+                fields.finish()?;
+                if svid.file_name.is_empty() {
+                    return invalid("'jwt_file_name' is required in 'jwt_svids'");
+                }
+                if svid.audience.is_empty() {
+                    return invalid("'jwt_audience' is required in 'jwt_svids'");
+                }
+                config.jwt_svids.push(svid);
+            }
+        }
+        if let Some(mut fields) = health {
+            let enabled = fields.bool("listener_enabled")?.unwrap_or(false);
+            let port = fields.int("bind_port")?;
+            let liveness = fields.string("liveness_path")?;
+            let readiness = fields.string("readiness_path")?;
+            fields.finish()?;
+            if let Some(port) = port.filter(|p| *p < 0) {
+                return invalid(format!("health_checks.bind_port {port} must not be negative"));
+            }
+            config.health_checks.listener_enabled = enabled;
+            if enabled {
+                // spiffe-helper applies the defaults only when the listener is on.
+                if let Some(port) = port.filter(|p| *p > 0) {
+                    config.health_checks.bind_port =
+                        u16::try_from(port).map_err(|_| ConfigError::Invalid(format!("bind_port {port} is not a port")))?;
+                }
+                if !liveness.is_empty() {
+                    config.health_checks.liveness_path = liveness;
+                }
+                if !readiness.is_empty() {
+                    config.health_checks.readiness_path = readiness;
+                }
+            }
+        }
+        top.finish()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.x509.is_none() && self.jwt_svids.is_empty() && self.jwt_bundle_file_name.is_empty() {
+            return invalid(
+                "at least one of 'svid_file_name' (with its key and bundle), 'jwt_svids' or 'jwt_bundle_file_name' must be specified",
+            );
+        }
+        if !self.pid_file_name.is_empty() {
+            if !self.daemon_mode {
+                return invalid("pid_file_name is set but daemon_mode is false: nothing would ever be signalled");
+            }
+            if self.renew_signal.is_empty() {
+                return invalid("pid_file_name is set but renew_signal is not: which signal should the process get?");
+            }
+        }
+        if !self.renew_signal.is_empty() && crate::hooks::parse_signal(&self.renew_signal).is_none() {
+            return invalid(format!("renew_signal {:?} is not a known signal (e.g. SIGHUP, SIGUSR1)", self.renew_signal));
+        }
+        Ok(())
+    }
+
+    /// The Workload API socket: `agent_address`, else `SPIFFE_ENDPOINT_SOCKET`, else the default;
+    /// plain paths and `unix://` / `unix:` URIs are all accepted.
+    pub fn socket_path(&self) -> Result<PathBuf, ConfigError> {
+        let from_env = std::env::var("SPIFFE_ENDPOINT_SOCKET").ok().filter(|v| !v.is_empty());
+        let raw = if !self.agent_address.is_empty() {
+            self.agent_address.clone()
+        } else {
+            from_env.unwrap_or_else(|| DEFAULT_AGENT_ADDRESS.to_owned())
+        };
+        socket_path_of(&raw)
+    }
+
+    /// The next JWT-SVID refresh for a token with `remaining` life.
+    pub fn jwt_refresh_after(&self, remaining: Duration) -> Duration {
+        refresh_after(remaining, self.jwt_svid_refresh_percent)
+    }
+}
+
+/// `remaining × percent / 100` plus a second (spiffe-helper's `remaining/2 + 1s` at 50 %), never
+/// past half the remaining life, never less than a second.
+pub fn refresh_after(remaining: Duration, percent: u8) -> Duration {
+    let share = remaining.mul_f64(f64::from(percent.clamp(1, 50)) / 100.0) + Duration::from_secs(1);
+    share.min(remaining / 2 + Duration::from_secs(1)).max(Duration::from_secs(1))
+}
+
+/// A socket address as a path.
+pub fn socket_path_of(raw: &str) -> Result<PathBuf, ConfigError> {
+    let path = if let Some(rest) = raw.strip_prefix("unix://") {
+        if !rest.starts_with('/') {
+            return invalid(format!("{raw:?}: a unix:// socket URI needs an absolute path and no host"));
+        }
+        rest
+    } else if let Some(rest) = raw.strip_prefix("unix:") {
+        rest
+    } else if raw.starts_with("tcp:") {
+        return invalid(format!("{raw:?}: TCP Workload API endpoints are not supported; use a unix socket"));
+    } else {
+        raw
+    };
+    if path.is_empty() {
+        return invalid("the agent socket path is empty");
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// The keys of one object, consumed as they are read; what is left is unknown.
+struct Fields<'a> {
+    scope: &'static str,
+    items: Vec<(&'a str, &'a Value, Pos)>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(value: &'a Value, scope: &'static str) -> Result<Self, ConfigError> {
+        match value {
+            Value::Object(items) => Ok(Self { scope, items: items.iter().map(|(k, v, p)| (k.as_str(), v, *p)).collect() }),
+            _ => invalid(format!("{scope}: expected an object")),
+        }
+    }
+
+    fn take(&mut self, key: &str) -> Option<(&'a Value, Pos)> {
+        let index = self.items.iter().position(|(k, _, _)| *k == key)?;
+        let (_, value, pos) = self.items.remove(index);
+        Some((value, pos))
+    }
+
+    fn string(&mut self, key: &str) -> Result<String, ConfigError> {
+        match self.take(key) {
+            None => Ok(String::new()),
+            Some((Value::Str(s), _)) => Ok(s.clone()),
+            Some((_, pos)) => invalid(format!("{key} at line {pos} must be a string")),
+        }
+    }
+
+    fn strings(&mut self, key: &str) -> Result<Vec<String>, ConfigError> {
+        match self.take(key) {
+            None => Ok(Vec::new()),
+            Some((Value::List(list), pos)) => list
+                .iter()
+                .map(|v| match v {
+                    Value::Str(s) => Ok(s.clone()),
+                    _ => invalid(format!("{key} at line {pos} must be a list of strings")),
+                })
+                .collect(),
+            Some((_, pos)) => invalid(format!("{key} at line {pos} must be a list of strings")),
+        }
+    }
+
+    fn bool(&mut self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some((Value::Bool(b), _)) => Ok(Some(*b)),
+            Some((_, pos)) => invalid(format!("{key} at line {pos} must be true or false")),
+        }
+    }
+
+    fn int(&mut self, key: &str) -> Result<Option<i64>, ConfigError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some((Value::Int(i), _)) => Ok(Some(*i)),
+            Some((_, pos)) => invalid(format!("{key} at line {pos} must be an integer")),
+        }
+    }
+
+    /// A file mode: an integer (`0600` in HCL is octal) or an octal string (`"0600"` in YAML).
+    /// Negative is an error, 0 means the default.
+    fn mode(&mut self, key: &str, default: u32) -> Result<u32, ConfigError> {
+        let mode = match self.take(key) {
+            None => 0,
+            Some((Value::Int(i), _)) => *i,
+            Some((Value::Str(s), pos)) => hcl::parse_int(s.trim())
+                .filter(|_| s.trim().starts_with('0'))
+                .ok_or_else(|| ConfigError::Invalid(format!("{key} at line {pos}: {s:?} is not an octal mode like \"0600\"")))?,
+            Some((_, pos)) => return invalid(format!("{key} at line {pos} must be a file mode")),
+        };
+        match mode {
+            m if m < 0 => invalid(format!("{key} {m} must not be negative")),
+            0 => Ok(default),
+            m if m > 0o7777 => invalid(format!("{key} {m:o} is not a file mode")),
+            m => Ok(m as u32),
+        }
+    }
+
+    /// Every key left is unknown: spiffe-helper refuses them, and so do we.
+    fn finish(self) -> Result<(), ConfigError> {
+        match self.items.first() {
+            None => Ok(()),
+            Some((key, _, pos)) => invalid(format!("unknown {} config key {key:?} at line {pos}", self.scope)),
+        }
+    }
+}
+
+/// YAML into the HCL value model (positions are not known for YAML: reported as 0:0).
+fn from_yaml(value: &serde_yaml::Value) -> Result<Value, ConfigError> {
+    use serde_yaml::Value as Y;
+    Ok(match value {
+        Y::Null => Value::Object(Vec::new()),
+        Y::Bool(b) => Value::Bool(*b),
+        Y::Number(n) => Value::Int(n.as_i64().ok_or_else(|| ConfigError::Invalid(format!("{n} is not an integer")))?),
+        Y::String(s) => Value::Str(s.clone()),
+        Y::Sequence(items) => Value::List(items.iter().map(from_yaml).collect::<Result<_, _>>()?),
+        Y::Mapping(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let key = k.as_str().ok_or_else(|| ConfigError::Invalid("config keys must be strings".into()))?;
+                    Ok((key.to_owned(), from_yaml(v)?, Pos::default()))
+                })
+                .collect::<Result<_, ConfigError>>()?,
+        ),
+        Y::Tagged(tagged) => from_yaml(&tagged.value)?,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,120 @@
+//! spiffe-helper's configuration rules, key by key.
+
+use std::path::PathBuf;
+
+use super::*;
+
+fn seed_config() -> String {
+    std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/helper.conf")).expect("examples/helper.conf")
+}
+
+#[test]
+fn the_seed_configmap_loads_unchanged() {
+    let config = Config::from_hcl(&seed_config()).expect("seed config loads");
+    assert_eq!(config.agent_address, "/run/spire/agent-sockets/api.sock");
+    assert_eq!(config.cert_dir, PathBuf::from("/svids"));
+    assert_eq!(config.x509, Some(("tls.crt".into(), "tls.key".into(), "svid_bundle.pem".into())));
+    assert_eq!(config.jwt_bundle_file_name, "key.jwt");
+    assert_eq!((config.cert_file_mode, config.key_file_mode, config.jwt_svid_file_mode), (0o600, 0o600, 0o600));
+    assert_eq!(config.jwt_svids, vec![JwtSvidConfig { audience: "slim-demo".into(), extra_audiences: vec![], file_name: "jwt_svid.token".into() }]);
+    assert!(config.daemon_mode);
+    assert_eq!(config.jwt_bundle_format, JwtBundleFormat::SpiffeHelper, "spiffe-helper's format by default");
+}
+
+#[test]
+fn defaults_match_spiffe_helper() {
+    let config = Config::from_hcl(r#"jwt_bundle_file_name = "b.json""#).expect("minimal");
+    assert_eq!((config.cert_file_mode, config.key_file_mode, config.jwt_bundle_file_mode, config.jwt_svid_file_mode), (0o644, 0o600, 0o600, 0o600));
+    assert!(config.daemon_mode);
+    assert!(!config.health_checks.listener_enabled);
+    assert_eq!(config.jwt_svid_refresh_percent, 50);
+    let zero = Config::from_hcl("jwt_bundle_file_name = \"b\"\ncert_file_mode = 0").expect("0 is the default");
+    assert_eq!(zero.cert_file_mode, 0o644);
+}
+
+#[test]
+fn yaml_carries_the_same_settings() {
+    let yaml = r#"
+agent_address: /run/spire/agent-sockets/api.sock
+cert_dir: /svids
+svid_file_name: tls.crt
+svid_key_file_name: tls.key
+svid_bundle_file_name: svid_bundle.pem
+jwt_bundle_file_name: key.jwt
+jwt_bundle_format: jwks
+cert_file_mode: "0600"
+key_file_mode: 384
+jwt_svids:
+  - {jwt_audience: slim-demo, jwt_svid_file_name: jwt_svid.token, jwt_extra_audiences: [other]}
+health_checks: {listener_enabled: true, bind_port: 9090}
+daemon_mode: true
+"#;
+    let config = Config::from_yaml(yaml).expect("yaml");
+    assert_eq!((config.cert_file_mode, config.key_file_mode), (0o600, 0o600));
+    assert_eq!(config.jwt_bundle_format, JwtBundleFormat::Jwks);
+    assert_eq!(config.jwt_svids[0].audiences(), vec!["slim-demo".to_owned(), "other".to_owned()]);
+    assert_eq!(config.health_checks.bind_port, 9090);
+    assert_eq!(config.health_checks.liveness_path, "/live");
+}
+
+#[test]
+fn unknown_keys_are_errors_everywhere() {
+    for (text, expected) in [
+        ("jwt_bundle_file_name = \"b\"\ncertDir = \"/x\"", "unknown top-level config key \"certDir\" at line 2"),
+        ("jwt_bundle_file_name = \"b\"\nagentAddress = \"/x\"", "agentAddress"),
+        ("jwt_svids = [{jwt_audience=\"a\", jwt_svid_file_name=\"f\", jwt_file=\"g\"}]", "unknown jwt_svids config key \"jwt_file\""),
+        ("jwt_bundle_file_name = \"b\"\nhealth_checks { listener_enabled = true\n port = 1 }", "unknown health_checks config key \"port\""),
+    ] {
+        let error = Config::from_hcl(text).expect_err(text).to_string();
+        assert!(error.contains(expected), "{text}: {error}");
+    }
+}
+
+#[test]
+fn spiffe_helper_validation_rules() {
+    for (text, expected) in [
+        ("cert_dir = \"/x\"", "at least one of"),
+        ("svid_file_name = \"a\"\nsvid_key_file_name = \"b\"", "all or none of"),
+        ("jwt_svids = [{jwt_audience=\"a\"}]", "'jwt_file_name' is required"),
+        ("jwt_svids = [{jwt_svid_file_name=\"f\"}]", "'jwt_audience' is required"),
+        ("jwt_bundle_file_name = \"b\"\ncert_file_mode = -1", "must not be negative"),
+        ("jwt_bundle_file_name = \"b\"\npid_file_name = \"/p\"\nrenew_signal = \"SIGHUP\"\ndaemon_mode = false", "daemon_mode is false"),
+        ("jwt_bundle_file_name = \"b\"\npid_file_name = \"/p\"", "renew_signal is not"),
+        ("jwt_bundle_file_name = \"b\"\nrenew_signal = \"SIGNOPE\"", "not a known signal"),
+        ("jwt_bundle_file_name = \"b\"\nhealth_checks { bind_port = -1 }", "must not be negative"),
+        ("jwt_bundle_file_name = \"b\"\ndaemon_mode = \"yes\"", "must be true or false"),
+        ("jwt_bundle_file_name = \"b\"\njwt_bundle_format = \"pem\"", "jwt_bundle_format"),
+        ("jwt_bundle_file_name = \"b\"\njwt_svid_refresh_percent = 80", "between 1 and 50"),
+    ] {
+        let error = Config::from_hcl(text).expect_err(text).to_string();
+        assert!(error.contains(expected), "{text}: {error}");
+    }
+}
+
+#[test]
+fn health_defaults_apply_only_when_enabled() {
+    let off = Config::from_hcl("jwt_bundle_file_name = \"b\"\nhealth_checks { bind_port = 9000 }").expect("ok");
+    assert!(!off.health_checks.listener_enabled);
+    assert_eq!(off.health_checks.bind_port, 8081, "ignored while disabled");
+    let on = Config::from_hcl("jwt_bundle_file_name = \"b\"\nhealth_checks { listener_enabled = true\n readiness_path = \"/r\" }").expect("ok");
+    assert_eq!((on.health_checks.bind_port, on.health_checks.readiness_path.as_str()), (8081, "/r"));
+}
+
+#[test]
+fn socket_addresses_as_paths_or_uris() {
+    assert_eq!(socket_path_of("/run/spire/api.sock").expect("path"), PathBuf::from("/run/spire/api.sock"));
+    assert_eq!(socket_path_of("unix:///run/spire/api.sock").expect("uri"), PathBuf::from("/run/spire/api.sock"));
+    assert_eq!(socket_path_of("unix:/run/spire/api.sock").expect("uri"), PathBuf::from("/run/spire/api.sock"));
+    assert!(socket_path_of("unix://host/run/api.sock").is_err());
+    assert!(socket_path_of("tcp://127.0.0.1:8000").is_err_and(|e| e.to_string().contains("not supported")));
+    let config = Config::from_hcl("jwt_bundle_file_name = \"b\"\nagent_address = \"unix:///a.sock\"").expect("ok");
+    assert_eq!(config.socket_path().expect("socket"), PathBuf::from("/a.sock"));
+}
+
+#[test]
+fn refresh_is_never_later_than_half_the_remaining_life() {
+    let hour = std::time::Duration::from_secs(3600);
+    assert_eq!(refresh_after(hour, 50), std::time::Duration::from_secs(1801), "spiffe-helper's remaining/2 + 1 s");
+    assert_eq!(refresh_after(hour, 25), std::time::Duration::from_secs(901));
+    assert_eq!(refresh_after(std::time::Duration::ZERO, 50), std::time::Duration::from_secs(1));
+}

@@ -1,0 +1,105 @@
+//! Local development without SPIRE: the agent runs against an in-process Workload API that issues
+//! short-lived JWT-SVIDs and X.509-SVIDs from a local key, so a newcomer can watch the files rotate.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tracing::info;
+
+use crate::agent::{AgentError, run_daemon};
+use crate::config::{Config, HealthChecks, JwtBundleFormat, JwtSvidConfig};
+use crate::workload::fake::{AgentState, FakeAgent};
+
+#[derive(Clone, Debug)]
+pub struct DevOptions {
+    pub dir: PathBuf,
+    pub trust_domain: String,
+    pub spiffe_id: String,
+    pub audience: String,
+    pub ttl: Duration,
+    pub health_port: u16,
+}
+
+impl Default for DevOptions {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("svids"),
+            trust_domain: "example.org".into(),
+            spiffe_id: "spiffe://example.org/dev".into(),
+            audience: "slim".into(),
+            ttl: Duration::from_secs(60),
+            health_port: 8081,
+        }
+    }
+}
+
+/// The config the dev mode runs with (the same files as an injected pod gets).
+pub fn dev_config(options: &DevOptions, socket: &std::path::Path) -> Config {
+    Config {
+        agent_address: socket.display().to_string(),
+        cmd: String::new(),
+        cmd_args: String::new(),
+        pid_file_name: String::new(),
+        cert_dir: options.dir.clone(),
+        daemon_mode: true,
+        add_intermediates_to_bundle: false,
+        include_federated_domains: false,
+        omit_expired: false,
+        renew_signal: String::new(),
+        hint: String::new(),
+        x509: Some(("tls.crt".into(), "tls.key".into(), "svid_bundle.pem".into())),
+        jwt_bundle_file_name: "key.jwt".into(),
+        jwt_svids: vec![JwtSvidConfig {
+            audience: options.audience.clone(),
+            extra_audiences: Vec::new(),
+            file_name: "jwt_svid.token".into(),
+        }],
+        cert_file_mode: 0o644,
+        key_file_mode: 0o600,
+        jwt_bundle_file_mode: 0o644,
+        jwt_svid_file_mode: 0o600,
+        health_checks: HealthChecks {
+            listener_enabled: options.health_port != 0,
+            bind_port: options.health_port,
+            liveness_path: "/live".into(),
+            readiness_path: "/ready".into(),
+        },
+        jwt_bundle_format: JwtBundleFormat::Jwks,
+        jwt_bundle_trust_domain: String::new(),
+        jwt_svid_refresh_percent: 50,
+        renew_on_jwt_update: false,
+    }
+}
+
+/// Serves a local Workload API and runs the agent against it until `shutdown`.
+pub async fn run(options: DevOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&options.dir)
+        .map_err(|source| AgentError::Output(crate::output::OutputError::Io { action: "creating", path: options.dir.clone(), source }))?;
+    let runtime_dir = tempfile::tempdir()
+        .map_err(|source| AgentError::Output(crate::output::OutputError::Io { action: "creating", path: PathBuf::from("tmp"), source }))?;
+    let socket = runtime_dir.path().join("agent.sock");
+    let mut state = AgentState::new(&options.trust_domain);
+    state.jwt_ttl = options.ttl;
+    state.x509_ttl = options.ttl;
+    state.issue(&options.spiffe_id, "");
+    let agent = FakeAgent::start(&socket, state)
+        .await
+        .map_err(|source| AgentError::Output(crate::output::OutputError::Io { action: "binding", path: socket.clone(), source }))?;
+    info!(
+        socket = %socket.display(), dir = %options.dir.display(), spiffe_id = %options.spiffe_id, ttl = ?options.ttl,
+        "dev mode: local Workload API issuing short-lived SVIDs (no SPIRE)"
+    );
+    // X.509-SVIDs rotate at half their life, as SPIRE does.
+    let rotate_every = options.ttl / 2;
+    let rotation = async {
+        loop {
+            tokio::time::sleep(rotate_every).await;
+            agent.update(|state| state.rotate());
+            info!("dev mode: X.509-SVID rotated");
+        }
+    };
+    tokio::select! {
+        result = run_daemon(dev_config(&options, &socket), shutdown) => result,
+        _ = rotation => Ok(()),
+    }
+}

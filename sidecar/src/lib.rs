@@ -1,0 +1,17 @@
+//! `slim-identity-agent`: a spiffe-helper-compatible SPIFFE identity sidecar for SLIM apps.
+//!
+//! It reads X.509-SVIDs, JWT-SVIDs and JWT bundles from the SPIFFE Workload API (a SPIRE agent
+//! socket) and keeps them as files: written atomically, validated before they are written,
+//! refreshed before expiry, and restored when something else changes them.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod health;
+pub mod hooks;
+pub mod output;
+pub mod svid;
+pub mod verify;
+pub mod workload;

@@ -1,0 +1,262 @@
+//! Writing the output files atomically, the way Kubernetes projects volumes:
+//!
+//! ```text
+//! cert_dir/
+//!   ..data -> ..2026_11_23_14_05_01.000000001   (swapped with one rename)
+//!   ..2026_11_23_14_05_01.000000001/{tls.crt, tls.key, svid_bundle.pem, key.jwt, jwt_svid.token}
+//!   tls.crt -> ..data/tls.crt                    (and one such link per file)
+//! ```
+//!
+//! Every version directory holds the complete set, each file written, given its mode and
+//! fsynced before the swap. A reader therefore never sees a partial file, and a reader that
+//! resolves `..data` once (or opens files through one directory handle) never sees a certificate
+//! with the key of another version. The previous version is kept until the next swap, so a reader
+//! that resolved the old directory just before a swap can still finish.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+/// The link that names the current version.
+pub const DATA_LINK: &str = "..data";
+
+/// One output file's wanted content and mode.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FileContent {
+    pub bytes: Vec<u8>,
+    pub mode: u32,
+}
+
+impl std::fmt::Debug for FileContent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Contents are keys and tokens: never printed.
+        write!(f, "FileContent({} bytes, mode {:o})", self.bytes.len(), self.mode)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("output directory {path} does not exist (spiffe-helper requires cert_dir to exist)")]
+    MissingDir { path: PathBuf },
+    #[error("{action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{0:?} is not a plain file name")]
+    BadName(String),
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> OutputError + 'a {
+    move |source| OutputError::Io { action, path: path.to_owned(), source }
+}
+
+/// The output directory and the set of files it must hold.
+#[derive(Debug)]
+pub struct OutputDir {
+    dir: PathBuf,
+    wanted: BTreeMap<String, FileContent>,
+    current: Option<String>,
+    previous: Option<String>,
+    writes: u64,
+}
+
+impl OutputDir {
+    pub fn new(dir: &Path) -> Result<Self, OutputError> {
+        if !dir.is_dir() {
+            return Err(OutputError::MissingDir { path: dir.to_owned() });
+        }
+        let current = std::fs::read_link(dir.join(DATA_LINK)).ok().map(|p| p.to_string_lossy().into_owned());
+        Ok(Self { dir: dir.to_owned(), wanted: BTreeMap::new(), current, previous: None, writes: 0 })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// How many version swaps happened.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// Sets several files at once and writes a new version when anything changed.
+    /// Returns whether a new version was written.
+    pub fn update(&mut self, files: impl IntoIterator<Item = (String, FileContent)>) -> Result<bool, OutputError> {
+        let mut changed = false;
+        for (name, content) in files {
+            if name.is_empty() || name.contains('/') || name.starts_with("..") {
+                return Err(OutputError::BadName(name));
+            }
+            if self.wanted.get(&name) != Some(&content) {
+                self.wanted.insert(name, content);
+                changed = true;
+            }
+        }
+        if changed {
+            self.write_version()?;
+        }
+        Ok(changed)
+    }
+
+    /// Checks what is on disk against what must be there; rewrites a full version when anything
+    /// was deleted or changed behind our back. Returns whether it had to.
+    pub fn restore_if_tampered(&mut self) -> Result<bool, OutputError> {
+        if self.wanted.is_empty() || self.intact() {
+            return Ok(false);
+        }
+        self.write_version()?;
+        Ok(true)
+    }
+
+    fn intact(&self) -> bool {
+        let Some(current) = &self.current else { return false };
+        if std::fs::read_link(self.dir.join(DATA_LINK)).ok().map(|p| p.to_string_lossy().into_owned()).as_ref() != Some(current) {
+            return false;
+        }
+        self.wanted.iter().all(|(name, content)| {
+            let link_ok = std::fs::read_link(self.dir.join(name)).is_ok_and(|t| t == Path::new(DATA_LINK).join(name));
+            let path = self.dir.join(current).join(name);
+            let content_ok = std::fs::read(&path).is_ok_and(|bytes| bytes == content.bytes);
+            let mode_ok = std::fs::metadata(&path).is_ok_and(|m| m.permissions().mode() & 0o7777 == content.mode);
+            link_ok && content_ok && mode_ok
+        })
+    }
+
+    fn write_version(&mut self) -> Result<(), OutputError> {
+        let name = version_name();
+        let version = self.dir.join(&name);
+        std::fs::create_dir(&version).map_err(io("creating", &version))?;
+        std::fs::set_permissions(&version, std::fs::Permissions::from_mode(0o755)).map_err(io("chmod", &version))?;
+        for (file, content) in &self.wanted {
+            let path = version.join(file);
+            let mut handle = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(io("creating", &path))?;
+            // The mode is set explicitly on every write (not left to the umask, nor only at creation).
+            handle.set_permissions(std::fs::Permissions::from_mode(content.mode)).map_err(io("chmod", &path))?;
+            handle.write_all(&content.bytes).map_err(io("writing", &path))?;
+            handle.sync_all().map_err(io("syncing", &path))?;
+        }
+        sync_dir(&version)?;
+        // Swap: a temporary link renamed over `..data` (rename is atomic).
+        let temporary = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&temporary);
+        symlink(&name, &temporary).map_err(io("linking", &temporary))?;
+        std::fs::rename(&temporary, self.dir.join(DATA_LINK)).map_err(io("swapping", &temporary))?;
+        // One stable link per file.
+        for file in self.wanted.keys() {
+            let link = self.dir.join(file);
+            let target = Path::new(DATA_LINK).join(file);
+            if std::fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+                let temporary = self.dir.join(format!("..{file}.tmp"));
+                let _ = std::fs::remove_file(&temporary);
+                symlink(&target, &temporary).map_err(io("linking", &temporary))?;
+                std::fs::rename(&temporary, &link).map_err(io("linking", &link))?;
+            }
+        }
+        sync_dir(&self.dir)?;
+        // Keep the version before this one for readers that resolved it just before the swap.
+        if let Some(old) = self.previous.take()
+            && Some(&old) != self.current.as_ref()
+        {
+            let _ = std::fs::remove_dir_all(self.dir.join(old));
+        }
+        self.previous = self.current.replace(name);
+        self.remove_strays();
+        self.writes += 1;
+        Ok(())
+    }
+
+    /// Version directories we no longer know about (from an earlier run or a tamperer).
+    fn remove_strays(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = Some(&name) == self.current.as_ref() || Some(&name) == self.previous.as_ref();
+            if name.starts_with("..20") && !ours && entry.path().is_dir() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), OutputError> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("syncing", dir))
+}
+
+/// `..YYYY_MM_DD_HH_MM_SS.nnnnnnnnn` plus a counter, unique within the process.
+fn version_name() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now = time::OffsetDateTime::now_utc();
+    format!(
+        "..{:04}_{:02}_{:02}_{:02}_{:02}_{:02}.{:09}_{}",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.nanosecond(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn content(text: &str, mode: u32) -> FileContent {
+        FileContent { bytes: text.as_bytes().to_vec(), mode }
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::metadata(path).expect("metadata").permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn versions_swap_and_modes_apply_on_every_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut out = OutputDir::new(dir.path()).expect("dir");
+        assert!(out.update([("tls.crt".into(), content("cert-1", 0o644)), ("tls.key".into(), content("key-1", 0o600))]).expect("write"));
+        assert_eq!(std::fs::read_to_string(dir.path().join("tls.crt")).expect("read"), "cert-1");
+        assert_eq!(mode_of(&dir.path().join("tls.key")), 0o600);
+        assert!(!out.update([("tls.crt".into(), content("cert-1", 0o644))]).expect("same"), "no change, no write");
+        assert!(out.update([("tls.crt".into(), content("cert-2", 0o444)), ("tls.key".into(), content("key-2", 0o640))]).expect("write"));
+        assert_eq!(std::fs::read_to_string(dir.path().join("tls.crt")).expect("read"), "cert-2");
+        assert_eq!(mode_of(&dir.path().join("tls.crt")), 0o444, "a read-only mode does not block the next write");
+        assert_eq!(mode_of(&dir.path().join("tls.key")), 0o640);
+        assert!(out.update([("tls.crt".into(), content("cert-3", 0o444))]).expect("write"));
+        let versions = std::fs::read_dir(dir.path())
+            .expect("list")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("..20"))
+            .count();
+        assert_eq!(versions, 2, "the current version and the one before it");
+        assert_eq!(out.writes(), 3);
+    }
+
+    #[test]
+    fn tampering_is_detected_and_repaired() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut out = OutputDir::new(dir.path()).expect("dir");
+        out.update([("jwt_svid.token".into(), content("token", 0o600)), ("key.jwt".into(), content("{}", 0o600))]).expect("write");
+        assert!(!out.restore_if_tampered().expect("check"));
+        std::fs::remove_file(dir.path().join("jwt_svid.token")).expect("delete link");
+        assert!(out.restore_if_tampered().expect("restore"));
+        assert_eq!(std::fs::read_to_string(dir.path().join("jwt_svid.token")).expect("read"), "token");
+        std::fs::write(dir.path().join("key.jwt"), "tampered").expect("overwrite through the link");
+        assert!(out.restore_if_tampered().expect("restore"));
+        assert_eq!(std::fs::read_to_string(dir.path().join("key.jwt")).expect("read"), "{}");
+        let path = std::fs::canonicalize(dir.path().join("key.jwt")).expect("resolve");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        assert!(out.restore_if_tampered().expect("restore"), "a changed mode counts as tampering");
+        assert_eq!(mode_of(&dir.path().join("key.jwt")), 0o600);
+    }
+
+    #[test]
+    fn missing_directory_and_bad_names_are_errors() {
+        let error = OutputDir::new(Path::new("/nonexistent/svids")).expect_err("missing");
+        assert!(error.to_string().contains("/nonexistent/svids"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut out = OutputDir::new(dir.path()).expect("dir");
+        assert!(out.update([("../escape".into(), content("x", 0o600))]).is_err());
+        assert!(out.update([("..data".into(), content("x", 0o600))]).is_err());
+    }
+}

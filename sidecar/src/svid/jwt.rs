@@ -1,0 +1,203 @@
+//! JWT-SVIDs: validation against the JWT bundles (as a receiving server would), and the bundle
+//! file in spiffe-helper's map format or as a plain JWKS. Pure.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use super::x509::trust_domain_of;
+
+/// JWKS documents by trust domain name (`example.org`), as the Workload API sent them.
+pub type JwtBundles = BTreeMap<String, Vec<u8>>;
+
+/// Algorithms the JWT-SVID specification allows, less ES512 (P-521), which `jsonwebtoken` cannot
+/// verify and SPIRE never issues: such a token is refused with a clear reason.
+pub const ALLOWED: [Algorithm; 8] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+];
+
+/// A token that passed validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidJwt {
+    pub spiffe_id: String,
+    pub audiences: Vec<String>,
+    /// `exp` (Unix seconds).
+    pub expiry: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    #[error("algorithm {0} is not accepted (JWT-SVIDs use RS256/384/512, ES256/384, PS256/384/512)")]
+    Algorithm(String),
+    #[error("the token has no kid; JWT-SVID validators require one")]
+    NoKid,
+    #[error("typ {0:?} is not JWT or JOSE")]
+    Typ(String),
+    #[error("sub {0:?} is not a SPIFFE ID")]
+    Subject(String),
+    #[error("no JWT bundle for trust domain {0:?}")]
+    NoBundle(String),
+    #[error("kid {kid:?} is not in the JWT bundle of {trust_domain:?}")]
+    UnknownKid { kid: String, trust_domain: String },
+    #[error("the token's audiences {token:?} include none of the expected {expected:?}")]
+    Audience { expected: Vec<String>, token: Vec<String> },
+    #[error("the token expired at {0} (Unix time)")]
+    Expired(i64),
+    #[error("the token is not valid before {0} (Unix time)")]
+    NotYetValid(i64),
+    #[error("the signature does not verify: {0}")]
+    Signature(String),
+    #[error("bundle: {0}")]
+    Bundle(String),
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    #[serde(default)]
+    aud: Audience,
+    exp: Option<i64>,
+    nbf: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+    #[default]
+    None,
+}
+
+impl Audience {
+    fn list(self) -> Vec<String> {
+        match self {
+            Audience::One(a) => vec![a],
+            Audience::Many(list) => list,
+            Audience::None => Vec::new(),
+        }
+    }
+}
+
+/// Validates `token` for `expected` audiences (at least one must be in `aud`) at `now`, allowing
+/// `leeway` seconds of clock skew, with the bundle of the subject's trust domain.
+pub fn validate(token: &str, bundles: &JwtBundles, expected: &[String], now: i64, leeway: u64) -> Result<ValidJwt, JwtError> {
+    let token = token.trim();
+    let header = jsonwebtoken::decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
+    if !ALLOWED.contains(&header.alg) {
+        return Err(JwtError::Algorithm(format!("{:?}", header.alg)));
+    }
+    let kid = header.kid.clone().ok_or(JwtError::NoKid)?;
+    if let Some(typ) = header.typ.as_deref().filter(|t| !matches!(*t, "JWT" | "JOSE")) {
+        return Err(JwtError::Typ(typ.to_owned()));
+    }
+    let claims = unverified_claims(token)?;
+    let subject = claims.sub.clone().unwrap_or_default();
+    let trust_domain = trust_domain_of(&subject).filter(|_| subject.len() > "spiffe://".len()).ok_or(JwtError::Subject(subject.clone()))?;
+    let jwks = bundles.get(trust_domain).ok_or_else(|| JwtError::NoBundle(trust_domain.to_owned()))?;
+    let set: JwkSet = serde_json::from_slice(jwks).map_err(|e| JwtError::Bundle(format!("{trust_domain}: {e}")))?;
+    let jwk = set
+        .keys
+        .iter()
+        .find(|k| k.common.key_id.as_deref() == Some(kid.as_str()))
+        .ok_or_else(|| JwtError::UnknownKid { kid: kid.clone(), trust_domain: trust_domain.to_owned() })?;
+    check_rsa_size(jwk)?;
+    let key = DecodingKey::from_jwk(jwk).map_err(|e| JwtError::Bundle(format!("kid {kid}: {e}")))?;
+
+    let audiences = claims.aud.list();
+    if !audiences.iter().any(|a| expected.contains(a)) {
+        return Err(JwtError::Audience { expected: expected.to_vec(), token: audiences });
+    }
+    let expiry = claims.exp.ok_or_else(|| JwtError::Malformed("no exp claim".into()))?;
+    if expiry + leeway as i64 <= now {
+        return Err(JwtError::Expired(expiry));
+    }
+    if let Some(nbf) = claims.nbf.filter(|nbf| *nbf > now + leeway as i64) {
+        return Err(JwtError::NotYetValid(nbf));
+    }
+    let mut validation = Validation::new(header.alg);
+    // exp, nbf and aud were checked above against our clock; this checks the signature (and the
+    // key type against the algorithm, EC curves included).
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims.clear();
+    jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation).map_err(|e| JwtError::Signature(e.to_string()))?;
+    Ok(ValidJwt { spiffe_id: subject, audiences, expiry })
+}
+
+/// The claims, read without verifying (to pick the trust domain; verification follows).
+fn unverified_claims(token: &str) -> Result<Claims, JwtError> {
+    let payload = token.split('.').nth(1).ok_or_else(|| JwtError::Malformed("not a compact JWS".into()))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|e| JwtError::Malformed(format!("payload: {e}")))?;
+    serde_json::from_slice(&bytes).map_err(|e| JwtError::Malformed(format!("claims: {e}")))
+}
+
+/// RSA keys under 2048 bits are refused, as the SPIFFE validators do.
+fn check_rsa_size(jwk: &Jwk) -> Result<(), JwtError> {
+    if let jsonwebtoken::jwk::AlgorithmParameters::RSA(rsa) = &jwk.algorithm {
+        let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(rsa.n.trim_end_matches('=')).unwrap_or_default();
+        let bits = n.iter().skip_while(|b| **b == 0).count() * 8;
+        if bits < 2048 {
+            return Err(JwtError::Bundle(format!("RSA key of {bits} bits; at least 2048 are required")));
+        }
+    }
+    Ok(())
+}
+
+/// spiffe-helper's JWT bundle file: `{"<trust domain>": "<standard base64 of the JWKS>"}` for every
+/// trust domain, federated ones included.
+pub fn spiffe_helper_bundle(bundles: &JwtBundles) -> Vec<u8> {
+    let map: BTreeMap<&String, String> =
+        bundles.iter().map(|(td, jwks)| (td, base64::engine::general_purpose::STANDARD.encode(jwks))).collect();
+    serde_json::to_vec(&map).unwrap_or_default()
+}
+
+/// A plain JWKS (`{"keys": [...]}`) of `trust_domain`, as SLIM's static JWKS verifier loads it.
+pub fn jwks_bundle(bundles: &JwtBundles, trust_domain: &str) -> Result<Vec<u8>, JwtError> {
+    let jwks = bundles.get(trust_domain).ok_or_else(|| JwtError::NoBundle(trust_domain.to_owned()))?;
+    let value: serde_json::Value = serde_json::from_slice(jwks).map_err(|e| JwtError::Bundle(format!("{trust_domain}: {e}")))?;
+    let keys = value.get("keys").cloned().unwrap_or(serde_json::Value::Array(Vec::new()));
+    serde_json::to_vec_pretty(&serde_json::json!({ "keys": keys })).map_err(|e| JwtError::Bundle(e.to_string()))
+}
+
+/// Reads a bundle file in either format into bundles by trust domain. A plain JWKS has no
+/// trust domain of its own: it is used for `default_domain` (the token's, when verifying).
+pub fn read_bundle_file(bytes: &[u8], default_domain: &str) -> Result<JwtBundles, JwtError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| JwtError::Bundle(format!("not JSON: {e}")))?;
+    let object = value.as_object().ok_or_else(|| JwtError::Bundle("expected a JSON object".into()))?;
+    if object.contains_key("keys") {
+        return Ok(BTreeMap::from([(default_domain.to_owned(), bytes.to_vec())]));
+    }
+    object
+        .iter()
+        .map(|(domain, encoded)| {
+            let encoded = encoded.as_str().ok_or_else(|| JwtError::Bundle(format!("{domain}: expected base64 text")))?;
+            let jwks = base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .map_err(|e| JwtError::Bundle(format!("{domain}: {e}")))?;
+            let domain = domain.strip_prefix("spiffe://").unwrap_or(domain).to_owned();
+            Ok((domain, jwks))
+        })
+        .collect()
+}
+
+/// The trust domain a token claims (for verifying against a plain JWKS).
+pub fn token_trust_domain(token: &str) -> Option<String> {
+    let claims = unverified_claims(token.trim()).ok()?;
+    trust_domain_of(&claims.sub?).map(str::to_owned)
+}

@@ -1,0 +1,373 @@
+//! A Workload API server that behaves like a SPIRE agent, for tests and the local development
+//! mode: a Unix socket, the security header enforced (`InvalidArgument` without it),
+//! `PermissionDenied` until an identity exists, full-state stream pushes on every change, several
+//! SVIDs with hints, federated bundles, ES256 and RS256 JWT keys with `kid` rotation, and streams
+//! that can be dropped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use tokio::sync::{oneshot, watch};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::pb;
+use super::pb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
+
+/// A JWT signing key of the trust domain.
+pub struct SigningKey {
+    pub kid: String,
+    pub alg: Algorithm,
+    encoding: EncodingKey,
+    jwk: serde_json::Value,
+}
+
+impl SigningKey {
+    /// A fresh P-256 key (SPIRE's default, ES256).
+    pub fn es256(kid: &str) -> Self {
+        let key = KeyPair::generate().expect("P-256 key generation");
+        let encoding = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("PKCS#8 EC key");
+        Self::new(kid, Algorithm::ES256, encoding)
+    }
+
+    /// A fresh 2048-bit RSA key (RS256).
+    pub fn rs256(kid: &str) -> Self {
+        use rsa::pkcs8::EncodePrivateKey;
+        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("RSA key generation");
+        let pem = key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).expect("PKCS#8 PEM");
+        let encoding = EncodingKey::from_rsa_pem(pem.as_bytes()).expect("RSA key");
+        Self::new(kid, Algorithm::RS256, encoding)
+    }
+
+    fn new(kid: &str, alg: Algorithm, encoding: EncodingKey) -> Self {
+        let mut jwk = Jwk::from_encoding_key(&encoding, alg).expect("public JWK");
+        jwk.common.key_id = Some(kid.to_owned());
+        // SPIRE's Workload API JWKS carries kty, kid and the key parameters only.
+        let mut value = serde_json::to_value(&jwk).expect("jwk json");
+        if let Some(object) = value.as_object_mut() {
+            object.retain(|k, _| matches!(k.as_str(), "kty" | "kid" | "crv" | "x" | "y" | "n" | "e"));
+        }
+        Self { kid: kid.to_owned(), alg, encoding, jwk: value }
+    }
+}
+
+/// A certificate authority of a trust domain.
+pub struct Authority {
+    pub trust_domain: String,
+    cert_pem: String,
+    cert_der: Vec<u8>,
+    key: KeyPair,
+}
+
+impl Authority {
+    pub fn new(trust_domain: &str) -> Self {
+        let key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::OrganizationName, "SPIFFE");
+        params.distinguished_name.push(DnType::CommonName, format!("{trust_domain} CA"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into().expect("uri"))];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(365);
+        let cert = params.self_signed(&key).expect("CA certificate");
+        Self { trust_domain: trust_domain.to_owned(), cert_pem: cert.pem(), cert_der: cert.der().to_vec(), key }
+    }
+
+    pub fn der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// A leaf X.509-SVID for `spiffe_id`, valid for `ttl`: (DER chain, PKCS#8 key DER).
+    pub fn issue(&self, spiffe_id: &str, ttl: Duration) -> (Vec<u8>, Vec<u8>) {
+        let key = KeyPair::generate().expect("leaf key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::OrganizationName, "SPIRE");
+        params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().expect("spiffe uri"))];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::seconds(10);
+        params.not_after = now + time::Duration::try_from(ttl).unwrap_or(time::Duration::HOUR);
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key).expect("issuer");
+        let cert = params.signed_by(&key, &issuer).expect("leaf certificate");
+        (cert.der().to_vec(), key.serialize_der())
+    }
+}
+
+/// One workload identity.
+#[derive(Clone)]
+pub struct Identity {
+    pub spiffe_id: String,
+    pub hint: String,
+    pub chain: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+/// What the fake agent serves; change it through [`FakeAgent::update`].
+pub struct AgentState {
+    pub authority: Authority,
+    /// Empty: `PermissionDenied` (no identity issued yet).
+    pub identities: Vec<Identity>,
+    /// Federated trust domains' CA certificates (DER), by trust domain name.
+    pub federated: BTreeMap<String, Vec<u8>>,
+    /// JWT signing keys; the last one signs.
+    pub jwt_keys: Vec<SigningKey>,
+    pub jwt_ttl: Duration,
+    pub x509_ttl: Duration,
+    /// Calls to FetchJWTSVID so far.
+    pub jwt_fetches: u64,
+}
+
+impl AgentState {
+    pub fn new(trust_domain: &str) -> Self {
+        Self {
+            authority: Authority::new(trust_domain),
+            identities: Vec::new(),
+            federated: BTreeMap::new(),
+            jwt_keys: vec![SigningKey::es256("key-1")],
+            jwt_ttl: Duration::from_secs(300),
+            x509_ttl: Duration::from_secs(3600),
+            jwt_fetches: 0,
+        }
+    }
+
+    /// Issues (or re-issues) an identity's X.509-SVID.
+    pub fn issue(&mut self, spiffe_id: &str, hint: &str) {
+        let (chain, key) = self.authority.issue(spiffe_id, self.x509_ttl);
+        let identity = Identity { spiffe_id: spiffe_id.to_owned(), hint: hint.to_owned(), chain, key };
+        match self.identities.iter_mut().find(|i| i.spiffe_id == spiffe_id && i.hint == hint) {
+            Some(existing) => *existing = identity,
+            None => self.identities.push(identity),
+        }
+    }
+
+    /// Re-issues every identity (a rotation).
+    pub fn rotate(&mut self) {
+        let ids: Vec<(String, String)> = self.identities.iter().map(|i| (i.spiffe_id.clone(), i.hint.clone())).collect();
+        for (id, hint) in ids {
+            self.issue(&id, &hint);
+        }
+    }
+
+    fn x509_response(&self) -> pb::X509svidResponse {
+        pb::X509svidResponse {
+            svids: self
+                .identities
+                .iter()
+                .map(|i| pb::X509svid {
+                    spiffe_id: i.spiffe_id.clone(),
+                    x509_svid: i.chain.clone(),
+                    x509_svid_key: i.key.clone(),
+                    bundle: self.authority.der().to_vec(),
+                    hint: i.hint.clone(),
+                })
+                .collect(),
+            crl: Vec::new(),
+            federated_bundles: self.federated.iter().map(|(td, der)| (format!("spiffe://{td}"), der.clone())).collect(),
+        }
+    }
+
+    /// The JWKS of the trust domain, indented as SPIRE prints it.
+    pub fn jwks(&self) -> Vec<u8> {
+        let keys: Vec<&serde_json::Value> = self.jwt_keys.iter().map(|k| &k.jwk).collect();
+        let value = serde_json::json!({ "keys": keys });
+        let mut out = Vec::new();
+        let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+        let mut serializer = serde_json::Serializer::with_formatter(&mut out, formatter);
+        serde::Serialize::serialize(&value, &mut serializer).expect("jwks");
+        out
+    }
+
+    fn jwt_bundles_response(&self) -> pb::JwtBundlesResponse {
+        let mut bundles = BTreeMap::from([(format!("spiffe://{}", self.authority.trust_domain), self.jwks())]);
+        for td in self.federated.keys() {
+            bundles.insert(format!("spiffe://{td}"), br#"{"keys":[]}"#.to_vec());
+        }
+        pb::JwtBundlesResponse { bundles: bundles.into_iter().collect() }
+    }
+
+    /// A signed JWT-SVID for `spiffe_id` and `audiences`.
+    pub fn sign_jwt(&self, spiffe_id: &str, audiences: &[String]) -> String {
+        let key = self.jwt_keys.last().expect("a signing key");
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let mut header = Header::new(key.alg);
+        header.kid = Some(key.kid.clone());
+        header.typ = Some("JWT".into());
+        let claims = serde_json::json!({
+            "sub": spiffe_id, "aud": audiences, "iat": now, "exp": now + self.jwt_ttl.as_secs(),
+        });
+        jsonwebtoken::encode(&header, &claims, &key.encoding).expect("signing")
+    }
+}
+
+/// A running fake agent; stopped on drop.
+pub struct FakeAgent {
+    pub socket: PathBuf,
+    state: Arc<Mutex<AgentState>>,
+    changes: watch::Sender<u64>,
+    drops: watch::Sender<u64>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl FakeAgent {
+    /// Serves `state` on a Unix socket at `socket`.
+    pub async fn start(socket: &Path, state: AgentState) -> std::io::Result<Self> {
+        let _ = std::fs::remove_file(socket);
+        let listener = tokio::net::UnixListener::bind(socket)?;
+        let state = Arc::new(Mutex::new(state));
+        let (changes, _) = watch::channel(0u64);
+        let (drops, _) = watch::channel(0u64);
+        let service = Service { state: state.clone(), changes: changes.clone(), drops: drops.clone() };
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let _ = tonic::transport::Server::builder()
+                .add_service(SpiffeWorkloadApiServer::new(service))
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Self { socket: socket.to_owned(), state, changes, drops, stop: Some(stop) })
+    }
+
+    /// Changes the state and pushes the new full state on every open stream.
+    pub fn update<T>(&self, change: impl FnOnce(&mut AgentState) -> T) -> T {
+        let result = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            change(&mut state)
+        };
+        self.changes.send_modify(|n| *n += 1);
+        result
+    }
+
+    /// Reads the state.
+    pub fn read<T>(&self, read: impl FnOnce(&AgentState) -> T) -> T {
+        read(&self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Ends every open stream with `Unavailable` (as when an agent restarts).
+    pub fn drop_streams(&self) {
+        self.drops.send_modify(|n| *n += 1);
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+struct Service {
+    state: Arc<Mutex<AgentState>>,
+    changes: watch::Sender<u64>,
+    drops: watch::Sender<u64>,
+}
+
+type Pushes<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
+    match request.metadata().get("workload.spiffe.io").and_then(|v| v.to_str().ok()) {
+        Some("true") => Ok(()),
+        _ => Err(Status::invalid_argument("security header missing from request")),
+    }
+}
+
+impl Service {
+    /// A stream of full states: the current one at once, then one per change (only when it differs,
+    /// as SPIRE does), until the stream is dropped.
+    fn pushes<T: Clone + PartialEq + Send + 'static>(
+        &self,
+        render: impl Fn(&AgentState) -> Result<T, Status> + Send + 'static,
+    ) -> Pushes<T> {
+        let state = self.state.clone();
+        let mut changes = self.changes.subscribe();
+        let mut drops = self.drops.subscribe();
+        drops.mark_unchanged();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            let mut last: Option<T> = None;
+            loop {
+                let next = render(&state.lock().unwrap_or_else(|p| p.into_inner()));
+                match next {
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                    Ok(value) if last.as_ref() != Some(&value) => {
+                        if tx.send(Ok(value.clone())).await.is_err() {
+                            return;
+                        }
+                        last = Some(value);
+                    }
+                    Ok(_) => {}
+                }
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    _ = drops.changed() => {
+                        let _ = tx.send(Err(Status::unavailable("agent restarting"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for Service {
+    type FetchX509SVIDStream = Pushes<pb::X509svidResponse>;
+    type FetchJWTBundlesStream = Pushes<pb::JwtBundlesResponse>;
+
+    async fn fetch_x509svid(&self, request: Request<pb::X509svidRequest>) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(&request)?;
+        Ok(Response::new(self.pushes(|state| {
+            if state.identities.is_empty() {
+                Err(Status::permission_denied("no identity issued"))
+            } else {
+                Ok(state.x509_response())
+            }
+        })))
+    }
+
+    async fn fetch_jwtsvid(&self, request: Request<pb::JwtsvidRequest>) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        check_header(&request)?;
+        let request = request.into_inner();
+        if request.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.jwt_fetches += 1;
+        if state.identities.is_empty() {
+            return Err(Status::permission_denied("no identity issued"));
+        }
+        let svids = state
+            .identities
+            .iter()
+            .filter(|i| request.spiffe_id.is_empty() || i.spiffe_id == request.spiffe_id)
+            .map(|i| pb::Jwtsvid { spiffe_id: i.spiffe_id.clone(), svid: state.sign_jwt(&i.spiffe_id, &request.audience), hint: i.hint.clone() })
+            .collect();
+        Ok(Response::new(pb::JwtsvidResponse { svids }))
+    }
+
+    async fn fetch_jwt_bundles(&self, request: Request<pb::JwtBundlesRequest>) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&request)?;
+        Ok(Response::new(self.pushes(|state| {
+            if state.identities.is_empty() {
+                Err(Status::permission_denied("no identity issued"))
+            } else {
+                Ok(state.jwt_bundles_response())
+            }
+        })))
+    }
+}

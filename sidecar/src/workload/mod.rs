@@ -1,0 +1,7 @@
+//! The SPIFFE Workload API: generated types, the client, and a faithful fake server.
+
+pub mod client;
+pub mod fake;
+pub mod pb;
+
+pub use client::{WorkloadClient, WorkloadError};
