@@ -100,14 +100,16 @@ impl Writer {
             let bytes = match c.jwt_bundle_format {
                 JwtBundleFormat::SpiffeHelper => Some(jwt::spiffe_helper_bundle(bundles)),
                 JwtBundleFormat::Jwks => {
-                    let domain = Some(c.jwt_bundle_trust_domain.clone()).filter(|d| !d.is_empty()).or(self.own_trust_domain.clone());
+                    let domain = Some(c.jwt_bundle_trust_domain.clone())
+                        .filter(|d| !d.is_empty())
+                        .or(self.own_trust_domain.clone());
                     match domain {
                         // Our trust domain is not known before the first SVID: wait for it.
                         None => None,
-                        Some(domain) => Some(jwt::jwks_bundle(bundles, &domain).map_err(|source| AgentError::Jwt {
-                            audience: String::new(),
-                            source,
-                        })?),
+                        Some(domain) => Some(
+                            jwt::jwks_bundle(bundles, &domain)
+                                .map_err(|source| AgentError::Jwt { audience: String::new(), source })?,
+                        ),
                     }
                 }
             };
@@ -117,7 +119,10 @@ impl Writer {
         }
         for (entry, token) in c.jwt_svids.iter().zip(&self.jwts) {
             if let Some((token, _)) = token {
-                files.push((entry.file_name.clone(), FileContent { bytes: token.clone().into_bytes(), mode: c.jwt_svid_file_mode }));
+                files.push((
+                    entry.file_name.clone(),
+                    FileContent { bytes: token.clone().into_bytes(), mode: c.jwt_svid_file_mode },
+                ));
             }
         }
         Ok(files)
@@ -219,7 +224,11 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
         let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
             .await
             .map_err(|source| AgentError::Health { port, source })?;
-        let router = crate::health::router(health.clone(), &config.health_checks.liveness_path, &config.health_checks.readiness_path);
+        let router = crate::health::router(
+            health.clone(),
+            &config.health_checks.liveness_path,
+            &config.health_checks.readiness_path,
+        );
         tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
@@ -240,7 +249,15 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
         tasks.spawn(bundle_loop(socket.clone(), tx.clone(), bundles_tx, health.clone()));
     }
     for (index, entry) in config.jwt_svids.iter().enumerate() {
-        tasks.spawn(jwt_loop(socket.clone(), entry.clone(), index, config.clone(), tx.clone(), bundles_rx.clone(), health.clone()));
+        tasks.spawn(jwt_loop(
+            socket.clone(),
+            entry.clone(),
+            index,
+            config.clone(),
+            tx.clone(),
+            bundles_rx.clone(),
+            health.clone(),
+        ));
     }
     let _watcher = watch_dir(&config.cert_dir, tx.clone());
 
@@ -329,7 +346,12 @@ async fn x509_loop(socket: PathBuf, hint: String, options: X509Options, tx: mpsc
                             }
                         }
                     }
-                    Ok(None) => return Err(WorkloadError::Unavailable { socket: socket.clone(), reason: "stream ended".into() }),
+                    Ok(None) => {
+                        return Err(WorkloadError::Unavailable {
+                            socket: socket.clone(),
+                            reason: "stream ended".into(),
+                        });
+                    }
                     Err(status) => return Err(WorkloadError::from_status(&socket, &status)),
                 }
             }
@@ -374,7 +396,12 @@ async fn bundle_loop(
                             return Ok(());
                         }
                     }
-                    Ok(None) => return Err(WorkloadError::Unavailable { socket: socket.clone(), reason: "stream ended".into() }),
+                    Ok(None) => {
+                        return Err(WorkloadError::Unavailable {
+                            socket: socket.clone(),
+                            reason: "stream ended".into(),
+                        });
+                    }
                     Err(status) => return Err(WorkloadError::from_status(&socket, &status)),
                 }
             }
@@ -398,7 +425,11 @@ async fn bundle_loop(
 
 /// Bundles keyed by trust domain name (the Workload API keys them `spiffe://td`).
 pub fn bundles_of(response: pb::JwtBundlesResponse) -> JwtBundles {
-    response.bundles.into_iter().map(|(td, jwks)| (td.strip_prefix("spiffe://").unwrap_or(&td).to_owned(), jwks)).collect()
+    response
+        .bundles
+        .into_iter()
+        .map(|(td, jwks)| (td.strip_prefix("spiffe://").unwrap_or(&td).to_owned(), jwks))
+        .collect()
 }
 
 /// Keeps one JWT-SVID fresh: fetch, validate against the current bundles, hand over, sleep until
@@ -512,7 +543,9 @@ pub async fn run_once(config: Config) -> Result<(), AgentError> {
             let mut stream = client.x509_svids().await?;
             match stream.message().await {
                 Ok(Some(response)) => Ok(response),
-                Ok(None) => Err(WorkloadError::Unavailable { socket: socket.clone(), reason: "stream ended".into() }.into()),
+                Ok(None) => {
+                    Err(WorkloadError::Unavailable { socket: socket.clone(), reason: "stream ended".into() }.into())
+                }
                 Err(status) => Err(WorkloadError::from_status(&socket, &status).into()),
             }
         })
@@ -526,7 +559,9 @@ pub async fn run_once(config: Config) -> Result<(), AgentError> {
             let mut stream = client.jwt_bundles().await?;
             match stream.message().await {
                 Ok(Some(response)) => Ok(response),
-                Ok(None) => Err(WorkloadError::Unavailable { socket: socket.clone(), reason: "stream ended".into() }.into()),
+                Ok(None) => {
+                    Err(WorkloadError::Unavailable { socket: socket.clone(), reason: "stream ended".into() }.into())
+                }
                 Err(status) => Err(WorkloadError::from_status(&socket, &status).into()),
             }
         })

@@ -91,7 +91,8 @@ fn parse_verify(args: &[(String, Option<String>)]) -> Result<Command, String> {
     let (mut bundle, mut audiences, mut token) = (None, Vec::new(), None);
     let mut items = args.iter().cloned();
     while let Some((arg, inline)) = items.next() {
-        let mut value = || inline.clone().or_else(|| items.next().map(|(v, _)| v)).ok_or(format!("{arg} needs a value"));
+        let mut value =
+            || inline.clone().or_else(|| items.next().map(|(v, _)| v)).ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
             "-bundle" => bundle = Some(PathBuf::from(value()?)),
             "-audience" => audiences.push(value()?),
@@ -117,14 +118,20 @@ fn parse_dev(args: &[(String, Option<String>)]) -> Result<Command, String> {
     };
     let mut items = args.iter().cloned();
     while let Some((arg, inline)) = items.next() {
-        let mut value = || inline.clone().or_else(|| items.next().map(|(v, _)| v)).ok_or(format!("{arg} needs a value"));
+        let mut value =
+            || inline.clone().or_else(|| items.next().map(|(v, _)| v)).ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
             "-dir" => dev.dir = PathBuf::from(value()?),
-            "-ttl" => dev.ttl_seconds = value()?.trim_end_matches('s').parse().map_err(|_| "--ttl takes seconds".to_owned())?,
+            "-ttl" => {
+                dev.ttl_seconds =
+                    value()?.trim_end_matches('s').parse().map_err(|_| "--ttl takes seconds".to_owned())?
+            }
             "-trust-domain" => dev.trust_domain = value()?,
             "-spiffe-id" => dev.spiffe_id = Some(value()?),
             "-audience" => dev.audience = value()?,
-            "-health-port" => dev.health_port = value()?.parse().map_err(|_| "--health-port takes a port".to_owned())?,
+            "-health-port" => {
+                dev.health_port = value()?.parse().map_err(|_| "--health-port takes a port".to_owned())?
+            }
             other => return Err(format!("dev: unexpected {other}")),
         }
     }
@@ -141,16 +148,18 @@ pub async fn execute(command: Command) -> i32 {
             println!("slim-identity-agent {}", env!("CARGO_PKG_VERSION"));
             0
         }
-        Command::Verify { bundle, audiences, token } => match crate::verify::verify(&bundle, &audiences, &token, agent::unix_now()) {
-            Ok(spiffe_id) => {
-                println!("{spiffe_id}");
-                0
+        Command::Verify { bundle, audiences, token } => {
+            match crate::verify::verify(&bundle, &audiences, &token, agent::unix_now()) {
+                Ok(spiffe_id) => {
+                    println!("{spiffe_id}");
+                    0
+                }
+                Err(error) => {
+                    eprintln!("token rejected: {error}");
+                    1
+                }
             }
-            Err(error) => {
-                eprintln!("token rejected: {error}");
-                1
-            }
-        },
+        }
         Command::Dev(args) => {
             let options = DevOptions {
                 spiffe_id: args.spiffe_id.unwrap_or_else(|| format!("spiffe://{}/dev", args.trust_domain)),
@@ -249,7 +258,11 @@ mod tests {
     fn verify_and_dev_arguments() {
         assert_eq!(
             parse(&args(&["verify", "--bundle", "key.jwt", "--audience", "a", "--audience=b", "jwt.token"])),
-            Ok(Command::Verify { bundle: "key.jwt".into(), audiences: vec!["a".into(), "b".into()], token: "jwt.token".into() })
+            Ok(Command::Verify {
+                bundle: "key.jwt".into(),
+                audiences: vec!["a".into(), "b".into()],
+                token: "jwt.token".into()
+            })
         );
         assert!(parse(&args(&["verify", "jwt.token"])).is_err());
         let Ok(Command::Dev(dev)) = parse(&args(&["dev", "--dir", "/tmp/s", "--ttl", "30"])) else { panic!("dev") };

@@ -73,18 +73,20 @@ pub fn dev_config(options: &DevOptions, socket: &std::path::Path) -> Config {
 
 /// Serves a local Workload API and runs the agent against it until `shutdown`.
 pub async fn run(options: DevOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
-    std::fs::create_dir_all(&options.dir)
-        .map_err(|source| AgentError::Output(crate::output::OutputError::Io { action: "creating", path: options.dir.clone(), source }))?;
-    let runtime_dir = tempfile::tempdir()
-        .map_err(|source| AgentError::Output(crate::output::OutputError::Io { action: "creating", path: PathBuf::from("tmp"), source }))?;
+    std::fs::create_dir_all(&options.dir).map_err(|source| {
+        AgentError::Output(crate::output::OutputError::Io { action: "creating", path: options.dir.clone(), source })
+    })?;
+    let runtime_dir = tempfile::tempdir().map_err(|source| {
+        AgentError::Output(crate::output::OutputError::Io { action: "creating", path: PathBuf::from("tmp"), source })
+    })?;
     let socket = runtime_dir.path().join("agent.sock");
     let mut state = AgentState::new(&options.trust_domain);
     state.jwt_ttl = options.ttl;
     state.x509_ttl = options.ttl;
     state.issue(&options.spiffe_id, "");
-    let agent = FakeAgent::start(&socket, state)
-        .await
-        .map_err(|source| AgentError::Output(crate::output::OutputError::Io { action: "binding", path: socket.clone(), source }))?;
+    let agent = FakeAgent::start(&socket, state).await.map_err(|source| {
+        AgentError::Output(crate::output::OutputError::Io { action: "binding", path: socket.clone(), source })
+    })?;
     info!(
         socket = %socket.display(), dir = %options.dir.display(), spiffe_id = %options.spiffe_id, ttl = ?options.ttl,
         "dev mode: local Workload API issuing short-lived SVIDs (no SPIRE)"

@@ -112,7 +112,8 @@ impl Health {
     /// No failed write, and the Workload API not lost for longer than the grace period.
     pub fn live(&self) -> bool {
         let inner = self.lock();
-        let failed = inner.x509 == Some(WriteStatus::Failed) || inner.jwt.values().any(|(s, _)| *s == WriteStatus::Failed);
+        let failed =
+            inner.x509 == Some(WriteStatus::Failed) || inner.jwt.values().any(|(s, _)| *s == WriteStatus::Failed);
         let lost = inner.down_since.is_some_and(|since| since.elapsed() > self.liveness_grace);
         !failed && !lost
     }
@@ -137,10 +138,7 @@ impl Health {
 }
 
 pub fn router(health: Health, liveness_path: &str, readiness_path: &str) -> Router {
-    Router::new()
-        .route(liveness_path, get(live))
-        .route(readiness_path, get(ready))
-        .with_state(health)
+    Router::new().route(liveness_path, get(live)).route(readiness_path, get(ready)).with_state(health)
 }
 
 fn answer(health: &Health, ok: bool) -> Response {
@@ -154,7 +152,8 @@ async fn live(State(health): State<Health>) -> Response {
 }
 
 async fn ready(State(health): State<Health>) -> Response {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let ok = health.ready(now);
     answer(&health, ok)
 }

@@ -108,7 +108,9 @@ impl OutputDir {
 
     fn intact(&self) -> bool {
         let Some(current) = &self.current else { return false };
-        if std::fs::read_link(self.dir.join(DATA_LINK)).ok().map(|p| p.to_string_lossy().into_owned()).as_ref() != Some(current) {
+        if std::fs::read_link(self.dir.join(DATA_LINK)).ok().map(|p| p.to_string_lossy().into_owned()).as_ref()
+            != Some(current)
+        {
             return false;
         }
         self.wanted.iter().all(|(name, content)| {
@@ -127,7 +129,8 @@ impl OutputDir {
         std::fs::set_permissions(&version, std::fs::Permissions::from_mode(0o755)).map_err(io("chmod", &version))?;
         for (file, content) in &self.wanted {
             let path = version.join(file);
-            let mut handle = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(io("creating", &path))?;
+            let mut handle =
+                std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(io("creating", &path))?;
             // The mode is set explicitly on every write (not left to the umask, nor only at creation).
             handle.set_permissions(std::fs::Permissions::from_mode(content.mode)).map_err(io("chmod", &path))?;
             handle.write_all(&content.bytes).map_err(io("writing", &path))?;
@@ -214,11 +217,17 @@ mod tests {
     fn versions_swap_and_modes_apply_on_every_write() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut out = OutputDir::new(dir.path()).expect("dir");
-        assert!(out.update([("tls.crt".into(), content("cert-1", 0o644)), ("tls.key".into(), content("key-1", 0o600))]).expect("write"));
+        assert!(
+            out.update([("tls.crt".into(), content("cert-1", 0o644)), ("tls.key".into(), content("key-1", 0o600))])
+                .expect("write")
+        );
         assert_eq!(std::fs::read_to_string(dir.path().join("tls.crt")).expect("read"), "cert-1");
         assert_eq!(mode_of(&dir.path().join("tls.key")), 0o600);
         assert!(!out.update([("tls.crt".into(), content("cert-1", 0o644))]).expect("same"), "no change, no write");
-        assert!(out.update([("tls.crt".into(), content("cert-2", 0o444)), ("tls.key".into(), content("key-2", 0o640))]).expect("write"));
+        assert!(
+            out.update([("tls.crt".into(), content("cert-2", 0o444)), ("tls.key".into(), content("key-2", 0o640))])
+                .expect("write")
+        );
         assert_eq!(std::fs::read_to_string(dir.path().join("tls.crt")).expect("read"), "cert-2");
         assert_eq!(mode_of(&dir.path().join("tls.crt")), 0o444, "a read-only mode does not block the next write");
         assert_eq!(mode_of(&dir.path().join("tls.key")), 0o640);
@@ -236,7 +245,8 @@ mod tests {
     fn tampering_is_detected_and_repaired() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut out = OutputDir::new(dir.path()).expect("dir");
-        out.update([("jwt_svid.token".into(), content("token", 0o600)), ("key.jwt".into(), content("{}", 0o600))]).expect("write");
+        out.update([("jwt_svid.token".into(), content("token", 0o600)), ("key.jwt".into(), content("{}", 0o600))])
+            .expect("write");
         assert!(!out.restore_if_tampered().expect("check"));
         std::fs::remove_file(dir.path().join("jwt_svid.token")).expect("delete link");
         assert!(out.restore_if_tampered().expect("restore"));

@@ -81,7 +81,8 @@ fn the_injected_app_opts_in_and_joins_the_channel() {
     let annotations = template.metadata.as_ref().and_then(|m| m.annotations.clone()).unwrap_or_default();
     assert_eq!(annotations.get("slim.agntcy.org/inject-identity").map(String::as_str), Some("true"));
     let channel: SlimChannel =
-        serde_yaml::from_str(&std::fs::read_to_string(repo_path("examples/04-slimchannel.yaml")).expect("read")).expect("channel");
+        serde_yaml::from_str(&std::fs::read_to_string(repo_path("examples/04-slimchannel.yaml")).expect("read"))
+            .expect("channel");
     let selector = channel.spec.participant_selector.expect("selector");
     let labels = template.metadata.and_then(|m| m.labels);
     assert!(slim_operator::plan::selector_matches(&selector, labels.as_ref()), "the app is selected by the channel");

@@ -103,7 +103,9 @@ impl Parser {
                             (Some(_), _) => {
                                 self.bump();
                             }
-                            (None, _) => return Err(ParseError { pos: start, message: "unterminated /* comment".into() }),
+                            (None, _) => {
+                                return Err(ParseError { pos: start, message: "unterminated /* comment".into() });
+                            }
                         }
                     }
                 }
@@ -211,11 +213,15 @@ impl Parser {
             Some(c) if c.is_ascii_digit() || c == '-' || c == '+' => {
                 let pos = self.pos();
                 let mut text = String::new();
-                while let Some(c) = self.peek().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '+' | '_' | '.')) {
+                while let Some(c) =
+                    self.peek().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '+' | '_' | '.'))
+                {
                     text.push(c);
                     self.bump();
                 }
-                parse_int(&text).map(Value::Int).ok_or(ParseError { pos, message: format!("{text:?} is not an integer") })
+                parse_int(&text)
+                    .map(Value::Int)
+                    .ok_or(ParseError { pos, message: format!("{text:?} is not an integer") })
             }
             Some(c) if c.is_alphabetic() => {
                 let pos = self.pos();
@@ -341,7 +347,10 @@ mod tests {
         assert_eq!(get(&value, "daemon_mode"), &Value::Bool(false));
         let Value::List(svids) = get(&value, "jwt_svids") else { panic!("list") };
         assert_eq!(svids.len(), 2);
-        assert_eq!(get(&svids[0], "jwt_extra_audiences"), &Value::List(vec![Value::Str("x".into()), Value::Str("y".into())]));
+        assert_eq!(
+            get(&svids[0], "jwt_extra_audiences"),
+            &Value::List(vec![Value::Str("x".into()), Value::Str("y".into())])
+        );
         assert_eq!(get(get(&value, "health_checks"), "bind_port"), &Value::Int(8081));
         assert_eq!(get(&value, "quoted key"), &Value::Str("tab\there \"q\" é".into()));
     }

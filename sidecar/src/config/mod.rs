@@ -170,7 +170,8 @@ impl Config {
             },
             renew_on_jwt_update: top.bool("renew_on_jwt_update")?.unwrap_or(false),
         };
-        let x509 = (top.string("svid_file_name")?, top.string("svid_key_file_name")?, top.string("svid_bundle_file_name")?);
+        let x509 =
+            (top.string("svid_file_name")?, top.string("svid_key_file_name")?, top.string("svid_bundle_file_name")?);
         let set = [&x509.0, &x509.1, &x509.2].iter().filter(|s| !s.is_empty()).count();
         match set {
             0 => {}
@@ -217,8 +218,8 @@ impl Config {
             if enabled {
                 // spiffe-helper applies the defaults only when the listener is on.
                 if let Some(port) = port.filter(|p| *p > 0) {
-                    config.health_checks.bind_port =
-                        u16::try_from(port).map_err(|_| ConfigError::Invalid(format!("bind_port {port} is not a port")))?;
+                    config.health_checks.bind_port = u16::try_from(port)
+                        .map_err(|_| ConfigError::Invalid(format!("bind_port {port} is not a port")))?;
                 }
                 if !liveness.is_empty() {
                     config.health_checks.liveness_path = liveness;
@@ -248,7 +249,10 @@ impl Config {
             }
         }
         if !self.renew_signal.is_empty() && crate::hooks::parse_signal(&self.renew_signal).is_none() {
-            return invalid(format!("renew_signal {:?} is not a known signal (e.g. SIGHUP, SIGUSR1)", self.renew_signal));
+            return invalid(format!(
+                "renew_signal {:?} is not a known signal (e.g. SIGHUP, SIGUSR1)",
+                self.renew_signal
+            ));
         }
         Ok(())
     }
@@ -307,7 +311,9 @@ struct Fields<'a> {
 impl<'a> Fields<'a> {
     fn new(value: &'a Value, scope: &'static str) -> Result<Self, ConfigError> {
         match value {
-            Value::Object(items) => Ok(Self { scope, items: items.iter().map(|(k, v, p)| (k.as_str(), v, *p)).collect() }),
+            Value::Object(items) => {
+                Ok(Self { scope, items: items.iter().map(|(k, v, p)| (k.as_str(), v, *p)).collect() })
+            }
             _ => invalid(format!("{scope}: expected an object")),
         }
     }
@@ -362,9 +368,11 @@ impl<'a> Fields<'a> {
         let mode = match self.take(key) {
             None => 0,
             Some((Value::Int(i), _)) => *i,
-            Some((Value::Str(s), pos)) => hcl::parse_int(s.trim())
-                .filter(|_| s.trim().starts_with('0'))
-                .ok_or_else(|| ConfigError::Invalid(format!("{key} at line {pos}: {s:?} is not an octal mode like \"0600\"")))?,
+            Some((Value::Str(s), pos)) => {
+                hcl::parse_int(s.trim()).filter(|_| s.trim().starts_with('0')).ok_or_else(|| {
+                    ConfigError::Invalid(format!("{key} at line {pos}: {s:?} is not an octal mode like \"0600\""))
+                })?
+            }
             Some((_, pos)) => return invalid(format!("{key} at line {pos} must be a file mode")),
         };
         match mode {

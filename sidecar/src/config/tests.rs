@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use super::*;
 
 fn seed_config() -> String {
-    std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/helper.conf")).expect("examples/helper.conf")
+    std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/helper.conf"))
+        .expect("examples/helper.conf")
 }
 
 #[test]
@@ -16,7 +17,14 @@ fn the_seed_configmap_loads_unchanged() {
     assert_eq!(config.x509, Some(("tls.crt".into(), "tls.key".into(), "svid_bundle.pem".into())));
     assert_eq!(config.jwt_bundle_file_name, "key.jwt");
     assert_eq!((config.cert_file_mode, config.key_file_mode, config.jwt_svid_file_mode), (0o600, 0o600, 0o600));
-    assert_eq!(config.jwt_svids, vec![JwtSvidConfig { audience: "slim-demo".into(), extra_audiences: vec![], file_name: "jwt_svid.token".into() }]);
+    assert_eq!(
+        config.jwt_svids,
+        vec![JwtSvidConfig {
+            audience: "slim-demo".into(),
+            extra_audiences: vec![],
+            file_name: "jwt_svid.token".into()
+        }]
+    );
     assert!(config.daemon_mode);
     assert_eq!(config.jwt_bundle_format, JwtBundleFormat::SpiffeHelper, "spiffe-helper's format by default");
 }
@@ -24,7 +32,10 @@ fn the_seed_configmap_loads_unchanged() {
 #[test]
 fn defaults_match_spiffe_helper() {
     let config = Config::from_hcl(r#"jwt_bundle_file_name = "b.json""#).expect("minimal");
-    assert_eq!((config.cert_file_mode, config.key_file_mode, config.jwt_bundle_file_mode, config.jwt_svid_file_mode), (0o644, 0o600, 0o600, 0o600));
+    assert_eq!(
+        (config.cert_file_mode, config.key_file_mode, config.jwt_bundle_file_mode, config.jwt_svid_file_mode),
+        (0o644, 0o600, 0o600, 0o600)
+    );
     assert!(config.daemon_mode);
     assert!(!config.health_checks.listener_enabled);
     assert_eq!(config.jwt_svid_refresh_percent, 50);
@@ -62,8 +73,14 @@ fn unknown_keys_are_errors_everywhere() {
     for (text, expected) in [
         ("jwt_bundle_file_name = \"b\"\ncertDir = \"/x\"", "unknown top-level config key \"certDir\" at line 2"),
         ("jwt_bundle_file_name = \"b\"\nagentAddress = \"/x\"", "agentAddress"),
-        ("jwt_svids = [{jwt_audience=\"a\", jwt_svid_file_name=\"f\", jwt_file=\"g\"}]", "unknown jwt_svids config key \"jwt_file\""),
-        ("jwt_bundle_file_name = \"b\"\nhealth_checks { listener_enabled = true\n port = 1 }", "unknown health_checks config key \"port\""),
+        (
+            "jwt_svids = [{jwt_audience=\"a\", jwt_svid_file_name=\"f\", jwt_file=\"g\"}]",
+            "unknown jwt_svids config key \"jwt_file\"",
+        ),
+        (
+            "jwt_bundle_file_name = \"b\"\nhealth_checks { listener_enabled = true\n port = 1 }",
+            "unknown health_checks config key \"port\"",
+        ),
     ] {
         let error = Config::from_hcl(text).expect_err(text).to_string();
         assert!(error.contains(expected), "{text}: {error}");
@@ -78,7 +95,10 @@ fn spiffe_helper_validation_rules() {
         ("jwt_svids = [{jwt_audience=\"a\"}]", "'jwt_file_name' is required"),
         ("jwt_svids = [{jwt_svid_file_name=\"f\"}]", "'jwt_audience' is required"),
         ("jwt_bundle_file_name = \"b\"\ncert_file_mode = -1", "must not be negative"),
-        ("jwt_bundle_file_name = \"b\"\npid_file_name = \"/p\"\nrenew_signal = \"SIGHUP\"\ndaemon_mode = false", "daemon_mode is false"),
+        (
+            "jwt_bundle_file_name = \"b\"\npid_file_name = \"/p\"\nrenew_signal = \"SIGHUP\"\ndaemon_mode = false",
+            "daemon_mode is false",
+        ),
         ("jwt_bundle_file_name = \"b\"\npid_file_name = \"/p\"", "renew_signal is not"),
         ("jwt_bundle_file_name = \"b\"\nrenew_signal = \"SIGNOPE\"", "not a known signal"),
         ("jwt_bundle_file_name = \"b\"\nhealth_checks { bind_port = -1 }", "must not be negative"),
@@ -96,7 +116,10 @@ fn health_defaults_apply_only_when_enabled() {
     let off = Config::from_hcl("jwt_bundle_file_name = \"b\"\nhealth_checks { bind_port = 9000 }").expect("ok");
     assert!(!off.health_checks.listener_enabled);
     assert_eq!(off.health_checks.bind_port, 8081, "ignored while disabled");
-    let on = Config::from_hcl("jwt_bundle_file_name = \"b\"\nhealth_checks { listener_enabled = true\n readiness_path = \"/r\" }").expect("ok");
+    let on = Config::from_hcl(
+        "jwt_bundle_file_name = \"b\"\nhealth_checks { listener_enabled = true\n readiness_path = \"/r\" }",
+    )
+    .expect("ok");
     assert_eq!((on.health_checks.bind_port, on.health_checks.readiness_path.as_str()), (8081, "/r"));
 }
 

@@ -93,7 +93,13 @@ impl Audience {
 
 /// Validates `token` for `expected` audiences (at least one must be in `aud`) at `now`, allowing
 /// `leeway` seconds of clock skew, with the bundle of the subject's trust domain.
-pub fn validate(token: &str, bundles: &JwtBundles, expected: &[String], now: i64, leeway: u64) -> Result<ValidJwt, JwtError> {
+pub fn validate(
+    token: &str,
+    bundles: &JwtBundles,
+    expected: &[String],
+    now: i64,
+    leeway: u64,
+) -> Result<ValidJwt, JwtError> {
     let token = token.trim();
     let header = jsonwebtoken::decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
     if !ALLOWED.contains(&header.alg) {
@@ -105,7 +111,9 @@ pub fn validate(token: &str, bundles: &JwtBundles, expected: &[String], now: i64
     }
     let claims = unverified_claims(token)?;
     let subject = claims.sub.clone().unwrap_or_default();
-    let trust_domain = trust_domain_of(&subject).filter(|_| subject.len() > "spiffe://".len()).ok_or(JwtError::Subject(subject.clone()))?;
+    let trust_domain = trust_domain_of(&subject)
+        .filter(|_| subject.len() > "spiffe://".len())
+        .ok_or(JwtError::Subject(subject.clone()))?;
     let jwks = bundles.get(trust_domain).ok_or_else(|| JwtError::NoBundle(trust_domain.to_owned()))?;
     let set: JwkSet = serde_json::from_slice(jwks).map_err(|e| JwtError::Bundle(format!("{trust_domain}: {e}")))?;
     let jwk = set
@@ -134,7 +142,8 @@ pub fn validate(token: &str, bundles: &JwtBundles, expected: &[String], now: i64
     validation.validate_nbf = false;
     validation.validate_aud = false;
     validation.required_spec_claims.clear();
-    jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation).map_err(|e| JwtError::Signature(e.to_string()))?;
+    jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+        .map_err(|e| JwtError::Signature(e.to_string()))?;
     Ok(ValidJwt { spiffe_id: subject, audiences, expiry })
 }
 
@@ -150,7 +159,8 @@ fn unverified_claims(token: &str) -> Result<Claims, JwtError> {
 /// RSA keys under 2048 bits are refused, as the SPIFFE validators do.
 fn check_rsa_size(jwk: &Jwk) -> Result<(), JwtError> {
     if let jsonwebtoken::jwk::AlgorithmParameters::RSA(rsa) = &jwk.algorithm {
-        let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(rsa.n.trim_end_matches('=')).unwrap_or_default();
+        let n =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(rsa.n.trim_end_matches('=')).unwrap_or_default();
         let bits = n.iter().skip_while(|b| **b == 0).count() * 8;
         if bits < 2048 {
             return Err(JwtError::Bundle(format!("RSA key of {bits} bits; at least 2048 are required")));
@@ -170,7 +180,8 @@ pub fn spiffe_helper_bundle(bundles: &JwtBundles) -> Vec<u8> {
 /// A plain JWKS (`{"keys": [...]}`) of `trust_domain`, as SLIM's static JWKS verifier loads it.
 pub fn jwks_bundle(bundles: &JwtBundles, trust_domain: &str) -> Result<Vec<u8>, JwtError> {
     let jwks = bundles.get(trust_domain).ok_or_else(|| JwtError::NoBundle(trust_domain.to_owned()))?;
-    let value: serde_json::Value = serde_json::from_slice(jwks).map_err(|e| JwtError::Bundle(format!("{trust_domain}: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(jwks).map_err(|e| JwtError::Bundle(format!("{trust_domain}: {e}")))?;
     let keys = value.get("keys").cloned().unwrap_or(serde_json::Value::Array(Vec::new()));
     serde_json::to_vec_pretty(&serde_json::json!({ "keys": keys })).map_err(|e| JwtError::Bundle(e.to_string()))
 }
@@ -178,7 +189,8 @@ pub fn jwks_bundle(bundles: &JwtBundles, trust_domain: &str) -> Result<Vec<u8>, 
 /// Reads a bundle file in either format into bundles by trust domain. A plain JWKS has no
 /// trust domain of its own: it is used for `default_domain` (the token's, when verifying).
 pub fn read_bundle_file(bytes: &[u8], default_domain: &str) -> Result<JwtBundles, JwtError> {
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| JwtError::Bundle(format!("not JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| JwtError::Bundle(format!("not JSON: {e}")))?;
     let object = value.as_object().ok_or_else(|| JwtError::Bundle("expected a JSON object".into()))?;
     if object.contains_key("keys") {
         return Ok(BTreeMap::from([(default_domain.to_owned(), bytes.to_vec())]));
@@ -186,7 +198,8 @@ pub fn read_bundle_file(bytes: &[u8], default_domain: &str) -> Result<JwtBundles
     object
         .iter()
         .map(|(domain, encoded)| {
-            let encoded = encoded.as_str().ok_or_else(|| JwtError::Bundle(format!("{domain}: expected base64 text")))?;
+            let encoded =
+                encoded.as_str().ok_or_else(|| JwtError::Bundle(format!("{domain}: expected base64 text")))?;
             let jwks = base64::engine::general_purpose::STANDARD
                 .decode(encoded)
                 .map_err(|e| JwtError::Bundle(format!("{domain}: {e}")))?;

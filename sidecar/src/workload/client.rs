@@ -81,7 +81,10 @@ impl WorkloadClient {
             }))
             .await
             .map_err(|e| WorkloadError::Unavailable { socket: socket.to_owned(), reason: error_chain(&e) })?;
-        Ok(Self { socket: socket.to_owned(), inner: SpiffeWorkloadApiClient::with_interceptor(channel, SecurityHeader) })
+        Ok(Self {
+            socket: socket.to_owned(),
+            inner: SpiffeWorkloadApiClient::with_interceptor(channel, SecurityHeader),
+        })
     }
 
     pub fn socket(&self) -> &Path {

@@ -12,7 +12,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
+};
 use tokio::sync::{oneshot, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -91,6 +94,11 @@ impl Authority {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::OrganizationName, "SPIRE");
         params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().expect("spiffe uri"))];
+        // What SPIRE puts in an X.509-SVID (the SPIFFE X.509-SVID spec requires keyUsage).
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages =
+            vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment, KeyUsagePurpose::KeyAgreement];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::seconds(10);
         params.not_after = now + time::Duration::try_from(ttl).unwrap_or(time::Duration::HOUR);
@@ -149,7 +157,8 @@ impl AgentState {
 
     /// Re-issues every identity (a rotation).
     pub fn rotate(&mut self) {
-        let ids: Vec<(String, String)> = self.identities.iter().map(|i| (i.spiffe_id.clone(), i.hint.clone())).collect();
+        let ids: Vec<(String, String)> =
+            self.identities.iter().map(|i| (i.spiffe_id.clone(), i.hint.clone())).collect();
         for (id, hint) in ids {
             self.issue(&id, &hint);
         }
@@ -329,7 +338,10 @@ impl SpiffeWorkloadApi for Service {
     type FetchX509SVIDStream = Pushes<pb::X509svidResponse>;
     type FetchJWTBundlesStream = Pushes<pb::JwtBundlesResponse>;
 
-    async fn fetch_x509svid(&self, request: Request<pb::X509svidRequest>) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+    async fn fetch_x509svid(
+        &self,
+        request: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&request)?;
         Ok(Response::new(self.pushes(|state| {
             if state.identities.is_empty() {
@@ -340,7 +352,10 @@ impl SpiffeWorkloadApi for Service {
         })))
     }
 
-    async fn fetch_jwtsvid(&self, request: Request<pb::JwtsvidRequest>) -> Result<Response<pb::JwtsvidResponse>, Status> {
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
         check_header(&request)?;
         let request = request.into_inner();
         if request.audience.is_empty() {
@@ -355,12 +370,19 @@ impl SpiffeWorkloadApi for Service {
             .identities
             .iter()
             .filter(|i| request.spiffe_id.is_empty() || i.spiffe_id == request.spiffe_id)
-            .map(|i| pb::Jwtsvid { spiffe_id: i.spiffe_id.clone(), svid: state.sign_jwt(&i.spiffe_id, &request.audience), hint: i.hint.clone() })
+            .map(|i| pb::Jwtsvid {
+                spiffe_id: i.spiffe_id.clone(),
+                svid: state.sign_jwt(&i.spiffe_id, &request.audience),
+                hint: i.hint.clone(),
+            })
             .collect();
         Ok(Response::new(pb::JwtsvidResponse { svids }))
     }
 
-    async fn fetch_jwt_bundles(&self, request: Request<pb::JwtBundlesRequest>) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
         Ok(Response::new(self.pushes(|state| {
             if state.identities.is_empty() {
