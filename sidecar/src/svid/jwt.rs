@@ -101,10 +101,12 @@ pub fn validate(
     leeway: u64,
 ) -> Result<ValidJwt, JwtError> {
     let token = token.trim();
-    let header = jsonwebtoken::decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
-    if !ALLOWED.contains(&header.alg) {
-        return Err(JwtError::Algorithm(format!("{:?}", header.alg)));
+    // The algorithm is checked on the raw header first, so `none` or `HS256` get a clear refusal.
+    let raw_alg = raw_header(token)?.get("alg").and_then(|a| a.as_str()).unwrap_or_default().to_owned();
+    if !ALLOWED.iter().any(|a| format!("{a:?}") == raw_alg) {
+        return Err(JwtError::Algorithm(raw_alg));
     }
+    let header = jsonwebtoken::decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
     let kid = header.kid.clone().ok_or(JwtError::NoKid)?;
     if let Some(typ) = header.typ.as_deref().filter(|t| !matches!(*t, "JWT" | "JOSE")) {
         return Err(JwtError::Typ(typ.to_owned()));
@@ -145,6 +147,14 @@ pub fn validate(
     jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
         .map_err(|e| JwtError::Signature(e.to_string()))?;
     Ok(ValidJwt { spiffe_id: subject, audiences, expiry })
+}
+
+fn raw_header(token: &str) -> Result<serde_json::Value, JwtError> {
+    let header = token.split('.').next().unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .map_err(|e| JwtError::Malformed(format!("header: {e}")))?;
+    serde_json::from_slice(&bytes).map_err(|e| JwtError::Malformed(format!("header: {e}")))
 }
 
 /// The claims, read without verifying (to pick the trust domain; verification follows).

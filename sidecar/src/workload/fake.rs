@@ -128,8 +128,9 @@ pub struct AgentState {
     pub jwt_keys: Vec<SigningKey>,
     pub jwt_ttl: Duration,
     pub x509_ttl: Duration,
-    /// Calls to FetchJWTSVID so far.
+    /// Calls to FetchJWTSVID so far, and when (tokio time, so paused-clock tests can read it).
     pub jwt_fetches: u64,
+    pub jwt_fetched_at: Vec<tokio::time::Instant>,
 }
 
 impl AgentState {
@@ -142,6 +143,7 @@ impl AgentState {
             jwt_ttl: Duration::from_secs(300),
             x509_ttl: Duration::from_secs(3600),
             jwt_fetches: 0,
+            jwt_fetched_at: Vec::new(),
         }
     }
 
@@ -363,6 +365,7 @@ impl SpiffeWorkloadApi for Service {
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.jwt_fetches += 1;
+        state.jwt_fetched_at.push(tokio::time::Instant::now());
         if state.identities.is_empty() {
             return Err(Status::permission_denied("no identity issued"));
         }
