@@ -300,7 +300,9 @@ fn watch_dir(dir: &Path, tx: mpsc::Sender<Update>) -> Option<notify::Recommended
     use notify::Watcher;
     let (event_tx, mut event_rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Only changes matter. Reads (ours included: the check reads the files) raise access
+        // events, and reacting to them would turn the check into a polling loop.
+        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             let _ = event_tx.send(());
         }
     })
