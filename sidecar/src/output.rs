@@ -10,8 +10,8 @@
 //! Every version directory holds the complete set, each file written, given its mode and
 //! fsynced before the swap. A reader therefore never sees a partial file, and a reader that
 //! resolves `..data` once (or opens files through one directory handle) never sees a certificate
-//! with the key of another version. The previous version is kept until the next swap, so a reader
-//! that resolved the old directory just before a swap can still finish.
+//! with the key of another version. Replaced versions are kept for [`RETAIN`] before they are
+//! removed, so a reader that resolved an older directory just before a swap can still finish.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 
 /// The link that names the current version.
 pub const DATA_LINK: &str = "..data";
+
+/// How long a replaced version stays readable.
+pub const RETAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One output file's wanted content and mode.
 #[derive(Clone, PartialEq, Eq)]
@@ -55,7 +58,8 @@ pub struct OutputDir {
     dir: PathBuf,
     wanted: BTreeMap<String, FileContent>,
     current: Option<String>,
-    previous: Option<String>,
+    /// Replaced versions and when they were replaced, oldest first.
+    retired: std::collections::VecDeque<(String, std::time::Instant)>,
     writes: u64,
 }
 
@@ -65,7 +69,10 @@ impl OutputDir {
             return Err(OutputError::MissingDir { path: dir.to_owned() });
         }
         let current = std::fs::read_link(dir.join(DATA_LINK)).ok().map(|p| p.to_string_lossy().into_owned());
-        Ok(Self { dir: dir.to_owned(), wanted: BTreeMap::new(), current, previous: None, writes: 0 })
+        let out =
+            Self { dir: dir.to_owned(), wanted: BTreeMap::new(), current, retired: Default::default(), writes: 0 };
+        out.remove_strays();
+        Ok(out)
     }
 
     pub fn dir(&self) -> &Path {
@@ -103,6 +110,7 @@ impl OutputDir {
             return Ok(false);
         }
         self.write_version()?;
+        self.remove_strays();
         Ok(true)
     }
 
@@ -154,24 +162,25 @@ impl OutputDir {
             }
         }
         sync_dir(&self.dir)?;
-        // Keep the version before this one for readers that resolved it just before the swap.
-        if let Some(old) = self.previous.take()
-            && Some(&old) != self.current.as_ref()
-        {
-            let _ = std::fs::remove_dir_all(self.dir.join(old));
+        // Replaced versions stay readable for a while: a reader may have resolved one just before.
+        if let Some(old) = self.current.replace(name) {
+            self.retired.push_back((old, std::time::Instant::now()));
         }
-        self.previous = self.current.replace(name);
-        self.remove_strays();
+        while self.retired.front().is_some_and(|(_, at)| at.elapsed() > RETAIN) {
+            if let Some((old, _)) = self.retired.pop_front() {
+                let _ = std::fs::remove_dir_all(self.dir.join(old));
+            }
+        }
         self.writes += 1;
         Ok(())
     }
 
-    /// Version directories we no longer know about (from an earlier run or a tamperer).
+    /// Version directories we do not know about (from an earlier run, or a tamperer).
     fn remove_strays(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let ours = Some(&name) == self.current.as_ref() || Some(&name) == self.previous.as_ref();
+            let ours = Some(&name) == self.current.as_ref() || self.retired.iter().any(|(r, _)| *r == name);
             if name.starts_with("..20") && !ours && entry.path().is_dir() {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
@@ -237,7 +246,7 @@ mod tests {
             .flatten()
             .filter(|e| e.file_name().to_string_lossy().starts_with("..20"))
             .count();
-        assert_eq!(versions, 2, "the current version and the one before it");
+        assert_eq!(versions, 3, "the current version and the replaced ones, kept for RETAIN");
         assert_eq!(out.writes(), 3);
     }
 
