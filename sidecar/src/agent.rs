@@ -324,77 +324,74 @@ fn watch_dir(dir: &Path, tx: mpsc::Sender<Update>) -> Option<notify::Recommended
     Some(watcher)
 }
 
-/// Follows the X.509 stream forever; reconnects with backoff; only InvalidArgument stops it.
+/// Follows the X.509 stream forever.
 async fn x509_loop(socket: PathBuf, hint: String, options: X509Options, tx: mpsc::Sender<Update>, health: Health) {
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-    loop {
-        let result = async {
-            let client = WorkloadClient::connect(&socket).await?;
-            let mut stream = client.x509_svids().await?;
-            loop {
-                match stream.message().await {
-                    Ok(Some(response)) => {
-                        health.connected();
-                        backoff.reset();
-                        match x509::render(&response, &hint, options, unix_now()) {
-                            Ok(files) => {
-                                if tx.send(Update::X509(files)).await.is_err() {
-                                    return Ok(());
-                                }
-                            }
-                            Err(error) => {
-                                warn!(%error, "X.509-SVID update skipped");
-                                health.x509(WriteStatus::Failed, None);
-                            }
-                        }
-                    }
-                    Ok(None) => {
-                        return Err(WorkloadError::Unavailable {
-                            socket: socket.clone(),
-                            reason: "stream ended".into(),
-                        });
-                    }
-                    Err(status) => return Err(WorkloadError::from_status(&socket, &status)),
-                }
-            }
-        }
-        .await;
-        match result {
-            Ok(()) => return,
-            Err(error) if error.is_fatal() => {
-                let _ = tx.send(Update::Fatal(error.into())).await;
-                return;
-            }
+    let failed = health.clone();
+    follow(
+        socket,
+        "X.509-SVID stream",
+        tx,
+        health,
+        |client| async move { client.x509_svids().await },
+        move |response| match x509::render(&response, &hint, options, unix_now()) {
+            Ok(files) => Some(Update::X509(files)),
             Err(error) => {
-                health.disconnected();
-                let delay = backoff.delay();
-                warn!(%error, retry_in = ?delay, "X.509-SVID stream");
-                tokio::time::sleep(delay).await;
+                warn!(%error, "X.509-SVID update skipped");
+                failed.x509(WriteStatus::Failed, None);
+                None
             }
-        }
-    }
+        },
+    )
+    .await
 }
 
-/// Follows the JWT bundle stream forever.
+/// Follows the JWT bundle stream forever; the JWT-SVID loops validate against what it brings.
 async fn bundle_loop(
     socket: PathBuf,
     tx: mpsc::Sender<Update>,
     bundles_tx: watch::Sender<Option<JwtBundles>>,
     health: Health,
 ) {
+    follow(
+        socket,
+        "JWT bundle stream",
+        tx,
+        health,
+        |client| async move { client.jwt_bundles().await },
+        move |response| {
+            let bundles = bundles_of(response);
+            bundles_tx.send_replace(Some(bundles.clone()));
+            Some(Update::Bundles(bundles))
+        },
+    )
+    .await
+}
+
+/// Keeps a Workload API stream open forever: every message becomes (at most) one update; a
+/// broken stream is reopened with backoff (reset by each message); only InvalidArgument ends it.
+async fn follow<T, Open, Opened>(
+    socket: PathBuf,
+    what: &'static str,
+    tx: mpsc::Sender<Update>,
+    health: Health,
+    open: Open,
+    mut on_message: impl FnMut(T) -> Option<Update>,
+) where
+    Open: Fn(WorkloadClient) -> Opened,
+    Opened: std::future::Future<Output = Result<tonic::Streaming<T>, WorkloadError>>,
+{
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         let result = async {
-            let client = WorkloadClient::connect(&socket).await?;
-            let mut stream = client.jwt_bundles().await?;
+            let mut stream = open(WorkloadClient::connect(&socket).await?).await?;
             loop {
                 match stream.message().await {
-                    Ok(Some(response)) => {
+                    Ok(Some(message)) => {
                         health.connected();
                         backoff.reset();
-                        let bundles = bundles_of(response);
-                        bundles_tx.send_replace(Some(bundles.clone()));
-                        if tx.send(Update::Bundles(bundles)).await.is_err() {
+                        if let Some(update) = on_message(message)
+                            && tx.send(update).await.is_err()
+                        {
                             return Ok(());
                         }
                     }
@@ -418,7 +415,7 @@ async fn bundle_loop(
             Err(error) => {
                 health.disconnected();
                 let delay = backoff.delay();
-                warn!(%error, retry_in = ?delay, "JWT bundle stream");
+                warn!(%error, retry_in = ?delay, "{what}");
                 tokio::time::sleep(delay).await;
             }
         }

@@ -10,18 +10,11 @@ import datetime
 import sys
 import threading
 
-import slim_bindings as slim
-
-SECRET = "slim-operator-e2e-shared-secret-0123456789abcdef"
+from slim_app import connect
 
 
 def main(endpoint: str, local: str) -> None:
-    service = slim.create_service("svc-" + local.replace("/", "-"))
-    conn = service.connect(slim.new_insecure_client_config(endpoint))
-    name = slim.Name.from_string(local)
-    app = service.create_app_with_secret(name, SECRET)
-    app.subscribe(name, conn)
-    print("instance", app.id(), flush=True)
+    app, _ = connect(endpoint, local)
     sessions = []
 
     def receive(session) -> None:

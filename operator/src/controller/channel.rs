@@ -10,14 +10,13 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{info, warn};
 
 use super::channel_status::{ChannelNotices, ChannelStatusInput, next_channel_status, reason};
-use super::{Context, Error, MANAGER, retry_key};
+use super::{Context, Error, MANAGER};
 use crate::api::condition;
 use crate::api::{SlimChannel, SlimChannelStatus};
 use crate::engine::ChannelSync;
@@ -35,30 +34,14 @@ const KIND: &str = "SlimChannel";
 const PENDING_RECHECK: Duration = Duration::from_secs(15);
 
 pub async fn reconcile(channel: Arc<SlimChannel>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let namespace = channel.namespace().ok_or(Error::MissingNamespace)?;
-    let span = info_span!("reconcile", kind = KIND, namespace = %namespace, name = %channel.name_any());
-    async {
-        let _timer = ctx.metrics.reconcile_timer(KIND);
-        let api: Api<SlimChannel> = Api::namespaced(ctx.client.clone(), &namespace);
-        let result = finalizer(&api, FINALIZER, channel.clone(), |event| async {
-            match event {
-                FinalizerEvent::Apply(channel) => apply(&channel, &ctx).await,
-                FinalizerEvent::Cleanup(channel) => cleanup(&channel, &ctx).await,
-            }
-        })
-        .await
-        .map_err(|e| Error::Finalizer(Box::new(e)));
-        ctx.metrics.reconciled(KIND, result.is_ok());
-        match &result {
-            Ok(_) => ctx.clear_retries(&retry_key(&*channel)),
-            Err(error) => {
-                let note = crate::slim::node::error_chain(error);
-                ctx.publish(&*channel, EventType::Warning, error.reason(), note).await;
-            }
-        }
-        result
-    }
-    .instrument(span)
+    let (for_apply, for_cleanup) = (ctx.clone(), ctx.clone());
+    super::reconcile_finalized(
+        channel,
+        ctx,
+        FINALIZER,
+        |channel| async move { apply(&channel, &for_apply).await },
+        |channel| async move { cleanup(&channel, &for_cleanup).await },
+    )
     .await
 }
 

@@ -148,6 +148,58 @@ impl Context {
     }
 }
 
+/// The common shape of both reconcilers: a span, the duration metric, the finalizer (apply or
+/// cleanup), the outcome metric, the retry state, and a Warning event on failure.
+pub(crate) async fn reconcile_finalized<K, Apply, Cleanup, ApplyFut, CleanupFut>(
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+    finalizer_name: &str,
+    apply: Apply,
+    cleanup: Cleanup,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    Apply: FnOnce(Arc<K>) -> ApplyFut,
+    Cleanup: FnOnce(Arc<K>) -> CleanupFut,
+    ApplyFut: std::future::Future<Output = Result<Action, Error>>,
+    CleanupFut: std::future::Future<Output = Result<Action, Error>>,
+{
+    use tracing::Instrument;
+    let kind = kind_label(&K::kind(&()));
+    let namespace = obj.namespace().ok_or(Error::MissingNamespace)?;
+    let span = tracing::info_span!("reconcile", kind, namespace = %namespace, name = %obj.name_any());
+    async {
+        let _timer = ctx.metrics.reconcile_timer(kind);
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+        let result = finalizer::finalizer(&api, finalizer_name, obj.clone(), |event| async {
+            match event {
+                finalizer::Event::Apply(obj) => apply(obj).await,
+                finalizer::Event::Cleanup(obj) => cleanup(obj).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)));
+        ctx.metrics.reconciled(kind, result.is_ok());
+        match &result {
+            Ok(_) => ctx.clear_retries(&retry_key(&*obj)),
+            Err(error) => {
+                let note = crate::slim::node::error_chain(error);
+                ctx.publish(&*obj, EventType::Warning, error.reason(), note).await;
+            }
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
 /// `Kind/namespace/name`: the key of per-object retry state.
 fn retry_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     format!("{}/{}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())

@@ -7,11 +7,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tracing::{Instrument, info, info_span};
+use tracing::info;
 
 use super::subscription_status::{Notices, StatusInput, failed_status, next_status};
 use super::{Context, Error, MANAGER};
@@ -23,33 +22,15 @@ use crate::slim::{RouteRef, SlimName};
 /// Finalizer that keeps a Subscription until its routes are removed from the nodes.
 pub const FINALIZER: &str = "subscriptions.slim.agntcy.org/cleanup";
 
-const KIND: &str = "Subscription";
-
 pub async fn reconcile(sub: Arc<Subscription>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let namespace = sub.namespace().ok_or(Error::MissingNamespace)?;
-    let span = info_span!("reconcile", kind = KIND, namespace = %namespace, name = %sub.name_any());
-    async {
-        let _timer = ctx.metrics.reconcile_timer(KIND);
-        let api: Api<Subscription> = Api::namespaced(ctx.client.clone(), &namespace);
-        let result = finalizer(&api, FINALIZER, sub.clone(), |event| async {
-            match event {
-                FinalizerEvent::Apply(sub) => apply(&sub, &ctx).await,
-                FinalizerEvent::Cleanup(sub) => cleanup(&sub, &ctx).await,
-            }
-        })
-        .await
-        .map_err(|e| Error::Finalizer(Box::new(e)));
-        ctx.metrics.reconciled(KIND, result.is_ok());
-        match &result {
-            Ok(_) => ctx.clear_retries(&super::retry_key(&*sub)),
-            Err(error) => {
-                let note = crate::slim::node::error_chain(error);
-                ctx.publish(&*sub, EventType::Warning, error.reason(), note).await;
-            }
-        }
-        result
-    }
-    .instrument(span)
+    let (for_apply, for_cleanup) = (ctx.clone(), ctx.clone());
+    super::reconcile_finalized(
+        sub,
+        ctx,
+        FINALIZER,
+        |sub| async move { apply(&sub, &for_apply).await },
+        |sub| async move { cleanup(&sub, &for_cleanup).await },
+    )
     .await
 }
 
