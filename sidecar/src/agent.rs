@@ -277,6 +277,7 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
             _ = &mut shutdown => {
                 info!("shutting down");
                 tasks.abort_all();
+                writer.hooks.stop().await;
                 return Ok(());
             }
             update = rx.recv() => match update {
@@ -287,6 +288,7 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
                     Err(AgentError::Output(error)) => warn!(%error, "will retry on the next update"),
                     Err(error) => {
                         tasks.abort_all();
+                        writer.hooks.stop().await;
                         return Err(error);
                     }
                 },

@@ -99,6 +99,18 @@ impl Hooks {
         }
     }
 
+    /// On shutdown: the `cmd` we started gets SIGTERM (and is waited for, briefly), so it does not
+    /// outlive the agent outside a container.
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        if let (Ok(None), Some(pid)) = (child.try_wait(), child.id()) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+                let _ = child.kill().await;
+            }
+        }
+    }
+
     fn run_or_signal_cmd(&mut self) {
         if let Some(child) = self.child.as_mut() {
             match child.try_wait() {

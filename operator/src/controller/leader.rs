@@ -179,6 +179,8 @@ async fn release(api: &Api<Lease>, config: &LeaseConfig) -> Result<(), kube::Err
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::{Method, Request, Response};
+    use kube::client::Body;
 
     fn lease(holder: Option<&str>, renewed: Option<i64>) -> Lease {
         Lease {
@@ -208,5 +210,72 @@ mod tests {
         assert_eq!(decide(Some(&lease(Some("b"), Some(80))), "a", at(100)), LeaseAction::TakeOver, "b let it expire");
         assert_eq!(decide(Some(&lease(None, None)), "a", at(100)), LeaseAction::TakeOver, "released");
         assert_eq!(decide(Some(&Lease::default()), "a", at(100)), LeaseAction::TakeOver);
+    }
+
+    /// Answers the calls of one `step` in order: (method, reply status, reply body).
+    async fn step_against(replies: Vec<(Method, u16, serde_json::Value)>) -> (Result<bool, kube::Error>, Vec<String>) {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "slim-system");
+        let api: Api<Lease> = Api::namespaced(client, "slim-system");
+        let config = LeaseConfig::new("slim-system", "me");
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for (method, status, body) in replies {
+                let (request, respond) = handle.next_request().await.expect("a call");
+                assert_eq!(request.method(), method);
+                assert!(request.uri().path().starts_with("/apis/coordination.k8s.io/v1/namespaces/slim-system/leases"));
+                seen.push(format!("{} {}", request.method(), request.uri().path()));
+                let bytes = serde_json::to_vec(&body).expect("json");
+                respond.send_response(Response::builder().status(status).body(Body::from(bytes)).expect("response"));
+            }
+            seen
+        });
+        let result = step(&api, &config).await;
+        (result, server.await.expect("server"))
+    }
+
+    fn lease_json(holder: &str, renewed: Timestamp) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "slim-operator-leader", "namespace": "slim-system", "resourceVersion": "7"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "renewTime": MicroTime(renewed)},
+        })
+    }
+
+    fn not_found() -> serde_json::Value {
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})
+    }
+
+    #[tokio::test]
+    async fn missing_lease_is_created_and_held() {
+        let (result, calls) = step_against(vec![
+            (Method::GET, 404, not_found()),
+            (Method::POST, 201, lease_json("me", Timestamp::now())),
+        ])
+        .await;
+        assert!(result.expect("step"));
+        assert_eq!(calls.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_live_holder_is_followed_without_writes() {
+        let (result, calls) = step_against(vec![(Method::GET, 200, lease_json("other", Timestamp::now()))]).await;
+        assert!(!result.expect("step"));
+        assert_eq!(calls.len(), 1, "no write while another replica holds a fresh lease");
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_taken_over_and_a_lost_race_means_following() {
+        let stale = Timestamp::now() - SignedDuration::from_secs(60);
+        let (result, _) = step_against(vec![
+            (Method::GET, 200, lease_json("other", stale)),
+            (Method::PUT, 200, lease_json("me", Timestamp::now())),
+        ])
+        .await;
+        assert!(result.expect("taken over"));
+        let conflict = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409});
+        let (result, _) =
+            step_against(vec![(Method::GET, 200, lease_json("other", stale)), (Method::PUT, 409, conflict)]).await;
+        assert!(!result.expect("conflict is not an error"), "another replica took it first");
     }
 }

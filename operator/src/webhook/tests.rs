@@ -372,3 +372,115 @@ fn generated_leaf_is_valid_for_the_service_and_fresh() {
     assert_ne!(again.cert_pem, material.cert_pem);
     assert!(!format!("{again:?}").contains("PRIVATE KEY"));
 }
+
+mod self_managed {
+    use super::*;
+    use http::{Method, Response};
+    use kube::client::Body;
+
+    type Handle = tower_test::mock::Handle<http::Request<Body>, Response<Body>>;
+
+    fn manager() -> certs::SelfManaged {
+        certs::SelfManaged {
+            namespace: "slim-system".into(),
+            secret: "slim-operator-webhook-tls".into(),
+            service: "slim-operator-webhook".into(),
+            webhook_configuration: "slim-operator".into(),
+        }
+    }
+
+    fn configuration(ca_bundle: Option<&str>) -> Value {
+        let mut client_config =
+            json!({"service": {"name": "slim-operator-webhook", "namespace": "slim-system", "path": "/mutate"}});
+        if let Some(ca) = ca_bundle {
+            client_config["caBundle"] = json!(base64::engine::general_purpose::STANDARD.encode(ca));
+        }
+        json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": "slim-operator"},
+            "webhooks": [{"name": "identity.slim.agntcy.org", "admissionReviewVersions": ["v1"], "sideEffects": "None", "clientConfig": client_config}]
+        })
+    }
+
+    /// Serves the expected calls; returns their bodies.
+    async fn serve(mut handle: Handle, expected: Vec<(Method, &'static str, u16, Value)>) -> Vec<Value> {
+        let mut bodies = Vec::new();
+        for (method, path, status, reply) in expected {
+            let (request, respond) = handle.next_request().await.expect("a call");
+            assert_eq!((request.method(), request.uri().path()), (&method, path));
+            let bytes = request.into_body().collect_bytes().await.expect("body");
+            bodies.push(serde_json::from_slice(&bytes).unwrap_or(Value::Null));
+            let reply = serde_json::to_vec(&reply).expect("json");
+            respond.send_response(Response::builder().status(status).body(Body::from(reply)).expect("response"));
+        }
+        if let Ok(Some((request, _))) =
+            tokio::time::timeout(std::time::Duration::from_millis(200), handle.next_request()).await
+        {
+            panic!("unexpected call {} {}", request.method(), request.uri());
+        }
+        bodies
+    }
+
+    const SECRET: &str = "/api/v1/namespaces/slim-system/secrets/slim-operator-webhook-tls";
+    const SECRETS: &str = "/api/v1/namespaces/slim-system/secrets";
+    const MWC: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/slim-operator";
+
+    #[tokio::test]
+    async fn first_start_issues_stores_and_publishes_the_ca() {
+        let (service, handle) = tower_test::mock::pair::<http::Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "slim-system");
+        let not_found =
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
+        let created = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "slim-operator-webhook-tls", "namespace": "slim-system"}});
+        let server = tokio::spawn(serve(
+            handle,
+            vec![
+                (Method::GET, SECRET, 404, not_found),
+                (Method::POST, SECRETS, 201, created),
+                (Method::GET, MWC, 200, configuration(None)),
+                (Method::PATCH, MWC, 200, configuration(None)),
+            ],
+        ));
+        let store = CertStore::default();
+        let wait = manager().sync(&client, &store).await.expect("sync");
+        assert!(store.is_loaded(), "the new certificate is served");
+        assert!(wait > std::time::Duration::from_secs(60));
+        let bodies = server.await.expect("server");
+        let data = &bodies[1]["data"];
+        for key in ["ca.crt", "ca.key", "tls.crt", "tls.key"] {
+            assert!(data[key].is_string(), "Secret has {key}");
+        }
+        let ca_pem = String::from_utf8(
+            base64::engine::general_purpose::STANDARD.decode(data["ca.crt"].as_str().unwrap_or("")).expect("b64"),
+        )
+        .expect("pem");
+        let patch = &bodies[3];
+        assert_eq!(patch[0]["op"], "add");
+        assert_eq!(patch[0]["path"], "/webhooks/0/clientConfig/caBundle");
+        let published =
+            base64::engine::general_purpose::STANDARD.decode(patch[0]["value"].as_str().unwrap_or("")).expect("b64");
+        assert_eq!(String::from_utf8_lossy(&published), ca_pem, "the CA that signed the served certificate");
+    }
+
+    #[tokio::test]
+    async fn a_valid_secret_and_a_current_ca_bundle_need_no_writes() {
+        let material =
+            certs::generate(&certs::service_names("slim-operator-webhook", "slim-system"), None).expect("certs");
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let secret = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "slim-operator-webhook-tls", "namespace": "slim-system", "resourceVersion": "3"},
+            "data": {"ca.crt": b64(&material.ca_pem), "ca.key": b64(&material.ca_key_pem), "tls.crt": b64(&material.cert_pem), "tls.key": b64(&material.key_pem)}
+        });
+        let (service, handle) = tower_test::mock::pair::<http::Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "slim-system");
+        let server = tokio::spawn(serve(
+            handle,
+            vec![(Method::GET, SECRET, 200, secret), (Method::GET, MWC, 200, configuration(Some(&material.ca_pem)))],
+        ));
+        let store = CertStore::default();
+        manager().sync(&client, &store).await.expect("sync");
+        assert!(store.is_loaded());
+        server.await.expect("no Secret write, no caBundle patch");
+    }
+}
