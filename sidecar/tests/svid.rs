@@ -177,3 +177,62 @@ fn x509_files_and_refusals() {
         .expect("render");
     assert!(omitted.svid_pem.is_empty() && omitted.bundle_pem.is_empty());
 }
+
+/// root -> intermediate -> leaf, as SPIRE issues with an upstream authority.
+fn chain_with_intermediate() -> pb::X509svidResponse {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    let ca = |name: &str| {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params
+    };
+    let root_key = KeyPair::generate().expect("key");
+    let root_params = ca("root");
+    let root = root_params.self_signed(&root_key).expect("root");
+    let root_issuer = Issuer::new(root_params, root_key);
+    let intermediate_key = KeyPair::generate().expect("key");
+    let intermediate_params = ca("intermediate");
+    let intermediate = intermediate_params.signed_by(&intermediate_key, &root_issuer).expect("intermediate");
+    let intermediate_issuer = Issuer::new(intermediate_params, intermediate_key);
+    let leaf_key = KeyPair::generate().expect("key");
+    let mut leaf_params = CertificateParams::default();
+    leaf_params.subject_alt_names = vec![SanType::URI(ID.try_into().expect("uri"))];
+    leaf_params.is_ca = IsCa::ExplicitNoCa;
+    leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf = leaf_params.signed_by(&leaf_key, &intermediate_issuer).expect("leaf");
+    pb::X509svidResponse {
+        svids: vec![pb::X509svid {
+            spiffe_id: ID.into(),
+            x509_svid: [leaf.der().to_vec(), intermediate.der().to_vec()].concat(),
+            x509_svid_key: leaf_key.serialize_der(),
+            bundle: root.der().to_vec(),
+            hint: String::new(),
+        }],
+        crl: vec![],
+        federated_bundles: Default::default(),
+    }
+}
+
+#[test]
+fn intermediates_go_with_the_svid_or_into_the_bundle() {
+    let response = chain_with_intermediate();
+    let count = |pem: &[u8]| String::from_utf8_lossy(pem).matches("-----BEGIN CERTIFICATE-----").count();
+    let plain = x509::render(&response, "", X509Options::default(), unix_now()).expect("render");
+    assert_eq!((count(&plain.svid_pem), count(&plain.bundle_pem)), (2, 1), "leaf + intermediate; root");
+    let moved = x509::render(
+        &response,
+        "",
+        X509Options { add_intermediates_to_bundle: true, ..Default::default() },
+        unix_now(),
+    )
+    .expect("render");
+    assert_eq!((count(&moved.svid_pem), count(&moved.bundle_pem)), (1, 2), "leaf only; root + intermediate");
+    // The intermediate moved from the end of the SVID file to the end of the bundle.
+    let intermediate = &plain.svid_pem[moved.svid_pem.len()..];
+    assert!(moved.bundle_pem.ends_with(intermediate));
+}
