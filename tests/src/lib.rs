@@ -78,7 +78,11 @@ impl SlimNode {
     /// Starts a node with fresh ports and waits until both its servers accept connections.
     pub fn start(node_id: &str) -> Result<Self, HarnessError> {
         let dir = tempfile::tempdir()?;
-        let (data_port, controller_port) = (free_port()?, free_port()?);
+        // Both listeners are held while choosing, so the two ports differ.
+        let (data_port, controller_port) = {
+            let (a, b) = (TcpListener::bind("127.0.0.1:0")?, TcpListener::bind("127.0.0.1:0")?);
+            (a.local_addr()?.port(), b.local_addr()?.port())
+        };
         let config = dir.path().join("node.yaml");
         std::fs::write(
             &config,
