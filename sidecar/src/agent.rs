@@ -525,6 +525,19 @@ where
     }
 }
 
+/// The first message of a stream: one-shot mode takes the current state and stops.
+async fn first_message<T>(
+    socket: &Path,
+    open: impl std::future::Future<Output = Result<tonic::Streaming<T>, WorkloadError>>,
+) -> Result<T, AgentError> {
+    let mut stream = open.await?;
+    match stream.message().await {
+        Ok(Some(message)) => Ok(message),
+        Ok(None) => Err(WorkloadError::Unavailable { socket: socket.to_owned(), reason: "stream ended".into() }.into()),
+        Err(status) => Err(WorkloadError::from_status(socket, &status).into()),
+    }
+}
+
 /// One-shot mode (`daemon_mode = false`): fetch everything once, write one version, return.
 pub async fn run_once(config: Config) -> Result<(), AgentError> {
     let socket = config.socket_path()?;
@@ -540,33 +553,13 @@ pub async fn run_once(config: Config) -> Result<(), AgentError> {
         own_trust_domain: None,
     };
     if config.x509.is_some() {
-        let response = retry_denied(|| async {
-            let mut stream = client.x509_svids().await?;
-            match stream.message().await {
-                Ok(Some(response)) => Ok(response),
-                Ok(None) => {
-                    Err(WorkloadError::Unavailable { socket: socket.clone(), reason: "stream ended".into() }.into())
-                }
-                Err(status) => Err(WorkloadError::from_status(&socket, &status).into()),
-            }
-        })
-        .await?;
+        let response = retry_denied(|| first_message(&socket, client.x509_svids())).await?;
         let files = x509::render(&response, &config.hint, x509_options(&config), unix_now())?;
         writer.own_trust_domain = x509::trust_domain_of(&files.spiffe_id).map(str::to_owned);
         writer.x509 = Some(files);
     }
     if !config.jwt_svids.is_empty() || !config.jwt_bundle_file_name.is_empty() {
-        let response = retry_denied(|| async {
-            let mut stream = client.jwt_bundles().await?;
-            match stream.message().await {
-                Ok(Some(response)) => Ok(response),
-                Ok(None) => {
-                    Err(WorkloadError::Unavailable { socket: socket.clone(), reason: "stream ended".into() }.into())
-                }
-                Err(status) => Err(WorkloadError::from_status(&socket, &status).into()),
-            }
-        })
-        .await?;
+        let response = retry_denied(|| first_message(&socket, client.jwt_bundles())).await?;
         writer.bundles = Some(bundles_of(response));
     }
     let bundles = writer.bundles.clone().unwrap_or_default();

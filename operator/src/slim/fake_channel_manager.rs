@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use super::loopback::LoopbackServer;
 use tonic::{Request, Response, Status};
 
 use super::pb::channel_manager::v1 as cm;
@@ -30,39 +30,19 @@ pub struct FakeCmState {
 pub struct FakeChannelManager {
     pub endpoint: String,
     pub state: Arc<Mutex<FakeCmState>>,
-    stop: Option<oneshot::Sender<()>>,
+    _server: LoopbackServer,
 }
 
 impl FakeChannelManager {
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let state =
             Arc::new(Mutex::new(FakeCmState { offline_delay: Duration::from_millis(300), ..Default::default() }));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let service = ChannelManagerServiceServer::new(Service { state: state.clone() });
-        tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            let _ = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        Self { endpoint: format!("http://{addr}"), state, stop: Some(stop) }
+        let server = LoopbackServer::serve(ChannelManagerServiceServer::new(Service { state: state.clone() })).await;
+        Self { endpoint: server.endpoint.clone(), state, _server: server }
     }
 
     pub fn state(&self) -> std::sync::MutexGuard<'_, FakeCmState> {
         self.state.lock().expect("fake channel manager state")
-    }
-}
-
-impl Drop for FakeChannelManager {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
     }
 }
 

@@ -6,11 +6,12 @@
 //! the first message of each stream (as a node with local apps sends).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
+
+use super::loopback::LoopbackServer;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -35,27 +36,16 @@ pub struct FakeNode {
     pub endpoint: String,
     pub state: Arc<Mutex<FakeState>>,
     restarts: tokio::sync::watch::Sender<u64>,
-    stop: Option<oneshot::Sender<()>>,
+    _server: LoopbackServer,
 }
 
 impl FakeNode {
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake node");
-        let addr: SocketAddr = listener.local_addr().expect("address");
         let state = Arc::new(Mutex::new(FakeState::default()));
-        let (stop, stopped) = oneshot::channel::<()>();
         let (restarts, restarted) = tokio::sync::watch::channel(0u64);
-        let service = ControllerServiceServer::new(Service { state: state.clone(), restarted });
-        tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            let _ = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        Self { endpoint: format!("http://{addr}"), state, restarts, stop: Some(stop) }
+        let server =
+            LoopbackServer::serve(ControllerServiceServer::new(Service { state: state.clone(), restarted })).await;
+        Self { endpoint: server.endpoint.clone(), state, restarts, _server: server }
     }
 
     /// Simulates a node restart: every open control stream ends and all state is lost.
@@ -69,14 +59,6 @@ impl FakeNode {
 
     pub fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
         self.state.lock().expect("fake node state")
-    }
-}
-
-impl Drop for FakeNode {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
     }
 }
 

@@ -18,4 +18,6 @@ pub(crate) mod fake_channel_manager;
 #[cfg(test)]
 pub(crate) mod fake_node;
 #[cfg(test)]
+pub(crate) mod loopback;
+#[cfg(test)]
 mod node_tests;
