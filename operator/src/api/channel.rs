@@ -152,6 +152,16 @@ pub struct ParticipantStatus {
     pub leaving: bool,
 }
 
+impl super::condition::ReadyStatus for SlimChannelStatus {
+    fn set_observed_generation(&mut self, generation: Option<i64>) {
+        self.observed_generation = generation;
+    }
+
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,6 +42,20 @@ pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Conditio
     conditions.iter().find(|c| c.type_ == type_)
 }
 
+/// A status with `observedGeneration` and a `Ready` condition (both CRDs' statuses).
+pub trait ReadyStatus: Clone {
+    fn set_observed_generation(&mut self, generation: Option<i64>);
+    fn conditions_mut(&mut self) -> &mut Vec<Condition>;
+}
+
+/// The previous status with `Ready=False` for `reason` (a failure before anything was synced).
+pub fn failed<S: ReadyStatus>(old: &S, generation: Option<i64>, reason: &str, message: String, now: Timestamp) -> S {
+    let mut status = old.clone();
+    status.set_observed_generation(generation);
+    upsert(status.conditions_mut(), condition(READY, false, reason, message, generation, now));
+    status
+}
+
 /// Cuts `text` to at most `max` bytes on a char boundary, marking the cut.
 pub fn truncate(mut text: String, max: usize) -> String {
     if text.len() > max {

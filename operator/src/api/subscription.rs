@@ -208,6 +208,16 @@ pub struct NodeStatus {
     pub removing_since: Option<Time>,
 }
 
+impl super::condition::ReadyStatus for SubscriptionStatus {
+    fn set_observed_generation(&mut self, generation: Option<i64>) {
+        self.observed_generation = generation;
+    }
+
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

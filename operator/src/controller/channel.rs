@@ -7,18 +7,17 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use tracing::{info, warn};
 
 use super::channel_status::{ChannelNotices, ChannelStatusInput, next_channel_status, reason};
-use super::{Context, Error, MANAGER};
-use crate::api::condition;
-use crate::api::{SlimChannel, SlimChannelStatus};
+use super::{Context, Error};
+use crate::api::SlimChannel;
+use crate::api::condition::failed;
 use crate::engine::ChannelSync;
 use crate::plan::channel::{LiveInstances, live_instances};
 use crate::plan::{pod_targets, selector_query};
@@ -29,7 +28,6 @@ pub const FINALIZER: &str = "slimchannels.slim.agntcy.org/cleanup";
 /// Pod annotation with the SLIM name a selected Pod joins as.
 pub const NAME_ANNOTATION: &str = "slim.agntcy.org/name";
 
-const KIND: &str = "SlimChannel";
 /// How often a channel with members not yet in is looked at again (offline ones may connect).
 const PENDING_RECHECK: Duration = Duration::from_secs(15);
 
@@ -55,8 +53,8 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
     let old = channel.status.clone().unwrap_or_default();
     let generation = channel.meta().generation;
     let fail = |error: Error| async {
-        let status = failed(&old, generation, error.reason(), error.to_string());
-        patch_status(channel, ctx, &old, &status).await?;
+        let status = failed(&old, generation, error.reason(), error.to_string(), Timestamp::now());
+        super::patch_status(channel, ctx, &status).await?;
         Err::<Action, Error>(error)
     };
     let Some(endpoint) = manager_endpoint(channel, ctx) else {
@@ -64,8 +62,9 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
     };
     if old.mls_enabled.is_some_and(|created_with| created_with != channel.spec.mls_enabled) {
         // The CRD refuses this change; an object stored before that rule gets a clear condition.
-        let status = failed(&old, generation, reason::MLS_CHANGE_REFUSED, Error::MlsChangeRefused.to_string());
-        patch_status(channel, ctx, &old, &status).await?;
+        let status =
+            failed(&old, generation, reason::MLS_CHANGE_REFUSED, Error::MlsChangeRefused.to_string(), Timestamp::now());
+        super::patch_status(channel, ctx, &status).await?;
         return Ok(Action::await_change());
     }
     let manager = match ctx.channel_managers.client(&endpoint) {
@@ -106,7 +105,7 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
         now: Timestamp::now(),
     };
     let (status, notices) = next_channel_status(&old, &input, &report);
-    patch_status(channel, ctx, &old, &status).await?;
+    super::patch_status(channel, ctx, &status).await?;
     announce(channel, ctx, &notices).await;
 
     let all_in = status.joined == status.desired;
@@ -142,8 +141,14 @@ async fn cleanup(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> 
         return Ok(Action::await_change());
     }
     let old = channel.status.clone().unwrap_or_default();
-    let status = failed(&old, channel.meta().generation, "CleanupPending", format!("deleting the channel: {error}"));
-    patch_status(channel, ctx, &old, &status).await?;
+    let status = failed(
+        &old,
+        channel.meta().generation,
+        "CleanupPending",
+        format!("deleting the channel: {error}"),
+        Timestamp::now(),
+    );
+    super::patch_status(channel, ctx, &status).await?;
     Err(Error::ChannelManager(error))
 }
 
@@ -202,34 +207,6 @@ async fn live_participants(channel: &SlimChannel, ctx: &Context, desired: &BTree
     .await;
     let observed: Vec<_> = listings.into_iter().collect::<Result<_, _>>().ok()?;
     Some(live_instances(desired, observed.iter().map(|o| o.as_ref())))
-}
-
-fn failed(old: &SlimChannelStatus, generation: Option<i64>, reason: &str, message: String) -> SlimChannelStatus {
-    let mut status = old.clone();
-    status.observed_generation = generation;
-    condition::upsert(
-        &mut status.conditions,
-        condition::condition(condition::READY, false, reason, message, generation, Timestamp::now()),
-    );
-    status
-}
-
-async fn patch_status(
-    channel: &SlimChannel,
-    ctx: &Context,
-    old: &SlimChannelStatus,
-    new: &SlimChannelStatus,
-) -> Result<(), Error> {
-    if old == new && channel.status.is_some() {
-        return Ok(());
-    }
-    let namespace = channel.namespace().ok_or(Error::MissingNamespace)?;
-    let api: Api<SlimChannel> = Api::namespaced(ctx.client.clone(), &namespace);
-    let patch = json!({"apiVersion": "slim.agntcy.org/v1alpha1", "kind": KIND, "status": new});
-    api.patch_status(&channel.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .map_err(Error::Kube)?;
-    Ok(())
 }
 
 async fn announce(channel: &SlimChannel, ctx: &Context, notices: &ChannelNotices) {

@@ -200,6 +200,33 @@ where
     .await
 }
 
+/// Writes `new` as the object's status by server-side apply, only when it differs from what the
+/// object has.
+pub(crate) async fn patch_status<K>(obj: &K, ctx: &Context, new: &K::Status) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + kube::core::object::HasStatus
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::Status: serde::Serialize + PartialEq,
+{
+    if obj.status() == Some(new) {
+        return Ok(());
+    }
+    let namespace = obj.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = serde_json::json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": new});
+    api.patch_status(
+        &obj.name_any(),
+        &kube::api::PatchParams::apply(MANAGER).force(),
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    Ok(())
+}
+
 /// `Kind/namespace/name`: the key of per-object retry state.
 fn retry_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     format!("{}/{}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())

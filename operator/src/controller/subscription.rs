@@ -4,16 +4,16 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use tracing::info;
 
-use super::subscription_status::{Notices, StatusInput, failed_status, next_status};
-use super::{Context, Error, MANAGER};
+use super::subscription_status::{Notices, StatusInput, next_status};
+use super::{Context, Error};
+use crate::api::condition::failed;
 use crate::api::{LinkTls, Subscription, SubscriptionStatus};
 use crate::engine::{NodeReport, NodeResult, RouteSync};
 use crate::plan::{DesiredRoute, NodeTarget, ResolvedTls, Users, pod_targets, render_link, selector_query};
@@ -41,16 +41,16 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     let desired = match resolve_desired(sub, ctx).await {
         Ok(desired) => desired,
         Err(error) => {
-            let status = failed_status(&old, generation, error.reason(), error.to_string(), Timestamp::now());
-            patch_status(sub, ctx, &old, &status).await?;
+            let status = failed(&old, generation, error.reason(), error.to_string(), Timestamp::now());
+            super::patch_status(sub, ctx, &status).await?;
             return Err(error);
         }
     };
     let targets = match resolve_targets(sub, ctx).await {
         Ok(targets) => targets,
         Err(error) => {
-            let status = failed_status(&old, generation, error.reason(), error.to_string(), Timestamp::now());
-            patch_status(sub, ctx, &old, &status).await?;
+            let status = failed(&old, generation, error.reason(), error.to_string(), Timestamp::now());
+            super::patch_status(sub, ctx, &status).await?;
             return Err(error);
         }
     };
@@ -77,7 +77,7 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
         removal_timeout: ctx.config.cleanup_timeout,
     };
     let (status, notices) = next_status(&old, &input, &reports);
-    patch_status(sub, ctx, &old, &status).await?;
+    super::patch_status(sub, ctx, &status).await?;
     announce(sub, ctx, &notices, &route_name).await;
 
     match failure_of(&reports) {
@@ -161,7 +161,7 @@ async fn cleanup(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     let (mut status, _) = next_status(&old, &input, &reports);
     status.route_name = old.route_name.clone();
     status.link_id = old.link_id.clone();
-    patch_status(sub, ctx, &old, &status).await?;
+    super::patch_status(sub, ctx, &status).await?;
     Err(Error::CleanupPending(pending.len()))
 }
 
@@ -240,29 +240,6 @@ fn failure_of(reports: &[NodeReport]) -> Option<Error> {
     } else {
         Some(Error::NodesNotInSync(summary))
     }
-}
-
-/// Writes status by server-side apply, only when it changed.
-async fn patch_status(
-    sub: &Subscription,
-    ctx: &Context,
-    old: &SubscriptionStatus,
-    new: &SubscriptionStatus,
-) -> Result<(), Error> {
-    if old == new && sub.status.is_some() {
-        return Ok(());
-    }
-    let namespace = sub.namespace().ok_or(Error::MissingNamespace)?;
-    let api: Api<Subscription> = Api::namespaced(ctx.client.clone(), &namespace);
-    let patch = json!({
-        "apiVersion": "slim.agntcy.org/v1alpha1",
-        "kind": "Subscription",
-        "status": new,
-    });
-    api.patch_status(&sub.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .map_err(Error::Kube)?;
-    Ok(())
 }
 
 async fn announce(sub: &Subscription, ctx: &Context, notices: &Notices, route: &str) {

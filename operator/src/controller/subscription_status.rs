@@ -145,20 +145,6 @@ pub fn next_status(
     (status, notices)
 }
 
-/// Status after a failure before any node was touched (bad spec, missing Secret).
-pub fn failed_status(
-    old: &SubscriptionStatus,
-    generation: Option<i64>,
-    reason: &str,
-    message: String,
-    now: Timestamp,
-) -> SubscriptionStatus {
-    let mut status = old.clone();
-    status.observed_generation = generation;
-    condition::upsert(&mut status.conditions, condition::condition(READY, false, reason, message, generation, now));
-    status
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
