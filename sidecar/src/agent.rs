@@ -157,9 +157,10 @@ impl Writer {
             }
         };
         let files = self.files()?;
+        let bundle_written = files.iter().any(|(name, _)| *name == self.config.jwt_bundle_file_name);
         match self.out.update(files) {
             Ok(changed) => {
-                self.record_health();
+                self.record_health(bundle_written);
                 if changed {
                     debug!(version = self.out.writes(), "output files swapped");
                     if renews_hooks && !self.hooks.is_empty() {
@@ -178,16 +179,14 @@ impl Writer {
         }
     }
 
-    fn record_health(&self) {
+    /// `bundle_written`: the JWT bundle file was among what was just written (a `jwks` bundle waits
+    /// for the workload's trust domain).
+    fn record_health(&self, bundle_written: bool) {
         if let Some(x) = &self.x509 {
             self.health.x509(WriteStatus::Written, Some(x.not_after));
         }
-        if !self.config.jwt_bundle_file_name.is_empty() && self.bundles.is_some() {
-            let path = self.path(&self.config.jwt_bundle_file_name);
-            let written = self.files().is_ok_and(|f| f.iter().any(|(n, _)| *n == self.config.jwt_bundle_file_name));
-            if written {
-                self.health.jwt(&path, WriteStatus::Written, None);
-            }
+        if bundle_written {
+            self.health.jwt(&self.path(&self.config.jwt_bundle_file_name), WriteStatus::Written, None);
         }
         for (entry, token) in self.config.jwt_svids.iter().zip(&self.jwts) {
             if let Some((_, expiry)) = token {

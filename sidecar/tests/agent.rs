@@ -1,6 +1,10 @@
 //! The agent against the fake Workload API (a Unix socket, the real proto). What it writes is read
 //! back with the `spiffe` crate as an independent checker.
 
+mod common;
+
+use common::wait_until;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -50,16 +54,6 @@ fn spawn_daemon(
         let _ = stopped.await;
     }));
     (stop, handle)
-}
-
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn read(dir: &Path, name: &str) -> Option<Vec<u8>> {

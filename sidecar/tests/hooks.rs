@@ -1,22 +1,16 @@
 //! Renewal hooks as spiffe-helper runs them: `cmd` starts on the first X.509 write and gets
 //! `renew_signal` on later ones; the process named in `pid_file_name` gets `renew_signal`.
 
+mod common;
+
+use common::wait_until;
+
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use slim_identity_agent::agent::run_daemon;
 use slim_identity_agent::config::Config;
 use slim_identity_agent::workload::fake::{AgentState, FakeAgent};
-
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
 
 #[tokio::test]
 async fn cmd_starts_then_is_signalled_and_the_pid_file_process_is_signalled() {
