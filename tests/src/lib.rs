@@ -4,6 +4,8 @@
 //! The Python interpreter comes from `SLIM_PYTHON`, else `$SLIM_CACHE/venv/bin/python`
 //! (`SLIM_CACHE` defaults to `~/.cache/slim-k8s`); `scripts/test.sh` installs it there.
 
+pub mod control_plane;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -61,12 +61,7 @@ pub struct SlimChannelSpec {
 
     /// SLIM names (`org/namespace/name`) that must be members.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256))]
-    #[x_kube(
-        validation = Rule::new("self.all(p, p.matches('^[^/\\\\s]+/[^/\\\\s]+/[^/\\\\s]+$'))")
-            .message("each participant must be org/namespace/name (3 components, no spaces)"),
-        validation = Rule::new("self.all(p, self.exists_one(q, q == p))").message("participants must not repeat"),
-    )]
+    #[schemars(schema_with = "participant_names")]
     pub participants: Vec<String>,
 
     /// Pods in this namespace whose annotation `slim.agntcy.org/name` gives a participant's SLIM
@@ -79,6 +74,15 @@ pub struct SlimChannelSpec {
     /// (it restarted). Without it, only members that drop out of the channel are re-invited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<NodeSet>,
+}
+
+fn participant_names(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    super::schema::string_set(
+        super::schema::MAX_PARTICIPANTS,
+        super::schema::NAME_MAX_LENGTH,
+        "self.matches('^[^/\\\\s]+/[^/\\\\s]+/[^/\\\\s]+$')",
+        "each participant must be org/namespace/name (3 components, no spaces)",
+    )
 }
 
 fn default_true() -> bool {
@@ -183,17 +187,30 @@ mod tests {
     }
 
     #[test]
-    fn bad_names_and_duplicates_are_refused() {
+    fn bad_names_are_refused() {
         for (spec, expected) in [
             (json!({"name": "org/ns"}), "must be org/namespace/name"),
             (json!({"name": "org/ns/chat/extra"}), "must be org/namespace/name"),
             (json!({"name": "org/ns/chat", "participants": ["bob"]}), "each participant must be"),
-            (json!({"name": "org/ns/chat", "participants": ["o/n/bob", "o/n/bob"]}), "participants must not repeat"),
             (json!({"name": "org/ns/chat", "channelManager": {"endpoint": "cm:10356"}}), "endpoint must be http"),
         ] {
             let message = errors(channel(spec.clone()).validate_cel());
             assert!(message.contains(expected), "{spec} -> {message}");
         }
+    }
+
+    #[test]
+    fn participants_are_a_set_checked_per_item() {
+        // Uniqueness is the API server's own `x-kubernetes-list-type: set` (no CEL cost); the name
+        // rule sits on the items, so its cost is estimated per item (tests/tests/cluster_crds.rs
+        // proves both on the real server).
+        let crd = serde_json::to_value(<SlimChannel as kube::CustomResourceExt>::crd()).expect("crd");
+        let participants = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            ["participants"];
+        assert_eq!(participants["x-kubernetes-list-type"], "set");
+        assert_eq!(participants["maxItems"], 256);
+        assert_eq!(participants["items"]["maxLength"], 256);
+        assert!(participants.get("x-kubernetes-validations").is_none(), "{participants}");
     }
 
     #[test]

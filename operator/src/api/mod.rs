@@ -2,6 +2,7 @@
 
 pub mod channel;
 pub mod condition;
+mod schema;
 pub mod subscription;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

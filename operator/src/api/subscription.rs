@@ -54,18 +54,22 @@ pub struct SubscriptionSpec {
 pub struct NodeSet {
     /// Controller API endpoints of SLIM nodes, e.g. `http://slim-0.slim.slim.svc:46358`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
-    #[x_kube(
-        validation = Rule::new("self.all(e, e.matches('^http://[^/\\\\s]+:[0-9]+/?$'))")
-            .message("each endpoint must be http://host:port (the node's controller API)"),
-        merge_strategy = ListMerge::Set
-    )]
+    #[schemars(schema_with = "controller_endpoints")]
     pub endpoints: Vec<String>,
 
     /// SLIM node Pods in this namespace. The controller port is the container port named
     /// `controller-0`, else 46358. Only Running Pods with an IP are used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
+}
+
+fn controller_endpoints(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    super::schema::string_set(
+        super::schema::MAX_ENDPOINTS,
+        super::schema::ENDPOINT_MAX_LENGTH,
+        "self.matches('^http://[^/\\\\s]+:[0-9]+/?$')",
+        "each endpoint must be http://host:port (the node's controller API)",
+    )
 }
 
 /// The link (connection) the nodes use to reach the name.

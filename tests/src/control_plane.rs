@@ -1,0 +1,467 @@
+//! A real Kubernetes control plane for the tests, in the envtest convention: `etcd` and
+//! `kube-apiserver` (and optionally `kube-controller-manager`) from `KUBEBUILDER_ASSETS`, started on
+//! 127.0.0.1 with free ports, a fresh data dir and a throwaway PKI made here with rcgen.
+//!
+//! One control plane per test binary ([`shared`]), shared by its tests; each test works in its own
+//! namespace ([`ControlPlane::namespace`]). The processes are stopped and the data dir removed when
+//! the test binary exits, whether its tests passed or not (an `atexit` hook), and killed by the
+//! kernel if the binary itself dies (`PR_SET_PDEATHSIG`).
+//!
+//! Kube clients are bound to the tokio runtime that built them, and every `#[tokio::test]` has its
+//! own, so the shared value holds only files and addresses: each test asks for its own [`Client`].
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, ResourceExt};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
+};
+
+/// The issuer the API server puts in service-account tokens.
+pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneError {
+    #[error(
+        "KUBEBUILDER_ASSETS is not set: point it at a folder holding kube-apiserver and etcd \
+         (scripts/test.sh sets it from ../shared/k8s; elsewhere `setup-envtest use 1.36 -p path` prints one)"
+    )]
+    NoAssets,
+    #[error("{0} is missing: KUBEBUILDER_ASSETS must hold kube-apiserver and etcd")]
+    MissingBinary(PathBuf),
+    #[error("making the test PKI: {0}")]
+    Pki(#[from] rcgen::Error),
+    #[error("starting {what}: {source}")]
+    Spawn { what: &'static str, source: std::io::Error },
+    #[error("{what} did not become ready within {timeout:?}; the end of its log:\n{log}")]
+    NotReady { what: &'static str, timeout: Duration, log: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(String),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("watching CRD {name}: {reason}")]
+    CrdWatch { name: String, reason: String },
+}
+
+/// PEM of a certificate and its key.
+#[derive(Clone)]
+pub struct CertKey {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// A running control plane (see the module docs).
+pub struct ControlPlane {
+    /// `https://127.0.0.1:<port>` of the API server.
+    pub server: String,
+    /// The data dir: PKI, etcd data, logs, kubeconfigs.
+    pub dir: PathBuf,
+    /// PEM of the CA that signs the serving certificate and every client certificate.
+    pub ca_pem: String,
+    ca_key_pem: String,
+    /// Admin kubeconfig (a client certificate in `system:masters`).
+    pub admin_kubeconfig: PathBuf,
+    /// Whether kube-controller-manager runs (namespace deletion, garbage collection).
+    pub controller_manager: bool,
+}
+
+static PROCESSES: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+static DATA_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
+
+/// The test binary's control plane, started on first use.
+pub fn shared() -> &'static ControlPlane {
+    let started = SHARED.get_or_init(|| {
+        // The processes die with the thread that forked them (PR_SET_PDEATHSIG), so they are
+        // started from a thread that lives as long as the test binary.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("control-plane".into())
+            .spawn(move || {
+                let _ = tx.send(ControlPlane::start().map_err(|e| e.to_string()));
+                loop {
+                    std::thread::park();
+                }
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|_| rx.recv().map_err(|e| e.to_string())?)
+    });
+    match started {
+        Ok(plane) => plane,
+        Err(error) => panic!("control plane: {error}"),
+    }
+}
+
+/// The folder with the binaries (`KUBEBUILDER_ASSETS`).
+pub fn assets() -> Result<PathBuf, ControlPlaneError> {
+    let dir = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from).ok_or(ControlPlaneError::NoAssets)?;
+    for binary in ["kube-apiserver", "etcd"] {
+        if !dir.join(binary).is_file() {
+            return Err(ControlPlaneError::MissingBinary(dir.join(binary)));
+        }
+    }
+    Ok(dir)
+}
+
+extern "C" fn stop_everything() {
+    let mut children = PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
+    // The API server first, then etcd: reverse start order.
+    for child in children.iter_mut().rev() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for child in children.iter_mut().rev() {
+        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    children.clear();
+    if let Some(dir) = DATA_DIR.lock().unwrap_or_else(|p| p.into_inner()).take()
+        && std::env::var_os("SLIM_KEEP_CONTROL_PLANE").is_none()
+    {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+fn free_ports<const N: usize>() -> Result<[u16; N], ControlPlaneError> {
+    // Every listener is held until all are chosen, so the ports differ.
+    let listeners: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
+fn spawn(what: &'static str, binary: &Path, args: &[String], log: &Path) -> Result<(), ControlPlaneError> {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::File::create(log)?;
+    let mut command = Command::new(binary);
+    command.args(args).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which is
+    // async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::SIGKILL).map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(|source| ControlPlaneError::Spawn { what, source })?;
+    PROCESSES.lock().unwrap_or_else(|p| p.into_inner()).push(child);
+    Ok(())
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+fn now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+impl ControlPlane {
+    fn start() -> Result<Self, ControlPlaneError> {
+        let assets = assets()?;
+        let dir = tempfile::Builder::new().prefix("slim-control-plane-").tempdir()?.keep();
+        *DATA_DIR.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir.clone());
+        // SAFETY: registers a plain `extern "C" fn` with no arguments, as atexit(3) expects.
+        unsafe {
+            libc::atexit(stop_everything);
+        }
+        let pki = dir.join("pki");
+        std::fs::create_dir_all(&pki)?;
+
+        let (ca_pem, ca_key_pem) = make_ca()?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, KeyPair::from_pem(&ca_key_pem)?)?;
+        let serving = serving_cert(&issuer)?;
+        let sa_key = KeyPair::generate()?;
+        for (name, text) in [
+            ("ca.crt", ca_pem.as_str()),
+            ("apiserver.crt", serving.cert_pem.as_str()),
+            ("apiserver.key", serving.key_pem.as_str()),
+            ("sa.key", sa_key.serialize_pem().as_str()),
+            ("sa.pub", sa_key.public_key_pem().as_str()),
+        ] {
+            std::fs::write(pki.join(name), text)?;
+        }
+
+        let [client_port, peer_port, metrics_port, api_port] = free_ports::<4>()?;
+        let etcd_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let etcd_log = dir.join("etcd.log");
+        spawn(
+            "etcd",
+            &assets.join("etcd"),
+            &[
+                "--name=t".into(),
+                format!("--data-dir={}", dir.join("etcd").display()),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster=t={peer_url}"),
+                format!("--listen-metrics-urls=http://127.0.0.1:{metrics_port}"),
+                "--log-level=warn".into(),
+                "--unsafe-no-fsync=true".into(),
+            ],
+            &etcd_log,
+        )?;
+
+        let api_log = dir.join("kube-apiserver.log");
+        let pki_file = |name: &str| pki.join(name).display().to_string();
+        spawn(
+            "kube-apiserver",
+            &assets.join("kube-apiserver"),
+            &[
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={api_port}"),
+                "--advertise-address=192.0.2.100".into(),
+                format!("--etcd-servers={etcd_url}"),
+                format!("--cert-dir={}", dir.join("certs").display()),
+                format!("--tls-cert-file={}", pki_file("apiserver.crt")),
+                format!("--tls-private-key-file={}", pki_file("apiserver.key")),
+                format!("--client-ca-file={}", pki_file("ca.crt")),
+                format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
+                format!("--service-account-key-file={}", pki_file("sa.pub")),
+                format!("--service-account-signing-key-file={}", pki_file("sa.key")),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                "--authorization-mode=RBAC".into(),
+                "--allow-privileged=true".into(),
+                "--profiling=false".into(),
+            ],
+            &api_log,
+        )?;
+
+        let server = format!("https://127.0.0.1:{api_port}");
+        let mut plane = Self {
+            server,
+            admin_kubeconfig: dir.join("admin.kubeconfig"),
+            dir,
+            ca_pem,
+            ca_key_pem,
+            controller_manager: false,
+        };
+        let admin = plane.client_cert("admin", &["system:masters"])?;
+        plane.write_kubeconfig(&plane.admin_kubeconfig, "admin", &Credentials::Certificate(admin))?;
+        plane.wait_ready(&api_log)?;
+        plane.controller_manager = plane.start_controller_manager(&assets)?;
+        Ok(plane)
+    }
+
+    /// Starts kube-controller-manager when `KUBEBUILDER_ASSETS` has it: namespace deletion and
+    /// garbage collection then work as on a real cluster.
+    fn start_controller_manager(&self, assets: &Path) -> Result<bool, ControlPlaneError> {
+        let binary = assets.join("kube-controller-manager");
+        if !binary.is_file() {
+            return Ok(false);
+        }
+        let identity = self.client_cert("system:kube-controller-manager", &[])?;
+        let kubeconfig = self.dir.join("controller-manager.kubeconfig");
+        self.write_kubeconfig(&kubeconfig, "system:kube-controller-manager", &Credentials::Certificate(identity))?;
+        let [port] = free_ports::<1>()?;
+        let pki = self.dir.join("pki");
+        spawn(
+            "kube-controller-manager",
+            &binary,
+            &[
+                format!("--kubeconfig={}", kubeconfig.display()),
+                format!("--authentication-kubeconfig={}", kubeconfig.display()),
+                format!("--authorization-kubeconfig={}", kubeconfig.display()),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={port}"),
+                format!("--cert-dir={}", self.dir.join("cm-certs").display()),
+                format!("--service-account-private-key-file={}", pki.join("sa.key").display()),
+                format!("--root-ca-file={}", pki.join("ca.crt").display()),
+                "--use-service-account-credentials=true".into(),
+                "--leader-elect=false".into(),
+                "--controllers=*,-node-ipam-controller,-node-lifecycle-controller,-cloud-node-lifecycle-controller,\
+                 -service-lb-controller,-node-route-controller,-persistentvolume-attach-detach-controller,\
+                 -taint-eviction-controller"
+                    .into(),
+            ],
+            &self.dir.join("kube-controller-manager.log"),
+        )?;
+        Ok(true)
+    }
+
+    fn wait_ready(&self, log: &Path) -> Result<(), ControlPlaneError> {
+        let timeout = Duration::from_secs(90);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async {
+            let client = self.client().await?;
+            let deadline = Instant::now() + timeout;
+            loop {
+                let request = http::Request::get("/readyz").body(Vec::new()).map_err(kube::Error::HttpError)?;
+                if client.request_text(request).await.is_ok_and(|body| body.trim() == "ok") {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    return Err(ControlPlaneError::NotReady { what: "kube-apiserver", timeout, log: tail(log) });
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    }
+
+    /// A client certificate for `user` in `groups`, signed by the cluster CA.
+    pub fn client_cert(&self, user: &str, groups: &[&str]) -> Result<CertKey, ControlPlaneError> {
+        let issuer = Issuer::from_ca_cert_pem(&self.ca_pem, KeyPair::from_pem(&self.ca_key_pem)?)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, user);
+        for group in groups {
+            params.distinguished_name.push(DnType::OrganizationName, *group);
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = now() - time::Duration::minutes(5);
+        params.not_after = now() + time::Duration::days(1);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(CertKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// Writes a kubeconfig for this cluster with `credentials`.
+    pub fn write_kubeconfig(
+        &self,
+        path: &Path,
+        user: &str,
+        credentials: &Credentials,
+    ) -> Result<(), ControlPlaneError> {
+        std::fs::write(path, self.kubeconfig_yaml(user, credentials))?;
+        Ok(())
+    }
+
+    /// A kubeconfig document for this cluster with `credentials`.
+    pub fn kubeconfig_yaml(&self, user: &str, credentials: &Credentials) -> String {
+        let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+        let user_fields = match credentials {
+            Credentials::Certificate(pair) => format!(
+                "    client-certificate-data: {}\n    client-key-data: {}\n",
+                b64(&pair.cert_pem),
+                b64(&pair.key_pem)
+            ),
+            Credentials::Token(token) => format!("    token: {token}\n"),
+        };
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    \
+             certificate-authority-data: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: {user}\n\
+             current-context: test\nusers:\n- name: {user}\n  user:\n{user_fields}",
+            self.server,
+            b64(&self.ca_pem)
+        )
+    }
+
+    /// An admin client, bound to the calling tokio runtime.
+    pub async fn client(&self) -> Result<Client, ControlPlaneError> {
+        self.client_from(&self.admin_kubeconfig).await
+    }
+
+    /// A client from a kubeconfig file written by [`ControlPlane::write_kubeconfig`].
+    pub async fn client_from(&self, kubeconfig: &Path) -> Result<Client, ControlPlaneError> {
+        let kubeconfig = Kubeconfig::read_from(kubeconfig).map_err(|e| ControlPlaneError::Kubeconfig(e.to_string()))?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| ControlPlaneError::Kubeconfig(e.to_string()))?;
+        Ok(Client::try_from(config)?)
+    }
+
+    /// A client authenticated as `user` in `groups` (no rights beyond what RBAC grants them).
+    pub async fn user_client(&self, user: &str, groups: &[&str]) -> Result<Client, ControlPlaneError> {
+        let path = self.dir.join(format!("user-{:08x}.kubeconfig", rand::random::<u32>()));
+        self.write_kubeconfig(&path, user, &Credentials::Certificate(self.client_cert(user, groups)?))?;
+        self.client_from(&path).await
+    }
+
+    /// A fresh namespace named `<prefix>-<random>`.
+    pub async fn namespace(&self, client: &Client, prefix: &str) -> Result<String, ControlPlaneError> {
+        let name = format!("{prefix}-{:08x}", rand::random::<u32>());
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let ns = Namespace {
+            metadata: kube::api::ObjectMeta { name: Some(name.clone()), ..Default::default() },
+            ..Default::default()
+        };
+        namespaces.create(&PostParams::default(), &ns).await?;
+        Ok(name)
+    }
+
+    /// The environment that points `kubectl` and `helm` at this cluster as admin.
+    pub fn kube_env(&self) -> [(&'static str, PathBuf); 1] {
+        [("KUBECONFIG", self.admin_kubeconfig.clone())]
+    }
+}
+
+/// How a kubeconfig authenticates.
+pub enum Credentials {
+    Certificate(CertKey),
+    Token(String),
+}
+
+fn make_ca() -> Result<(String, String), ControlPlaneError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, "slim-e2e cluster CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.not_before = now() - time::Duration::minutes(5);
+    params.not_after = now() + time::Duration::days(7);
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn serving_cert(issuer: &Issuer<'_, KeyPair>) -> Result<CertKey, ControlPlaneError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![
+        "localhost".to_owned(),
+        "kubernetes".to_owned(),
+        "kubernetes.default".to_owned(),
+        "kubernetes.default.svc".to_owned(),
+        "kubernetes.default.svc.cluster.local".to_owned(),
+    ])?;
+    for ip in [[127, 0, 0, 1], [10, 0, 0, 1]] {
+        params.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from(ip)));
+    }
+    params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = now() - time::Duration::minutes(5);
+    params.not_after = now() + time::Duration::days(7);
+    let cert = params.signed_by(&key, issuer)?;
+    Ok(CertKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+/// Applies every CRD of the operator (server-side) and waits until each is `Established`.
+pub async fn install_crds(client: &Client) -> Result<(), ControlPlaneError> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in slim_operator::api::crds() {
+        let name = crd.name_any();
+        crds.patch(&name, &PatchParams::apply("slim-e2e").force(), &Patch::Apply(&crd)).await?;
+        let timeout = Duration::from_secs(30);
+        match tokio::time::timeout(timeout, await_condition(crds.clone(), &name, conditions::is_crd_established()))
+            .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => return Err(ControlPlaneError::CrdWatch { name, reason: error.to_string() }),
+            Err(_) => {
+                return Err(ControlPlaneError::CrdWatch { name, reason: format!("not Established within {timeout:?}") });
+            }
+        }
+    }
+    Ok(())
+}
