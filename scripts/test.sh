@@ -65,6 +65,33 @@ if [ ! -x "$CACHE/cm/bin/channel-manager" ] \
   cargo install --quiet --locked agntcy-slim-channel-manager --version "$CHANNEL_MANAGER_VERSION" --root "$CACHE/cm"
 fi
 
+# A real Kubernetes control plane (envtest convention): KUBEBUILDER_ASSETS holds kube-apiserver and
+# etcd (and kube-controller-manager). When unset, take them from ../shared/k8s, decompressed once.
+if [ -z "${KUBEBUILDER_ASSETS:-}" ]; then
+  shared_k8s=$(cd .. && pwd)/shared/k8s
+  if [ -f "$shared_k8s/kube-apiserver.xz" ]; then
+    assets="$CACHE/k8s/$(sha256sum "$shared_k8s/SHA256SUMS" | cut -c1-12)"
+    for binary in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet; do
+      if [ ! -x "$assets/$binary" ] && [ -f "$shared_k8s/$binary.xz" ]; then
+        log "decompressing $binary into $assets"
+        mkdir -p "$assets"
+        xz -dc "$shared_k8s/$binary.xz" > "$assets/$binary.tmp"
+        chmod +x "$assets/$binary.tmp"
+        mv "$assets/$binary.tmp" "$assets/$binary"
+      fi
+    done
+    export KUBEBUILDER_ASSETS="$assets"
+  else
+    cat >&2 <<'MSG'
+KUBEBUILDER_ASSETS is not set and ../shared/k8s has no binaries: the cluster tests need a real
+kube-apiserver and etcd. Get them with setup-envtest (go install sigs.k8s.io/controller-runtime/tools/setup-envtest@latest)
+and run: export KUBEBUILDER_ASSETS=$(setup-envtest use 1.36 -p path)
+MSG
+    exit 1
+  fi
+fi
+echo "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS ($("$KUBEBUILDER_ASSETS/kube-apiserver" --version))"
+
 export SLIM_CACHE="$CACHE"
 export SLIM_PYTHON="$CACHE/venv/bin/python"
 export SLIM_CHANNEL_MANAGER="$CACHE/cm/bin/channel-manager"

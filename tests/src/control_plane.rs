@@ -17,7 +17,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -52,8 +52,8 @@ pub enum ControlPlaneError {
     Kubeconfig(String),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("watching CRD {name}: {reason}")]
-    CrdWatch { name: String, reason: String },
+    #[error("watching {name}: {reason}")]
+    Watch { name: String, reason: String },
 }
 
 /// PEM of a certificate and its key.
@@ -398,6 +398,25 @@ impl ControlPlane {
             ..Default::default()
         };
         namespaces.create(&PostParams::default(), &ns).await?;
+        if self.controller_manager {
+            // Pods need the `default` ServiceAccount, which the controller manager adds.
+            let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+            let timeout = Duration::from_secs(30);
+            tokio::time::timeout(
+                timeout,
+                await_condition(accounts, "default", |sa: Option<&ServiceAccount>| sa.is_some()),
+            )
+            .await
+            .map_err(|_| ControlPlaneError::NotReady {
+                what: "the default ServiceAccount",
+                timeout,
+                log: tail(&self.dir.join("kube-controller-manager.log")),
+            })?
+            .map_err(|e| ControlPlaneError::Watch {
+                name: format!("ServiceAccount {name}/default"),
+                reason: e.to_string(),
+            })?;
+        }
         Ok(name)
     }
 
@@ -457,9 +476,14 @@ pub async fn install_crds(client: &Client) -> Result<(), ControlPlaneError> {
             .await
         {
             Ok(Ok(_)) => {}
-            Ok(Err(error)) => return Err(ControlPlaneError::CrdWatch { name, reason: error.to_string() }),
+            Ok(Err(error)) => {
+                return Err(ControlPlaneError::Watch { name: format!("CRD {name}"), reason: error.to_string() });
+            }
             Err(_) => {
-                return Err(ControlPlaneError::CrdWatch { name, reason: format!("not Established within {timeout:?}") });
+                return Err(ControlPlaneError::Watch {
+                    name: format!("CRD {name}"),
+                    reason: format!("not Established within {timeout:?}"),
+                });
             }
         }
     }

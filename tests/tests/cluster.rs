@@ -1,70 +1,33 @@
-//! End-to-end against a real API server (`KUBECONFIG`), with real SLIM nodes on 127.0.0.1 and the
-//! controller running in this process. Run with:
-//!   cargo test -p slim-e2e --test cluster -- --ignored
-//! Needs rights to apply CRDs and to create namespaces.
+//! End-to-end on a real API server (the harness in `slim_e2e::control_plane`), with real SLIM nodes
+//! and the real channel manager on 127.0.0.1, and the controllers running in this process.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::Reporter;
-use kube::runtime::wait::{await_condition, conditions};
-use kube::{Client, ResourceExt};
 use serde_json::json;
+use slim_e2e::control_plane::{self, install_crds};
 use slim_e2e::{ChannelManager, SlimApp, SlimNode, init_logging};
-use slim_operator::api::{self, SlimChannel, Subscription};
+use slim_operator::api::{SlimChannel, Subscription};
 use slim_operator::controller::{ControllerConfig, Runtime, run};
 use slim_operator::metrics::Metrics;
 use slim_operator::plan::{ResolvedTls, render_link};
 use slim_operator::slim::{NodePool, RouteRef, SlimName};
 
-async fn install_crds(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in api::crds() {
-        let name = crd.name_any();
-        crds.patch(&name, &PatchParams::apply("slim-e2e").force(), &Patch::Apply(&crd)).await.expect("apply CRD");
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .expect("CRD established in time")
-        .expect("watch CRD");
-    }
-}
-
-/// A fresh namespace, deleted when the guard drops.
-struct TempNamespace {
-    client: Client,
-    name: String,
-}
-
-impl TempNamespace {
-    async fn new(client: &Client) -> Self {
-        let name = format!("slim-e2e-{:08x}", rand::random::<u32>());
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace");
-        namespaces.create(&PostParams::default(), &ns).await.expect("create namespace");
-        Self { client: client.clone(), name }
-    }
-}
-
-impl Drop for TempNamespace {
-    fn drop(&mut self) {
-        let client = self.client.clone();
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            runtime.block_on(async move {
-                let namespaces: Api<Namespace> = Api::all(client);
-                let _ = namespaces.delete(&name, &DeleteParams::default()).await;
-            });
-        })
-        .join();
-    }
+/// The control plane, its CRDs, an admin client and a fresh namespace. Tests that run controllers
+/// hold the returned guard: the controllers watch every namespace, so two at once would both
+/// reconcile each other's objects.
+async fn setup() -> (Client, String, tokio::sync::MutexGuard<'static, ()>) {
+    static CONTROLLERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let guard = CONTROLLERS.lock().await;
+    let plane = control_plane::shared();
+    let client = plane.client().await.expect("admin client");
+    install_crds(&client).await.expect("CRDs");
+    let namespace = plane.namespace(&client, "e2e").await.expect("namespace");
+    (client, namespace, guard)
 }
 
 fn ready_status(sub: &Subscription) -> Option<String> {
@@ -107,19 +70,16 @@ async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs cluster"]
 async fn subscription_lifecycle_on_a_real_cluster() {
     init_logging();
-    let client = Client::try_default().await.expect("KUBECONFIG");
-    install_crds(&client).await;
-    let ns = TempNamespace::new(&client).await;
+    let (client, namespace, _controllers) = setup().await;
     let mut a = SlimNode::start("node-a").expect("node a");
     let b = SlimNode::start("node-b").expect("node b");
 
     let pool = NodePool::default();
     let (stop, controller) = start_controllers(&client, &pool, None);
 
-    let subs: Api<Subscription> = Api::namespaced(client.clone(), &ns.name);
+    let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
     let sub: Subscription = serde_json::from_value(json!({
         "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription",
         "metadata": {"name": "bob"},
@@ -164,12 +124,9 @@ async fn subscription_lifecycle_on_a_real_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs cluster"]
 async fn slim_channel_lifecycle_on_a_real_cluster() {
     init_logging();
-    let client = Client::try_default().await.expect("KUBECONFIG");
-    install_crds(&client).await;
-    let ns = TempNamespace::new(&client).await;
+    let (client, namespace, _controllers) = setup().await;
     let node = SlimNode::start("node-a").expect("node");
     let cm = ChannelManager::start(&node).expect("channel manager");
     let mut bob = SlimApp::member(&node, "org/ns/bob").expect("bob");
@@ -177,7 +134,7 @@ async fn slim_channel_lifecycle_on_a_real_cluster() {
     let pool = NodePool::default();
     let (stop, controller) = start_controllers(&client, &pool, Some(cm.endpoint()));
 
-    let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &ns.name);
+    let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
     let channel: SlimChannel = serde_json::from_value(json!({
         "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel",
         "metadata": {"name": "team-chat"},
@@ -216,41 +173,4 @@ async fn slim_channel_lifecycle_on_a_real_cluster() {
     assert!(!manager.list_channels().await.expect("channels").contains(&"org/ns/team-chat".to_owned()));
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
-}
-
-#[tokio::test]
-#[ignore = "needs cluster"]
-async fn api_server_refuses_invalid_subscriptions_with_clear_messages() {
-    let client = Client::try_default().await.expect("KUBECONFIG");
-    install_crds(&client).await;
-    let ns = TempNamespace::new(&client).await;
-    let cases = [
-        (
-            json!({"name": "org/ns", "nodes": {"endpoints": ["http://n:46358"]}, "link": {"endpoint": "http://b:46357"}}),
-            "must be org/namespace/name",
-        ),
-        (
-            json!({"name": "org/ns/a", "nodes": {}, "link": {"endpoint": "http://b:46357"}}),
-            "nodes needs at least one endpoint or a selector",
-        ),
-        (
-            json!({"name": "org/ns/a", "nodes": {"endpoints": ["http://n:46358"]}, "link": {"endpoint": "http://b:46357", "connectionType": "mesh"}}),
-            "connectionType",
-        ),
-    ];
-    for (i, (spec, expected)) in cases.into_iter().enumerate() {
-        let object = json!({"apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription", "metadata": {"name": format!("bad-{i}")}, "spec": spec});
-        let data = serde_json::to_vec(&object).expect("json");
-        let request = http_request(&ns.name, data);
-        let error = client.request::<serde_json::Value>(request).await.expect_err("refused");
-        assert!(error.to_string().contains(expected), "{spec}: {error}");
-    }
-}
-
-/// A raw create (the typed API would refuse to serialise an unknown enum value).
-fn http_request(namespace: &str, body: Vec<u8>) -> http::Request<Vec<u8>> {
-    http::Request::post(format!("/apis/slim.agntcy.org/v1alpha1/namespaces/{namespace}/subscriptions"))
-        .header("content-type", "application/json")
-        .body(body)
-        .expect("request")
 }

@@ -1,30 +1,27 @@
-//! The injection webhook registered with a real API server (`KUBECONFIG`). The webhook runs in this
-//! process; the API server must reach it at `SLIM_E2E_WEBHOOK_HOST` (default `host.docker.internal`,
-//! what kind and k3d clusters resolve to the host). Run with:
-//!   SLIM_E2E_WEBHOOK_HOST=<address the API server can reach> \
-//!     cargo test -p slim-e2e --test cluster_webhook -- --ignored
+//! The injection webhook registered with a real API server (the harness in
+//! `slim_e2e::control_plane`): the webhook runs in this process on 127.0.0.1 and the API server
+//! itself calls it for every Pod created through it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::Client;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
+use slim_e2e::control_plane;
 use slim_operator::metrics::Metrics;
 use slim_operator::webhook::inject::CONTAINER_NAME;
 use slim_operator::webhook::{CertStore, InjectorConfig, WebhookState, certs, router, serve_tls_on};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs cluster"]
-async fn annotated_pods_get_the_sidecar_from_a_registered_webhook() {
-    let client = Client::try_default().await.expect("KUBECONFIG");
-    let host = std::env::var("SLIM_E2E_WEBHOOK_HOST").unwrap_or_else(|_| "host.docker.internal".to_owned());
+async fn the_api_server_injects_pods_through_the_webhook() {
+    let client = control_plane::shared().client().await.expect("admin client");
+    let host = "127.0.0.1".to_owned();
     let material = certs::generate(std::slice::from_ref(&host), None).expect("certificates");
     let store = Arc::new(CertStore::default());
     store.set(certs::certified_key(&material.cert_pem, &material.key_pem).expect("key"));
-    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let state = WebhookState {
         config: Arc::new(InjectorConfig::default()),
@@ -33,13 +30,10 @@ async fn annotated_pods_get_the_sidecar_from_a_registered_webhook() {
     };
     tokio::spawn(serve_tls_on(listener, router(state), store, std::future::pending()));
 
-    let suffix = format!("{:08x}", rand::random::<u32>());
-    let namespace = format!("slim-e2e-webhook-{suffix}");
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("namespace");
-    namespaces.create(&PostParams::default(), &ns).await.expect("namespace");
+    let plane = control_plane::shared();
+    let namespace = plane.namespace(&client, "webhook").await.expect("namespace");
     let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let name = format!("slim-e2e-{suffix}");
+    let name = format!("slim-e2e-{namespace}");
     let configuration: MutatingWebhookConfiguration = serde_json::from_value(json!({
         "metadata": {"name": name},
         "webhooks": [{
@@ -65,27 +59,41 @@ async fn annotated_pods_get_the_sidecar_from_a_registered_webhook() {
         .expect("pod")
     };
     let result = async {
+        // Created for real (not a dry run): what the API server stores is what a kubelet would run.
         let injected = pods
-            .create(
-                &PostParams { dry_run: true, ..Default::default() },
-                &pod("with", json!({"slim.agntcy.org/inject-identity": "true"})),
-            )
+            .create(&PostParams::default(), &pod("with", json!({"slim.agntcy.org/inject-identity": "true"})))
             .await
             .expect("create annotated pod");
         let init = injected.spec.as_ref().and_then(|s| s.init_containers.clone()).unwrap_or_default();
-        assert!(
-            init.iter().any(|c| c.name == CONTAINER_NAME && c.restart_policy.as_deref() == Some("Always")),
-            "{init:?}"
-        );
-        let plain = pods
-            .create(&PostParams { dry_run: true, ..Default::default() }, &pod("without", json!({})))
-            .await
-            .expect("create plain pod");
+        let sidecar = init.iter().find(|c| c.name == CONTAINER_NAME).expect("sidecar injected");
+        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"), "a native sidecar");
+        assert!(sidecar.startup_probe.is_some(), "gated by a startup probe");
+        let annotations = injected.metadata.annotations.clone().unwrap_or_default();
+        assert!(annotations.contains_key("slim.agntcy.org/identity-injected"), "{annotations:?}");
+        let stored = pods.get("with").await.expect("get");
+        assert_eq!(stored.spec.and_then(|s| s.init_containers).map(|c| c.len()), Some(init.len()));
+
+        let plain = pods.create(&PostParams::default(), &pod("without", json!({}))).await.expect("create plain pod");
         assert!(plain.spec.as_ref().and_then(|s| s.init_containers.as_ref()).is_none_or(|i| i.is_empty()));
+        let opted_out = pods
+            .create(&PostParams::default(), &pod("opted-out", json!({"slim.agntcy.org/inject-identity": "false"})))
+            .await
+            .expect("create opted-out pod");
+        assert!(opted_out.spec.as_ref().and_then(|s| s.init_containers.as_ref()).is_none_or(|i| i.is_empty()));
+
+        let refused = pods
+            .create(
+                &PostParams::default(),
+                &pod("bad", json!({"slim.agntcy.org/inject-identity": "true", "slim.agntcy.org/key-file-mode": "rw"})),
+            )
+            .await
+            .expect_err("an impossible setting refuses the pod");
+        let message = refused.to_string();
+        assert!(message.contains("slim.agntcy.org/key-file-mode") && message.contains("octal mode"), "{message}");
+        assert!(pods.get_opt("bad").await.expect("get").is_none(), "nothing stored for a refused pod");
     }
     .await;
     let _ = configurations.delete(&name, &DeleteParams::default()).await;
-    let _ = namespaces.delete(&namespace, &DeleteParams::default()).await;
     result
 }
 
