@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -22,11 +21,42 @@ pub struct AdminState {
     pub ready: Readiness,
 }
 
-/// Ready when every gate is set; names the first one that is not.
-pub fn all_gates(gates: Vec<(&'static str, Arc<AtomicBool>)>) -> Readiness {
-    Arc::new(move || match gates.iter().find(|(_, gate)| !gate.load(Ordering::SeqCst)) {
-        None => Ok(()),
-        Some((name, _)) => Err(format!("{name} not ready")),
+/// One readiness condition: open, or closed with the reason (what `/readyz` and the log say).
+#[derive(Debug)]
+pub struct Gate(std::sync::Mutex<Result<(), String>>);
+
+impl Gate {
+    /// A closed gate, with the reason it starts closed.
+    pub fn closed(reason: impl Into<String>) -> Arc<Self> {
+        Arc::new(Self(std::sync::Mutex::new(Err(reason.into()))))
+    }
+
+    pub fn open(&self) {
+        *self.lock() = Ok(());
+    }
+
+    pub fn close(&self, reason: impl Into<String>) {
+        *self.lock() = Err(reason.into());
+    }
+
+    pub fn state(&self) -> Result<(), String> {
+        self.lock().clone()
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.lock().is_ok()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Result<(), String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Ready when every gate is open; otherwise says why each closed one is closed.
+pub fn all_gates(gates: Vec<Arc<Gate>>) -> Readiness {
+    Arc::new(move || {
+        let reasons: Vec<String> = gates.iter().filter_map(|g| g.state().err()).collect();
+        if reasons.is_empty() { Ok(()) } else { Err(reasons.join("; ")) }
     })
 }
 

@@ -2,13 +2,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use kube::runtime::events::Reporter;
-
-use std::sync::atomic::Ordering;
 
 use crate::admin::{self, AdminState, Readiness};
 use crate::controller::leader::{self, Leadership, LeaseConfig};
@@ -17,7 +14,7 @@ use crate::metrics::{Metrics, NodeClientCollector, ResourceCollector};
 use crate::slim::{NodeClientConfig, NodePool};
 use crate::telemetry::{self, LogFormat};
 use crate::webhook::certs::SelfManaged;
-use crate::webhook::run::{CertSource, WebhookError, WebhookSettings};
+use crate::webhook::run::{CertSource, WebhookError, WebhookGates, WebhookSettings};
 use crate::webhook::{InjectorConfig, SocketSource};
 
 #[derive(Parser, Debug)]
@@ -285,22 +282,29 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         None
     };
 
-    let caches = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
-    let webhook_ready = Arc::new(AtomicBool::new(false));
+    let caches = controller::CacheGates::default();
+    let webhook_gates = WebhookGates::default();
     let webhook_settings = args.webhook_settings();
     let readiness: Readiness = {
-        let (caches, webhook_ready, leader_rx) = (caches.clone(), webhook_ready.clone(), leader_rx.clone());
-        let webhook_on = webhook_settings.is_some();
+        let webhook = webhook_settings
+            .as_ref()
+            .map(|_| admin::all_gates(vec![webhook_gates.certificate.clone(), webhook_gates.namespaces.clone()]));
+        let (caches, leader_rx) = (caches.clone(), leader_rx.clone());
         Arc::new(move || {
-            if webhook_on && !webhook_ready.load(Ordering::SeqCst) {
-                return Err("webhook not ready (certificate or namespace cache)".into());
+            let mut missing = Vec::new();
+            if let Some(Err(reason)) = webhook.as_ref().map(|gates| gates()) {
+                missing.push(reason);
             }
-            match *leader_rx.borrow() {
-                Leadership::Unknown => Err("leadership not known yet".into()),
-                Leadership::Follower => Ok(()),
-                Leadership::Leader if caches.iter().all(|c| c.load(Ordering::SeqCst)) => Ok(()),
-                Leadership::Leader => Err("caches not synced".into()),
+            match &*leader_rx.borrow() {
+                Leadership::Unknown => missing.push("leadership not known yet".to_owned()),
+                Leadership::Follower => {}
+                Leadership::Leader => {
+                    if let Err(reason) = caches.state() {
+                        missing.push(reason);
+                    }
+                }
             }
+            if missing.is_empty() { Ok(()) } else { Err(missing.join("; ")) }
         })
     };
 
@@ -310,7 +314,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         let (client, metrics, stopped) = (client.clone(), metrics.clone(), stopped());
         async move {
             match webhook_settings {
-                Some(settings) => crate::webhook::run::run(settings, client, metrics, webhook_ready, stopped).await,
+                Some(settings) => crate::webhook::run::run(settings, client, metrics, webhook_gates, stopped).await,
                 None => {
                     stopped.await;
                     Ok(())
@@ -342,9 +346,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 // Losing the lease stops reconciling at once (SLIM writes are idempotent, so a
                 // reconcile cut short is simply redone by the next leader).
                 _ = lost.wait_for(|l| *l != Leadership::Leader) => {
-                    for cache in &caches {
-                        cache.store(false, Ordering::SeqCst);
-                    }
+                    caches.reset();
                     *slot.write().unwrap_or_else(|p| p.into_inner()) = None;
                 }
             }

@@ -392,6 +392,13 @@ impl ControlPlane {
     /// A fresh namespace named `<prefix>-<random>`.
     pub async fn namespace(&self, client: &Client, prefix: &str) -> Result<String, ControlPlaneError> {
         let name = format!("{prefix}-{:08x}", rand::random::<u32>());
+        self.create_namespace(client, &name).await?;
+        Ok(name)
+    }
+
+    /// Creates the namespace `name` and waits for its `default` ServiceAccount.
+    pub async fn create_namespace(&self, client: &Client, name: &str) -> Result<(), ControlPlaneError> {
+        let name = name.to_owned();
         let namespaces: Api<Namespace> = Api::all(client.clone());
         let ns = Namespace {
             metadata: kube::api::ObjectMeta { name: Some(name.clone()), ..Default::default() },
@@ -417,7 +424,7 @@ impl ControlPlane {
                 reason: e.to_string(),
             })?;
         }
-        Ok(name)
+        Ok(())
     }
 
     /// The environment that points `kubectl` and `helm` at this cluster as admin.

@@ -5,6 +5,7 @@
 //! (`SLIM_CACHE` defaults to `~/.cache/slim-k8s`); `scripts/test.sh` installs it there.
 
 pub mod control_plane;
+pub mod operator;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -23,8 +24,46 @@ pub enum HarnessError {
     Spawn { what: String, source: std::io::Error },
     #[error("{what} did not come up within {timeout:?}; its output: {output}")]
     NotReady { what: String, timeout: Duration, output: String },
+    #[error("no slim-operator binary at {0}: build it (cargo build -p slim-operator), or set SLIM_OPERATOR_BIN")]
+    NoOperatorBinary(PathBuf),
+    #[error("no {tool} at {path}: run scripts/test.sh once (it installs it), or set {env}")]
+    NoTool { tool: &'static str, env: &'static str, path: PathBuf },
+    #[error("{command} failed: {stderr}")]
+    Command { command: String, stderr: String },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// A binary the test script installs into `$SLIM_CACHE/bin` (`helm`, `kubectl`), or `$ENV`.
+fn cached_tool(tool: &'static str, env: &'static str) -> Result<PathBuf, HarnessError> {
+    let path = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| cache_dir().join("bin").join(tool));
+    if path.exists() { Ok(path) } else { Err(HarnessError::NoTool { tool, env, path }) }
+}
+
+/// Runs `helm` (from `HELM`, else `$SLIM_CACHE/bin/helm`) with `env`; returns its stdout.
+pub fn helm(args: &[&str], env: &[(&str, &Path)]) -> Result<String, HarnessError> {
+    run_tool(cached_tool("helm", "HELM")?, args, env)
+}
+
+/// Runs `kubectl` (from `KUBECTL`, else `$SLIM_CACHE/bin/kubectl`) with `env`; returns its stdout.
+pub fn kubectl(args: &[&str], env: &[(&str, &Path)]) -> Result<String, HarnessError> {
+    run_tool(cached_tool("kubectl", "KUBECTL")?, args, env)
+}
+
+fn run_tool(binary: PathBuf, args: &[&str], env: &[(&str, &Path)]) -> Result<String, HarnessError> {
+    let output = Command::new(&binary)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .map_err(|source| HarnessError::Spawn { what: binary.display().to_string(), source })?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(HarnessError::Command {
+            command: format!("{} {}", binary.display(), args.join(" ")),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
 }
 
 fn harness_dir() -> PathBuf {

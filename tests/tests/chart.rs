@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::Command;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -13,22 +12,11 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use kube::core::DynamicObject;
 use serde::Deserialize;
-use slim_e2e::{cache_dir, repo_path};
+use slim_e2e::repo_path;
 use slim_operator::rbac::{self, Permission};
 
-fn helm() -> PathBuf {
-    let path = std::env::var_os("HELM").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("bin").join("helm"));
-    assert!(path.exists(), "no helm at {}: run scripts/test.sh once (it installs helm), or set HELM", path.display());
-    path
-}
-
 fn run_helm(args: &[&str]) -> Result<String, String> {
-    let output = Command::new(helm()).args(args).output().map_err(|e| e.to_string())?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&output.stderr).into_owned())
-    }
+    slim_e2e::helm(args, &[]).map_err(|e| e.to_string())
 }
 
 fn chart() -> String {

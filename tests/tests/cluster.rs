@@ -2,7 +2,6 @@
 //! and the real channel manager on 127.0.0.1, and the controllers running in this process.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use kube::Client;
@@ -49,7 +48,7 @@ fn start_controllers(
         metrics: Arc::new(Metrics::new()),
         nodes: pool.clone(),
         config: ControllerConfig { resync_interval: Duration::from_secs(5), channel_manager, ..Default::default() },
-        ready: [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))],
+        ready: Default::default(),
         slot: Default::default(),
     };
     let controller = tokio::spawn(run(runtime, async move {

@@ -7,7 +7,6 @@ pub mod subscription;
 pub mod subscription_status;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,12 +16,13 @@ use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{finalizer, watcher};
+use kube::runtime::{WatchStreamExt, finalizer, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{BroadcastStream, UnboundedReceiverStream};
 use tracing::{info, warn};
 
+use crate::admin::Gate;
 use crate::api::{SlimChannel, Subscription};
 use crate::backoff::{exponential, jitter};
 use crate::engine::ChannelEngine;
@@ -314,8 +314,8 @@ pub struct Runtime {
     pub metrics: Arc<Metrics>,
     pub nodes: NodePool,
     pub config: ControllerConfig,
-    /// Set once each cache (Subscriptions, SlimChannels) is synced.
-    pub ready: [Arc<AtomicBool>; 2],
+    /// Open while each cache (Subscriptions, SlimChannels) is synced and its watch healthy.
+    pub ready: CacheGates,
     /// Receives the caches for scrape-time metrics.
     pub slot: StoreSlot,
 }
@@ -332,25 +332,14 @@ pub async fn run(
     channels.list(&ListParams::default().limit(1)).await.map_err(Error::Kube)?;
 
     let shutdown = shutdown.shared();
-    let sub_controller = Controller::new(subscriptions, watcher::Config::default().any_semantic());
-    let channel_controller = Controller::new(channels, watcher::Config::default().any_semantic());
+    let (sub_stream, sub_store) = watched(subscriptions, ready.subscriptions.clone());
+    let (channel_stream, channel_store) = watched(channels, ready.channels.clone());
+    let sub_controller = Controller::for_stream(sub_stream, sub_store);
+    let channel_controller = Controller::for_stream(channel_stream, channel_store);
     let stores = Stores { subscriptions: sub_controller.store(), channels: channel_controller.store() };
     let (trigger, triggered) = mpsc::unbounded_channel();
     *slot.write().unwrap_or_else(|p| p.into_inner()) = Some(stores.clone());
     let ctx = Arc::new(Context::new(client.clone(), reporter, metrics, nodes.clone(), config.clone(), stores, trigger));
-
-    let [subs_ready, channels_ready] = ready;
-    let (sub_store, channel_store) = (ctx.subscriptions.clone(), ctx.channels.clone());
-    tokio::spawn(async move {
-        if sub_store.wait_until_ready().await.is_ok() {
-            subs_ready.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    });
-    tokio::spawn(async move {
-        if channel_store.wait_until_ready().await.is_ok() {
-            channels_ready.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    });
 
     let controller_config = kube::runtime::controller::Config::default().concurrency(config.concurrency);
     // A node that reconnects may have restarted and lost its routes: check every object.
@@ -378,6 +367,81 @@ pub async fn run(
     info!("controllers started");
     futures::join!(subscriptions, channels);
     Ok(())
+}
+
+/// Readiness of the controllers' caches.
+#[derive(Clone, Debug)]
+pub struct CacheGates {
+    pub subscriptions: Arc<Gate>,
+    pub channels: Arc<Gate>,
+}
+
+impl Default for CacheGates {
+    fn default() -> Self {
+        Self {
+            subscriptions: Gate::closed("Subscription cache not synced"),
+            channels: Gate::closed("SlimChannel cache not synced"),
+        }
+    }
+}
+
+impl CacheGates {
+    pub fn state(&self) -> Result<(), String> {
+        crate::admin::all_gates(vec![self.subscriptions.clone(), self.channels.clone()])()
+    }
+
+    /// Closes both (the controllers stopped, e.g. on losing the lease).
+    pub fn reset(&self) {
+        self.subscriptions.close("Subscription cache not synced");
+        self.channels.close("SlimChannel cache not synced");
+    }
+}
+
+/// A watch of every `K` feeding a cache, and the cache. `gate` opens when the first full list is
+/// in, closes while the watch fails (the API server unreachable, access revoked), and opens again
+/// when it delivers again; a watch that resumes without news is confirmed by a one-item list.
+fn watched<K>(api: Api<K>, gate: Arc<Gate>) -> (impl futures::Stream<Item = Result<K, watcher::Error>>, Store<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let kind = K::kind(&()).into_owned();
+    let (reader, writer) = kube::runtime::reflector::store();
+    let probe = api.clone();
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .inspect(move |event| match event {
+            Ok(watcher::Event::InitDone) => {
+                failing.store(false, std::sync::atomic::Ordering::SeqCst);
+                gate.open();
+            }
+            Ok(_) => {}
+            Err(error) => {
+                warn!(kind, %error, "watch failing; the cache may be stale");
+                gate.close(format!("{kind} cache: watch failing: {error}"));
+                if !failing.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    tokio::spawn(confirm_recovery(probe.clone(), gate.clone(), failing.clone()));
+                }
+            }
+        })
+        .applied_objects();
+    (stream, reader)
+}
+
+/// Reopens `gate` once the API answers a list again (while `failing` stays set).
+async fn confirm_recovery<K>(api: Api<K>, gate: Arc<Gate>, failing: Arc<std::sync::atomic::AtomicBool>)
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+    while failing.load(std::sync::atomic::Ordering::SeqCst) {
+        tokio::time::sleep(backoff.next_delay()).await;
+        if api.list(&ListParams::default().limit(1)).await.is_ok() {
+            failing.store(false, std::sync::atomic::Ordering::SeqCst);
+            gate.open();
+        }
+    }
 }
 
 async fn log_outcome<T: std::fmt::Debug, E: std::fmt::Display>(result: Result<T, E>) {

@@ -20,6 +20,8 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::server::CertStore;
+use crate::admin::Gate;
+use crate::backoff::Backoff;
 
 const CA_VALIDITY_DAYS: i64 = 3650;
 const LEAF_VALIDITY_DAYS: i64 = 365;
@@ -36,6 +38,8 @@ pub enum CertError {
     Webhook { name: String, source: kube::Error },
     #[error("reading {path}: {source}")]
     File { path: PathBuf, source: std::io::Error },
+    #[error("MutatingWebhookConfiguration {0} not found: caBundle not published (is the chart installed?)")]
+    NoWebhookConfiguration(String),
 }
 
 /// PEM material of a CA and the leaf it signed.
@@ -137,13 +141,25 @@ pub struct SelfManaged {
 
 impl SelfManaged {
     /// Keeps the certificate valid and published, forever: loads, rotates, patches `caBundle`.
-    pub async fn run(self, client: Client, store: Arc<CertStore>) {
+    /// A failed pass (the namespace, the Secret or the webhook configuration missing, a refused
+    /// call) closes `gate` with its cause and is retried with backoff; it never ends the loop.
+    pub async fn run(self, client: Client, store: Arc<CertStore>, gate: Arc<Gate>) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
         loop {
             let wait = match self.sync(&client, &store).await {
-                Ok(wait) => wait,
+                Ok(wait) => {
+                    if !gate.is_open() {
+                        info!(secret = %self.secret, "webhook certificate in place");
+                    }
+                    gate.open();
+                    backoff.reset();
+                    wait
+                }
                 Err(error) => {
-                    warn!(%error, "webhook certificate sync failed; retrying in 30s");
-                    Duration::from_secs(30)
+                    let wait = backoff.next_delay();
+                    warn!(%error, retry_in = ?wait, "webhook certificate not in place; retrying");
+                    gate.close(format!("webhook: {error}"));
+                    wait
                 }
             };
             tokio::time::sleep(wait).await;
@@ -197,8 +213,7 @@ impl SelfManaged {
         let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
         let webhook_error = |source| CertError::Webhook { name: self.webhook_configuration.clone(), source };
         let Some(configuration) = api.get_opt(&self.webhook_configuration).await.map_err(webhook_error)? else {
-            warn!(name = %self.webhook_configuration, "MutatingWebhookConfiguration not found; caBundle not published");
-            return Ok(());
+            return Err(CertError::NoWebhookConfiguration(self.webhook_configuration.clone()));
         };
         let bundle = ByteString(ca_pem.as_bytes().to_vec());
         let patches: Vec<serde_json::Value> = configuration
@@ -259,33 +274,47 @@ pub struct Mounted {
 }
 
 impl Mounted {
-    /// Loads once (an error here stops start-up), then polls for changes forever.
-    pub async fn load(&self, store: &CertStore) -> Result<(String, String), CertError> {
+    /// Loads the pair (an unreadable pair closes `gate` and is retried), then reloads it when
+    /// its content changes, forever.
+    pub async fn run(self, store: Arc<CertStore>, gate: Arc<Gate>) {
+        let mut last: Option<(String, String)> = None;
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+        loop {
+            let wait = match self.read() {
+                Ok(pair) if last.as_ref() == Some(&pair) => Duration::from_secs(10),
+                Ok((cert, key)) => match certified_key(&cert, &key) {
+                    Ok(certified) => {
+                        store.set(certified);
+                        gate.open();
+                        info!(path = %self.cert.display(), "webhook certificate loaded");
+                        last = Some((cert, key));
+                        backoff.reset();
+                        Duration::from_secs(10)
+                    }
+                    // A half-updated pair (cert and key written separately): try again shortly.
+                    Err(error) => self.failed(&gate, &error, &mut backoff, last.is_some()),
+                },
+                Err(error) => self.failed(&gate, &error, &mut backoff, last.is_some()),
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn read(&self) -> Result<(String, String), CertError> {
         let read = |path: &PathBuf| {
             std::fs::read_to_string(path).map_err(|source| CertError::File { path: path.clone(), source })
         };
-        let (cert, key) = (read(&self.cert)?, read(&self.key)?);
-        store.set(certified_key(&cert, &key)?);
-        Ok((cert, key))
+        Ok((read(&self.cert)?, read(&self.key)?))
     }
 
-    pub async fn watch(self, store: Arc<CertStore>, mut last: (String, String)) {
-        loop {
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            let current = (std::fs::read_to_string(&self.cert), std::fs::read_to_string(&self.key));
-            if let (Ok(cert), Ok(key)) = current
-                && (cert.as_str(), key.as_str()) != (last.0.as_str(), last.1.as_str())
-            {
-                match certified_key(&cert, &key) {
-                    Ok(certified) => {
-                        store.set(certified);
-                        info!(path = %self.cert.display(), "webhook certificate reloaded");
-                        last = (cert, key);
-                    }
-                    // A half-updated pair (cert and key written separately): try again next tick.
-                    Err(error) => warn!(%error, "changed certificate not loadable yet"),
-                }
-            }
+    /// A pair that cannot be used: the gate closes only if nothing was ever loaded (a loaded
+    /// certificate keeps serving while its replacement is half-written).
+    fn failed(&self, gate: &Gate, error: &CertError, backoff: &mut Backoff, serving: bool) -> Duration {
+        let wait = backoff.next_delay();
+        warn!(%error, retry_in = ?wait, "webhook certificate files not loadable");
+        if !serving {
+            gate.close(format!("webhook: {error}"));
         }
+        wait
     }
 }

@@ -1,0 +1,290 @@
+//! The real `slim-operator` binary on the real API server: authenticated as the chart's
+//! ServiceAccount (a token from the TokenRequest API) with exactly the chart's RBAC, configured
+//! with the chart Deployment's environment. Every verb the operator needs must be granted by the
+//! chart: a missing one fails these tests.
+
+use std::time::Duration;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde::Deserialize;
+use serde_json::json;
+use slim_e2e::control_plane::{self, Credentials, install_crds};
+use slim_e2e::operator::{OperatorProcess, chart_environment};
+use slim_e2e::{ChannelManager, SlimApp, SlimNode, helm, init_logging, repo_path};
+use slim_operator::api::{SlimChannel, Subscription};
+use slim_operator::slim::{ChannelManagerClient, NodePool};
+
+/// What `helm template` rendered, as typed objects.
+#[derive(Default)]
+struct Chart {
+    deployment: Option<Deployment>,
+    service_accounts: Vec<ServiceAccount>,
+    cluster_roles: Vec<ClusterRole>,
+    cluster_role_bindings: Vec<ClusterRoleBinding>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
+    webhooks: Vec<MutatingWebhookConfiguration>,
+}
+
+fn render(release: &str, namespace: &str) -> Chart {
+    let chart = repo_path("charts/slim-operator").display().to_string();
+    let yaml = helm(&["template", release, &chart, "--namespace", namespace], &[]).expect("helm template");
+    let mut rendered = Chart::default();
+    for document in serde_yaml::Deserializer::from_str(&yaml) {
+        let value = serde_json::Value::deserialize(document).expect("YAML");
+        match value["kind"].as_str().unwrap_or_default() {
+            "Deployment" => rendered.deployment = serde_json::from_value(value).ok(),
+            "ServiceAccount" => rendered.service_accounts.push(serde_json::from_value(value).expect("sa")),
+            "ClusterRole" => rendered.cluster_roles.push(serde_json::from_value(value).expect("cr")),
+            "ClusterRoleBinding" => rendered.cluster_role_bindings.push(serde_json::from_value(value).expect("crb")),
+            "Role" => rendered.roles.push(serde_json::from_value(value).expect("role")),
+            "RoleBinding" => rendered.role_bindings.push(serde_json::from_value(value).expect("rb")),
+            "MutatingWebhookConfiguration" => rendered.webhooks.push(serde_json::from_value(value).expect("mwc")),
+            _ => {}
+        }
+    }
+    rendered
+}
+
+/// Applies the chart's identity and RBAC (and its webhook configuration), returns the
+/// ServiceAccount's name.
+async fn apply_rbac(client: &Client, namespace: &str, chart: &Chart) -> String {
+    let pp = PostParams::default();
+    let sa = chart.service_accounts.first().expect("the chart has a ServiceAccount");
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace).create(&pp, sa).await.expect("ServiceAccount");
+    for role in &chart.cluster_roles {
+        Api::<ClusterRole>::all(client.clone()).create(&pp, role).await.expect("ClusterRole");
+    }
+    for binding in &chart.cluster_role_bindings {
+        Api::<ClusterRoleBinding>::all(client.clone()).create(&pp, binding).await.expect("ClusterRoleBinding");
+    }
+    for role in &chart.roles {
+        Api::<Role>::namespaced(client.clone(), namespace).create(&pp, role).await.expect("Role");
+    }
+    for binding in &chart.role_bindings {
+        Api::<RoleBinding>::namespaced(client.clone(), namespace).create(&pp, binding).await.expect("RoleBinding");
+    }
+    for webhook in &chart.webhooks {
+        Api::<MutatingWebhookConfiguration>::all(client.clone()).create(&pp, webhook).await.expect("webhook config");
+    }
+    sa.name_any()
+}
+
+/// A token for the ServiceAccount from the TokenRequest API.
+async fn token_for(client: &Client, namespace: &str, service_account: &str) -> String {
+    let request: TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}})).expect("request");
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let issued: TokenRequest =
+        accounts.create_subresource("token", service_account, &PostParams::default(), &request).await.expect("token");
+    issued.status.expect("status").token
+}
+
+async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Both tests run an operator over every namespace: one at a time.
+async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static OPERATORS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    OPERATORS.lock().await
+}
+
+fn ready(sub: &Subscription) -> bool {
+    sub.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_works_with_exactly_the_charts_rbac() {
+    init_logging();
+    let _exclusive = exclusive().await;
+    let plane = control_plane::shared();
+    let admin = plane.client().await.expect("admin client");
+    install_crds(&admin).await.expect("CRDs");
+    let operator_ns = plane.namespace(&admin, "slim-system").await.expect("namespace");
+    let apps_ns = plane.namespace(&admin, "apps").await.expect("namespace");
+    let release = format!("op-{}", &operator_ns[operator_ns.len() - 8..]);
+    let chart = render(&release, &operator_ns);
+    let service_account = apply_rbac(&admin, &operator_ns, &chart).await;
+    let token = token_for(&admin, &operator_ns, &service_account).await;
+    let kubeconfig = plane.dir.join(format!("{release}.kubeconfig"));
+    plane.write_kubeconfig(&kubeconfig, &service_account, &Credentials::Token(token)).expect("kubeconfig");
+
+    let a = SlimNode::start("node-a").expect("node a");
+    let b = SlimNode::start("node-b").expect("node b");
+    let cm = ChannelManager::start(&a).expect("channel manager");
+    let mut bob = SlimApp::member(&a, "org/ns/bob").expect("bob");
+    let mut carol = SlimApp::member(&a, "org/ns/carol").expect("carol");
+
+    let mut env = chart_environment(chart.deployment.as_ref().expect("the chart has a Deployment"));
+    env.push(("POD_NAME".into(), format!("{release}-0")));
+    env.push(("POD_NAMESPACE".into(), operator_ns.clone()));
+    env.push(("SLIM_OPERATOR_CHANNEL_MANAGER".into(), cm.endpoint()));
+    let mut operator = OperatorProcess::start(&kubeconfig, &env).expect("operator");
+
+    // Ready: caches synced as leader, webhook certificate in place.
+    operator.wait_readyz(200, Duration::from_secs(60)).expect("/readyz turns 200");
+    let (status, metrics) = operator.get("/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("slim_operator_"), "{metrics}");
+
+    let secret_name = env.iter().find(|(k, _)| k == "SLIM_OPERATOR_WEBHOOK_SECRET").map(|(_, v)| v.clone());
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &operator_ns);
+    let tls =
+        secrets.get(&secret_name.expect("the chart names the webhook Secret")).await.expect("webhook Secret written");
+    assert!(tls.data.as_ref().is_some_and(|d| d.contains_key("tls.crt") && d.contains_key("ca.crt")));
+    let configuration = Api::<MutatingWebhookConfiguration>::all(admin.clone())
+        .get(&chart.webhooks[0].name_any())
+        .await
+        .expect("webhook configuration");
+    for webhook in configuration.webhooks.iter().flatten() {
+        assert!(webhook.client_config.ca_bundle.as_ref().is_some_and(|b| !b.0.is_empty()), "caBundle is published");
+    }
+    let lease = Api::<Lease>::namespaced(admin.clone(), &operator_ns).get("slim-operator-leader").await.expect("lease");
+    assert_eq!(lease.spec.and_then(|s| s.holder_identity), Some(format!("{release}-0")));
+
+    // A Subscription and a SlimChannel, created by a user (admin), reconciled by the operator.
+    let subs: Api<Subscription> = Api::namespaced(admin.clone(), &apps_ns);
+    let sub: Subscription = serde_json::from_value(json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription",
+        "metadata": {"name": "bob"},
+        "spec": {"name": "org/ns/bob", "nodes": {"endpoints": [b.controller_endpoint()]}, "link": {"endpoint": a.data_endpoint()}}
+    }))
+    .expect("subscription");
+    subs.create(&PostParams::default(), &sub).await.expect("create Subscription");
+    let channels: Api<SlimChannel> = Api::namespaced(admin.clone(), &apps_ns);
+    let channel: SlimChannel = serde_json::from_value(json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel",
+        "metadata": {"name": "team"},
+        "spec": {"name": "org/ns/team", "participants": ["org/ns/bob", "org/ns/carol"], "nodes": {"endpoints": [a.controller_endpoint()]}}
+    }))
+    .expect("channel");
+    channels.create(&PostParams::default(), &channel).await.expect("create SlimChannel");
+
+    wait_for("Subscription Ready", Duration::from_secs(60), async || subs.get("bob").await.ok().filter(ready)).await;
+    wait_for("both members joined", Duration::from_secs(90), async || {
+        channels.get("team").await.ok().filter(|c| c.status.as_ref().is_some_and(|s| s.joined == 2))
+    })
+    .await;
+    bob.wait_for("joined", Duration::from_secs(10)).expect("bob joined");
+    carol.wait_for("joined", Duration::from_secs(10)).expect("carol joined");
+
+    // Deletes clean up: the route off node b, the channel out of the manager.
+    subs.delete("bob", &DeleteParams::default()).await.expect("delete Subscription");
+    channels.delete("team", &DeleteParams::default()).await.expect("delete SlimChannel");
+    wait_for("Subscription gone", Duration::from_secs(60), async || {
+        subs.get_opt("bob").await.ok().filter(Option::is_none)
+    })
+    .await;
+    wait_for("SlimChannel gone", Duration::from_secs(90), async || {
+        channels.get_opt("team").await.ok().filter(Option::is_none)
+    })
+    .await;
+    let observed = NodePool::default().node(&b.controller_endpoint()).snapshot(Duration::ZERO).await.expect("routes");
+    assert!(observed.routes.is_empty(), "routes left on node b: {observed:?}");
+    let manager = ChannelManagerClient::new(&cm.endpoint()).expect("client");
+    assert!(!manager.list_channels().await.expect("channels").contains(&"org/ns/team".to_owned()));
+
+    let log = operator.log();
+    assert!(!log.to_lowercase().contains("forbidden"), "a call was forbidden by the chart's RBAC:\n{log}");
+    let exit = operator.terminate(Duration::from_secs(20)).expect("exits on SIGTERM");
+    assert!(exit.success(), "{exit:?}\n{}", operator.log());
+}
+
+fn subscription(name: &str, node: &SlimNode, link_to: &SlimNode) -> Subscription {
+    serde_json::from_value(json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription",
+        "metadata": {"name": name},
+        "spec": {"name": format!("org/ns/{name}"), "nodes": {"endpoints": [node.controller_endpoint()]}, "link": {"endpoint": link_to.data_endpoint()}}
+    }))
+    .expect("subscription")
+}
+
+/// Started before its namespace and its webhook configuration exist, the operator reconciles
+/// anyway, says in `/readyz` what is missing, and turns ready once they appear; a watch that
+/// breaks turns it unready until the API answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_against_a_half_ready_cluster() {
+    init_logging();
+    let _exclusive = exclusive().await;
+    let plane = control_plane::shared();
+    let admin = plane.client().await.expect("admin client");
+    install_crds(&admin).await.expect("CRDs");
+    let apps_ns = plane.namespace(&admin, "apps").await.expect("namespace");
+    let operator_ns = format!("later-{}", &apps_ns[apps_ns.len() - 8..]);
+    let configuration = format!("slim-operator-{operator_ns}");
+    let a = SlimNode::start("node-a").expect("node a");
+    let b = SlimNode::start("node-b").expect("node b");
+    let env = vec![
+        ("POD_NAMESPACE".to_owned(), operator_ns.clone()),
+        ("SLIM_OPERATOR_WEBHOOK_CONFIGURATION".to_owned(), configuration.clone()),
+    ];
+    let operator = OperatorProcess::start(&plane.admin_kubeconfig, &env).expect("operator");
+
+    // Missing namespace: not ready, and /readyz says why; the controllers work regardless.
+    let why = operator.wait_readyz(503, Duration::from_secs(30)).expect("/readyz answers");
+    let subs: Api<Subscription> = Api::namespaced(admin.clone(), &apps_ns);
+    subs.create(&PostParams::default(), &subscription("early", &a, &b)).await.expect("create");
+    wait_for("Subscription Ready while the webhook waits", Duration::from_secs(60), async || {
+        subs.get("early").await.ok().filter(ready)
+    })
+    .await;
+    let missing_namespace = format!("namespaces \"{operator_ns}\" not found");
+    let why = if why.contains(&missing_namespace) { why } else { operator.get("/readyz").expect("readyz").1 };
+    assert!(why.contains(&missing_namespace), "{why}");
+
+    // The namespace appears: next, the webhook configuration is what is missing.
+    plane.create_namespace(&admin, &operator_ns).await.expect("namespace");
+    wait_for("readyz names the webhook configuration", Duration::from_secs(30), async || {
+        let (status, body) = operator.get("/readyz").ok()?;
+        (status == 503 && body.contains(&format!("MutatingWebhookConfiguration {configuration} not found")))
+            .then_some(())
+    })
+    .await;
+    let webhook: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": configuration},
+        "webhooks": [{
+            "name": "identity.slim.agntcy.org", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "failurePolicy": "Ignore", "clientConfig": {"url": format!("https://127.0.0.1:{}/mutate", operator.webhook.port())},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "nothing-here"}},
+        }]
+    }))
+    .expect("webhook configuration");
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
+    configurations.create(&PostParams::default(), &webhook).await.expect("create webhook configuration");
+    operator.wait_readyz(200, Duration::from_secs(30)).expect("ready once everything exists");
+    let published = configurations.get(&configuration).await.expect("get");
+    assert!(published.webhooks.iter().flatten().all(|w| w.client_config.ca_bundle.is_some()), "caBundle published");
+
+    // The Subscription kind disappears (its watch breaks): unready with the cause, then ready
+    // again once the CRD is back.
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(admin.clone());
+    subs.delete("early", &DeleteParams::default()).await.expect("delete");
+    wait_for("Subscription gone", Duration::from_secs(60), async || {
+        subs.get_opt("early").await.ok().filter(Option::is_none)
+    })
+    .await;
+    crds.delete("subscriptions.slim.agntcy.org", &DeleteParams::default()).await.expect("delete CRD");
+    let why = operator.wait_readyz(503, Duration::from_secs(60)).expect("unready while the watch fails");
+    assert!(why.contains("Subscription cache"), "{why}");
+    install_crds(&admin).await.expect("CRDs again");
+    operator.wait_readyz(200, Duration::from_secs(60)).expect("ready again");
+    let log = operator.log();
+    assert!(log.contains("retrying"), "the log says what is retried:\n{log}");
+}
