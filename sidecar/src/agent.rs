@@ -92,9 +92,9 @@ impl Writer {
         let c = &self.config;
         let mut files = Vec::new();
         if let (Some((svid, key, bundle)), Some(x)) = (&c.x509, &self.x509) {
-            files.push((svid.clone(), FileContent { bytes: x.svid_pem.clone(), mode: c.cert_file_mode }));
-            files.push((key.clone(), FileContent { bytes: x.key_pem.clone(), mode: c.key_file_mode }));
-            files.push((bundle.clone(), FileContent { bytes: x.bundle_pem.clone(), mode: c.cert_file_mode }));
+            files.push((svid.clone(), FileContent::swapped(x.svid_pem.clone(), c.cert_file_mode)));
+            files.push((key.clone(), FileContent::swapped(x.key_pem.clone(), c.key_file_mode)));
+            files.push((bundle.clone(), FileContent::swapped(x.bundle_pem.clone(), c.cert_file_mode)));
         }
         if let (false, Some(bundles)) = (c.jwt_bundle_file_name.is_empty(), &self.bundles) {
             let bytes = match c.jwt_bundle_format {
@@ -114,14 +114,18 @@ impl Writer {
                 }
             };
             if let Some(bytes) = bytes {
-                files.push((c.jwt_bundle_file_name.clone(), FileContent { bytes, mode: c.jwt_bundle_file_mode }));
+                files.push((c.jwt_bundle_file_name.clone(), FileContent::swapped(bytes, c.jwt_bundle_file_mode)));
             }
         }
         for (entry, token) in c.jwt_svids.iter().zip(&self.jwts) {
             if let Some((token, _)) = token {
                 files.push((
                     entry.file_name.clone(),
-                    FileContent { bytes: token.clone().into_bytes(), mode: c.jwt_svid_file_mode },
+                    FileContent {
+                        bytes: token.clone().into_bytes(),
+                        mode: c.jwt_svid_file_mode,
+                        write: c.jwt_svid_write_mode,
+                    },
                 ));
             }
         }

@@ -68,6 +68,7 @@ pub fn dev_config(options: &DevOptions, socket: &std::path::Path) -> Config {
         jwt_bundle_trust_domain: String::new(),
         jwt_svid_refresh_percent: 50,
         renew_on_jwt_update: false,
+        jwt_svid_write_mode: crate::output::WriteMode::InPlace,
     }
 }
 

@@ -61,8 +61,8 @@ fn readers_never_see_partial_files_or_mismatched_pairs() {
     let mut out = OutputDir::new(&path).expect("dir");
     let write = |out: &mut OutputDir, (cert, key): &(Vec<u8>, Vec<u8>)| {
         out.update([
-            ("tls.crt".to_owned(), FileContent { bytes: cert.clone(), mode: 0o644 }),
-            ("tls.key".to_owned(), FileContent { bytes: key.clone(), mode: 0o600 }),
+            ("tls.crt".to_owned(), FileContent::swapped(cert.clone(), 0o644)),
+            ("tls.key".to_owned(), FileContent::swapped(key.clone(), 0o600)),
         ])
         .expect("write");
     };

@@ -28,6 +28,7 @@ pub mod annotation {
     pub const JWT_SVID_FILE_NAMES: &str = "slim.agntcy.org/jwt-svid-file-names";
     pub const JWT_BUNDLE_FILE_NAME: &str = "slim.agntcy.org/jwt-bundle-file-name";
     pub const JWT_BUNDLE_FORMAT: &str = "slim.agntcy.org/jwt-bundle-format";
+    pub const JWT_SVID_WRITE_MODE: &str = "slim.agntcy.org/jwt-svid-write-mode";
     pub const X509: &str = "slim.agntcy.org/x509";
     pub const SVID_FILE_NAME: &str = "slim.agntcy.org/svid-file-name";
     pub const SVID_KEY_FILE_NAME: &str = "slim.agntcy.org/svid-key-file-name";
@@ -144,6 +145,7 @@ struct Settings {
     jwt: Vec<(String, String)>,
     jwt_bundle_file: String,
     jwt_bundle_format: String,
+    jwt_svid_write_mode: String,
     x509: Option<(String, String, String)>,
     key_file_mode: String,
     mount_path: String,
@@ -185,6 +187,15 @@ impl Settings {
             return Err(format!(
                 "{}: {jwt_bundle_format:?} is not jwks or spiffe-helper",
                 annotation::JWT_BUNDLE_FORMAT
+            ));
+        }
+        // In place by default: SLIM's static_jwt provider only notices data writes to its token
+        // file, never the atomic swap (see the README, "Use it from a SLIM app").
+        let jwt_svid_write_mode = get(annotation::JWT_SVID_WRITE_MODE).unwrap_or("in-place").to_owned();
+        if !matches!(jwt_svid_write_mode.as_str(), "in-place" | "atomic") {
+            return Err(format!(
+                "{}: {jwt_svid_write_mode:?} is not in-place or atomic",
+                annotation::JWT_SVID_WRITE_MODE
             ));
         }
         let jwt_bundle_file = get(annotation::JWT_BUNDLE_FILE_NAME).unwrap_or("key.jwt").to_owned();
@@ -274,6 +285,7 @@ impl Settings {
             jwt: audiences.into_iter().zip(files).collect(),
             jwt_bundle_file,
             jwt_bundle_format,
+            jwt_svid_write_mode,
             x509,
             key_file_mode,
             mount_path,
@@ -317,6 +329,7 @@ fn agent_config(settings: &Settings, config: &InjectorConfig) -> String {
         "daemon_mode": true,
         "jwt_bundle_file_name": settings.jwt_bundle_file,
         "jwt_bundle_format": settings.jwt_bundle_format,
+        "jwt_svid_write_mode": settings.jwt_svid_write_mode,
         "jwt_svids": settings.jwt.iter().map(|(audience, file)| json!({
             "jwt_audience": audience, "jwt_svid_file_name": file,
         })).collect::<Vec<_>>(),

@@ -6,6 +6,7 @@ pub mod hcl;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::output::WriteMode;
 use hcl::{Pos, Value};
 
 /// spiffe-helper's default agent socket.
@@ -76,6 +77,10 @@ pub struct Config {
     pub jwt_svid_refresh_percent: u8,
     /// `renew_on_jwt_update`: also signal / run `cmd` when a JWT-SVID or the JWT bundle changes.
     pub renew_on_jwt_update: bool,
+    /// `jwt_svid_write_mode`: `atomic` (default: in the version directory, published by the
+    /// `..data` swap) or `in-place` (a regular file rewritten with one write, which SLIM's
+    /// `static_jwt` file watcher sees; an atomic swap it never notices).
+    pub jwt_svid_write_mode: WriteMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +174,11 @@ impl Config {
                 Some(p) => return invalid(format!("jwt_svid_refresh_percent {p} must be between 1 and 50")),
             },
             renew_on_jwt_update: top.bool("renew_on_jwt_update")?.unwrap_or(false),
+            jwt_svid_write_mode: match top.string("jwt_svid_write_mode")?.as_str() {
+                "" | "atomic" => WriteMode::Swap,
+                "in-place" => WriteMode::InPlace,
+                other => return invalid(format!("jwt_svid_write_mode {other:?} is not \"atomic\" or \"in-place\"")),
+            },
         };
         let x509 =
             (top.string("svid_file_name")?, top.string("svid_key_file_name")?, top.string("svid_bundle_file_name")?);

@@ -27,6 +27,7 @@ fn the_seed_configmap_loads_unchanged() {
     );
     assert!(config.daemon_mode);
     assert_eq!(config.jwt_bundle_format, JwtBundleFormat::SpiffeHelper, "spiffe-helper's format by default");
+    assert_eq!(config.jwt_svid_write_mode, crate::output::WriteMode::Swap, "atomic by default");
 }
 
 #[test]
@@ -53,6 +54,7 @@ svid_key_file_name: tls.key
 svid_bundle_file_name: svid_bundle.pem
 jwt_bundle_file_name: key.jwt
 jwt_bundle_format: jwks
+jwt_svid_write_mode: in-place
 cert_file_mode: "0600"
 key_file_mode: 384
 jwt_svids:
@@ -63,6 +65,7 @@ daemon_mode: true
     let config = Config::from_yaml(yaml).expect("yaml");
     assert_eq!((config.cert_file_mode, config.key_file_mode), (0o600, 0o600));
     assert_eq!(config.jwt_bundle_format, JwtBundleFormat::Jwks);
+    assert_eq!(config.jwt_svid_write_mode, crate::output::WriteMode::InPlace);
     assert_eq!(config.jwt_svids[0].audiences(), vec!["slim-demo".to_owned(), "other".to_owned()]);
     assert_eq!(config.health_checks.bind_port, 9090);
     assert_eq!(config.health_checks.liveness_path, "/live");
@@ -105,6 +108,7 @@ fn spiffe_helper_validation_rules() {
         ("jwt_bundle_file_name = \"b\"\ndaemon_mode = \"yes\"", "must be true or false"),
         ("jwt_bundle_file_name = \"b\"\njwt_bundle_format = \"pem\"", "jwt_bundle_format"),
         ("jwt_bundle_file_name = \"b\"\njwt_svid_refresh_percent = 80", "between 1 and 50"),
+        ("jwt_bundle_file_name = \"b\"\njwt_svid_write_mode = \"rename\"", "not \"atomic\" or \"in-place\""),
     ] {
         let error = Config::from_hcl(text).expect_err(text).to_string();
         assert!(error.contains(expected), "{text}: {error}");

@@ -188,12 +188,42 @@ pub fn spiffe_helper_bundle(bundles: &JwtBundles) -> Vec<u8> {
 }
 
 /// A plain JWKS (`{"keys": [...]}`) of `trust_domain`, as SLIM's static JWKS verifier loads it.
+///
+/// SLIM uses only keys that carry `alg` (anything else is `JwksNoSuitableKey`), and the Workload
+/// API sends none (go-spiffe's `jwtbundle.Marshal` writes `kty`, `kid` and the key parameters), so
+/// every key gets the `alg` it signs with ([`signing_alg`]); an `alg` already there is kept.
 pub fn jwks_bundle(bundles: &JwtBundles, trust_domain: &str) -> Result<Vec<u8>, JwtError> {
     let jwks = bundles.get(trust_domain).ok_or_else(|| JwtError::NoBundle(trust_domain.to_owned()))?;
     let value: serde_json::Value =
         serde_json::from_slice(jwks).map_err(|e| JwtError::Bundle(format!("{trust_domain}: {e}")))?;
-    let keys = value.get("keys").cloned().unwrap_or(serde_json::Value::Array(Vec::new()));
+    let mut keys = match value.get("keys") {
+        Some(serde_json::Value::Array(keys)) => keys.clone(),
+        Some(_) => return Err(JwtError::Bundle(format!("{trust_domain}: \"keys\" is not a list"))),
+        None => Vec::new(),
+    };
+    for key in &mut keys {
+        if let Some(object) = key.as_object_mut()
+            && !object.contains_key("alg")
+            && let Some(alg) = signing_alg(object)
+        {
+            object.insert("alg".to_owned(), serde_json::Value::String(alg.to_owned()));
+        }
+    }
     serde_json::to_vec_pretty(&serde_json::json!({ "keys": keys })).map_err(|e| JwtError::Bundle(e.to_string()))
+}
+
+/// The JWS algorithm a JWK signs with, as SPIRE signs JWT-SVIDs: EC P-256 → ES256, P-384 →
+/// ES384, P-521 → ES512, RSA → RS256. `None` for a key type it cannot tell (left as it came; SLIM
+/// will not use it, which is right for a key nobody can say how to verify with).
+pub fn signing_alg(jwk: &serde_json::Map<String, serde_json::Value>) -> Option<&'static str> {
+    match (jwk.get("kty")?.as_str()?, jwk.get("crv").and_then(|c| c.as_str())) {
+        ("EC", Some("P-256")) => Some("ES256"),
+        ("EC", Some("P-384")) => Some("ES384"),
+        ("EC", Some("P-521")) => Some("ES512"),
+        ("RSA", _) => Some("RS256"),
+        ("OKP", Some("Ed25519")) => Some("EdDSA"),
+        _ => None,
+    }
 }
 
 /// Reads a bundle file in either format into bundles by trust domain. A plain JWKS has no
@@ -223,4 +253,51 @@ pub fn read_bundle_file(bytes: &[u8], default_domain: &str) -> Result<JwtBundles
 pub fn token_trust_domain(token: &str) -> Option<String> {
     let claims = unverified_claims(token.trim()).ok()?;
     trust_domain_of(&claims.sub?).map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn written(keys: serde_json::Value) -> serde_json::Value {
+        let bundles =
+            BTreeMap::from([("example.org".to_owned(), serde_json::to_vec(&json!({"keys": keys})).expect("json"))]);
+        serde_json::from_slice(&jwks_bundle(&bundles, "example.org").expect("jwks")).expect("json")
+    }
+
+    #[test]
+    fn every_key_type_gets_the_alg_spire_signs_with() {
+        let out = written(json!([
+            {"kty": "EC", "crv": "P-256", "kid": "a", "x": "x", "y": "y"},
+            {"kty": "EC", "crv": "P-384", "kid": "b", "x": "x", "y": "y"},
+            {"kty": "EC", "crv": "P-521", "kid": "c", "x": "x", "y": "y"},
+            {"kty": "RSA", "kid": "d", "n": "n", "e": "AQAB"},
+            {"kty": "OKP", "crv": "Ed25519", "kid": "e", "x": "x"},
+        ]));
+        let algs: Vec<&str> =
+            out["keys"].as_array().expect("keys").iter().map(|k| k["alg"].as_str().unwrap_or("")).collect();
+        assert_eq!(algs, ["ES256", "ES384", "ES512", "RS256", "EdDSA"]);
+        // Nothing else changes.
+        assert_eq!(out["keys"][3]["n"], "n");
+        assert_eq!(out["keys"][0]["kid"], "a");
+    }
+
+    #[test]
+    fn an_alg_already_there_is_kept_and_unknown_keys_are_left_alone() {
+        let out = written(json!([
+            {"kty": "RSA", "kid": "ps", "alg": "PS256", "n": "n", "e": "AQAB"},
+            {"kty": "oct", "kid": "secret", "k": "k"},
+            {"kty": "EC", "crv": "secp256k1", "kid": "k1"},
+        ]));
+        assert_eq!(out["keys"][0]["alg"], "PS256");
+        assert!(out["keys"][1].get("alg").is_none());
+        assert!(out["keys"][2].get("alg").is_none());
+    }
+
+    #[test]
+    fn a_bundle_whose_keys_are_not_a_list_is_an_error() {
+        let bundles = BTreeMap::from([("td".to_owned(), br#"{"keys": {}}"#.to_vec())]);
+        assert!(matches!(jwks_bundle(&bundles, "td"), Err(JwtError::Bundle(_))));
+    }
 }
