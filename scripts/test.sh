@@ -70,6 +70,10 @@ fi
 if [ -z "${KUBEBUILDER_ASSETS:-}" ]; then
   shared_k8s=$(cd .. && pwd)/shared/k8s
   if [ -f "$shared_k8s/kube-apiserver.xz" ]; then
+    if ! command -v xz >/dev/null; then
+      if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq xz-utils >/dev/null
+      else sudo apt-get update -qq && sudo apt-get install -y -qq xz-utils >/dev/null; fi
+    fi
     assets="$CACHE/k8s/$(sha256sum "$shared_k8s/SHA256SUMS" | cut -c1-12)"
     for binary in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet; do
       if [ ! -x "$assets/$binary" ] && [ -f "$shared_k8s/$binary.xz" ]; then
