@@ -94,8 +94,13 @@ pub fn free_port() -> Result<u16, HarnessError> {
 
 /// Waits until something accepts TCP connections on `port`.
 pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    wait_for_port_while(port, timeout, || true)
+}
+
+/// Like [`wait_for_port`], giving up early once `alive` turns false (the server process died).
+fn wait_for_port_while(port: u16, timeout: Duration, mut alive: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && alive() {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return true;
         }
@@ -117,7 +122,24 @@ pub struct SlimNode {
 
 impl SlimNode {
     /// Starts a node with fresh ports and waits until both its servers accept connections.
+    /// The ports are chosen free but released before the node binds them, so another process can
+    /// take one in between: a node that fails with "Address already in use" is started again on
+    /// new ports (up to three times).
     pub fn start(node_id: &str) -> Result<Self, HarnessError> {
+        let mut attempt = 0;
+        loop {
+            match Self::start_once(node_id) {
+                Err(HarnessError::NotReady { output, .. })
+                    if output.contains("Address already in use") && attempt < 2 =>
+                {
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn start_once(node_id: &str) -> Result<Self, HarnessError> {
         let dir = tempfile::tempdir()?;
         // Both listeners are held while choosing, so the two ports differ.
         let (data_port, controller_port) = {
@@ -154,7 +176,10 @@ impl SlimNode {
             .map_err(|source| HarnessError::Spawn { what: format!("SLIM node {}", self.node_id), source })?;
         self.child = Some(child);
         let timeout = Duration::from_secs(30);
-        if !(wait_for_port(self.data_port, timeout) && wait_for_port(self.controller_port, timeout)) {
+        let mut up = |port| {
+            wait_for_port_while(port, timeout, || self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))))
+        };
+        if !(up(self.data_port) && up(self.controller_port)) {
             return Err(HarnessError::NotReady {
                 what: format!("SLIM node {}", self.node_id),
                 timeout,
@@ -403,6 +428,28 @@ pub fn init_logging() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// Polls `check` every 250 ms until it gives a value; panics naming `what` after `timeout`.
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The manifests in `examples/`, in the order a user applies them.
+pub fn example_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_path("examples"))
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|x| x == "yaml"));
+    files.sort();
+    files
 }
 
 /// The path of a file in the repository.

@@ -9,7 +9,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::Reporter;
 use serde_json::json;
 use slim_e2e::control_plane::{self, install_crds};
-use slim_e2e::{ChannelManager, SlimApp, SlimNode, init_logging};
+use slim_e2e::{ChannelManager, SlimApp, SlimNode, init_logging, wait_for};
 use slim_operator::api::{SlimChannel, Subscription};
 use slim_operator::controller::{ControllerConfig, Runtime, run};
 use slim_operator::metrics::Metrics;
@@ -55,17 +55,6 @@ fn start_controllers(
         let _ = stopped.await;
     }));
     (stop, controller)
-}
-
-async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::Api;
 use slim_e2e::control_plane;
-use slim_e2e::{helm, kubectl, repo_path};
+use slim_e2e::{example_files, helm, kubectl, repo_path};
 
 /// SPIRE's ClusterSPIFFEID kind, which `examples/06-spire-clusterspiffeid.yaml` uses. SPIRE is not
 /// installed here; this stand-in (same group, version and kind, any content) lets the API server
@@ -58,12 +58,7 @@ async fn helm_install_then_every_example_in_order() {
     kubectl(&["wait", "--for=condition=Established", "crd/clusterspiffeids.spire.spiffe.io", "--timeout=30s"], env)
         .expect("established");
 
-    let mut files: Vec<_> = std::fs::read_dir(repo_path("examples"))
-        .expect("examples/")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    files.sort();
+    let files = example_files();
     assert!(files.len() >= 7, "{files:?}");
     for file in &files {
         let path = file.display().to_string();

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 use slim_e2e::control_plane::{self, Credentials, install_crds};
 use slim_e2e::operator::{OperatorProcess, chart_environment};
-use slim_e2e::{ChannelManager, SlimApp, SlimNode, helm, init_logging, repo_path};
+use slim_e2e::{ChannelManager, SlimApp, SlimNode, helm, init_logging, repo_path, wait_for};
 use slim_operator::api::{SlimChannel, Subscription};
 use slim_operator::slim::{ChannelManagerClient, NodePool};
 
@@ -85,17 +85,6 @@ async fn token_for(client: &Client, namespace: &str, service_account: &str) -> S
     let issued: TokenRequest =
         accounts.create_subresource("token", service_account, &PostParams::default(), &request).await.expect("token");
     issued.status.expect("status").token
-}
-
-async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// Both tests run an operator over every namespace: one at a time.

@@ -1,27 +1,15 @@
 //! Every example manifest parses into its type (our CRDs into the Rust types, which also pass
 //! their CEL rules), and the configs embedded in them parse too.
 
-use std::path::PathBuf;
-
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
 use kube::core::DynamicObject;
 use serde::Deserialize;
-use slim_e2e::repo_path;
+use slim_e2e::{example_files, repo_path};
 use slim_operator::api::{SlimChannel, Subscription};
 
 fn parse<T: serde::de::DeserializeOwned>(file: &str, json: &serde_json::Value) -> T {
     serde_json::from_value(json.clone()).unwrap_or_else(|e| panic!("{file}: {} does not parse: {e}", json["kind"]))
-}
-
-fn example_files() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_path("examples"))
-        .expect("examples/")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    files.sort();
-    files
 }
 
 #[test]
