@@ -426,11 +426,6 @@ impl ControlPlane {
         }
         Ok(())
     }
-
-    /// The environment that points `kubectl` and `helm` at this cluster as admin.
-    pub fn kube_env(&self) -> [(&'static str, PathBuf); 1] {
-        [("KUBECONFIG", self.admin_kubeconfig.clone())]
-    }
 }
 
 /// How a kubeconfig authenticates.

@@ -190,3 +190,31 @@ async fn the_examples_objects_are_accepted() {
     }
     assert!(accepted >= 2, "{accepted} example objects");
 }
+
+#[tokio::test]
+async fn a_user_without_rbac_is_refused_and_with_it_is_allowed() {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let (admin, namespace) = setup().await;
+    let plane = control_plane::shared();
+    let user = format!("viewer-{namespace}");
+    let client = plane.user_client(&user, &[]).await.expect("user client");
+    let error = api(&client, &namespace, "Subscription").list(&Default::default()).await.expect_err("no rights yet");
+    assert!(matches!(&error, kube::Error::Api(s) if s.is_forbidden()), "{error}");
+    let role: ClusterRole = serde_json::from_value(json!({
+        "metadata": {"name": user},
+        "rules": [{"apiGroups": ["slim.agntcy.org"], "resources": ["subscriptions"], "verbs": ["list"]}]
+    }))
+    .expect("role");
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": user},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": user},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+    }))
+    .expect("binding");
+    Api::<ClusterRole>::all(admin.clone()).create(&PostParams::default(), &role).await.expect("role");
+    Api::<ClusterRoleBinding>::all(admin.clone()).create(&PostParams::default(), &binding).await.expect("binding");
+    slim_e2e::wait_for("RBAC applied", std::time::Duration::from_secs(10), async || {
+        api(&client, &namespace, "Subscription").list(&Default::default()).await.ok()
+    })
+    .await;
+}
