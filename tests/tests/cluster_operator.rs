@@ -87,10 +87,15 @@ async fn token_for(client: &Client, namespace: &str, service_account: &str) -> S
     issued.status.expect("status").token
 }
 
-/// Both tests run an operator over every namespace: one at a time.
-async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+/// The control plane with the CRDs, an admin client, and the right to run an operator: both
+/// tests run one over every namespace, so they take turns (the guard).
+async fn setup() -> (&'static control_plane::ControlPlane, Client, tokio::sync::MutexGuard<'static, ()>) {
     static OPERATORS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    OPERATORS.lock().await
+    let guard = OPERATORS.lock().await;
+    let plane = control_plane::shared();
+    let admin = plane.client().await.expect("admin client");
+    install_crds(&admin).await.expect("CRDs");
+    (plane, admin, guard)
 }
 
 fn ready(sub: &Subscription) -> bool {
@@ -100,10 +105,7 @@ fn ready(sub: &Subscription) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_works_with_exactly_the_charts_rbac() {
     init_logging();
-    let _exclusive = exclusive().await;
-    let plane = control_plane::shared();
-    let admin = plane.client().await.expect("admin client");
-    install_crds(&admin).await.expect("CRDs");
+    let (plane, admin, _exclusive) = setup().await;
     let operator_ns = plane.namespace(&admin, "slim-system").await.expect("namespace");
     let apps_ns = plane.namespace(&admin, "apps").await.expect("namespace");
     let release = format!("op-{}", &operator_ns[operator_ns.len() - 8..]);
@@ -209,10 +211,7 @@ fn subscription(name: &str, node: &SlimNode, link_to: &SlimNode) -> Subscription
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_against_a_half_ready_cluster() {
     init_logging();
-    let _exclusive = exclusive().await;
-    let plane = control_plane::shared();
-    let admin = plane.client().await.expect("admin client");
-    install_crds(&admin).await.expect("CRDs");
+    let (plane, admin, _exclusive) = setup().await;
     let apps_ns = plane.namespace(&admin, "apps").await.expect("namespace");
     let operator_ns = format!("later-{}", &apps_ns[apps_ns.len() - 8..]);
     let configuration = format!("slim-operator-{operator_ns}");

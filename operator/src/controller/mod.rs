@@ -332,8 +332,8 @@ pub async fn run(
     channels.list(&ListParams::default().limit(1)).await.map_err(Error::Kube)?;
 
     let shutdown = shutdown.shared();
-    let (sub_stream, sub_store) = watched(subscriptions, ready.subscriptions.clone());
-    let (channel_stream, channel_store) = watched(channels, ready.channels.clone());
+    let (sub_stream, sub_store, sub_recovery) = watched(subscriptions, ready.subscriptions.clone());
+    let (channel_stream, channel_store, channel_recovery) = watched(channels, ready.channels.clone());
     let sub_controller = Controller::for_stream(sub_stream, sub_store);
     let channel_controller = Controller::for_stream(channel_stream, channel_store);
     let stores = Stores { subscriptions: sub_controller.store(), channels: channel_controller.store() };
@@ -365,7 +365,11 @@ pub async fn run(
         .run(channel::reconcile, error_policy, ctx)
         .for_each(log_outcome);
     info!("controllers started");
-    futures::join!(subscriptions, channels);
+    // The recovery probes never end on their own: they stop with the controllers.
+    tokio::select! {
+        _ = async { futures::join!(subscriptions, channels) } => {}
+        _ = async { futures::join!(sub_recovery, channel_recovery) } => {}
+    }
     Ok(())
 }
 
@@ -397,51 +401,56 @@ impl CacheGates {
     }
 }
 
-/// A watch of every `K` feeding a cache, and the cache. `gate` opens when the first full list is
-/// in, closes while the watch fails (the API server unreachable, access revoked), and opens again
-/// when it delivers again; a watch that resumes without news is confirmed by a one-item list.
-fn watched<K>(api: Api<K>, gate: Arc<Gate>) -> (impl futures::Stream<Item = Result<K, watcher::Error>>, Store<K>)
+/// A watch of every `K` feeding a cache, the cache, and its recovery probe (to run beside the
+/// controller). `gate` opens when the first full list is in and closes while the watch fails (the
+/// API server unreachable, access revoked). A watch that resumes yields nothing until something
+/// changes, so the probe reopens the gate once the API answers a one-item list again.
+fn watched<K>(
+    api: Api<K>,
+    gate: Arc<Gate>,
+) -> (impl futures::Stream<Item = Result<K, watcher::Error>>, Store<K>, impl std::future::Future<Output = ()>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     let kind = K::kind(&()).into_owned();
     let (reader, writer) = kube::runtime::reflector::store();
-    let probe = api.clone();
-    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (failing, mut failed) = tokio::sync::watch::channel(false);
+    let failing = Arc::new(failing);
+    let recovery = {
+        let (api, gate, failing) = (api.clone(), gate.clone(), failing.clone());
+        async move {
+            loop {
+                if failed.wait_for(|f| *f).await.is_err() {
+                    return;
+                }
+                let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+                while *failed.borrow() {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    if api.list(&ListParams::default().limit(1)).await.is_ok() {
+                        gate.open();
+                        failing.send_replace(false);
+                    }
+                }
+            }
+        }
+    };
     let stream = watcher(api, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(writer)
         .inspect(move |event| match event {
             Ok(watcher::Event::InitDone) => {
-                failing.store(false, std::sync::atomic::Ordering::SeqCst);
                 gate.open();
+                failing.send_replace(false);
             }
             Ok(_) => {}
             Err(error) => {
                 warn!(kind, %error, "watch failing; the cache may be stale");
                 gate.close(format!("{kind} cache: watch failing: {error}"));
-                if !failing.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                    tokio::spawn(confirm_recovery(probe.clone(), gate.clone(), failing.clone()));
-                }
+                failing.send_replace(true);
             }
         })
         .applied_objects();
-    (stream, reader)
-}
-
-/// Reopens `gate` once the API answers a list again (while `failing` stays set).
-async fn confirm_recovery<K>(api: Api<K>, gate: Arc<Gate>, failing: Arc<std::sync::atomic::AtomicBool>)
-where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
-{
-    let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
-    while failing.load(std::sync::atomic::Ordering::SeqCst) {
-        tokio::time::sleep(backoff.next_delay()).await;
-        if api.list(&ListParams::default().limit(1)).await.is_ok() {
-            failing.store(false, std::sync::atomic::Ordering::SeqCst);
-            gate.open();
-        }
-    }
+    (stream, reader, recovery)
 }
 
 async fn log_outcome<T: std::fmt::Debug, E: std::fmt::Display>(result: Result<T, E>) {

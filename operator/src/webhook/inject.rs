@@ -190,7 +190,7 @@ impl Settings {
             ));
         }
         // In place by default: SLIM's static_jwt provider only notices data writes to its token
-        // file, never the atomic swap (see the README, "Use it from a SLIM app").
+        // file, never the atomic swap (README, "Why JWT-SVID files are written in place").
         let jwt_svid_write_mode = get(annotation::JWT_SVID_WRITE_MODE).unwrap_or("in-place").to_owned();
         if !matches!(jwt_svid_write_mode.as_str(), "in-place" | "atomic") {
             return Err(format!(
