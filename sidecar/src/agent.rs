@@ -497,7 +497,22 @@ async fn fetch_jwt(
         .ok_or_else(|| AgentError::NoJwt(entry.audience.clone()))?;
     let valid = jwt::validate(&svid.svid, bundles, std::slice::from_ref(&entry.audience), unix_now(), 0)
         .map_err(|source| AgentError::Jwt { audience: entry.audience.clone(), source })?;
+    if valid.issuer.is_none() {
+        warn_once_no_issuer(&valid.spiffe_id);
+    }
     Ok((svid.svid.clone(), valid))
+}
+
+/// SLIM's JWT verifier looks keys up by the token's `iss` and refuses a token without one, even
+/// with a static JWKS; SPIRE sets `iss` only when its server has `jwt_issuer`. Said once.
+fn warn_once_no_issuer(spiffe_id: &str) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        warn!(
+            %spiffe_id,
+            "the JWT-SVID has no iss claim: SLIM's JWT verifier refuses such tokens; set jwt_issuer in the SPIRE server's config"
+        );
+    }
 }
 
 /// spiffe-helper's one-shot retry of PermissionDenied: 10 steps from 10 ms, ×5, ±10 % jitter.

@@ -83,6 +83,8 @@ pub async fn run(options: DevOptions, shutdown: impl std::future::Future<Output 
     let socket = runtime_dir.path().join("agent.sock");
     let mut state = AgentState::new(&options.trust_domain);
     state.jwt_ttl = options.ttl;
+    // As a SPIRE server with jwt_issuer: SLIM's JWT verifier needs an iss claim.
+    state.jwt_issuer = Some(format!("https://{}", options.trust_domain));
     state.x509_ttl = options.ttl;
     state.issue(&options.spiffe_id, "");
     let agent = FakeAgent::start(&socket, state).await.map_err(|source| {

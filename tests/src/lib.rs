@@ -24,14 +24,26 @@ pub enum HarnessError {
     Spawn { what: String, source: std::io::Error },
     #[error("{what} did not come up within {timeout:?}; its output: {output}")]
     NotReady { what: String, timeout: Duration, output: String },
-    #[error("no slim-operator binary at {0}: build it (cargo build -p slim-operator), or set SLIM_OPERATOR_BIN")]
-    NoOperatorBinary(PathBuf),
+    #[error("no {name} binary at {path}: build the workspace (cargo build --workspace), or set {env}")]
+    NoBinary { name: &'static str, env: &'static str, path: PathBuf },
     #[error("no {tool} at {path}: run scripts/test.sh once (it installs it), or set {env}")]
     NoTool { tool: &'static str, env: &'static str, path: PathBuf },
     #[error("{command} failed: {stderr}")]
     Command { command: String, stderr: String },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// A binary of this workspace: `$ENV`, else the one cargo built beside the running test (a test
+/// binary lives in `target/<profile>/deps/`, the workspace's binaries in `target/<profile>/`).
+pub fn workspace_binary(name: &'static str, env: &'static str) -> Result<PathBuf, HarnessError> {
+    if let Some(path) = std::env::var_os(env) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let path = profile_dir.join(name);
+    if path.is_file() { Ok(path) } else { Err(HarnessError::NoBinary { name, env, path }) }
 }
 
 /// A binary the test script installs into `$SLIM_CACHE/bin` (`helm`, `kubectl`), or `$ENV`.
@@ -321,6 +333,25 @@ impl SlimApp {
     /// it receives, publishes on [`SlimApp::publish`].
     pub fn member(node: &SlimNode, name: &str) -> Result<Self, HarnessError> {
         Self::spawn_script("slim_member.py", &[&node.data_endpoint(), name])
+    }
+
+    /// An app whose identity is the agent's files in `svids` (`harness/slim_jwt_app.py`): SLIM's
+    /// static-JWT provider over `jwt_svid.token`, SLIM's JWKS verifier over `key.jwt`; it echoes.
+    pub fn jwt_listener(node: &SlimNode, name: &str, svids: &Path) -> Result<Self, HarnessError> {
+        Self::spawn_script("slim_jwt_app.py", &["listen", &node.data_endpoint(), name, &svids.display().to_string()])
+    }
+
+    /// The same identity, opening a new session to `remote` about once a second for `seconds`.
+    pub fn jwt_sender(
+        node: &SlimNode,
+        name: &str,
+        svids: &Path,
+        remote: &str,
+        seconds: u32,
+    ) -> Result<Self, HarnessError> {
+        let svids = svids.display().to_string();
+        let seconds = seconds.to_string();
+        Self::spawn_script("slim_jwt_app.py", &["send", &node.data_endpoint(), name, &svids, remote, &seconds])
     }
 
     /// Publishes `text` on the channel a member joined.

@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,14 +14,7 @@ use crate::HarnessError;
 
 /// The `slim-operator` binary: `SLIM_OPERATOR_BIN`, else the one cargo built beside this test.
 pub fn operator_binary() -> Result<PathBuf, HarnessError> {
-    if let Some(path) = std::env::var_os("SLIM_OPERATOR_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    // A test binary lives in target/<profile>/deps/; the workspace's binaries in target/<profile>/.
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
-    let path = profile_dir.join("slim-operator");
-    if path.is_file() { Ok(path) } else { Err(HarnessError::NoOperatorBinary(path)) }
+    crate::workspace_binary("slim-operator", "SLIM_OPERATOR_BIN")
 }
 
 /// The environment the chart's Deployment gives the operator container: literal values as they

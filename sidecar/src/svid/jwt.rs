@@ -33,6 +33,8 @@ pub struct ValidJwt {
     pub audiences: Vec<String>,
     /// `exp` (Unix seconds).
     pub expiry: i64,
+    /// `iss`, when the token has one (SPIRE sets it only with the server's `jwt_issuer`).
+    pub issuer: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -66,6 +68,7 @@ pub enum JwtError {
 #[derive(Deserialize)]
 struct Claims {
     sub: Option<String>,
+    iss: Option<String>,
     #[serde(default)]
     aud: Audience,
     exp: Option<i64>,
@@ -146,7 +149,7 @@ pub fn validate(
     validation.required_spec_claims.clear();
     jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
         .map_err(|e| JwtError::Signature(e.to_string()))?;
-    Ok(ValidJwt { spiffe_id: subject, audiences, expiry })
+    Ok(ValidJwt { spiffe_id: subject, audiences, expiry, issuer: claims.iss })
 }
 
 fn raw_header(token: &str) -> Result<serde_json::Value, JwtError> {

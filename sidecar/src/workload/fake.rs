@@ -127,6 +127,8 @@ pub struct AgentState {
     /// JWT signing keys; the last one signs.
     pub jwt_keys: Vec<SigningKey>,
     pub jwt_ttl: Duration,
+    /// `iss` of the JWT-SVIDs: none by default, as SPIRE without `jwt_issuer`.
+    pub jwt_issuer: Option<String>,
     pub x509_ttl: Duration,
     /// Calls to FetchJWTSVID so far, and when (tokio time, so paused-clock tests can read it).
     pub jwt_fetches: u64,
@@ -141,6 +143,7 @@ impl AgentState {
             federated: BTreeMap::new(),
             jwt_keys: vec![SigningKey::es256("key-1")],
             jwt_ttl: Duration::from_secs(300),
+            jwt_issuer: None,
             x509_ttl: Duration::from_secs(3600),
             jwt_fetches: 0,
             jwt_fetched_at: Vec::new(),
@@ -210,9 +213,12 @@ impl AgentState {
         let mut header = Header::new(key.alg);
         header.kid = Some(key.kid.clone());
         header.typ = Some("JWT".into());
-        let claims = serde_json::json!({
+        let mut claims = serde_json::json!({
             "sub": spiffe_id, "aud": audiences, "iat": now, "exp": now + self.jwt_ttl.as_secs(),
         });
+        if let Some(issuer) = &self.jwt_issuer {
+            claims["iss"] = serde_json::Value::String(issuer.clone());
+        }
         jsonwebtoken::encode(&header, &claims, &key.encoding).expect("signing")
     }
 }
