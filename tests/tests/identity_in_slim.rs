@@ -161,7 +161,7 @@ async fn slim_apps_accept_the_agents_files_and_refuse_the_workload_apis_jwks() {
     fake.update(|s| s.jwt_keys.reverse());
     let rs256_token = |svids: &Path| {
         let token = std::fs::read_to_string(svids.join("jwt_svid.token")).unwrap_or_default();
-        token.split('.').next().and_then(|h| base64_json(h)).is_some_and(|h| h["kid"] == "key-rs256")
+        token.split('.').next().and_then(base64_json).is_some_and(|h| h["kid"] == "key-rs256")
     };
     wait_for("RS256-signed tokens", Duration::from_secs(20), async || {
         (rs256_token(&alice_svids) && rs256_token(&bob_svids)).then_some(())
