@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use kube::runtime::events::Reporter;
 
 use crate::admin::{self, AdminState, Readiness};
+use crate::api::NodeSet;
 use crate::controller::leader::{self, Leadership, LeaseConfig};
 use crate::controller::{self, ControllerConfig, StoreSlot};
 use crate::metrics::{Metrics, NodeClientCollector, ResourceCollector};
@@ -63,6 +64,16 @@ pub struct RunArgs {
     #[arg(long, env = "SLIM_OPERATOR_CHANNEL_MANAGER")]
     pub channel_manager: Option<String>,
 
+    /// SLIM node Pods (in each SlimChannel's namespace) consulted for live members when a
+    /// SlimChannel has no spec.nodes: an equality selector, "" for none.
+    #[arg(long, env = "SLIM_OPERATOR_DEFAULT_NODE_SELECTOR", default_value = controller::DEFAULT_NODE_SELECTOR)]
+    pub default_node_selector: String,
+    /// Controller endpoints consulted as well when a SlimChannel has no spec.nodes (comma-separated).
+    #[arg(long, env = "SLIM_OPERATOR_DEFAULT_NODE_ENDPOINTS", value_delimiter = ',')]
+    pub default_node_endpoints: Vec<String>,
+    /// Period of the shared read of every consulted node's routes that notices restarted members.
+    #[arg(long, env = "SLIM_OPERATOR_MEMBER_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub member_poll_interval: Duration,
     /// Name of this replica for events and the leader Lease (the Pod name, from the downward API).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -234,6 +245,8 @@ pub enum RunError {
     Crds(#[source] serde_yaml::Error),
     #[error("{0}")]
     Webhook(#[source] WebhookError),
+    #[error("--default-node-selector: {0}")]
+    DefaultNodes(crate::plan::SelectorError),
 }
 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
@@ -252,6 +265,17 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         cleanup_timeout: args.cleanup_timeout,
         concurrency: args.concurrency,
         channel_manager: args.channel_manager.clone(),
+        default_nodes: NodeSet {
+            endpoints: args
+                .default_node_endpoints
+                .iter()
+                .map(|e| e.trim().to_owned())
+                .filter(|e| !e.is_empty())
+                .collect(),
+            selector: crate::plan::parse_equality_selector(&args.default_node_selector)
+                .map_err(RunError::DefaultNodes)?,
+        },
+        member_poll_interval: args.member_poll_interval,
         ..Default::default()
     };
 

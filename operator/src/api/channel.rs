@@ -69,9 +69,10 @@ pub struct SlimChannelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub participant_selector: Option<LabelSelector>,
 
-    /// SLIM nodes the participants connect to (optional). The operator reads their route lists to
-    /// see each member's live instance, and re-invites a member whose listed instance is gone
-    /// (it restarted). Without it, only members that drop out of the channel are re-invited.
+    /// SLIM nodes the participants connect to. The operator reads their route lists to see each
+    /// member's live instance, and re-invites a member whose listed instance is gone (it
+    /// restarted). Default: the operator's default node set (`--default-node-selector`, the Pods
+    /// labelled `app.kubernetes.io/name=slim` in this namespace, and `--default-node-endpoints`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<NodeSet>,
 }
@@ -128,6 +129,11 @@ pub struct SlimChannelStatus {
     /// Desired participants.
     #[serde(default)]
     pub desired: i32,
+
+    /// The SLIM nodes whose route lists told which member instances are live (`spec.nodes`, or
+    /// the operator's default node set); empty when none was consulted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
 
     /// One entry per desired participant (and per removed one until it is out).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -75,10 +75,14 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
         Ok(found) => found,
         Err(error) => return fail(error).await,
     };
-    let live = live_participants(channel, ctx, &desired).await;
+    let (live, consulted) = live_participants(channel, ctx, &desired).await;
+    let key = ObjectRef::from_obj(channel);
+    match &live {
+        Some(live) => ctx.member_watch.record(key.clone(), consulted.clone(), desired.clone(), live.clone()),
+        None => ctx.member_watch.forget(&key),
+    }
     let managed_before: BTreeSet<String> = old.participants.iter().map(|p| p.name.clone()).collect();
     let trigger = ctx.channel_trigger.clone();
-    let key = ObjectRef::from_obj(channel);
     let report = ctx
         .channel_engine
         .sync(ChannelSync {
@@ -102,6 +106,7 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
         channel_manager: &endpoint,
         mls_enabled: channel.spec.mls_enabled,
         pods: &pods,
+        nodes: if live.is_some() { &consulted } else { &[] },
         now: Timestamp::now(),
     };
     let (status, notices) = next_channel_status(&old, &input, &report);
@@ -119,6 +124,7 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
 }
 
 async fn cleanup(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
+    ctx.member_watch.forget(&ObjectRef::from_obj(channel));
     let Some(endpoint) = manager_endpoint(channel, ctx) else {
         info!("no channel manager was ever used; nothing to delete");
         return Ok(Action::await_change());
@@ -185,28 +191,49 @@ async fn desired_participants(
     Ok((desired, pods))
 }
 
-/// Live instances from the nodes in `spec.nodes`, or `None` (unknown) when there are none or any
-/// of them could not be listed: a wrong guess would re-invite healthy members.
-async fn live_participants(channel: &SlimChannel, ctx: &Context, desired: &BTreeSet<String>) -> Option<LiveInstances> {
-    let nodes = channel.spec.nodes.as_ref()?;
-    let pods = match &nodes.selector {
-        None => Vec::new(),
-        Some(selector) => {
-            let query = selector_query(selector).ok()?;
-            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &channel.namespace()?);
-            api.list(&ListParams::default().labels(&query)).await.ok()?.items
+/// Live instances from the channel's nodes (`spec.nodes`, else the operator's default node set)
+/// and the endpoints consulted; `None` (unknown) when there are none or any of them could not be
+/// listed: a wrong guess would re-invite healthy members.
+async fn live_participants(
+    channel: &SlimChannel,
+    ctx: &Context,
+    desired: &BTreeSet<String>,
+) -> (Option<LiveInstances>, Vec<String>) {
+    let nodes = channel.spec.nodes.as_ref().unwrap_or(&ctx.config.default_nodes);
+    let pods = match (&nodes.selector, channel.namespace()) {
+        (None, _) | (_, None) => Vec::new(),
+        (Some(selector), Some(namespace)) => {
+            let listed = match selector_query(selector) {
+                Ok(query) => {
+                    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+                    api.list(&ListParams::default().labels(&query)).await.map_err(|e| e.to_string())
+                }
+                Err(error) => Err(error.to_string()),
+            };
+            match listed {
+                Ok(list) => list.items,
+                Err(error) => {
+                    warn!(%error, "listing the channel's node Pods failed; members' live instances unknown");
+                    return (None, Vec::new());
+                }
+            }
         }
     };
-    let targets = pod_targets(&nodes.endpoints, &pods);
-    if targets.is_empty() {
-        return None;
+    let endpoints: Vec<String> = pod_targets(&nodes.endpoints, &pods).into_iter().map(|t| t.endpoint).collect();
+    if endpoints.is_empty() {
+        return (None, endpoints);
     }
     let listings = futures::future::join_all(
-        targets.iter().map(|t| async { ctx.nodes.node(&t.endpoint).snapshot(ctx.config.snapshot_max_age).await }),
+        endpoints.iter().map(|e| async { ctx.nodes.node(e).snapshot(ctx.config.snapshot_max_age).await }),
     )
     .await;
-    let observed: Vec<_> = listings.into_iter().collect::<Result<_, _>>().ok()?;
-    Some(live_instances(desired, observed.iter().map(|o| o.as_ref())))
+    match listings.into_iter().collect::<Result<Vec<_>, _>>() {
+        Ok(observed) => (Some(live_instances(desired, observed.iter().map(|o| o.as_ref()))), endpoints),
+        Err(error) => {
+            warn!(%error, "a node of the channel could not be listed; members' live instances unknown");
+            (None, endpoints)
+        }
+    }
 }
 
 async fn announce(channel: &SlimChannel, ctx: &Context, notices: &ChannelNotices) {

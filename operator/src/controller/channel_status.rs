@@ -21,6 +21,8 @@ pub struct ChannelStatusInput<'a> {
     pub mls_enabled: bool,
     /// Pod of each participant chosen by `participantSelector`.
     pub pods: &'a BTreeMap<String, String>,
+    /// The nodes whose route lists gave the live instances (none: unknown).
+    pub nodes: &'a [String],
     pub now: Timestamp,
 }
 
@@ -96,6 +98,7 @@ pub fn next_channel_status(
         channel_manager: Some(input.channel_manager.to_owned()),
         joined: i32::try_from(joined).unwrap_or(i32::MAX),
         desired: i32::try_from(desired).unwrap_or(i32::MAX),
+        nodes: input.nodes.to_vec(),
         participants,
     };
     condition::upsert(
@@ -125,6 +128,7 @@ mod tests {
             channel_manager: "http://cm:10356",
             mls_enabled: true,
             pods,
+            nodes: &[],
             now: Timestamp::from_second(100).expect("time"),
         }
     }

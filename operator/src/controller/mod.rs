@@ -3,6 +3,7 @@
 pub mod channel;
 pub mod channel_status;
 pub mod leader;
+pub mod member_watch;
 pub mod subscription;
 pub mod subscription_status;
 
@@ -23,7 +24,7 @@ use tokio_stream::wrappers::{BroadcastStream, UnboundedReceiverStream};
 use tracing::{info, warn};
 
 use crate::admin::Gate;
-use crate::api::{SlimChannel, Subscription};
+use crate::api::{NodeSet, SlimChannel, Subscription};
 use crate::backoff::{exponential, jitter};
 use crate::engine::ChannelEngine;
 use crate::metrics::Metrics;
@@ -50,7 +51,16 @@ pub struct ControllerConfig {
     pub concurrency: u16,
     /// Channel manager for SlimChannels that name none.
     pub channel_manager: Option<String>,
+    /// The SLIM nodes consulted for live member instances when a SlimChannel has no `spec.nodes`
+    /// (its selector picks Pods in the SlimChannel's namespace).
+    pub default_nodes: NodeSet,
+    /// How often every consulted node's route list is read to notice members that restarted (one
+    /// read per node for all channels).
+    pub member_poll_interval: Duration,
 }
+
+/// Label of the SLIM node Pods used when a SlimChannel names no nodes (the upstream chart's).
+pub const DEFAULT_NODE_SELECTOR: &str = "app.kubernetes.io/name=slim";
 
 impl Default for ControllerConfig {
     fn default() -> Self {
@@ -62,6 +72,11 @@ impl Default for ControllerConfig {
             retry_max: Duration::from_secs(300),
             concurrency: 0,
             channel_manager: None,
+            default_nodes: NodeSet {
+                endpoints: Vec::new(),
+                selector: crate::plan::parse_equality_selector(DEFAULT_NODE_SELECTOR).ok().flatten(),
+            },
+            member_poll_interval: Duration::from_secs(1),
         }
     }
 }
@@ -80,8 +95,10 @@ pub struct Context {
     pub channels: Store<SlimChannel>,
     pub channel_engine: ChannelEngine,
     pub channel_managers: ChannelManagerPool,
-    /// Asks for a SlimChannel's reconcile (a background invite finished).
+    /// Asks for a SlimChannel's reconcile (a background invite finished, a member restarted).
     pub channel_trigger: mpsc::UnboundedSender<ObjectRef<SlimChannel>>,
+    /// Channels whose members' live instances are watched on their nodes.
+    pub member_watch: member_watch::MemberWatch,
     /// Consecutive failures per object (`kind/namespace/name`), for backoff.
     retries: Mutex<HashMap<String, u32>>,
 }
@@ -117,6 +134,7 @@ impl Context {
             channel_engine: ChannelEngine::default(),
             channel_managers: ChannelManagerPool::default(),
             channel_trigger,
+            member_watch: Default::default(),
             retries: Mutex::new(HashMap::new()),
         }
     }
@@ -353,6 +371,7 @@ pub async fn run(
         .graceful_shutdown_on(shutdown.clone())
         .run(subscription::reconcile, error_policy, ctx.clone())
         .for_each(log_outcome);
+    let watch_ctx = ctx.clone();
     let channel_pods = ctx.channels.clone();
     let channels = channel_controller
         .watches(Api::<Pod>::all(client), watcher::Config::default().any_semantic(), move |pod| {
@@ -364,11 +383,13 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(channel::reconcile, error_policy, ctx)
         .for_each(log_outcome);
+    let members = watch_ctx.member_watch.run(nodes, config.member_poll_interval, watch_ctx.channel_trigger.clone());
     info!("controllers started");
-    // The recovery probes never end on their own: they stop with the controllers.
+    // The recovery probes and the member watch never end on their own: they stop with the
+    // controllers.
     tokio::select! {
         _ = async { futures::join!(subscriptions, channels) } => {}
-        _ = async { futures::join!(sub_recovery, channel_recovery) } => {}
+        _ = async { futures::join!(sub_recovery, channel_recovery, members) } => {}
     }
     Ok(())
 }

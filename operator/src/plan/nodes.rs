@@ -56,6 +56,25 @@ fn controller_port(pod: &Pod) -> i32 {
 #[error("label selector: {0}")]
 pub struct SelectorError(String);
 
+/// Parses an equality selector as flags give it (`app.kubernetes.io/name=slim,tier=edge`) into a
+/// `LabelSelector`; `""` is none.
+pub fn parse_equality_selector(text: &str) -> Result<Option<LabelSelector>, SelectorError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let mut labels = BTreeMap::new();
+    for pair in text.split(',') {
+        let (key, value) = pair
+            .split_once('=')
+            .map(|(k, v)| (k.trim(), v.trim()))
+            .filter(|(k, v)| !k.is_empty() && !v.contains('=') && !k.contains(char::is_whitespace))
+            .ok_or_else(|| SelectorError(format!("{pair:?} is not key=value (in {text:?})")))?;
+        labels.insert(key.to_owned(), value.to_owned());
+    }
+    Ok(Some(LabelSelector { match_labels: Some(labels), match_expressions: None }))
+}
+
 /// The selector in `labelSelector` query syntax (`a=b,c in (d,e),!f`).
 pub fn selector_query(selector: &LabelSelector) -> Result<String, SelectorError> {
     let mut parts: Vec<String> = selector.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
@@ -97,6 +116,17 @@ pub fn selector_matches(selector: &LabelSelector, labels: Option<&BTreeMap<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn equality_selectors_from_flags() {
+        let parsed =
+            parse_equality_selector("app.kubernetes.io/name=slim, tier = edge").expect("parses").expect("some");
+        assert_eq!(selector_query(&parsed).expect("query"), "app.kubernetes.io/name=slim,tier=edge");
+        assert_eq!(parse_equality_selector("  ").expect("empty"), None);
+        for bad in ["app", "=slim", "a=b=c", "a b=c"] {
+            assert!(parse_equality_selector(bad).is_err(), "{bad}");
+        }
+    }
     use serde_json::json;
 
     fn selector(value: serde_json::Value) -> LabelSelector {

@@ -42,12 +42,18 @@ fn participants(status_patch: &Value) -> Vec<(String, bool)> {
         .unwrap_or_default()
 }
 
+/// These channels consult no nodes (no `spec.nodes`, no default node set): the default node set,
+/// a Pod LIST and route lists, is exercised on the real API server (tests/tests/cluster.rs).
+fn without_default_nodes() -> ControllerConfig {
+    ControllerConfig { default_nodes: Default::default(), ..Default::default() }
+}
+
 #[tokio::test]
 async fn channel_is_created_and_participants_join_without_waiting_for_an_offline_one() {
     let cm = FakeChannelManager::start().await;
     cm.state().offline.insert("org/ns/dave".into());
     cm.state().offline_delay = Duration::from_secs(3);
-    let (ctx, handle, mut triggers) = context_with_triggers(ControllerConfig::default(), NodePool::default());
+    let (ctx, handle, mut triggers) = context_with_triggers(without_default_nodes(), NodePool::default());
     let ch = channel(json!({
         "name": "org/ns/chat",
         "channelManager": {"endpoint": cm.endpoint},
@@ -77,7 +83,7 @@ async fn channel_is_created_and_participants_join_without_waiting_for_an_offline
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut observed = ch.clone();
     observed.status = Some(serde_json::from_value(bodies[0]["status"].clone()).expect("status"));
-    let (ctx2, handle2, _) = context_with_triggers(ControllerConfig::default(), NodePool::default());
+    let (ctx2, handle2, _) = context_with_triggers(without_default_nodes(), NodePool::default());
     let ctx2 = Arc::new(crate::controller::Context { channel_engine: ctx.channel_engine.clone(), ..share(ctx2) });
     let server = tokio::spawn(serve(
         handle2,
@@ -108,7 +114,7 @@ fn share(ctx: Arc<crate::controller::Context>) -> crate::controller::Context {
 #[tokio::test]
 async fn removed_participants_leave_and_others_stay() {
     let cm = FakeChannelManager::start().await;
-    let (ctx, handle) = context(ControllerConfig::default());
+    let (ctx, handle) = context(without_default_nodes());
     // The channel exists with bob and carol; carol is no longer desired.
     {
         let mut state = cm.state();
@@ -150,7 +156,7 @@ async fn removed_participants_leave_and_others_stay() {
 #[tokio::test]
 async fn mls_change_on_a_live_channel_is_refused_with_a_condition() {
     let cm = FakeChannelManager::start().await;
-    let (ctx, handle) = context(ControllerConfig::default());
+    let (ctx, handle) = context(without_default_nodes());
     let mut ch =
         channel(json!({"name": "org/ns/chat", "mlsEnabled": false, "channelManager": {"endpoint": cm.endpoint}}));
     ch.status = Some(serde_json::from_value(json!({"mlsEnabled": true})).expect("status"));
@@ -164,7 +170,7 @@ async fn mls_change_on_a_live_channel_is_refused_with_a_condition() {
 
 #[tokio::test]
 async fn missing_channel_manager_is_a_clear_condition() {
-    let (ctx, handle) = context(ControllerConfig::default());
+    let (ctx, handle) = context(without_default_nodes());
     let ch = channel(json!({"name": "org/ns/chat"}));
     let server = tokio::spawn(serve(
         handle,
@@ -184,8 +190,10 @@ async fn missing_channel_manager_is_a_clear_condition() {
 #[tokio::test]
 async fn unreachable_channel_manager_fails_with_backoff_not_a_crash() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let (ctx, handle) =
-        context(ControllerConfig { channel_manager: Some(format!("http://127.0.0.1:{port}")), ..Default::default() });
+    let (ctx, handle) = context(ControllerConfig {
+        channel_manager: Some(format!("http://127.0.0.1:{port}")),
+        ..without_default_nodes()
+    });
     let ch = channel(json!({"name": "org/ns/chat", "participants": ["org/ns/bob"]}));
     let server = tokio::spawn(serve(
         handle,
@@ -205,7 +213,7 @@ async fn unreachable_channel_manager_fails_with_backoff_not_a_crash() {
 async fn delete_removes_the_channel_then_the_finalizer() {
     let cm = FakeChannelManager::start().await;
     cm.state().channels.insert("org/ns/chat".into(), (true, Default::default()));
-    let (ctx, handle) = context(ControllerConfig::default());
+    let (ctx, handle) = context(without_default_nodes());
     let mut ch = channel(json!({"name": "org/ns/chat", "channelManager": {"endpoint": cm.endpoint}}));
     ch.meta_mut().deletion_timestamp =
         Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
