@@ -243,3 +243,51 @@ async fn a_restarted_member_is_back_without_spec_nodes() {
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_restarted_at_once_are_both_back() {
+    init_logging();
+    let (client, namespace, _controllers) = setup().await;
+    let node = SlimNode::start("node-a").expect("node");
+    node_pod(&client, &namespace, &node).await;
+    let cm = ChannelManager::start(&node).expect("channel manager");
+    let names = ["org/ns/bob", "org/ns/carol", "org/ns/dave"];
+    let mut members: Vec<SlimApp> = names.iter().map(|n| SlimApp::member(&node, n).expect("member")).collect();
+    let pool = NodePool::default();
+    let (stop, controller) = start_controllers_with(
+        &client,
+        &pool,
+        ControllerConfig { channel_manager: Some(cm.endpoint()), ..Default::default() },
+    );
+    let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
+    let channel: SlimChannel = serde_json::from_value(json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel", "metadata": {"name": "team"},
+        "spec": {"name": "org/ns/team", "participants": names}
+    }))
+    .expect("channel");
+    channels.create(&PostParams::default(), &channel).await.expect("create");
+    for member in &mut members {
+        member.wait_for("joined", Duration::from_secs(60)).expect("joined");
+    }
+
+    // bob and carol restart together; dave stays.
+    let mut dave = members.pop().expect("dave");
+    drop(members);
+    let restarted = std::time::Instant::now();
+    let mut bob = SlimApp::member(&node, "org/ns/bob").expect("bob again");
+    let mut carol = SlimApp::member(&node, "org/ns/carol").expect("carol again");
+    bob.wait_for("joined", Duration::from_secs(90)).expect("bob back");
+    carol.wait_for("joined", Duration::from_secs(90)).expect("carol back");
+    eprintln!("two members restarted at once, both back after {:.1} s", restarted.elapsed().as_secs_f64());
+    let status = wait_for("three joined again", Duration::from_secs(30), async || {
+        channels.get("team").await.ok()?.status.filter(|s| s.joined == 3)
+    })
+    .await;
+    assert!(status.participants.iter().all(|p| p.joined), "{:?}", status.participants);
+    bob.publish("both back").expect("publish");
+    carol.wait_for("received both back", Duration::from_secs(15)).expect("carol got bob's message");
+    dave.wait_for("received both back", Duration::from_secs(15)).expect("dave, who stayed, got it too");
+
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+}
