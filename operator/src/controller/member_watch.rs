@@ -2,9 +2,9 @@
 //! channels: every period, one route-list read per consulted node, shared by all channels; a
 //! channel whose members' live instances changed since its last reconcile is reconciled at once.
 //!
-//! (A node's control stream does not push its local apps' subscriptions to a client that did not
-//! ask: only a fresh stream replays queued notifications, so polling the route list is what
-//! serves.)
+//! Polling the route list was chosen over the unsolicited `config_command` messages a node's
+//! control stream may push: those were not measured yet, and the list is what the channel's
+//! reconcile already reads (a listing younger than half a period is shared with it).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
