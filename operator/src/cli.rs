@@ -236,15 +236,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("connecting to Kubernetes (is KUBECONFIG set, or are we in a cluster?): {0}")]
-    Client(#[source] kube::Error),
+    Client(kube::Error),
     #[error("controllers: {0}")]
-    Controller(#[source] controller::Error),
+    Controller(controller::Error),
     #[error("admin server on {addr}: {source}")]
     Admin { addr: SocketAddr, source: std::io::Error },
     #[error("rendering CRDs: {0}")]
-    Crds(#[source] serde_yaml::Error),
+    Crds(serde_yaml::Error),
     #[error("{0}")]
-    Webhook(#[source] WebhookError),
+    Webhook(WebhookError),
     #[error("--default-node-selector: {0}")]
     DefaultNodes(crate::plan::SelectorError),
 }

@@ -10,7 +10,7 @@ pub enum LogFormat {
 
 /// Installs the global subscriber. `RUST_LOG` wins; the default is `info`.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,slim_operator=info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
     let result = match format {
         LogFormat::Text => builder.try_init(),

@@ -29,8 +29,12 @@ pub enum AgentError {
     Workload(#[from] WorkloadError),
     #[error("X.509-SVID: {0}")]
     X509(#[from] x509::X509Error),
-    #[error("JWT-SVID for audience {audience:?}: {source}")]
-    Jwt { audience: String, source: JwtError },
+    // `error`, not `source`: thiserror would make a field named `source` the cause as well, and
+    // the message already says it.
+    #[error("JWT-SVID for audience {audience:?}: {error}")]
+    Jwt { audience: String, error: JwtError },
+    #[error("JWT bundle of {trust_domain:?}: {error}")]
+    JwtBundle { trust_domain: String, error: JwtError },
     #[error("JWT-SVID for audience {0:?}: the Workload API returned none (or none with the hint)")]
     NoJwt(String),
     #[error("health listener on port {port}: {source}")]
@@ -108,7 +112,7 @@ impl Writer {
                         None => None,
                         Some(domain) => Some(
                             jwt::jwks_bundle(bundles, &domain)
-                                .map_err(|source| AgentError::Jwt { audience: String::new(), source })?,
+                                .map_err(|error| AgentError::JwtBundle { trust_domain: domain.clone(), error })?,
                         ),
                     }
                 }
@@ -496,7 +500,7 @@ async fn fetch_jwt(
     let svid = if hint.is_empty() { svids.first() } else { svids.iter().find(|s| s.hint == hint) }
         .ok_or_else(|| AgentError::NoJwt(entry.audience.clone()))?;
     let valid = jwt::validate(&svid.svid, bundles, std::slice::from_ref(&entry.audience), unix_now(), 0)
-        .map_err(|source| AgentError::Jwt { audience: entry.audience.clone(), source })?;
+        .map_err(|error| AgentError::Jwt { audience: entry.audience.clone(), error })?;
     if valid.issuer.is_none() {
         warn_once_no_issuer(&valid.spiffe_id);
     }

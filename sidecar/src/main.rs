@@ -5,7 +5,7 @@ async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -22,3 +22,7 @@ async fn main() {
     };
     std::process::exit(cli::execute(command).await);
 }
+
+/// Our own messages at info, dependencies' at warn: `notify` reports every replaced version
+/// directory's vanished watch ("unable to remove watch descriptor") at info, twice per rotation.
+const DEFAULT_LOG_FILTER: &str = "warn,slim_identity_agent=info";

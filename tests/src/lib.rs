@@ -458,6 +458,16 @@ impl Drop for SlimApp {
     }
 }
 
+/// A child process killed when this is dropped (also when a test panics).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Logs for tests (`RUST_LOG` applies); safe to call many times.
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()

@@ -291,3 +291,37 @@ async fn two_members_restarted_at_once_are_both_back() {
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
 }
+
+/// The Warning event for a node that is down says each cause once, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_is_down_gets_one_readable_warning() {
+    use k8s_openapi::api::events::v1::Event;
+    init_logging();
+    let (client, namespace, _controllers) = setup().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let endpoint = format!("http://127.0.0.1:{dead}");
+    let pool = NodePool::default();
+    let (stop, controller) = start_controllers(&client, &pool, None);
+    let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
+    let sub: Subscription = serde_json::from_value(json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription", "metadata": {"name": "nowhere"},
+        "spec": {"name": "org/ns/bob", "nodes": {"endpoints": [endpoint]}, "link": {"endpoint": "http://127.0.0.1:1"}}
+    }))
+    .expect("subscription");
+    subs.create(&PostParams::default(), &sub).await.expect("create");
+    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
+    let event = wait_for("a Warning event", Duration::from_secs(60), async || {
+        events.list(&Default::default()).await.ok()?.items.into_iter().find(|e| e.type_.as_deref() == Some("Warning"))
+    })
+    .await;
+    let note = event.note.clone().unwrap_or_default();
+    assert_eq!(event.reason.as_deref(), Some("NodeUnreachable"));
+    assert_eq!(
+        note,
+        format!(
+            "node {endpoint} unreachable: connect: transport error: tcp connect error: Connection refused (os error 111)"
+        )
+    );
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+}

@@ -17,13 +17,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use slim_e2e::{SlimApp, SlimNode, wait_for, workspace_binary};
+use slim_e2e::{KillOnDrop, SlimApp, SlimNode, wait_for, workspace_binary};
 use slim_identity_agent::workload::fake::{AgentState, FakeAgent, SigningKey};
 
 const TRUST_DOMAIN: &str = "example.org";
 
 /// Starts `slim-identity-agent` for the workload with `hint`, writing into `svids`.
-fn start_agent(socket: &Path, svids: &Path, hint: &str) -> std::process::Child {
+fn start_agent(socket: &Path, svids: &Path, hint: &str) -> KillOnDrop {
     std::fs::create_dir_all(svids).expect("svids dir");
     let config = svids.with_extension("yaml");
     std::fs::write(
@@ -38,13 +38,15 @@ fn start_agent(socket: &Path, svids: &Path, hint: &str) -> std::process::Child {
         ),
     )
     .expect("config");
-    std::process::Command::new(workspace_binary("slim-identity-agent", "SLIM_IDENTITY_AGENT_BIN").expect("agent"))
-        .arg("-config")
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start the agent")
+    let child =
+        std::process::Command::new(workspace_binary("slim-identity-agent", "SLIM_IDENTITY_AGENT_BIN").expect("agent"))
+            .arg("-config")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the agent");
+    KillOnDrop(child)
 }
 
 /// `(kid, alg)` of every key in the workload's `key.jwt`.
@@ -126,7 +128,7 @@ async fn slim_apps_accept_the_agents_files_and_refuse_the_workload_apis_jwks() {
     let fake = FakeAgent::start(&socket, state).await.expect("fake Workload API");
 
     let (alice_svids, bob_svids) = (dir.path().join("alice"), dir.path().join("bob"));
-    let mut agents = [start_agent(&socket, &alice_svids, "alice"), start_agent(&socket, &bob_svids, "bob")];
+    let _agents = [start_agent(&socket, &alice_svids, "alice"), start_agent(&socket, &bob_svids, "bob")];
     for svids in [&alice_svids, &bob_svids] {
         wait_for("the agent's files", Duration::from_secs(30), async || {
             (svids.join("jwt_svid.token").is_file() && jwks_kids(svids).len() == 2).then_some(())
@@ -174,11 +176,6 @@ async fn slim_apps_accept_the_agents_files_and_refuse_the_workload_apis_jwks() {
     .await;
     let (replies, refused) = tokio::task::block_in_place(|| exchange(&node, &alice_svids, &bob_svids, 4));
     assert_identity_accepted(replies, &refused, "RS256 after the rotation");
-
-    for agent in &mut agents {
-        let _ = agent.kill();
-        let _ = agent.wait();
-    }
 }
 
 fn base64_json(segment: &str) -> Option<serde_json::Value> {

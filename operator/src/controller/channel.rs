@@ -146,16 +146,12 @@ async fn cleanup(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> 
         ctx.publish(channel, EventType::Warning, "CleanupAbandoned", note).await;
         return Ok(Action::await_change());
     }
+    // The condition, the event and the metric all say CleanupPending.
+    let error = Error::ChannelCleanupPending(error);
     let old = channel.status.clone().unwrap_or_default();
-    let status = failed(
-        &old,
-        channel.meta().generation,
-        "CleanupPending",
-        format!("deleting the channel: {error}"),
-        Timestamp::now(),
-    );
+    let status = failed(&old, channel.meta().generation, error.reason(), error.to_string(), Timestamp::now());
     super::patch_status(channel, ctx, &status).await?;
-    Err(Error::ChannelManager(error))
+    Err(error)
 }
 
 /// `spec.participants` plus the names of Running Pods picked by `participantSelector`.

@@ -254,21 +254,23 @@ fn retry_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("Kubernetes API: {0}")]
-    Kube(#[source] kube::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<finalizer::Error<Error>>),
+    Kube(kube::Error),
+    /// A failed apply or cleanup reads as its own cause; the finalizer's bookkeeping errors keep
+    /// kube's wording.
+    #[error("{}", finalizer_message(.0))]
+    Finalizer(Box<finalizer::Error<Error>>),
     #[error("object has no namespace")]
     MissingNamespace,
     #[error("spec.name: {0}")]
-    InvalidName(#[source] NameError),
+    InvalidName(NameError),
     #[error("spec.nodes.selector: {0}")]
-    InvalidSelector(#[source] SelectorError),
+    InvalidSelector(SelectorError),
     #[error("listing node Pods for the selector: {0}")]
-    ListPods(#[source] kube::Error),
+    ListPods(kube::Error),
     #[error("Secret {name}: {reason}")]
     Secret { name: String, reason: String },
     #[error("{0}")]
-    NodesNotInSync(String),
+    NodeUnreachable(String),
     #[error("{0}")]
     RouteRejected(String),
     #[error("deletion waits for {0} node(s) to confirm the route is removed")]
@@ -276,9 +278,18 @@ pub enum Error {
     #[error("no channel manager: set spec.channelManager.endpoint or run the operator with --channel-manager")]
     NoChannelManager,
     #[error("{0}")]
-    ChannelManager(#[source] CmError),
+    ChannelManager(CmError),
+    #[error("deleting the channel: {0}")]
+    ChannelCleanupPending(CmError),
     #[error("mlsEnabled changed on a live channel; the operator refuses to recreate it")]
     MlsChangeRefused,
+}
+
+fn finalizer_message(error: &finalizer::Error<Error>) -> String {
+    match error {
+        finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => inner.to_string(),
+        other => format!("finalizer: {other}"),
+    }
 }
 
 impl Error {
@@ -294,12 +305,13 @@ impl Error {
             Error::InvalidSelector(_) => "InvalidSelector",
             Error::ListPods(_) => "ListPodsFailed",
             Error::Secret { .. } => "SecretUnavailable",
-            Error::NodesNotInSync(_) => "NodeUnreachable",
+            Error::NodeUnreachable(_) => "NodeUnreachable",
             Error::RouteRejected(_) => "RouteRejected",
             Error::CleanupPending(_) => "CleanupPending",
             Error::NoChannelManager => "NoChannelManager",
             Error::ChannelManager(CmError::Refused { .. }) => "ChannelManagerRefused",
             Error::ChannelManager(_) => "ChannelManagerUnavailable",
+            Error::ChannelCleanupPending(_) => "CleanupPending",
             Error::MlsChangeRefused => "MlsChangeRefused",
         }
     }

@@ -230,7 +230,9 @@ fn failure_of(reports: &[NodeReport]) -> Option<Error> {
     let summary = failed
         .iter()
         .map(|r| match &r.result {
-            NodeResult::Unreachable(m) | NodeResult::Rejected(m) => format!("{}: {m}", r.endpoint),
+            // The node's error names the node already.
+            NodeResult::Unreachable(m) => m.clone(),
+            NodeResult::Rejected(m) => format!("{}: {m}", r.endpoint),
             NodeResult::InSync { .. } => String::new(),
         })
         .collect::<Vec<_>>()
@@ -238,7 +240,7 @@ fn failure_of(reports: &[NodeReport]) -> Option<Error> {
     if failed.iter().any(|r| matches!(r.result, NodeResult::Rejected(_))) {
         Some(Error::RouteRejected(summary))
     } else {
-        Some(Error::NodesNotInSync(summary))
+        Some(Error::NodeUnreachable(summary))
     }
 }
 

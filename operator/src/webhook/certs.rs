@@ -38,6 +38,8 @@ pub enum CertError {
     Webhook { name: String, source: kube::Error },
     #[error("reading {path}: {source}")]
     File { path: PathBuf, source: std::io::Error },
+    #[error("building the caBundle patch: {0}")]
+    CaBundlePatch(serde_json::Error),
     #[error("MutatingWebhookConfiguration {0} not found: caBundle not published (is the chart installed?)")]
     NoWebhookConfiguration(String),
 }
@@ -227,8 +229,8 @@ impl SelfManaged {
         if patches.is_empty() {
             return Ok(());
         }
-        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(patches))
-            .map_err(|e| CertError::Pem(format!("caBundle patch: {e}")))?;
+        let patch: json_patch::Patch =
+            serde_json::from_value(serde_json::Value::Array(patches)).map_err(CertError::CaBundlePatch)?;
         api.patch(&configuration.name_any(), &PatchParams::default(), &Patch::Json::<()>(patch))
             .await
             .map_err(webhook_error)?;

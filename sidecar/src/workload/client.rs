@@ -120,12 +120,16 @@ impl WorkloadClient {
     }
 }
 
+/// An error and its causes, each said once (tonic's errors print their source and return it).
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(next) = source {
-        text.push_str(": ");
-        text.push_str(&next.to_string());
+        let cause = next.to_string();
+        if !cause.is_empty() && !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
         source = next.source();
     }
     text
