@@ -382,7 +382,7 @@ pub async fn run(
         .with_config(controller_config.clone())
         .graceful_shutdown_on(shutdown.clone())
         .run(subscription::reconcile, error_policy, ctx.clone())
-        .for_each(log_outcome);
+        .for_each(log_outcome::<Subscription, _>);
     let watch_ctx = ctx.clone();
     let channel_pods = ctx.channels.clone();
     let channels = channel_controller
@@ -394,7 +394,7 @@ pub async fn run(
         .with_config(controller_config)
         .graceful_shutdown_on(shutdown)
         .run(channel::reconcile, error_policy, ctx)
-        .for_each(log_outcome);
+        .for_each(log_outcome::<SlimChannel, _>);
     let members = watch_ctx.member_watch.run(nodes, config.member_poll_interval, watch_ctx.channel_trigger.clone());
     info!("controllers started");
     // The recovery probes and the member watch never end on their own: they stop with the
@@ -486,9 +486,20 @@ where
     (stream, reader, recovery)
 }
 
-async fn log_outcome<T: std::fmt::Debug, E: std::fmt::Display>(result: Result<T, E>) {
-    if let Err(error) = result {
-        tracing::debug!(%error, "controller event");
+/// What the controller stream reports besides successful reconciles. A failed reconcile is
+/// logged (at warn, with its retry) by `error_policy`; everything else here is news an operator
+/// must see: a watch that fails (RBAC, an object that does not deserialize) stalls its kind.
+async fn log_outcome<K, T>(result: Result<T, kube::runtime::controller::Error<Error, watcher::Error>>)
+where
+    K: Resource<DynamicType = ()>,
+{
+    use kube::runtime::controller::Error as ControllerError;
+    match result {
+        Ok(_) | Err(ControllerError::ReconcilerFailed(..)) => {}
+        Err(ControllerError::ObjectNotFound(object)) => {
+            tracing::debug!(%object, "object gone before its reconcile")
+        }
+        Err(error) => warn!(kind = %K::kind(&()), %error, "controller stream error"),
     }
 }
 
