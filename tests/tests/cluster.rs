@@ -185,31 +185,52 @@ async fn node_pod(client: &Client, namespace: &str, node: &SlimNode) {
     pods.patch_status(&node.node_id, &PatchParams::default(), &Patch::Merge(status)).await.expect("node Pod status");
 }
 
+/// A SlimChannel `team` (no `spec.nodes`) with `names` as members, all on one real node that the
+/// operator finds through its default node set, with the real channel manager and the controllers
+/// running with default flags (a 5 min resync: only the member watch brings restarted members back
+/// in time).
+struct OneNodeChannel {
+    node: SlimNode,
+    members: Vec<SlimApp>,
+    channels: Api<SlimChannel>,
+    controllers: Controllers,
+    _manager: ChannelManager,
+}
+
+impl OneNodeChannel {
+    async fn start(client: &Client, namespace: &str, names: &[&str]) -> Self {
+        let node = SlimNode::start("node-a").expect("node");
+        node_pod(client, namespace, &node).await;
+        let manager = ChannelManager::start(&node).expect("channel manager");
+        let members = names.iter().map(|n| SlimApp::member(&node, n).expect("member")).collect();
+        let config = ControllerConfig { channel_manager: Some(manager.endpoint()), ..Default::default() };
+        let controllers = start_controllers_with(client, &NodePool::default(), config);
+        let channels: Api<SlimChannel> = Api::namespaced(client.clone(), namespace);
+        let channel: SlimChannel = serde_json::from_value(json!({
+            "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel", "metadata": {"name": "team"},
+            "spec": {"name": "org/ns/team", "participants": names}
+        }))
+        .expect("channel");
+        channels.create(&PostParams::default(), &channel).await.expect("create");
+        Self { node, members, channels, controllers, _manager: manager }
+    }
+
+    async fn stop(self) {
+        let (stop, controller) = self.controllers;
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_member_is_back_without_spec_nodes() {
     init_logging();
     let (client, namespace, _controllers) = setup().await;
-    let node = SlimNode::start("node-a").expect("node");
-    node_pod(&client, &namespace, &node).await;
-    let cm = ChannelManager::start(&node).expect("channel manager");
-    let mut bob = SlimApp::member(&node, "org/ns/bob").expect("bob");
-    let mut carol = SlimApp::member(&node, "org/ns/carol").expect("carol");
-    let pool = NodePool::default();
-    // Default flags: the resync is 5 min, so only the member watch can bring bob back in time
-    // (checked: with the watch's period set to an hour this test fails).
-    let (stop, controller) = start_controllers_with(
-        &client,
-        &pool,
-        ControllerConfig { channel_manager: Some(cm.endpoint()), ..Default::default() },
-    );
-
-    let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
-    let channel: SlimChannel = serde_json::from_value(json!({
-        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel", "metadata": {"name": "team"},
-        "spec": {"name": "org/ns/team", "participants": ["org/ns/bob", "org/ns/carol"]}
-    }))
-    .expect("channel");
-    channels.create(&PostParams::default(), &channel).await.expect("create");
+    // Checked: with the member watch's period set to an hour this test fails.
+    let mut team = OneNodeChannel::start(&client, &namespace, &["org/ns/bob", "org/ns/carol"]).await;
+    let (node, channels) = (&team.node, &team.channels);
+    let mut carol = team.members.pop().expect("carol");
+    let mut bob = team.members.pop().expect("bob");
     let status = wait_for("both joined", Duration::from_secs(60), async || {
         channels.get("team").await.ok()?.status.filter(|s| s.joined == 2)
     })
@@ -222,7 +243,7 @@ async fn a_restarted_member_is_back_without_spec_nodes() {
     let old_instance = bob.instance.clone();
     drop(bob);
     let restarted = std::time::Instant::now();
-    let mut bob = SlimApp::member(&node, "org/ns/bob").expect("bob again");
+    let mut bob = SlimApp::member(node, "org/ns/bob").expect("bob again");
     bob.wait_for("joined", Duration::from_secs(60)).expect("the restarted bob is invited back");
     let rejoin = restarted.elapsed();
     let back = wait_for("bob's new instance in the status", Duration::from_secs(30), async || {
@@ -239,33 +260,17 @@ async fn a_restarted_member_is_back_without_spec_nodes() {
     bob.publish("back from a restart").expect("publish");
     carol.wait_for("received back from a restart", Duration::from_secs(15)).expect("carol got it");
     eprintln!("member rejoin after a restart, no spec.nodes, default flags: {:.1} s", rejoin.as_secs_f64());
-
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    drop((bob, carol));
+    team.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_members_restarted_at_once_are_both_back() {
     init_logging();
     let (client, namespace, _controllers) = setup().await;
-    let node = SlimNode::start("node-a").expect("node");
-    node_pod(&client, &namespace, &node).await;
-    let cm = ChannelManager::start(&node).expect("channel manager");
-    let names = ["org/ns/bob", "org/ns/carol", "org/ns/dave"];
-    let mut members: Vec<SlimApp> = names.iter().map(|n| SlimApp::member(&node, n).expect("member")).collect();
-    let pool = NodePool::default();
-    let (stop, controller) = start_controllers_with(
-        &client,
-        &pool,
-        ControllerConfig { channel_manager: Some(cm.endpoint()), ..Default::default() },
-    );
-    let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
-    let channel: SlimChannel = serde_json::from_value(json!({
-        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel", "metadata": {"name": "team"},
-        "spec": {"name": "org/ns/team", "participants": names}
-    }))
-    .expect("channel");
-    channels.create(&PostParams::default(), &channel).await.expect("create");
+    let mut team = OneNodeChannel::start(&client, &namespace, &["org/ns/bob", "org/ns/carol", "org/ns/dave"]).await;
+    let (node, channels) = (&team.node, &team.channels);
+    let mut members = std::mem::take(&mut team.members);
     for member in &mut members {
         member.wait_for("joined", Duration::from_secs(60)).expect("joined");
     }
@@ -274,8 +279,8 @@ async fn two_members_restarted_at_once_are_both_back() {
     let mut dave = members.pop().expect("dave");
     drop(members);
     let restarted = std::time::Instant::now();
-    let mut bob = SlimApp::member(&node, "org/ns/bob").expect("bob again");
-    let mut carol = SlimApp::member(&node, "org/ns/carol").expect("carol again");
+    let mut bob = SlimApp::member(node, "org/ns/bob").expect("bob again");
+    let mut carol = SlimApp::member(node, "org/ns/carol").expect("carol again");
     bob.wait_for("joined", Duration::from_secs(90)).expect("bob back");
     carol.wait_for("joined", Duration::from_secs(90)).expect("carol back");
     eprintln!("two members restarted at once, both back after {:.1} s", restarted.elapsed().as_secs_f64());
@@ -287,9 +292,8 @@ async fn two_members_restarted_at_once_are_both_back() {
     bob.publish("both back").expect("publish");
     carol.wait_for("received both back", Duration::from_secs(15)).expect("carol got bob's message");
     dave.wait_for("received both back", Duration::from_secs(15)).expect("dave, who stayed, got it too");
-
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    drop((bob, carol, dave));
+    team.stop().await;
 }
 
 /// The Warning event for a node that is down says each cause once, exactly.
