@@ -25,6 +25,17 @@ def connect(endpoint: str, local: str):
     return app, conn
 
 
+def point_to_point(max_retries: int):
+    """A point-to-point session without MLS, retried every 500 ms."""
+    return slim.SessionConfig(
+        session_type=slim.SessionType.POINT_TO_POINT,
+        max_retries=max_retries,
+        interval=datetime.timedelta(milliseconds=500),
+        metadata={},
+        mls_settings=None,
+    )
+
+
 def listen(endpoint: str, local: str) -> None:
     app, _ = connect(endpoint, local)
 
@@ -48,13 +59,7 @@ def send(endpoint: str, local: str, remote: str, message: str) -> int:
     sys.stdin.readline()  # the test says "go" once routes are in place
     remote_name = slim.Name.from_string(remote)
     app.set_route(remote_name, conn)
-    config = slim.SessionConfig(
-        session_type=slim.SessionType.POINT_TO_POINT,
-        max_retries=5,
-        interval=datetime.timedelta(milliseconds=500),
-        metadata={},
-        mls_settings=None,
-    )
+    config = point_to_point(max_retries=5)
     try:
         session = app.create_session_and_wait(config, remote_name)
         session.publish_and_wait(message.encode(), None, None)

@@ -16,6 +16,7 @@ import threading
 import time
 
 import slim_bindings as slim
+from slim_app import point_to_point
 
 
 def identity(svids: str):
@@ -71,13 +72,7 @@ def send(endpoint: str, local: str, svids: str, remote: str, seconds: float) -> 
     app, conn = connect(endpoint, local, svids)
     remote_name = slim.Name.from_string(remote)
     app.set_route(remote_name, conn)
-    config = slim.SessionConfig(
-        session_type=slim.SessionType.POINT_TO_POINT,
-        max_retries=3,
-        interval=datetime.timedelta(milliseconds=500),
-        metadata={},
-        mls_settings=None,
-    )
+    config = point_to_point(max_retries=3)
     deadline = time.monotonic() + seconds
     n = 0
     while time.monotonic() < deadline:
