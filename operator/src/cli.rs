@@ -9,10 +9,11 @@ use kube::runtime::events::Reporter;
 
 use crate::admin::{self, AdminState, Readiness};
 use crate::api::NodeSet;
+use crate::controller::ResourceCollector;
 use crate::controller::leader::{self, Leadership, LeaseConfig};
 use crate::controller::{self, ControllerConfig, StoreSlot};
-use crate::metrics::{Metrics, NodeClientCollector, ResourceCollector};
-use crate::slim::{NodeClientConfig, NodePool};
+use crate::metrics::Metrics;
+use crate::slim::{NodeClientCollector, NodeClientConfig, NodePool};
 use crate::telemetry::{self, LogFormat};
 use crate::webhook::certs::SelfManaged;
 use crate::webhook::run::{CertSource, WebhookError, WebhookGates, WebhookSettings};
@@ -82,6 +83,17 @@ pub struct RunArgs {
     /// running more than one replica; every replica serves the webhook either way).
     #[arg(long, env = "SLIM_OPERATOR_LEADER_ELECTION")]
     pub leader_election: bool,
+
+    /// How long followers wait, on their own clocks, for the leader's next renewal.
+    #[arg(long, env = "SLIM_OPERATOR_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// The leader stops reconciling this long after the start of its last successful renewal
+    /// (shorter than --lease-duration, so it has stopped before anyone may take over).
+    #[arg(long, env = "SLIM_OPERATOR_LEASE_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    pub lease_renew_deadline: Duration,
+    /// Pause between two attempts to renew or acquire the Lease.
+    #[arg(long, env = "SLIM_OPERATOR_LEASE_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    pub lease_retry_period: Duration,
 
     /// The operator's namespace (never injected into; holds the webhook Secret).
     #[arg(long, env = "POD_NAMESPACE", default_value = "slim-system")]
@@ -247,6 +259,10 @@ pub enum RunError {
     Webhook(WebhookError),
     #[error("--default-node-selector: {0}")]
     DefaultNodes(crate::plan::SelectorError),
+    #[error("leader election: {0}")]
+    LeaseTimings(String),
+    #[error("leader election stopped unexpectedly: {0}")]
+    LeaderElection(String),
 }
 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
@@ -297,12 +313,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // The lease is released only after the controllers have finished their in-flight work.
     let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
     let leader_task = if args.leader_election {
-        let lease = LeaseConfig::new(&args.namespace, &identity);
+        let lease = LeaseConfig {
+            lease_duration: args.lease_duration,
+            renew_deadline: args.lease_renew_deadline,
+            retry_period: args.lease_retry_period,
+            ..LeaseConfig::new(&args.namespace, &identity)
+        };
+        lease.validate().map_err(RunError::LeaseTimings)?;
         Some(tokio::spawn(leader::run(client.clone(), lease, leader_tx, async {
             let _ = release_rx.await;
         })))
     } else {
-        leader_tx.send_replace(Leadership::Leader);
+        leader_tx.send_replace(Leadership::sole());
         None
     };
 
@@ -322,7 +344,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             match &*leader_rx.borrow() {
                 Leadership::Unknown => missing.push("leadership not known yet".to_owned()),
                 Leadership::Follower => {}
-                Leadership::Leader => {
+                Leadership::Leader { .. } => {
                     if let Err(reason) = caches.state() {
                         missing.push(reason);
                     }
@@ -352,7 +374,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         loop {
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                changed = leader_rx.wait_for(|l| *l == Leadership::Leader) => if changed.is_err() { return Ok(()) },
+                changed = leader_rx.wait_for(Leadership::is_leader) => if changed.is_err() { return Ok(()) },
             }
             let runtime = controller::Runtime {
                 client: client.clone(),
@@ -362,6 +384,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 config: config.clone(),
                 ready: caches.clone(),
                 slot: slot.clone(),
+                leadership: leader_rx.clone(),
             };
             let run = controller::run(runtime, stopped());
             let mut lost = leader_rx.clone();
@@ -369,22 +392,36 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 result = run => return result,
                 // Losing the lease stops reconciling at once (SLIM writes are idempotent, so a
                 // reconcile cut short is simply redone by the next leader).
-                _ = lost.wait_for(|l| *l != Leadership::Leader) => {
+                _ = lost.wait_for(|l| !l.is_leader()) => {
                     caches.reset();
                     *slot.write().unwrap_or_else(|p| p.into_inner()) = None;
                 }
             }
         }
     };
-    // Any part ending ends the process: a part that stopped must not look alive.
+    // Any part ending ends the process: a part that stopped must not look alive. Leader election
+    // ends only once released, after the controllers.
+    let mut leader_task = leader_task;
+    let leader_ended = async {
+        match leader_task.as_mut() {
+            Some(task) => {
+                let outcome = task.await;
+                RunError::LeaderElection(outcome.err().map_or_else(|| "ended".to_owned(), |e| e.to_string()))
+            }
+            None => std::future::pending().await,
+        }
+    };
     let result = tokio::select! {
         result = controllers => result.map_err(RunError::Controller),
         result = webhook => result.map_err(RunError::Webhook),
         result = admin => result.map_err(|source| RunError::Admin { addr: admin_addr, source }),
+        error = leader_ended => Err(error),
     };
     let _ = release_tx.send(());
-    if let Some(task) = leader_task {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    if let Some(task) = leader_task
+        && !task.is_finished()
+    {
+        let _ = tokio::time::timeout(args.lease_renew_deadline + Duration::from_secs(1), task).await;
     }
     result
 }

@@ -11,7 +11,6 @@
 
 pub mod admin;
 pub mod api;
-pub mod backoff;
 pub mod cli;
 pub mod controller;
 pub mod engine;
@@ -21,3 +20,5 @@ pub mod rbac;
 pub mod slim;
 pub mod telemetry;
 pub mod webhook;
+
+pub use slim_k8s_common::backoff;

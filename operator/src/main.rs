@@ -10,7 +10,7 @@ async fn main() {
         Command::Run(args) => run(*args).await,
     };
     if let Err(error) = result {
-        eprintln!("slim-operator: {}", slim_operator::slim::node::error_chain(&error));
+        eprintln!("slim-operator: {}", slim_k8s_common::error_chain(&error));
         std::process::exit(1);
     }
 }

@@ -1,16 +1,15 @@
-//! Prometheus metrics (OpenMetrics text on the admin server's `/metrics`).
+//! Prometheus metrics (OpenMetrics text on the admin server's `/metrics`). Depends on nothing else
+//! in the crate: the scrape-time collectors live next to what they read (`slim::pool`,
+//! `controller::stores`).
 
 use std::time::Instant;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::slim::NodePool;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -134,106 +133,6 @@ impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
         let seconds = self.start.elapsed().as_secs_f64();
         self.metrics.duration.get_or_create(&KindLabels { kind: self.kind }).observe(seconds);
-    }
-}
-
-/// Counters of the SLIM node clients, read at scrape time.
-#[derive(Clone)]
-pub struct NodeClientCollector {
-    pub pool: NodePool,
-}
-
-impl std::fmt::Debug for NodeClientCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("NodeClientCollector")
-    }
-}
-
-impl Collector for NodeClientCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let clients = self.pool.clients();
-        type Read = fn(&crate::slim::node::NodeStats) -> u64;
-        let counters: [(&str, &str, Read); 4] = [
-            ("node_commands", "ConfigurationCommands sent to SLIM nodes", |s| s.writes.load(Relaxed)),
-            ("node_messages", "Control messages sent to SLIM nodes", |s| s.rpcs.load(Relaxed)),
-            ("node_route_items", "Route items (set + delete) sent to SLIM nodes", |s| s.route_items.load(Relaxed)),
-            ("node_connects", "Control stream (re)connections to SLIM nodes", |s| s.connects.load(Relaxed)),
-        ];
-        for (name, help, read) in counters {
-            let mut family =
-                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
-            for client in &clients {
-                let labels = NodeLabels { node: client.endpoint().to_owned() };
-                ConstCounter::new(read(client.stats())).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ChannelLabels {
-    pub namespace: String,
-    pub channel: String,
-}
-
-/// Gauges computed from the controllers' caches at scrape time: routes installed per node,
-/// channel participants joined and desired.
-#[derive(Clone)]
-pub struct ResourceCollector {
-    pub stores: crate::controller::StoreSlot,
-}
-
-impl std::fmt::Debug for ResourceCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ResourceCollector")
-    }
-}
-
-impl Collector for ResourceCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        use prometheus_client::metrics::MetricType::Gauge;
-        let Some(stores) = self.stores.read().unwrap_or_else(|p| p.into_inner()).clone() else {
-            return Ok(());
-        };
-        let mut routes: std::collections::BTreeMap<String, i64> = Default::default();
-        for sub in stores.subscriptions.state() {
-            for node in sub.status.iter().flat_map(|s| &s.nodes) {
-                *routes.entry(node.endpoint.clone()).or_default() += i64::from(node.route_installed);
-            }
-        }
-        let mut family =
-            encoder.encode_descriptor("node_routes", "Subscription routes installed per SLIM node", None, Gauge)?;
-        for (node, count) in routes {
-            ConstGauge::new(count).encode(family.encode_family(&NodeLabels { node })?)?;
-        }
-        let channels = stores.channels.state();
-        let label = |ch: &crate::api::SlimChannel| ChannelLabels {
-            namespace: ch.metadata.namespace.clone().unwrap_or_default(),
-            channel: ch.spec.name.clone(),
-        };
-        let mut joined = encoder.encode_descriptor(
-            "channel_participants_joined",
-            "Desired participants in the channel",
-            None,
-            Gauge,
-        )?;
-        for ch in &channels {
-            let value = ch.status.as_ref().map_or(0, |s| i64::from(s.joined));
-            ConstGauge::new(value).encode(joined.encode_family(&label(ch))?)?;
-        }
-        let mut desired = encoder.encode_descriptor(
-            "channel_participants_desired",
-            "Participants wanted in the channel",
-            None,
-            Gauge,
-        )?;
-        for ch in &channels {
-            let value = ch.status.as_ref().map_or(0, |s| i64::from(s.desired));
-            ConstGauge::new(value).encode(desired.encode_family(&label(ch))?)?;
-        }
-        Ok(())
     }
 }
 

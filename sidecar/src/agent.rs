@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use slim_k8s_common::backoff::Backoff;
+use slim_k8s_common::supervise::{Supervisor, TaskFailure};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -39,31 +41,14 @@ pub enum AgentError {
     NoJwt(String),
     #[error("health listener on port {port}: {source}")]
     Health { port: u16, source: std::io::Error },
+    /// A stream loop, the file watcher or the health listener stopped: the agent must not look
+    /// alive without it.
+    #[error("{0}")]
+    Task(TaskFailure),
 }
 
 pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
-/// Exponential backoff between `min` and `max`.
-struct Backoff {
-    next: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
-        Self { next: min, min, max }
-    }
-    fn delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-    fn reset(&mut self) {
-        self.next = self.min;
-    }
 }
 
 enum Update {
@@ -226,6 +211,8 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
     let socket = config.socket_path()?;
     let out = OutputDir::new(&config.cert_dir)?;
     let health = health_for(&config);
+    // Every long-lived task: the first one to end (a panic, say) ends the agent with its name.
+    let mut tasks = Supervisor::new();
     if config.health_checks.listener_enabled {
         let port = config.health_checks.bind_port;
         let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
@@ -236,8 +223,10 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
             &config.health_checks.liveness_path,
             &config.health_checks.readiness_path,
         );
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
+        tasks.spawn("health listener", async move {
+            if let Err(error) = axum::serve(listener, router).await {
+                warn!(%error, port, "health listener failed");
+            }
         });
         info!(port, "health listener started");
     }
@@ -248,25 +237,30 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
 
     let (tx, mut rx) = mpsc::channel::<Update>(64);
     let (bundles_tx, bundles_rx) = watch::channel::<Option<JwtBundles>>(None);
-    let mut tasks = tokio::task::JoinSet::new();
     if config.x509.is_some() {
-        tasks.spawn(x509_loop(socket.clone(), config.hint.clone(), x509_options(&config), tx.clone(), health.clone()));
+        tasks.spawn(
+            "X.509-SVID stream",
+            x509_loop(socket.clone(), config.hint.clone(), x509_options(&config), tx.clone(), health.clone()),
+        );
     }
     if !config.jwt_svids.is_empty() || !config.jwt_bundle_file_name.is_empty() {
-        tasks.spawn(bundle_loop(socket.clone(), tx.clone(), bundles_tx, health.clone()));
+        tasks.spawn("JWT bundle stream", bundle_loop(socket.clone(), tx.clone(), bundles_tx, health.clone()));
     }
     for (index, entry) in config.jwt_svids.iter().enumerate() {
-        tasks.spawn(jwt_loop(
-            socket.clone(),
-            entry.clone(),
-            index,
-            config.clone(),
-            tx.clone(),
-            bundles_rx.clone(),
-            health.clone(),
-        ));
+        tasks.spawn(
+            "JWT-SVID refresh",
+            jwt_loop(
+                socket.clone(),
+                entry.clone(),
+                index,
+                config.clone(),
+                tx.clone(),
+                bundles_rx.clone(),
+                health.clone(),
+            ),
+        );
     }
-    let _watcher = watch_dir(&config.cert_dir, tx.clone());
+    let _watcher = watch_dir(&config.cert_dir, tx.clone(), &mut tasks);
 
     let mut writer = Writer {
         jwts: vec![None; config.jwt_svids.len()],
@@ -280,7 +274,9 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
     };
     tokio::pin!(shutdown);
     loop {
+        // Updates first: a loop that ended after a fatal error has already queued it.
         tokio::select! {
+            biased;
             _ = &mut shutdown => {
                 info!("shutting down");
                 tasks.abort_all();
@@ -300,12 +296,18 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
                     }
                 },
             },
+            failure = tasks.failure() => {
+                warn!(%failure, "stopping: a task the agent needs has stopped");
+                tasks.abort_all();
+                writer.hooks.stop().await;
+                return Err(AgentError::Task(failure));
+            }
         }
     }
 }
 
 /// Watches the output directory; any change triggers a check (debounced).
-fn watch_dir(dir: &Path, tx: mpsc::Sender<Update>) -> Option<notify::RecommendedWatcher> {
+fn watch_dir(dir: &Path, tx: mpsc::Sender<Update>, tasks: &mut Supervisor) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let (event_tx, mut event_rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -321,7 +323,7 @@ fn watch_dir(dir: &Path, tx: mpsc::Sender<Update>) -> Option<notify::Recommended
         warn!(%error, dir = %dir.display(), "cannot watch the output directory");
         return None;
     }
-    tokio::spawn(async move {
+    tasks.spawn("output directory watcher", async move {
         while event_rx.recv().await.is_some() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             while event_rx.try_recv().is_ok() {}
@@ -423,7 +425,7 @@ async fn follow<T, Open, Opened>(
             }
             Err(error) => {
                 health.disconnected();
-                let delay = backoff.delay();
+                let delay = backoff.next_delay();
                 warn!(%error, retry_in = ?delay, "{what}");
                 tokio::time::sleep(delay).await;
             }
@@ -479,7 +481,7 @@ async fn jwt_loop(
                 if matches!(error, AgentError::Workload(_)) {
                     health.disconnected();
                 }
-                let delay = backoff.delay();
+                let delay = backoff.next_delay();
                 warn!(%error, retry_in = ?delay, "JWT-SVID not refreshed");
                 // A bundle update (a new key) is worth an immediate retry.
                 let _ = tokio::time::timeout(delay, bundles.changed()).await;

@@ -55,6 +55,7 @@ fn start_controllers_with(client: &Client, pool: &NodePool, config: ControllerCo
         config,
         ready: Default::default(),
         slot: Default::default(),
+        leadership: slim_operator::controller::sole_leader(),
     };
     let controller = tokio::spawn(run(runtime, async move {
         let _ = stopped.await;

@@ -5,9 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -71,7 +69,7 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
         Ok(manager) => manager,
         Err(error) => return fail(Error::ChannelManager(error)).await,
     };
-    let (desired, pods) = match desired_participants(channel, ctx).await {
+    let (desired, pods) = match desired_participants(channel, ctx) {
         Ok(found) => found,
         Err(error) => return fail(error).await,
     };
@@ -155,7 +153,7 @@ async fn cleanup(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> 
 }
 
 /// `spec.participants` plus the names of Running Pods picked by `participantSelector`.
-async fn desired_participants(
+fn desired_participants(
     channel: &SlimChannel,
     ctx: &Context,
 ) -> Result<(BTreeSet<String>, BTreeMap<String, String>), Error> {
@@ -165,10 +163,8 @@ async fn desired_participants(
         return Ok((desired, pods));
     };
     let namespace = channel.namespace().ok_or(Error::MissingNamespace)?;
-    let query = selector_query(selector).map_err(Error::InvalidSelector)?;
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let listed = api.list(&ListParams::default().labels(&query)).await.map_err(Error::ListPods)?;
-    for pod in listed.items {
+    selector_query(selector).map_err(Error::InvalidSelector)?;
+    for pod in ctx.pods.matching(&namespace, selector) {
         let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
         if !running || pod.metadata.deletion_timestamp.is_some() {
             continue;
@@ -199,23 +195,14 @@ async fn live_participants(
     let pods = match (&nodes.selector, channel.namespace()) {
         (None, _) | (_, None) => Vec::new(),
         (Some(selector), Some(namespace)) => {
-            let listed = match selector_query(selector) {
-                Ok(query) => {
-                    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-                    api.list(&ListParams::default().labels(&query)).await.map_err(|e| e.to_string())
-                }
-                Err(error) => Err(error.to_string()),
-            };
-            match listed {
-                Ok(list) => list.items,
-                Err(error) => {
-                    warn!(%error, "listing the channel's node Pods failed; members' live instances unknown");
-                    return (None, Vec::new());
-                }
+            if let Err(error) = selector_query(selector) {
+                warn!(%error, "the channel's node selector is invalid; members' live instances unknown");
+                return (None, Vec::new());
             }
+            ctx.pods.matching(&namespace, selector)
         }
     };
-    let endpoints: Vec<String> = pod_targets(&nodes.endpoints, &pods).into_iter().map(|t| t.endpoint).collect();
+    let endpoints: Vec<String> = pod_targets(&nodes.endpoints, pods).into_iter().map(|t| t.endpoint).collect();
     if endpoints.is_empty() {
         return (None, endpoints);
     }

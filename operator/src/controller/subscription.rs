@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -46,7 +46,7 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
             return Err(error);
         }
     };
-    let targets = match resolve_targets(sub, ctx).await {
+    let targets = match resolve_targets(sub, ctx) {
         Ok(targets) => targets,
         Err(error) => {
             let status = failed(&old, generation, error.reason(), error.to_string(), Timestamp::now());
@@ -95,7 +95,7 @@ async fn cleanup(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     // The spec's route may be installed on nodes the status did not record yet.
     if let Ok(desired) = resolve_desired(sub, ctx).await {
         previous.push(desired.route);
-        if let Ok(targets) = resolve_targets(sub, ctx).await {
+        if let Ok(targets) = resolve_targets(sub, ctx) {
             endpoints.extend(targets.into_iter().map(|t| t.endpoint));
         }
     }
@@ -201,18 +201,17 @@ async fn secret_text(secrets: &Api<Secret>, name: &str, key: &str) -> Result<Str
     String::from_utf8(bytes.0.clone()).map_err(|_| error(format!("key {key:?} is not UTF-8 PEM text")))
 }
 
-/// Explicit endpoints plus the Running node Pods the selector picks.
-async fn resolve_targets(sub: &Subscription, ctx: &Context) -> Result<Vec<NodeTarget>, Error> {
+/// Explicit endpoints plus the Running node Pods the selector picks (from the Pod cache).
+fn resolve_targets(sub: &Subscription, ctx: &Context) -> Result<Vec<NodeTarget>, Error> {
     let pods = match &sub.spec.nodes.selector {
         None => Vec::new(),
         Some(selector) => {
-            let query = selector_query(selector).map_err(Error::InvalidSelector)?;
+            selector_query(selector).map_err(Error::InvalidSelector)?;
             let namespace = sub.namespace().ok_or(Error::MissingNamespace)?;
-            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-            api.list(&ListParams::default().labels(&query)).await.map_err(Error::ListPods)?.items
+            ctx.pods.matching(&namespace, selector)
         }
     };
-    Ok(pod_targets(&sub.spec.nodes.endpoints, &pods))
+    Ok(pod_targets(&sub.spec.nodes.endpoints, pods))
 }
 
 /// The route the status says was installed.

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info};
 
 use crate::backoff::exponential;
@@ -90,6 +91,8 @@ pub struct ChannelEngine {
     ops: Arc<Mutex<HashMap<OpKey, OpState>>>,
     retry_min: Duration,
     retry_max: Duration,
+    /// Cancels every background operation (the controllers stopped or leadership was lost).
+    stop: CancellationToken,
 }
 
 impl Default for ChannelEngine {
@@ -100,7 +103,13 @@ impl Default for ChannelEngine {
 
 impl ChannelEngine {
     pub fn new(retry_min: Duration, retry_max: Duration) -> Self {
-        Self { ops: Arc::default(), retry_min, retry_max }
+        Self { ops: Arc::default(), retry_min, retry_max, stop: CancellationToken::new() }
+    }
+
+    /// Cancels every background operation, running or to come, when the guard drops: a replica
+    /// that stopped leading must not go on inviting or removing.
+    pub fn stop_on_drop(&self) -> DropGuard {
+        self.stop.clone().drop_guard()
     }
 
     /// Lists the channel (creating it if missing), starts the operations that are due and reports.
@@ -193,8 +202,13 @@ impl ChannelEngine {
     fn spawn(&self, key: OpKey, kind: OpKind, attempts: u32, manager: ChannelManagerClient, on_done: OnDone) {
         let ops = self.ops.clone();
         let (retry_min, retry_max) = (self.retry_min, self.retry_max);
+        let stop = self.stop.clone();
         tokio::spawn(async move {
-            let result = run_op(&manager, &key.channel, &key.participant, kind).await;
+            let Some(result) = stop.run_until_cancelled(run_op(&manager, &key.channel, &key.participant, kind)).await
+            else {
+                debug!(channel = %key.channel, participant = %key.participant, op = kind.verb(), "channel operation cancelled");
+                return;
+            };
             {
                 let mut ops = ops.lock().unwrap_or_else(|p| p.into_inner());
                 match &result {

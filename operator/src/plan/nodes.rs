@@ -20,10 +20,14 @@ pub struct NodeTarget {
 }
 
 /// Endpoints from the spec plus Running Pods with an IP, sorted and without duplicates.
-pub fn pod_targets(endpoints: &[String], pods: &[Pod]) -> Vec<NodeTarget> {
+pub fn pod_targets(
+    endpoints: &[String],
+    pods: impl IntoIterator<Item = impl std::ops::Deref<Target = Pod>>,
+) -> Vec<NodeTarget> {
     let mut targets: Vec<NodeTarget> =
         endpoints.iter().map(|e| NodeTarget { endpoint: e.trim_end_matches('/').to_owned(), pod: None }).collect();
     for pod in pods {
+        let pod = &*pod;
         let Some(status) = &pod.status else { continue };
         let running = status.phase.as_deref() == Some("Running");
         let terminating = pod.metadata.deletion_timestamp.is_some();

@@ -172,7 +172,7 @@ fn classify(channel: &str, op: &'static str, message: String) -> CmError {
 }
 
 fn is_not_found(message: &str) -> bool {
-    message.to_ascii_lowercase().contains("not found")
+    super::batch::Refusal::of(message) == super::batch::Refusal::NotFound
 }
 
 fn is_already(message: &str) -> bool {

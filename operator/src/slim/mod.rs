@@ -1,17 +1,20 @@
 //! Clients of the SLIM APIs (IO) and the SLIM name model they share.
 
+pub mod batch;
 pub mod channel_manager;
+pub mod model;
 pub mod name;
 pub mod node;
 pub mod pb;
 pub mod pool;
 
 pub use channel_manager::{ChannelManagerClient, ChannelManagerPool, CmError};
-pub use name::{NameError, NameKey, SlimName};
-pub use node::{
-    ChangeOutcome, LinkConfig, NodeChange, NodeClient, NodeClientConfig, NodeError, NodeEvent, Observed, RouteRef,
+pub use model::{
+    ChangeItem, ChangeOutcome, ItemFailure, LinkConfig, NodeChange, NodeError, NodeEvent, NodeStats, Observed, RouteRef,
 };
-pub use pool::NodePool;
+pub use name::{NameError, NameKey, SlimName};
+pub use node::{NodeClient, NodeClientConfig};
+pub use pool::{NodeClientCollector, NodePool};
 
 #[cfg(test)]
 pub(crate) mod fake_channel_manager;

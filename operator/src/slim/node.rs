@@ -8,19 +8,24 @@
 //!   changes are applied to the cache so it stays coherent with our own writes;
 //! - a broken stream fails what was pending, reconnects with backoff, and announces the reconnect
 //!   (a node that restarts has lost its routes) on the pool's event channel.
+//!
+//! The value types are in [`super::model`], the pure batching and ack mapping in [`super::batch`].
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use slim_k8s_common::error_chain;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tracing::{debug, info, warn};
 
-use super::name::{NameKey, SlimName};
+use super::batch::{AckFailures, merge, message, new_message_id, take_batch};
+use super::model::{ChangeOutcome, NodeChange, NodeError, NodeEvent, NodeStats, Observed};
+use super::name::NameKey;
 use super::pb::controller::v1 as ctl;
 use super::pb::controller::v1::control_message::Payload;
 use crate::backoff::Backoff;
@@ -55,142 +60,6 @@ impl Default for NodeClientConfig {
             reconnect_max: Duration::from_secs(30),
         }
     }
-}
-
-/// A link (connection) as the operator creates it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct LinkConfig {
-    pub link_id: String,
-    /// The node's client config as JSON. May hold TLS key material: never log it.
-    pub config_data: String,
-}
-
-/// A route: a name reachable over a link.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RouteRef {
-    pub name: SlimName,
-    pub link_id: String,
-}
-
-/// What one caller wants changed on a node.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeChange {
-    pub create_links: Vec<LinkConfig>,
-    pub set_routes: Vec<RouteRef>,
-    pub delete_routes: Vec<RouteRef>,
-    pub delete_links: Vec<String>,
-}
-
-impl NodeChange {
-    pub fn is_empty(&self) -> bool {
-        self.create_links.is_empty()
-            && self.set_routes.is_empty()
-            && self.delete_routes.is_empty()
-            && self.delete_links.is_empty()
-    }
-
-    fn items(&self) -> usize {
-        self.create_links.len() + self.set_routes.len() + self.delete_routes.len() + self.delete_links.len()
-    }
-
-    fn links_touched(&self) -> impl Iterator<Item = &str> {
-        self.create_links.iter().map(|l| l.link_id.as_str()).chain(self.set_routes.iter().map(|r| r.link_id.as_str()))
-    }
-}
-
-/// The items of a change the node refused, with its reasons. Empty means everything held.
-/// "Not found" on a delete counts as done.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ChangeOutcome {
-    pub failures: Vec<ItemFailure>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ItemFailure {
-    /// e.g. `set route org/ns/app via slimop-…` or `create link slimop-…`.
-    pub item: String,
-    pub message: String,
-}
-
-/// What a node reports: links by id, (name, link) routes that go over a link, and every name the
-/// node routes (including apps connected to it: `org/ns/app/<instance>`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Observed {
-    pub links: BTreeSet<String>,
-    pub routes: BTreeSet<(NameKey, String)>,
-    pub names: BTreeSet<NameKey>,
-}
-
-impl Observed {
-    pub fn has_route(&self, route: &RouteRef) -> bool {
-        self.routes.contains(&(route.name.key(), route.link_id.clone()))
-    }
-
-    /// Instance ids of `name` (its three components) the node routes: the live instances of an
-    /// app connected to it.
-    pub fn instances_of(&self, name: &SlimName) -> impl Iterator<Item = u128> + '_ {
-        let components = name.key().components;
-        self.names
-            .range(NameKey { components, instance: 0 }..=NameKey { components, instance: u128::MAX })
-            .map(|key| key.instance)
-            .filter(|instance| *instance != super::name::NO_INSTANCE)
-    }
-
-    /// Applies a change the node acknowledged (minus the items it refused).
-    fn apply(&mut self, change: &NodeChange, outcome: &ChangeOutcome) {
-        let failed: HashSet<&str> = outcome.failures.iter().map(|f| f.item.as_str()).collect();
-        for link in &change.create_links {
-            if !failed.contains(describe_create_link(&link.link_id).as_str()) {
-                self.links.insert(link.link_id.clone());
-            }
-        }
-        for route in &change.set_routes {
-            if !failed.contains(describe_set_route(route).as_str()) {
-                self.routes.insert((route.name.key(), route.link_id.clone()));
-                self.names.insert(route.name.key());
-            }
-        }
-        for route in &change.delete_routes {
-            self.routes.remove(&(route.name.key(), route.link_id.clone()));
-        }
-        for link in &change.delete_links {
-            self.links.remove(link);
-            self.routes.retain(|(_, l)| l != link);
-        }
-    }
-}
-
-/// Node-level failures: the change or listing did not complete.
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum NodeError {
-    #[error("node {endpoint} unreachable: {reason}")]
-    Unavailable { endpoint: String, reason: String },
-    #[error("node {endpoint} did not answer within {timeout:?}")]
-    Timeout { endpoint: String, timeout: Duration },
-    #[error("node {endpoint} rejected the command: {reason}")]
-    Rejected { endpoint: String, reason: String },
-    #[error("node client for {endpoint} has stopped")]
-    Stopped { endpoint: String },
-}
-
-/// Counters of what a client sent; shared with metrics and benchmarks.
-#[derive(Debug, Default)]
-pub struct NodeStats {
-    /// Control messages sent (commands and list requests).
-    pub rpcs: AtomicU64,
-    /// `ConfigurationCommand`s sent.
-    pub writes: AtomicU64,
-    /// Route items sent in commands (set + delete).
-    pub route_items: AtomicU64,
-    /// Successful stream (re)connections.
-    pub connects: AtomicU64,
-}
-
-/// Announced on the pool's channel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NodeEvent {
-    /// The stream came back after a break: the node may have restarted and lost its state.
-    Reconnected { endpoint: String },
 }
 
 enum Command {
@@ -500,27 +369,9 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Takes queued changes for one command: bounded in size, and never a change that deletes a
-    /// link another change in the same command is still using.
+    /// Takes queued changes for one command (see [`take_batch`]).
     fn take_batch(&mut self) -> Vec<(NodeChange, ChangeReply)> {
-        let mut batch = Vec::new();
-        let mut items = 0;
-        let mut used: HashSet<String> = HashSet::new();
-        let mut deleted: HashSet<String> = HashSet::new();
-        let mut rest = Vec::new();
-        for (change, reply) in self.queued.drain(..) {
-            let conflicts = change.delete_links.iter().any(|l| used.contains(l))
-                || change.links_touched().any(|l| deleted.contains(l));
-            let fits = batch.is_empty() || items + change.items() <= self.actor.config.max_batch_items;
-            if conflicts || !fits {
-                rest.push((change, reply));
-                continue;
-            }
-            items += change.items();
-            used.extend(change.links_touched().map(str::to_owned));
-            deleted.extend(change.delete_links.iter().cloned());
-            batch.push((change, reply));
-        }
+        let (batch, rest) = take_batch(std::mem::take(&mut self.queued), self.actor.config.max_batch_items);
         self.queued = rest;
         batch
     }
@@ -670,235 +521,5 @@ impl<'a> Session<'a> {
                 let _ = waiter.send(Err(error()));
             }
         }
-    }
-}
-
-/// The refusals in one ack, looked up per caller.
-struct AckFailures {
-    links: HashMap<String, String>,
-    routes: HashMap<(NameKey, String), String>,
-}
-
-impl AckFailures {
-    fn from_ack(ack: &ctl::ConfigurationCommandAck) -> Self {
-        let links = ack
-            .connections_status
-            .iter()
-            .filter(|s| !s.success)
-            .map(|s| (s.link_id.clone(), s.error_msg.clone()))
-            .collect();
-        let routes = ack
-            .routes_status
-            .iter()
-            .filter(|s| !s.success)
-            .filter_map(|s| {
-                let route = s.route.as_ref()?;
-                let key = route.name.as_ref().and_then(NameKey::from_proto)?;
-                Some(((key, route.link_id.clone().unwrap_or_default()), s.error_msg.clone()))
-            })
-            .collect();
-        Self { links, routes }
-    }
-
-    fn outcome_for(&self, change: &NodeChange) -> ChangeOutcome {
-        let mut failures = Vec::new();
-        let link_failure = |link_id: &str| self.links.get(link_id).cloned();
-        let route_failure = |route: &RouteRef| self.routes.get(&(route.name.key(), route.link_id.clone())).cloned();
-        for link in &change.create_links {
-            if let Some(message) = link_failure(&link.link_id) {
-                failures.push(ItemFailure { item: describe_create_link(&link.link_id), message });
-            }
-        }
-        for route in &change.set_routes {
-            if let Some(message) = route_failure(route) {
-                failures.push(ItemFailure { item: describe_set_route(route), message });
-            }
-        }
-        // Deleting what is already gone is done.
-        for route in &change.delete_routes {
-            if let Some(message) = route_failure(route).filter(|m| !is_not_found(m)) {
-                failures
-                    .push(ItemFailure { item: format!("delete route {} via {}", route.name, route.link_id), message });
-            }
-        }
-        for link_id in &change.delete_links {
-            if let Some(message) = link_failure(link_id).filter(|m| !is_not_found(m)) {
-                failures.push(ItemFailure { item: format!("delete link {link_id}"), message });
-            }
-        }
-        ChangeOutcome { failures }
-    }
-}
-
-fn describe_create_link(link_id: &str) -> String {
-    format!("create link {link_id}")
-}
-
-fn describe_set_route(route: &RouteRef) -> String {
-    format!("set route {} via {}", route.name, route.link_id)
-}
-
-/// Deleting what is already gone is success.
-fn is_not_found(message: &str) -> bool {
-    let message = message.to_ascii_lowercase();
-    message.contains("not found") || message.contains("does not exist") || message.contains("not exist")
-}
-
-/// Merges callers' changes into one command, without duplicate links.
-fn merge<'a>(changes: impl Iterator<Item = &'a NodeChange>) -> ctl::ConfigurationCommand {
-    let mut command = ctl::ConfigurationCommand::default();
-    let mut links = HashSet::new();
-    let mut routes_set = HashSet::new();
-    let mut routes_deleted = HashSet::new();
-    let mut links_deleted = HashSet::new();
-    for change in changes {
-        for link in &change.create_links {
-            if links.insert(link.link_id.clone()) {
-                command
-                    .connections_to_create
-                    .push(ctl::Connection { link_id: link.link_id.clone(), config_data: link.config_data.clone() });
-            }
-        }
-        for route in &change.set_routes {
-            if routes_set.insert(route) {
-                command.routes_to_set.push(route_proto(route));
-            }
-        }
-        for route in &change.delete_routes {
-            if routes_deleted.insert(route) {
-                command.routes_to_delete.push(route_proto(route));
-            }
-        }
-        for link in &change.delete_links {
-            if links_deleted.insert(link.clone()) {
-                command.connections_to_delete.push(link.clone());
-            }
-        }
-    }
-    command
-}
-
-fn route_proto(route: &RouteRef) -> ctl::Route {
-    ctl::Route { name: Some(route.name.to_proto()), link_id: Some(route.link_id.clone()), direction: None }
-}
-
-fn message(id: &str, payload: Payload) -> ctl::ControlMessage {
-    ctl::ControlMessage { message_id: id.to_owned(), payload: Some(payload) }
-}
-
-fn new_message_id() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-/// `a: b: c` from an error and its sources (tonic's top-level message alone says little).
-/// An error and its causes, each said once: a cause whose text the message already shows (an
-/// error that prints its source and also returns it from `source()`, as kube's and tonic's do) is
-/// not repeated.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(next) = source {
-        let cause = next.to_string();
-        if !cause.is_empty() && !text.contains(&cause) {
-            text.push_str(": ");
-            text.push_str(&cause);
-        }
-        source = next.source();
-    }
-    text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_chain_says_each_cause_once() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("inner cause")]
-        struct Inner;
-        // Prints its cause and returns it from source(), as kube's and tonic's errors do.
-        #[derive(Debug, thiserror::Error)]
-        #[error("outer: {0}")]
-        struct Both(#[source] Inner);
-        #[derive(Debug, thiserror::Error)]
-        #[error("outer")]
-        struct SourceOnly(#[source] Inner);
-        assert_eq!(error_chain(&Both(Inner)), "outer: inner cause");
-        assert_eq!(error_chain(&SourceOnly(Inner)), "outer: inner cause");
-    }
-
-    fn route(name: &str, link: &str) -> RouteRef {
-        RouteRef { name: SlimName::parse(name).expect("valid"), link_id: link.to_owned() }
-    }
-
-    fn link(id: &str) -> LinkConfig {
-        LinkConfig { link_id: id.to_owned(), config_data: format!("{{\"link_id\":\"{id}\"}}") }
-    }
-
-    #[test]
-    fn merge_dedupes_links_and_routes() {
-        let a =
-            NodeChange { create_links: vec![link("l1")], set_routes: vec![route("o/n/a", "l1")], ..Default::default() };
-        let b = NodeChange {
-            create_links: vec![link("l1")],
-            set_routes: vec![route("o/n/a", "l1"), route("o/n/b", "l1")],
-            ..Default::default()
-        };
-        let command = merge([&a, &b].into_iter());
-        assert_eq!(command.connections_to_create.len(), 1);
-        assert_eq!(command.routes_to_set.len(), 2);
-        assert!(!command.reconcile, "the operator never owns the node's whole state");
-    }
-
-    #[test]
-    fn ack_failures_go_to_the_caller_that_asked() {
-        let a = NodeChange { set_routes: vec![route("o/n/a", "l1")], ..Default::default() };
-        let b = NodeChange {
-            set_routes: vec![route("o/n/b", "l1")],
-            delete_routes: vec![route("o/n/c", "l1")],
-            ..Default::default()
-        };
-        let ack = ctl::ConfigurationCommandAck {
-            original_message_id: "m".into(),
-            connections_status: vec![],
-            routes_status: vec![
-                ctl::RouteAck {
-                    route: Some(route_proto(&route("o/n/b", "l1"))),
-                    success: false,
-                    error_msg: "boom".into(),
-                },
-                ctl::RouteAck {
-                    route: Some(route_proto(&route("o/n/c", "l1"))),
-                    success: false,
-                    error_msg: "route not found".into(),
-                },
-            ],
-        };
-        let failures = AckFailures::from_ack(&ack);
-        assert!(failures.outcome_for(&a).failures.is_empty());
-        let outcome = failures.outcome_for(&b);
-        assert_eq!(outcome.failures.len(), 1, "not found on delete is success: {outcome:?}");
-        assert_eq!(outcome.failures[0].message, "boom");
-    }
-
-    #[test]
-    fn observed_follows_acked_changes() {
-        let mut observed = Observed::default();
-        let change = NodeChange {
-            create_links: vec![link("l1")],
-            set_routes: vec![route("o/n/a", "l1"), route("o/n/b", "l1")],
-            ..Default::default()
-        };
-        let outcome = ChangeOutcome {
-            failures: vec![ItemFailure { item: describe_set_route(&route("o/n/b", "l1")), message: "no".into() }],
-        };
-        observed.apply(&change, &outcome);
-        assert!(observed.links.contains("l1"));
-        assert!(observed.has_route(&route("o/n/a", "l1")));
-        assert!(!observed.has_route(&route("o/n/b", "l1")), "refused items are not recorded");
-        observed
-            .apply(&NodeChange { delete_links: vec!["l1".into()], ..Default::default() }, &ChangeOutcome::default());
-        assert!(observed.links.is_empty() && observed.routes.is_empty());
     }
 }

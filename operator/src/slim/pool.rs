@@ -4,9 +4,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use tokio::sync::broadcast;
 
-use super::node::{NodeClient, NodeClientConfig, NodeEvent};
+use super::model::NodeEvent;
+use super::node::{NodeClient, NodeClientConfig};
+use crate::metrics::NodeLabels;
 
 /// Clients idle for this long are dropped (their node left every Subscription).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -55,5 +60,40 @@ impl NodePool {
 impl Default for NodePool {
     fn default() -> Self {
         Self::new(NodeClientConfig::default())
+    }
+}
+
+/// Counters of the SLIM node clients, read at scrape time.
+#[derive(Clone)]
+pub struct NodeClientCollector {
+    pub pool: NodePool,
+}
+
+impl std::fmt::Debug for NodeClientCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeClientCollector")
+    }
+}
+
+impl Collector for NodeClientCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let clients = self.pool.clients();
+        type Read = fn(&super::model::NodeStats) -> u64;
+        let counters: [(&str, &str, Read); 4] = [
+            ("node_commands", "ConfigurationCommands sent to SLIM nodes", |s| s.writes.load(Relaxed)),
+            ("node_messages", "Control messages sent to SLIM nodes", |s| s.rpcs.load(Relaxed)),
+            ("node_route_items", "Route items (set + delete) sent to SLIM nodes", |s| s.route_items.load(Relaxed)),
+            ("node_connects", "Control stream (re)connections to SLIM nodes", |s| s.connects.load(Relaxed)),
+        ];
+        for (name, help, read) in counters {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            for client in &clients {
+                let labels = NodeLabels { node: client.endpoint().to_owned() };
+                ConstCounter::new(read(client.stats())).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }

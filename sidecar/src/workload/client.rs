@@ -80,7 +80,10 @@ impl WorkloadClient {
                 async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
             }))
             .await
-            .map_err(|e| WorkloadError::Unavailable { socket: socket.to_owned(), reason: error_chain(&e) })?;
+            .map_err(|e| WorkloadError::Unavailable {
+                socket: socket.to_owned(),
+                reason: slim_k8s_common::error_chain(&e),
+            })?;
         Ok(Self {
             socket: socket.to_owned(),
             inner: SpiffeWorkloadApiClient::with_interceptor(channel, SecurityHeader),
@@ -118,19 +121,4 @@ impl WorkloadClient {
             .map(|r| r.into_inner().svids)
             .map_err(|s| WorkloadError::from_status(&self.socket, &s))
     }
-}
-
-/// An error and its causes, each said once (tonic's errors print their source and return it).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(next) = source {
-        let cause = next.to_string();
-        if !cause.is_empty() && !text.contains(&cause) {
-            text.push_str(": ");
-            text.push_str(&cause);
-        }
-        source = next.source();
-    }
-    text
 }

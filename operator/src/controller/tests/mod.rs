@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::mpsc;
 
-use super::{Context, ControllerConfig, Stores};
+use super::stores::Pods;
+use super::{Context, ControllerConfig, Runtime, Stores};
 use crate::api::{SlimChannel, Subscription};
 use crate::metrics::Metrics;
 use crate::slim::NodePool;
@@ -43,15 +44,18 @@ pub(super) fn context_with_triggers(
     let (subscriptions, _) = reflector::store::<Subscription>();
     let (channels, _) = reflector::store::<SlimChannel>();
     let (trigger, triggers) = mpsc::unbounded_channel();
-    let ctx = Context::new(
+    let (pods, _) = reflector::store::<k8s_openapi::api::core::v1::Pod>();
+    let runtime = Runtime {
         client,
-        Reporter { controller: "slim-operator".into(), instance: Some("test".into()) },
-        Arc::new(Metrics::new()),
+        reporter: Reporter { controller: "slim-operator".into(), instance: Some("test".into()) },
+        metrics: Arc::new(Metrics::new()),
         nodes,
         config,
-        Stores { subscriptions, channels },
-        trigger,
-    );
+        ready: Default::default(),
+        slot: Default::default(),
+        leadership: super::sole_leader(),
+    };
+    let ctx = Context::new(&runtime, Stores { subscriptions, channels, pods: Pods(pods) }, trigger);
     (Arc::new(ctx), handle, triggers)
 }
 

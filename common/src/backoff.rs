@@ -1,4 +1,4 @@
-//! Exponential backoff with jitter, shared by the SLIM clients and the reconcilers.
+//! Exponential backoff with jitter, shared by the SLIM clients, the reconcilers and the agent.
 
 use std::time::Duration;
 

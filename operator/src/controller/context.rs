@@ -1,0 +1,260 @@
+//! What every reconcile shares, and the common shape of both reconcilers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+use tokio::sync::{mpsc, watch};
+
+use tracing::warn;
+
+use super::leader::Leadership;
+use super::run::Runtime;
+use super::stores::Stores;
+use super::{Error, MANAGER, member_watch};
+use crate::api::{NodeSet, SlimChannel, Subscription};
+use crate::backoff::{exponential, jitter};
+use crate::engine::ChannelEngine;
+use crate::metrics::Metrics;
+use crate::slim::{ChannelManagerPool, NodePool};
+
+/// Settings of the controllers (from the command line).
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Period of the drift check of every object, even when nothing changed.
+    pub resync_interval: Duration,
+    /// How long deletion (or removal from a node that left) retries an unreachable node before
+    /// giving up on it with a Warning event.
+    pub cleanup_timeout: Duration,
+    /// Maximum age of a node's route listing reused across reconciles.
+    pub snapshot_max_age: Duration,
+    /// Retry backoff bounds after a failed reconcile.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    /// Reconciles running at once per kind (0: unbounded).
+    pub concurrency: u16,
+    /// Channel manager for SlimChannels that name none.
+    pub channel_manager: Option<String>,
+    /// The SLIM nodes consulted for live member instances when a SlimChannel has no `spec.nodes`
+    /// (its selector picks Pods in the SlimChannel's namespace).
+    pub default_nodes: NodeSet,
+    /// How often every consulted node's route list is read to notice members that restarted (one
+    /// read per node for all channels).
+    pub member_poll_interval: Duration,
+}
+
+/// Label of the SLIM node Pods used when a SlimChannel names no nodes (the upstream chart's).
+pub const DEFAULT_NODE_SELECTOR: &str = "app.kubernetes.io/name=slim";
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            resync_interval: Duration::from_secs(300),
+            cleanup_timeout: Duration::from_secs(120),
+            snapshot_max_age: Duration::from_secs(2),
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            concurrency: 0,
+            channel_manager: None,
+            default_nodes: NodeSet {
+                endpoints: Vec::new(),
+                selector: crate::plan::parse_equality_selector(DEFAULT_NODE_SELECTOR).ok().flatten(),
+            },
+            member_poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    /// One recorder, so its event de-duplication cache is shared.
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub nodes: NodePool,
+    pub config: ControllerConfig,
+    /// Every Subscription, to tell whether a link is still used by another one.
+    pub subscriptions: Store<Subscription>,
+    /// Every SlimChannel (metrics, Pod mapping).
+    pub channels: Store<SlimChannel>,
+    /// Every Pod (node targets, selected participants): one cache, no LIST per reconcile.
+    pub pods: super::stores::Pods,
+    pub channel_engine: ChannelEngine,
+    pub channel_managers: ChannelManagerPool,
+    /// Asks for a SlimChannel's reconcile (a background invite finished, a member restarted).
+    pub channel_trigger: mpsc::UnboundedSender<ObjectRef<SlimChannel>>,
+    /// Channels whose members' live instances are watched on their nodes.
+    pub member_watch: member_watch::MemberWatch,
+    /// This replica's leadership; nothing is written once it has lapsed.
+    pub(crate) leadership: watch::Receiver<Leadership>,
+    /// Consecutive failures per object (`kind/namespace/name`), for backoff.
+    pub(crate) retries: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        runtime: &Runtime,
+        stores: Stores,
+        channel_trigger: mpsc::UnboundedSender<ObjectRef<SlimChannel>>,
+    ) -> Self {
+        Self {
+            recorder: Recorder::new(runtime.client.clone(), runtime.reporter.clone()),
+            client: runtime.client.clone(),
+            metrics: runtime.metrics.clone(),
+            nodes: runtime.nodes.clone(),
+            config: runtime.config.clone(),
+            subscriptions: stores.subscriptions,
+            channels: stores.channels,
+            pods: stores.pods,
+            channel_engine: ChannelEngine::default(),
+            channel_managers: ChannelManagerPool::default(),
+            channel_trigger,
+            member_watch: Default::default(),
+            leadership: runtime.leadership.clone(),
+            retries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether this replica still leads (its renew deadline has not passed).
+    pub fn leading(&self) -> bool {
+        self.leadership.borrow().is_leading()
+    }
+
+    /// Publishes an event; a failure to publish is logged, never fatal.
+    pub async fn publish<K: Resource<DynamicType = ()>>(&self, obj: &K, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(crate::api::condition::truncate(note, 1024)),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            warn!(%error, reason, "could not publish event");
+        }
+    }
+
+    fn next_retry(&self, key: String) -> Duration {
+        let mut retries = self.retries.lock().unwrap_or_else(|p| p.into_inner());
+        let attempt = retries.entry(key).or_insert(0);
+        let delay = exponential(self.config.retry_min, self.config.retry_max, *attempt);
+        *attempt = attempt.saturating_add(1);
+        jitter(delay)
+    }
+
+    fn clear_retries(&self, key: &str) {
+        self.retries.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+}
+
+/// The common shape of both reconcilers: a span, the duration metric, the finalizer (apply or
+/// cleanup), the outcome metric, the retry state, and a Warning event on failure. A replica whose
+/// leadership has lapsed does nothing at all.
+pub(crate) async fn reconcile_finalized<K, Apply, Cleanup, ApplyFut, CleanupFut>(
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+    finalizer_name: &str,
+    apply: Apply,
+    cleanup: Cleanup,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    Apply: FnOnce(Arc<K>) -> ApplyFut,
+    Cleanup: FnOnce(Arc<K>) -> CleanupFut,
+    ApplyFut: std::future::Future<Output = Result<Action, Error>>,
+    CleanupFut: std::future::Future<Output = Result<Action, Error>>,
+{
+    use tracing::Instrument;
+    if !ctx.leading() {
+        tracing::debug!(name = %obj.name_any(), "not leading: reconcile skipped");
+        return Ok(Action::await_change());
+    }
+    let kind = kind_label(&K::kind(&()));
+    let namespace = obj.namespace().ok_or(Error::MissingNamespace)?;
+    let span = tracing::info_span!("reconcile", kind, namespace = %namespace, name = %obj.name_any());
+    async {
+        let _timer = ctx.metrics.reconcile_timer(kind);
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+        let result = finalizer::finalizer(&api, finalizer_name, obj.clone(), |event| async {
+            match event {
+                finalizer::Event::Apply(obj) => apply(obj).await,
+                finalizer::Event::Cleanup(obj) => cleanup(obj).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)));
+        ctx.metrics.reconciled(kind, result.is_ok());
+        match &result {
+            Ok(_) => ctx.clear_retries(&retry_key(&*obj)),
+            Err(error) => {
+                let note = slim_k8s_common::error_chain(error);
+                ctx.publish(&*obj, EventType::Warning, error.reason(), note).await;
+            }
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Writes `new` as the object's status by server-side apply, only when it differs from what the
+/// object has.
+pub(crate) async fn patch_status<K>(obj: &K, ctx: &Context, new: &K::Status) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + kube::core::object::HasStatus
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::Status: serde::Serialize + PartialEq,
+{
+    if obj.status() == Some(new) {
+        return Ok(());
+    }
+    let namespace = obj.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = serde_json::json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": new});
+    api.patch_status(
+        &obj.name_any(),
+        &kube::api::PatchParams::apply(MANAGER).force(),
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    Ok(())
+}
+
+/// `Kind/namespace/name`: the key of per-object retry state.
+fn retry_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!("{}/{}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// Retry policy: exponential per object (1 s doubling to 5 min, jittered), reset on success.
+pub fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    let kind = K::kind(&());
+    ctx.metrics.failed(kind_label(&kind), error.reason());
+    let delay = ctx.next_retry(retry_key(&*obj));
+    warn!(%kind, name = %obj.name_any(), namespace = ?obj.namespace(), reason = error.reason(), %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+pub(crate) fn kind_label(kind: &str) -> &'static str {
+    match kind {
+        "Subscription" => "Subscription",
+        "SlimChannel" => "SlimChannel",
+        _ => "Other",
+    }
+}

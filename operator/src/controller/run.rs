@@ -1,0 +1,359 @@
+//! Running both controllers: their watches (one shared Pod watch), readiness, and the tasks
+//! beside them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, Stream, StreamExt};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use kube::api::{Api, ListParams};
+use kube::core::{DeserializeGuard, error_boundary::InvalidObject};
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{BroadcastStream, UnboundedReceiverStream};
+use tracing::{info, warn};
+
+use super::context::{Context, ControllerConfig, error_policy};
+use super::leader::Leadership;
+use super::stores::{Pods, StoreSlot, Stores};
+use super::{Error, channel, subscription};
+use crate::admin::Gate;
+use crate::api::{SlimChannel, Subscription};
+use crate::metrics::Metrics;
+use crate::plan::selector_matches;
+use crate::slim::NodePool;
+
+/// What the controllers run with.
+#[derive(Clone)]
+pub struct Runtime {
+    pub client: Client,
+    pub reporter: Reporter,
+    pub metrics: Arc<Metrics>,
+    pub nodes: NodePool,
+    pub config: ControllerConfig,
+    /// Open while each cache (Subscriptions, SlimChannels, Pods) is synced and its watch healthy.
+    pub ready: CacheGates,
+    /// Receives the caches for scrape-time metrics.
+    pub slot: StoreSlot,
+    /// This replica's leadership: reconciles start only while it leads.
+    pub leadership: watch::Receiver<Leadership>,
+}
+
+/// Leadership for a replica that runs alone (no leader election): it always leads.
+pub fn sole_leader() -> watch::Receiver<Leadership> {
+    watch::channel(Leadership::sole()).1
+}
+
+/// Runs both controllers until `shutdown` resolves, or until this future is dropped (leadership
+/// lost): either way the channel engine's background invites and removals stop with it.
+pub async fn run(
+    runtime: Runtime,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let client = runtime.client.clone();
+    let subscriptions: Api<DeserializeGuard<Subscription>> = Api::all(client.clone());
+    let channels: Api<DeserializeGuard<SlimChannel>> = Api::all(client.clone());
+    // Fail fast with a clear message when a CRD is missing or RBAC forbids it.
+    subscriptions.list(&ListParams::default().limit(1)).await.map_err(Error::Kube)?;
+    channels.list(&ListParams::default().limit(1)).await.map_err(Error::Kube)?;
+
+    let shutdown = shutdown.shared();
+    let (invalid_tx, invalid_rx) = mpsc::unbounded_channel();
+    let (sub_stream, sub_store, sub_recovery) =
+        watched(subscriptions, runtime.ready.subscriptions.clone(), invalid_tx.clone());
+    let (channel_stream, channel_store, channel_recovery) =
+        watched(channels, runtime.ready.channels.clone(), invalid_tx);
+    let (pod_store, pod_writer) = reflector::store_shared::<Pod>(1024);
+    let (Some(sub_pods), Some(channel_pods)) = (pod_writer.subscribe(), pod_writer.subscribe()) else {
+        unreachable!("a shared store always has subscribers")
+    };
+    let pod_watch = pod_watch(client.clone(), pod_writer, runtime.ready.pods.clone());
+    let sub_controller = Controller::for_stream(sub_stream, sub_store);
+    let channel_controller = Controller::for_stream(channel_stream, channel_store);
+    let stores = Stores {
+        subscriptions: sub_controller.store(),
+        channels: channel_controller.store(),
+        pods: Pods(pod_store.clone()),
+    };
+    let (trigger, triggered) = mpsc::unbounded_channel();
+    *runtime.slot.write().unwrap_or_else(|p| p.into_inner()) = Some(stores.clone());
+    let ctx = Arc::new(Context::new(&runtime, stores, trigger));
+    let _stop_engine = ctx.channel_engine.stop_on_drop();
+
+    let config = &runtime.config;
+    let controller_config = kube::runtime::controller::Config::default().concurrency(config.concurrency);
+    // A node that reconnects may have restarted and lost its routes: check every object.
+    let sub_index = ctx.subscriptions.clone();
+    let subscriptions = sub_controller
+        .watches_shared_stream(sub_pods, move |pod| subscriptions_selecting(&sub_index, &pod))
+        .reconcile_all_on(BroadcastStream::new(runtime.nodes.events()).map(|_| ()))
+        .with_config(controller_config.clone())
+        .graceful_shutdown_on(shutdown.clone())
+        .run(subscription::reconcile, error_policy, ctx.clone())
+        .for_each(log_outcome::<Subscription, _>);
+    let channel_index = ctx.channels.clone();
+    let channels = channel_controller
+        .watches_shared_stream(channel_pods, move |pod| channels_selecting(&channel_index, &pod))
+        .reconcile_on(UnboundedReceiverStream::new(triggered))
+        .reconcile_all_on(BroadcastStream::new(runtime.nodes.events()).map(|_| ()))
+        .with_config(controller_config)
+        .graceful_shutdown_on(shutdown)
+        .run(channel::reconcile, error_policy, ctx.clone())
+        .for_each(log_outcome::<SlimChannel, _>);
+    let members = ctx.member_watch.run(runtime.nodes.clone(), config.member_poll_interval, ctx.channel_trigger.clone());
+    let reports = report_invalid(invalid_rx, Recorder::new(client, runtime.reporter.clone()));
+    // Node targets and selected participants come from the Pod cache: a reconcile before it is
+    // filled would take every selected node for gone.
+    let controllers = async {
+        if pod_store.wait_until_ready().await.is_err() {
+            return;
+        }
+        info!("controllers started");
+        futures::join!(subscriptions, channels);
+    };
+    // Everything beside the controllers runs for as long as they do; none ends on its own, and
+    // if one did, the controllers stop with it rather than run on without it.
+    tokio::select! {
+        () = controllers => Ok(()),
+        () = pod_watch => Err(Error::TaskEnded("Pod watch")),
+        () = sub_recovery => Err(Error::TaskEnded("Subscription watch recovery")),
+        () = channel_recovery => Err(Error::TaskEnded("SlimChannel watch recovery")),
+        () = members => Err(Error::TaskEnded("member watch")),
+        () = reports => Err(Error::TaskEnded("invalid-object reporter")),
+    }
+}
+
+/// The shared Pod watch, driven for as long as the controllers run. Pods are kept without their
+/// managed fields (not read here, and the bulk of a Pod's size).
+async fn pod_watch(client: Client, writer: reflector::store::Writer<Pod>, gate: Arc<Gate>) {
+    watcher(Api::<Pod>::all(client), watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|pod| {
+            pod.managed_fields_mut().clear();
+        })
+        .reflect_shared(writer)
+        .for_each(|event| {
+            match event {
+                Ok(watcher::Event::InitDone) => gate.open(),
+                Ok(_) => {}
+                Err(error) => {
+                    warn!(%error, "Pod watch failing; node targets and selected participants may be stale");
+                    gate.close(format!("Pod cache: watch failing: {error}"));
+                }
+            }
+            futures::future::ready(())
+        })
+        .await
+}
+
+/// Readiness of the controllers' caches.
+#[derive(Clone, Debug)]
+pub struct CacheGates {
+    pub subscriptions: Arc<Gate>,
+    pub channels: Arc<Gate>,
+    pub pods: Arc<Gate>,
+}
+
+const NOT_SYNCED: [&str; 3] = ["Subscription cache not synced", "SlimChannel cache not synced", "Pod cache not synced"];
+
+impl Default for CacheGates {
+    fn default() -> Self {
+        Self {
+            subscriptions: Gate::closed(NOT_SYNCED[0]),
+            channels: Gate::closed(NOT_SYNCED[1]),
+            pods: Gate::closed(NOT_SYNCED[2]),
+        }
+    }
+}
+
+impl CacheGates {
+    pub fn state(&self) -> Result<(), String> {
+        crate::admin::all_gates(vec![self.subscriptions.clone(), self.channels.clone(), self.pods.clone()])()
+    }
+
+    /// Closes every gate (the controllers stopped, e.g. on losing the lease).
+    pub fn reset(&self) {
+        for (gate, reason) in [&self.subscriptions, &self.channels, &self.pods].into_iter().zip(NOT_SYNCED) {
+            gate.close(reason);
+        }
+    }
+}
+
+/// A watch of every `K` feeding a cache, the cache, and its recovery probe (to run beside the
+/// controller). `gate` opens when the first full list is in and closes while the watch fails (the
+/// API server unreachable, access revoked). A watch that resumes yields nothing until something
+/// changes, so the probe reopens the gate once the API answers a one-item list again.
+///
+/// An object that does not deserialize as `K` (stored while the CRD's schema was looser, say) is
+/// left out of the cache and sent to `invalid`: it is reported, and the others go on.
+fn watched<K>(
+    api: Api<DeserializeGuard<K>>,
+    gate: Arc<Gate>,
+    invalid: mpsc::UnboundedSender<(ObjectReference, InvalidObject)>,
+) -> (impl Stream<Item = Result<K, watcher::Error>>, Store<K>, impl std::future::Future<Output = ()>)
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let kind = K::kind(&()).into_owned();
+    let (reader, writer) = reflector::store();
+    let (failing, mut failed) = watch::channel(false);
+    let failing = Arc::new(failing);
+    let recovery = {
+        let (api, gate, failing) = (api.clone(), gate.clone(), failing.clone());
+        async move {
+            loop {
+                if failed.wait_for(|f| *f).await.is_err() {
+                    return futures::future::pending().await;
+                }
+                let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+                while *failed.borrow() {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    if api.list(&ListParams::default().limit(1)).await.is_ok() {
+                        gate.open();
+                        failing.send_replace(false);
+                    }
+                }
+            }
+        }
+    };
+    let stream = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .filter_map(move |event| futures::future::ready(valid_only::<K>(event, &invalid)))
+        .reflect(writer)
+        .inspect(move |event| match event {
+            Ok(watcher::Event::InitDone) => {
+                gate.open();
+                failing.send_replace(false);
+            }
+            Ok(_) => {}
+            Err(error) => {
+                warn!(kind, %error, "watch failing; the cache may be stale");
+                gate.close(format!("{kind} cache: watch failing: {error}"));
+                failing.send_replace(true);
+            }
+        })
+        .applied_objects();
+    (stream, reader, recovery)
+}
+
+/// The event with its object when it deserialized; `None` (after sending it to `invalid`) when it
+/// did not.
+fn valid_only<K>(
+    event: Result<watcher::Event<DeserializeGuard<K>>, watcher::Error>,
+    invalid: &mpsc::UnboundedSender<(ObjectReference, InvalidObject)>,
+) -> Option<Result<watcher::Event<K>, watcher::Error>>
+where
+    K: Resource<DynamicType = ()>,
+{
+    let valid = |guard: DeserializeGuard<K>| match guard.0 {
+        Ok(obj) => Some(obj),
+        Err(error) => {
+            let reference = ObjectReference {
+                api_version: Some(K::api_version(&()).into_owned()),
+                kind: Some(K::kind(&()).into_owned()),
+                name: error.metadata.name.clone(),
+                namespace: error.metadata.namespace.clone(),
+                uid: error.metadata.uid.clone(),
+                resource_version: error.metadata.resource_version.clone(),
+                ..Default::default()
+            };
+            let _ = invalid.send((reference, error));
+            None
+        }
+    };
+    let event = match event {
+        Err(error) => return Some(Err(error)),
+        Ok(event) => event,
+    };
+    let mapped = match event {
+        watcher::Event::Apply(guard) => watcher::Event::Apply(valid(guard)?),
+        watcher::Event::Delete(guard) => watcher::Event::Delete(valid(guard)?),
+        watcher::Event::InitApply(guard) => watcher::Event::InitApply(valid(guard)?),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    };
+    Some(Ok(mapped))
+}
+
+/// Reports each version of an object that does not deserialize once: a warning in the log and a
+/// Warning event `InvalidObject` on the object.
+async fn report_invalid(mut invalid: mpsc::UnboundedReceiver<(ObjectReference, InvalidObject)>, recorder: Recorder) {
+    let mut reported: HashSet<(Option<String>, Option<String>)> = HashSet::new();
+    while let Some((reference, error)) = invalid.recv().await {
+        if !reported.insert((reference.uid.clone(), reference.resource_version.clone())) {
+            continue;
+        }
+        warn!(
+            kind = ?reference.kind, namespace = ?reference.namespace, name = ?reference.name, error = %error.error,
+            "object does not match its schema; skipped until it is fixed"
+        );
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: "InvalidObject".into(),
+            note: Some(crate::api::condition::truncate(
+                format!("the operator cannot read this object, so it is not reconciled: {}", error.error),
+                1024,
+            )),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(error) = recorder.publish(&event, &reference).await {
+            warn!(%error, "could not publish event");
+        }
+    }
+    futures::future::pending().await
+}
+
+/// What the controller stream reports besides successful reconciles. A failed reconcile is
+/// logged (at warn, with its retry) by `error_policy`; everything else here is news an operator
+/// must see: a watch that fails (RBAC, an object that does not deserialize) stalls its kind.
+async fn log_outcome<K, T>(result: Result<T, kube::runtime::controller::Error<Error, watcher::Error>>)
+where
+    K: Resource<DynamicType = ()>,
+{
+    use kube::runtime::controller::Error as ControllerError;
+    match result {
+        Ok(_) | Err(ControllerError::ReconcilerFailed(..)) => {}
+        Err(ControllerError::ObjectNotFound(object)) => {
+            tracing::debug!(%object, "object gone before its reconcile")
+        }
+        Err(error) => warn!(kind = %K::kind(&()), %error, "controller stream error"),
+    }
+}
+
+/// SlimChannels in the Pod's namespace whose participant or node selector matches it.
+pub(super) fn channels_selecting(store: &Store<SlimChannel>, pod: &Pod) -> Vec<ObjectRef<SlimChannel>> {
+    let namespace = pod.namespace();
+    let labels = pod.metadata.labels.as_ref();
+    store
+        .state()
+        .into_iter()
+        .filter(|ch| ch.namespace() == namespace)
+        .filter(|ch| {
+            let participants = ch.spec.participant_selector.as_ref().is_some_and(|s| selector_matches(s, labels));
+            let nodes =
+                ch.spec.nodes.as_ref().and_then(|n| n.selector.as_ref()).is_some_and(|s| selector_matches(s, labels));
+            participants || nodes
+        })
+        .map(|ch| ObjectRef::from_obj(&*ch))
+        .collect()
+}
+
+/// Subscriptions in the Pod's namespace whose node selector matches it.
+pub(super) fn subscriptions_selecting(store: &Store<Subscription>, pod: &Pod) -> Vec<ObjectRef<Subscription>> {
+    let namespace = pod.namespace();
+    store
+        .state()
+        .into_iter()
+        .filter(|sub| sub.namespace() == namespace)
+        .filter(|sub| {
+            sub.spec.nodes.selector.as_ref().is_some_and(|s| selector_matches(s, pod.metadata.labels.as_ref()))
+        })
+        .map(|sub| ObjectRef::from_obj(&*sub))
+        .collect()
+}

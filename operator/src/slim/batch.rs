@@ -1,0 +1,237 @@
+//! Pure parts of talking to a node: merging callers' changes into one command, splitting the
+//! queue into commands, and mapping a node's acks back to the caller whose item each was.
+
+use std::collections::{HashMap, HashSet};
+
+use super::model::{ChangeItem, ChangeOutcome, ItemFailure, NodeChange, RouteRef};
+use super::name::NameKey;
+use super::pb::controller::v1 as ctl;
+use super::pb::controller::v1::control_message::Payload;
+
+/// Queued changes, each with what its caller waits on.
+pub(super) type Queue<T> = Vec<(NodeChange, T)>;
+
+/// Splits queued changes into one command's worth and the rest: bounded in size (a lone change
+/// always goes), and never a change that deletes a link another change in the same command is
+/// still using (or uses a link another one deletes).
+pub(super) fn take_batch<T>(queued: Queue<T>, max_items: usize) -> (Queue<T>, Queue<T>) {
+    let mut batch = Vec::new();
+    let mut items = 0;
+    let mut used: HashSet<String> = HashSet::new();
+    let mut deleted: HashSet<String> = HashSet::new();
+    let mut rest = Vec::new();
+    for (change, reply) in queued {
+        let conflicts =
+            change.delete_links.iter().any(|l| used.contains(l)) || change.links_touched().any(|l| deleted.contains(l));
+        let fits = batch.is_empty() || items + change.items() <= max_items;
+        if conflicts || !fits {
+            rest.push((change, reply));
+            continue;
+        }
+        items += change.items();
+        used.extend(change.links_touched().map(str::to_owned));
+        deleted.extend(change.delete_links.iter().cloned());
+        batch.push((change, reply));
+    }
+    (batch, rest)
+}
+
+/// The refusals in one ack, looked up per caller.
+pub(super) struct AckFailures {
+    links: HashMap<String, String>,
+    routes: HashMap<(NameKey, String), String>,
+}
+
+impl AckFailures {
+    pub(super) fn from_ack(ack: &ctl::ConfigurationCommandAck) -> Self {
+        let links = ack
+            .connections_status
+            .iter()
+            .filter(|s| !s.success)
+            .map(|s| (s.link_id.clone(), s.error_msg.clone()))
+            .collect();
+        let routes = ack
+            .routes_status
+            .iter()
+            .filter(|s| !s.success)
+            .filter_map(|s| {
+                let route = s.route.as_ref()?;
+                let key = route.name.as_ref().and_then(NameKey::from_proto)?;
+                Some(((key, route.link_id.clone().unwrap_or_default()), s.error_msg.clone()))
+            })
+            .collect();
+        Self { links, routes }
+    }
+
+    pub(super) fn outcome_for(&self, change: &NodeChange) -> ChangeOutcome {
+        let mut failures = Vec::new();
+        let link_failure = |link_id: &str| self.links.get(link_id).cloned();
+        let route_failure = |route: &RouteRef| self.routes.get(&(route.name.key(), route.link_id.clone())).cloned();
+        let gone = |message: &String| Refusal::of(message) == Refusal::NotFound;
+        for link in &change.create_links {
+            if let Some(message) = link_failure(&link.link_id) {
+                failures.push(ItemFailure { item: ChangeItem::CreateLink(link.link_id.clone()), message });
+            }
+        }
+        for route in &change.set_routes {
+            if let Some(message) = route_failure(route) {
+                failures.push(ItemFailure { item: ChangeItem::SetRoute(route.clone()), message });
+            }
+        }
+        // Deleting what is already gone is done.
+        for route in &change.delete_routes {
+            if let Some(message) = route_failure(route).filter(|m| !gone(m)) {
+                failures.push(ItemFailure { item: ChangeItem::DeleteRoute(route.clone()), message });
+            }
+        }
+        for link_id in &change.delete_links {
+            if let Some(message) = link_failure(link_id).filter(|m| !gone(m)) {
+                failures.push(ItemFailure { item: ChangeItem::DeleteLink(link_id.clone()), message });
+            }
+        }
+        ChangeOutcome { failures }
+    }
+}
+
+/// What a node's refusal means. SLIM says it in text only (`error_msg`, no code), so this is the
+/// one place that reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The item is not there: for a delete, that is done.
+    NotFound,
+    Other,
+}
+
+impl Refusal {
+    pub fn of(message: &str) -> Self {
+        let message = message.to_ascii_lowercase();
+        if message.contains("not found") || message.contains("not exist") { Refusal::NotFound } else { Refusal::Other }
+    }
+}
+
+/// Merges callers' changes into one command, without duplicate links.
+pub(super) fn merge<'a>(changes: impl Iterator<Item = &'a NodeChange>) -> ctl::ConfigurationCommand {
+    let mut command = ctl::ConfigurationCommand::default();
+    let mut links = HashSet::new();
+    let mut routes_set = HashSet::new();
+    let mut routes_deleted = HashSet::new();
+    let mut links_deleted = HashSet::new();
+    for change in changes {
+        for link in &change.create_links {
+            if links.insert(link.link_id.clone()) {
+                command
+                    .connections_to_create
+                    .push(ctl::Connection { link_id: link.link_id.clone(), config_data: link.config_data.clone() });
+            }
+        }
+        for route in &change.set_routes {
+            if routes_set.insert(route) {
+                command.routes_to_set.push(route_proto(route));
+            }
+        }
+        for route in &change.delete_routes {
+            if routes_deleted.insert(route) {
+                command.routes_to_delete.push(route_proto(route));
+            }
+        }
+        for link in &change.delete_links {
+            if links_deleted.insert(link.clone()) {
+                command.connections_to_delete.push(link.clone());
+            }
+        }
+    }
+    command
+}
+
+pub(super) fn route_proto(route: &RouteRef) -> ctl::Route {
+    ctl::Route { name: Some(route.name.to_proto()), link_id: Some(route.link_id.clone()), direction: None }
+}
+
+pub(super) fn message(id: &str, payload: Payload) -> ctl::ControlMessage {
+    ctl::ControlMessage { message_id: id.to_owned(), payload: Some(payload) }
+}
+
+pub(super) fn new_message_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slim::{LinkConfig, SlimName};
+
+    fn route(name: &str, link: &str) -> RouteRef {
+        RouteRef { name: SlimName::parse(name).expect("valid"), link_id: link.to_owned() }
+    }
+
+    fn link(id: &str) -> LinkConfig {
+        LinkConfig { link_id: id.to_owned(), config_data: format!("{{\"link_id\":\"{id}\"}}") }
+    }
+
+    #[test]
+    fn merge_dedupes_links_and_routes() {
+        let a =
+            NodeChange { create_links: vec![link("l1")], set_routes: vec![route("o/n/a", "l1")], ..Default::default() };
+        let b = NodeChange {
+            create_links: vec![link("l1")],
+            set_routes: vec![route("o/n/a", "l1"), route("o/n/b", "l1")],
+            ..Default::default()
+        };
+        let command = merge([&a, &b].into_iter());
+        assert_eq!(command.connections_to_create.len(), 1);
+        assert_eq!(command.routes_to_set.len(), 2);
+        assert!(!command.reconcile, "the operator never owns the node's whole state");
+    }
+
+    #[test]
+    fn ack_failures_go_to_the_caller_that_asked() {
+        let a = NodeChange { set_routes: vec![route("o/n/a", "l1")], ..Default::default() };
+        let b = NodeChange {
+            set_routes: vec![route("o/n/b", "l1")],
+            delete_routes: vec![route("o/n/c", "l1")],
+            ..Default::default()
+        };
+        let ack = ctl::ConfigurationCommandAck {
+            original_message_id: "m".into(),
+            connections_status: vec![],
+            routes_status: vec![
+                ctl::RouteAck {
+                    route: Some(route_proto(&route("o/n/b", "l1"))),
+                    success: false,
+                    error_msg: "boom".into(),
+                },
+                ctl::RouteAck {
+                    route: Some(route_proto(&route("o/n/c", "l1"))),
+                    success: false,
+                    error_msg: "route not found".into(),
+                },
+            ],
+        };
+        let failures = AckFailures::from_ack(&ack);
+        assert!(failures.outcome_for(&a).failures.is_empty());
+        let outcome = failures.outcome_for(&b);
+        assert_eq!(outcome.failures.len(), 1, "not found on delete is success: {outcome:?}");
+        assert_eq!(outcome.failures[0].message, "boom");
+        assert_eq!(outcome.failures[0].item, ChangeItem::SetRoute(route("o/n/b", "l1")));
+        assert_eq!(outcome.failures[0].item.to_string(), "set route o/n/b via l1");
+    }
+
+    #[test]
+    fn refusals_as_slim_words_them() {
+        for gone in ["route not found", "connection slimop-1 does not exist", "Link Not Found"] {
+            assert_eq!(Refusal::of(gone), Refusal::NotFound, "{gone}");
+        }
+        assert_eq!(Refusal::of("invalid config_data"), Refusal::Other);
+    }
+
+    #[test]
+    fn batches_are_bounded_and_never_delete_a_link_in_use() {
+        let uses = |l: &str| NodeChange { set_routes: vec![route("o/n/a", l)], ..Default::default() };
+        let deletes = |l: &str| NodeChange { delete_links: vec![l.to_owned()], ..Default::default() };
+        let (batch, rest) = take_batch(vec![(uses("l1"), 1), (deletes("l1"), 2), (uses("l2"), 3)], 100);
+        assert_eq!(batch.iter().map(|(_, n)| *n).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(rest.iter().map(|(_, n)| *n).collect::<Vec<_>>(), [2], "the delete waits for the next command");
+        let (batch, rest) = take_batch(vec![(uses("l1"), 1), (uses("l2"), 2)], 1);
+        assert_eq!((batch.len(), rest.len()), (1, 1), "bounded: one item per command");
+    }
+}
