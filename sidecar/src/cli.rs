@@ -9,6 +9,9 @@ use crate::agent::{self, AgentError};
 use crate::config::Config;
 use crate::dev::{self, DevOptions};
 
+/// The flag that reads the YAML config from an environment variable (what the injector passes).
+pub const CONFIG_ENV_FLAG: &str = "-config-env";
+
 pub const USAGE: &str = "\
 usage:
   slim-identity-agent [-config FILE | -config-env NAME] [-daemon-mode=true|false] [-version]

@@ -6,12 +6,15 @@ use std::collections::BTreeMap;
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Pod, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext, Volume, VolumeMount,
+    CSIVolumeSource, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
+    HostPathVolumeSource, Pod, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
+use slim_identity_agent::cli::CONFIG_ENV_FLAG;
+use slim_identity_agent::config::{Config as AgentConfig, HealthChecks, JwtBundleFormat, JwtSvidConfig};
+use slim_identity_agent::output::WriteMode;
 
 /// Opt-in key: pod annotation or label, or namespace label. `"true"` injects, `"false"` opts out.
 pub const INJECT: &str = "slim.agntcy.org/inject-identity";
@@ -66,7 +69,7 @@ pub struct InjectorConfig {
     pub cpu_request: String,
     pub memory_request: String,
     pub memory_limit: String,
-    pub health_port: i32,
+    pub health_port: u16,
     /// UID the sidecar runs as when the pod sets none.
     pub run_as_user: i64,
     /// Never injected into (the operator's own namespace is added at start-up).
@@ -130,7 +133,10 @@ pub fn decide(
         return Decision::Skip("already injected");
     }
     match Settings::read(&annotations, pod, config) {
-        Ok(settings) => Decision::Inject(build_patch(pod, &settings, config)),
+        Ok(settings) => match build_patch(pod, &settings, config) {
+            Ok(patch) => Decision::Inject(patch),
+            Err(message) => Decision::Refuse(message),
+        },
         Err(message) => Decision::Refuse(message),
     }
 }
@@ -144,14 +150,14 @@ fn all_containers(pod: &Pod) -> impl Iterator<Item = &Container> {
 struct Settings {
     jwt: Vec<(String, String)>,
     jwt_bundle_file: String,
-    jwt_bundle_format: String,
-    jwt_svid_write_mode: String,
+    jwt_bundle_format: JwtBundleFormat,
+    jwt_svid_write_mode: WriteMode,
     x509: Option<(String, String, String)>,
-    key_file_mode: String,
+    key_file_mode: u32,
     mount_path: String,
     containers: Vec<usize>,
     resources: ResourceRequirements,
-    health_port: i32,
+    health_port: u16,
 }
 
 impl Settings {
@@ -182,22 +188,22 @@ impl Settings {
         for file in files.iter() {
             check_file_name(annotation::JWT_SVID_FILE_NAMES, file)?;
         }
-        let jwt_bundle_format = get(annotation::JWT_BUNDLE_FORMAT).unwrap_or(&config.jwt_bundle_format).to_owned();
-        if !matches!(jwt_bundle_format.as_str(), "jwks" | "spiffe-helper") {
-            return Err(format!(
-                "{}: {jwt_bundle_format:?} is not jwks or spiffe-helper",
-                annotation::JWT_BUNDLE_FORMAT
-            ));
-        }
+        let jwt_bundle_format = match get(annotation::JWT_BUNDLE_FORMAT).unwrap_or(&config.jwt_bundle_format) {
+            "jwks" => JwtBundleFormat::Jwks,
+            "spiffe-helper" => JwtBundleFormat::SpiffeHelper,
+            other => {
+                return Err(format!("{}: {other:?} is not jwks or spiffe-helper", annotation::JWT_BUNDLE_FORMAT));
+            }
+        };
         // In place by default: SLIM's static_jwt provider only notices data writes to its token
         // file, never the atomic swap (README, "Why JWT-SVID files are written in place").
-        let jwt_svid_write_mode = get(annotation::JWT_SVID_WRITE_MODE).unwrap_or("in-place").to_owned();
-        if !matches!(jwt_svid_write_mode.as_str(), "in-place" | "atomic") {
-            return Err(format!(
-                "{}: {jwt_svid_write_mode:?} is not in-place or atomic",
-                annotation::JWT_SVID_WRITE_MODE
-            ));
-        }
+        let jwt_svid_write_mode = match get(annotation::JWT_SVID_WRITE_MODE).unwrap_or("in-place") {
+            "in-place" => WriteMode::InPlace,
+            "atomic" => WriteMode::Swap,
+            other => {
+                return Err(format!("{}: {other:?} is not in-place or atomic", annotation::JWT_SVID_WRITE_MODE));
+            }
+        };
         let jwt_bundle_file = get(annotation::JWT_BUNDLE_FILE_NAME).unwrap_or("key.jwt").to_owned();
         check_file_name(annotation::JWT_BUNDLE_FILE_NAME, &jwt_bundle_file)?;
         let x509 = match get(annotation::X509) {
@@ -215,13 +221,13 @@ impl Settings {
             Some("false") => None,
             Some(other) => return Err(format!("{}: {other:?} is not true or false", annotation::X509)),
         };
-        let key_file_mode = get(annotation::KEY_FILE_MODE).unwrap_or("0644").to_owned();
-        if !(key_file_mode.len() == 4
-            && key_file_mode.starts_with('0')
-            && key_file_mode.chars().all(|c| ('0'..='7').contains(&c)))
-        {
-            return Err(format!("{}: {key_file_mode:?} is not an octal mode like 0640", annotation::KEY_FILE_MODE));
-        }
+        let key_file_mode = get(annotation::KEY_FILE_MODE).unwrap_or("0644");
+        let key_file_mode = Some(key_file_mode)
+            .filter(|m| m.len() == 4 && m.starts_with('0'))
+            .and_then(|m| u32::from_str_radix(m, 8).ok())
+            .ok_or_else(|| {
+                format!("{}: {key_file_mode:?} is not an octal mode like 0640", annotation::KEY_FILE_MODE)
+            })?;
         let mount_path = get(annotation::MOUNT_PATH).unwrap_or(&config.mount_path).trim_end_matches('/').to_owned();
         if !mount_path.starts_with('/') || mount_path.len() < 2 {
             return Err(format!("{}: {mount_path:?} is not an absolute path", annotation::MOUNT_PATH));
@@ -275,9 +281,9 @@ impl Settings {
         };
         let health_port = match get(annotation::HEALTH_PORT) {
             Some(port) => port
-                .parse::<i32>()
+                .parse::<u16>()
                 .ok()
-                .filter(|p| (1..=65535).contains(p))
+                .filter(|p| *p > 0)
                 .ok_or_else(|| format!("{}: {port:?} is not a port", annotation::HEALTH_PORT))?,
             None => free_port(pod, config.health_port),
         };
@@ -307,9 +313,9 @@ fn file_safe(audience: &str) -> String {
 }
 
 /// The first port from `preferred` that no container of the pod declares.
-fn free_port(pod: &Pod, preferred: i32) -> i32 {
+fn free_port(pod: &Pod, preferred: u16) -> u16 {
     let used: Vec<i32> = all_containers(pod).flat_map(|c| c.ports.iter().flatten()).map(|p| p.container_port).collect();
-    (preferred..preferred + 100).find(|p| !used.contains(p)).unwrap_or(preferred)
+    (preferred..preferred.saturating_add(100)).find(|p| !used.contains(&i32::from(*p))).unwrap_or(preferred)
 }
 
 /// A volume name not used by the pod yet.
@@ -322,56 +328,73 @@ fn unique_volume_name(pod: &Pod, base: &str) -> String {
 }
 
 /// The agent's config (spiffe-helper keys, YAML).
-fn agent_config(settings: &Settings, config: &InjectorConfig) -> String {
-    let mut doc = json!({
-        "agent_address": format!("{}/{}", config.socket_dir, config.socket_file),
-        "cert_dir": settings.mount_path,
-        "daemon_mode": true,
-        "jwt_bundle_file_name": settings.jwt_bundle_file,
-        "jwt_bundle_format": settings.jwt_bundle_format,
-        "jwt_svid_write_mode": settings.jwt_svid_write_mode,
-        "jwt_svids": settings.jwt.iter().map(|(audience, file)| json!({
-            "jwt_audience": audience, "jwt_svid_file_name": file,
-        })).collect::<Vec<_>>(),
-        // Octal strings, as in helper.conf; the volume is private to the pod, so 0644 is the
-        // default (0600 only works when the app runs as the sidecar's user).
-        "cert_file_mode": "0644",
-        "key_file_mode": settings.key_file_mode,
-        "jwt_svid_file_mode": settings.key_file_mode,
-        "jwt_bundle_file_mode": "0644",
-        "health_checks": {
-            "listener_enabled": true,
-            "bind_port": settings.health_port,
-            "liveness_path": "/live",
-            "readiness_path": "/ready",
+/// The agent's own typed config for this pod, as the YAML its `-config-env` reads.
+fn agent_config(settings: &Settings, config: &InjectorConfig) -> Result<String, String> {
+    let agent = AgentConfig {
+        agent_address: format!("{}/{}", config.socket_dir, config.socket_file),
+        cert_dir: settings.mount_path.clone().into(),
+        daemon_mode: true,
+        x509: settings.x509.clone(),
+        jwt_bundle_file_name: settings.jwt_bundle_file.clone(),
+        jwt_bundle_format: settings.jwt_bundle_format,
+        jwt_svid_write_mode: settings.jwt_svid_write_mode,
+        jwt_svids: settings
+            .jwt
+            .iter()
+            .map(|(audience, file)| JwtSvidConfig {
+                audience: audience.clone(),
+                extra_audiences: Vec::new(),
+                file_name: file.clone(),
+            })
+            .collect(),
+        // The volume is private to the pod, so 0644 is the default (0600 only works when the app
+        // runs as the sidecar's user).
+        cert_file_mode: 0o644,
+        key_file_mode: settings.key_file_mode,
+        jwt_svid_file_mode: settings.key_file_mode,
+        jwt_bundle_file_mode: 0o644,
+        health_checks: HealthChecks {
+            listener_enabled: true,
+            bind_port: settings.health_port,
+            liveness_path: "/live".into(),
+            readiness_path: "/ready".into(),
         },
-    });
-    if let (Some((svid, key, bundle)), Value::Object(map)) = (&settings.x509, &mut doc) {
-        map.insert("svid_file_name".into(), json!(svid));
-        map.insert("svid_key_file_name".into(), json!(key));
-        map.insert("svid_bundle_file_name".into(), json!(bundle));
-    }
-    serde_yaml::to_string(&doc).unwrap_or_default()
+        ..Default::default()
+    };
+    agent.to_yaml().map_err(|error| format!("rendering the agent config: {error}"))
 }
 
-fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Patch {
+fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Result<Patch, String> {
     let svids = unique_volume_name(pod, "slim-svids");
     let socket = unique_volume_name(pod, "slim-spire-agent-socket");
     let socket_volume = match &config.socket {
-        SocketSource::Csi { driver } => json!({"name": socket, "csi": {"driver": driver, "readOnly": true}}),
-        SocketSource::HostPath { path } => json!({"name": socket, "hostPath": {"path": path, "type": "Directory"}}),
+        SocketSource::Csi { driver } => Volume {
+            name: socket.clone(),
+            csi: Some(CSIVolumeSource { driver: driver.clone(), read_only: Some(true), ..Default::default() }),
+            ..Default::default()
+        },
+        SocketSource::HostPath { path } => Volume {
+            name: socket.clone(),
+            host_path: Some(HostPathVolumeSource { path: path.clone(), type_: Some("Directory".into()) }),
+            ..Default::default()
+        },
     };
-    let volumes: Vec<Volume> =
-        [json!({"name": svids, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}), socket_volume]
-            .into_iter()
-            .filter_map(|v| serde_json::from_value(v).ok())
-            .collect();
+    let svids_volume = Volume {
+        name: svids.clone(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".into()),
+            size_limit: Some(Quantity("16Mi".into())),
+        }),
+        ..Default::default()
+    };
+    let volumes = vec![svids_volume, socket_volume];
+    let agent_config = agent_config(settings, config)?;
     let pod_sets_user =
         pod.spec.as_ref().and_then(|s| s.security_context.as_ref()).and_then(|c| c.run_as_user).is_some();
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
-            port: IntOrString::Int(settings.health_port),
+            port: IntOrString::Int(i32::from(settings.health_port)),
             ..Default::default()
         }),
         period_seconds: Some(period),
@@ -384,9 +407,9 @@ fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Patch
         image_pull_policy: config.image_pull_policy.clone(),
         // A native sidecar: started before the app containers, which wait for its startup probe.
         restart_policy: Some("Always".to_owned()),
-        args: Some(vec!["-config-env".to_owned(), CONFIG_ENV.to_owned()]),
+        args: Some(vec![CONFIG_ENV_FLAG.to_owned(), CONFIG_ENV.to_owned()]),
         env: Some(vec![
-            EnvVar { name: CONFIG_ENV.to_owned(), value: Some(agent_config(settings, config)), ..Default::default() },
+            EnvVar { name: CONFIG_ENV.to_owned(), value: Some(agent_config), ..Default::default() },
             EnvVar {
                 name: "SPIFFE_ENDPOINT_SOCKET".to_owned(),
                 value: Some(format!("unix://{}/{}", config.socket_dir, config.socket_file)),
@@ -395,7 +418,7 @@ fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Patch
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("identity-health".to_owned()),
-            container_port: settings.health_port,
+            container_port: i32::from(settings.health_port),
             ..Default::default()
         }]),
         // Passes only once every output file is written, so the app starts with its identity.
@@ -450,15 +473,15 @@ fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Patch
     match spec.and_then(|s| s.volumes.as_ref()) {
         Some(_) => {
             for volume in &volumes {
-                add(&mut ops, PointerBuf::from_tokens(["spec", "volumes", "-"]), to_value(volume));
+                add(&mut ops, PointerBuf::from_tokens(["spec", "volumes", "-"]), to_value(volume)?);
             }
         }
-        None => add(&mut ops, PointerBuf::from_tokens(["spec", "volumes"]), to_value(&volumes)),
+        None => add(&mut ops, PointerBuf::from_tokens(["spec", "volumes"]), to_value(&volumes)?),
     }
     // First among the init containers, so later init containers have the identity too.
     match spec.and_then(|s| s.init_containers.as_ref()) {
-        Some(_) => add(&mut ops, PointerBuf::from_tokens(["spec", "initContainers", "0"]), to_value(&sidecar)),
-        None => add(&mut ops, PointerBuf::from_tokens(["spec", "initContainers"]), to_value(&vec![sidecar])),
+        Some(_) => add(&mut ops, PointerBuf::from_tokens(["spec", "initContainers", "0"]), to_value(&sidecar)?),
+        None => add(&mut ops, PointerBuf::from_tokens(["spec", "initContainers"]), to_value(&vec![sidecar])?),
     }
     for &i in &settings.containers {
         let index = i.to_string();
@@ -467,19 +490,19 @@ fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Patch
             add(
                 &mut ops,
                 PointerBuf::from_tokens(["spec", "containers", &index, "volumeMounts", "-"]),
-                to_value(&app_mount),
+                to_value(&app_mount)?,
             );
         } else {
             add(
                 &mut ops,
                 PointerBuf::from_tokens(["spec", "containers", &index, "volumeMounts"]),
-                to_value(&vec![app_mount.clone()]),
+                to_value(&vec![app_mount.clone()])?,
             );
         }
     }
-    Patch(ops)
+    Ok(Patch(ops))
 }
 
-fn to_value<T: serde::Serialize>(value: &T) -> Value {
-    serde_json::to_value(value).unwrap_or(Value::Null)
+fn to_value<T: serde::Serialize>(value: &T) -> Result<Value, String> {
+    serde_json::to_value(value).map_err(|error| format!("rendering the patch: {error}"))
 }

@@ -9,6 +9,7 @@ use axum::body::Body;
 use base64::Engine;
 use http::Request;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -103,9 +104,29 @@ fn sidecar(pod: &Pod) -> &k8s_openapi::api::core::v1::Container {
     init.iter().find(|c| c.name == CONTAINER_NAME).expect("sidecar injected")
 }
 
+/// The injected agent's config, read the way the agent reads it: its own command-line parser on
+/// the container's args, then its own config parser on the environment variable they name.
 fn agent_config(pod: &Pod) -> Value {
-    let env = sidecar(pod).env.as_ref().expect("env");
-    let yaml = env.iter().find(|e| e.name == CONFIG_ENV).and_then(|e| e.value.clone()).expect("config env");
+    use slim_identity_agent::cli::{Command, ConfigSource};
+    let agent = sidecar(pod);
+    let args = agent.args.clone().expect("args");
+    let Ok(Command::Run { config: ConfigSource::Env(name), daemon_mode: None }) =
+        slim_identity_agent::cli::parse(&args)
+    else {
+        panic!("the agent's CLI does not take {args:?} as `run with the config from an env var`")
+    };
+    assert_eq!(name, CONFIG_ENV);
+    let env = agent.env.as_ref().expect("env");
+    let yaml = env.iter().find(|e| e.name == name).and_then(|e| e.value.clone()).expect("the env var the args name");
+    let typed = slim_identity_agent::config::Config::from_yaml(&yaml).expect("the agent loads the injected config");
+    assert!(typed.daemon_mode && typed.health_checks.listener_enabled, "{typed:?}");
+    let probe = agent.startup_probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("startup probe");
+    assert_eq!(
+        probe.port,
+        IntOrString::Int(i32::from(typed.health_checks.bind_port)),
+        "the probe asks the agent's port"
+    );
+    assert_eq!(probe.path.as_deref(), Some(typed.health_checks.readiness_path.as_str()));
     serde_yaml::from_str(&yaml).expect("config is YAML")
 }
 
@@ -152,7 +173,10 @@ async fn annotated_pod_gets_the_exact_patch_and_a_native_sidecar() {
 
     let config = agent_config(&pod);
     assert_eq!(config["cert_dir"], "/svids");
-    assert_eq!(config["jwt_svids"], json!([{"jwt_audience": "slim", "jwt_svid_file_name": "jwt_svid.token"}]));
+    assert_eq!(
+        config["jwt_svids"],
+        json!([{"jwt_audience": "slim", "jwt_extra_audiences": [], "jwt_svid_file_name": "jwt_svid.token"}])
+    );
     assert_eq!(config["health_checks"]["listener_enabled"], true);
     assert_eq!(config["agent_address"], "/run/spire/agent-sockets/api.sock");
 }
@@ -253,8 +277,8 @@ async fn custom_audiences_and_settings_by_annotation() {
     assert_eq!(
         config["jwt_svids"],
         json!([
-            {"jwt_audience": "slim", "jwt_svid_file_name": "jwt_svid-slim.token"},
-            {"jwt_audience": "spiffe://example.org/gateway", "jwt_svid_file_name": "jwt_svid-spiffe___example_org_gateway.token"}
+            {"jwt_audience": "slim", "jwt_extra_audiences": [], "jwt_svid_file_name": "jwt_svid-slim.token"},
+            {"jwt_audience": "spiffe://example.org/gateway", "jwt_extra_audiences": [], "jwt_svid_file_name": "jwt_svid-spiffe___example_org_gateway.token"}
         ])
     );
     assert_eq!(config["jwt_bundle_format"], "spiffe-helper");

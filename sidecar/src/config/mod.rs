@@ -83,6 +83,43 @@ pub struct Config {
     pub jwt_svid_write_mode: WriteMode,
 }
 
+impl Default for Config {
+    /// What an empty config means (spiffe-helper's defaults); not valid by itself: it names no file.
+    fn default() -> Self {
+        Self {
+            agent_address: String::new(),
+            cmd: String::new(),
+            cmd_args: String::new(),
+            pid_file_name: String::new(),
+            cert_dir: PathBuf::new(),
+            daemon_mode: true,
+            add_intermediates_to_bundle: false,
+            include_federated_domains: false,
+            omit_expired: false,
+            renew_signal: String::new(),
+            hint: String::new(),
+            x509: None,
+            jwt_bundle_file_name: String::new(),
+            jwt_svids: Vec::new(),
+            cert_file_mode: 0o644,
+            key_file_mode: 0o600,
+            jwt_bundle_file_mode: 0o600,
+            jwt_svid_file_mode: 0o600,
+            health_checks: HealthChecks {
+                listener_enabled: false,
+                bind_port: 8081,
+                liveness_path: "/live".into(),
+                readiness_path: "/ready".into(),
+            },
+            jwt_bundle_format: JwtBundleFormat::SpiffeHelper,
+            jwt_bundle_trust_domain: String::new(),
+            jwt_svid_refresh_percent: 50,
+            renew_on_jwt_update: false,
+            jwt_svid_write_mode: WriteMode::Swap,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config {path}: {source}")]
@@ -123,6 +160,58 @@ impl Config {
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
         let yaml: serde_yaml::Value = serde_yaml::from_str(text)?;
         Self::from_value(&from_yaml(&yaml)?)
+    }
+
+    /// The YAML this config is read back from (`from_yaml(to_yaml(c)) == c` for a valid config):
+    /// how the injector hands a typed config to the agent.
+    pub fn to_yaml(&self) -> Result<String, ConfigError> {
+        let mode = |m: u32| format!("0{m:o}");
+        let mut doc = serde_json::json!({
+            "agent_address": self.agent_address,
+            "cmd": self.cmd,
+            "cmd_args": self.cmd_args,
+            "pid_file_name": self.pid_file_name,
+            "cert_dir": self.cert_dir.to_string_lossy(),
+            "daemon_mode": self.daemon_mode,
+            "add_intermediates_to_bundle": self.add_intermediates_to_bundle,
+            "include_federated_domains": self.include_federated_domains,
+            "omit_expired": self.omit_expired,
+            "renew_signal": self.renew_signal,
+            "hint": self.hint,
+            "jwt_bundle_file_name": self.jwt_bundle_file_name,
+            "jwt_svids": self.jwt_svids.iter().map(|svid| serde_json::json!({
+                "jwt_audience": svid.audience,
+                "jwt_extra_audiences": svid.extra_audiences,
+                "jwt_svid_file_name": svid.file_name,
+            })).collect::<Vec<_>>(),
+            "cert_file_mode": mode(self.cert_file_mode),
+            "key_file_mode": mode(self.key_file_mode),
+            "jwt_bundle_file_mode": mode(self.jwt_bundle_file_mode),
+            "jwt_svid_file_mode": mode(self.jwt_svid_file_mode),
+            "health_checks": {
+                "listener_enabled": self.health_checks.listener_enabled,
+                "bind_port": self.health_checks.bind_port,
+                "liveness_path": self.health_checks.liveness_path,
+                "readiness_path": self.health_checks.readiness_path,
+            },
+            "jwt_bundle_format": match self.jwt_bundle_format {
+                JwtBundleFormat::SpiffeHelper => "spiffe-helper",
+                JwtBundleFormat::Jwks => "jwks",
+            },
+            "jwt_bundle_trust_domain": self.jwt_bundle_trust_domain,
+            "jwt_svid_refresh_percent": self.jwt_svid_refresh_percent,
+            "renew_on_jwt_update": self.renew_on_jwt_update,
+            "jwt_svid_write_mode": match self.jwt_svid_write_mode {
+                WriteMode::Swap => "atomic",
+                WriteMode::InPlace => "in-place",
+            },
+        });
+        if let (Some((svid, key, bundle)), Some(map)) = (&self.x509, doc.as_object_mut()) {
+            map.insert("svid_file_name".into(), svid.as_str().into());
+            map.insert("svid_key_file_name".into(), key.as_str().into());
+            map.insert("svid_bundle_file_name".into(), bundle.as_str().into());
+        }
+        Ok(serde_yaml::to_string(&doc)?)
     }
 
     fn from_value(value: &Value) -> Result<Self, ConfigError> {

@@ -145,3 +145,47 @@ fn refresh_is_never_later_than_half_the_remaining_life() {
     assert_eq!(refresh_after(hour, 25), std::time::Duration::from_secs(901));
     assert_eq!(refresh_after(std::time::Duration::ZERO, 50), std::time::Duration::from_secs(1));
 }
+
+#[test]
+fn a_typed_config_reads_back_as_itself() {
+    let defaults = Config { jwt_bundle_file_name: "b.json".into(), ..Default::default() };
+    assert_eq!(
+        Config::from_yaml("jwt_bundle_file_name: b.json").expect("minimal"),
+        defaults,
+        "Default is what parsing assumes"
+    );
+    let full = Config {
+        agent_address: "unix:///run/spire/agent-sockets/api.sock".into(),
+        cert_dir: PathBuf::from("/svids"),
+        x509: Some(("tls.crt".into(), "tls.key".into(), "bundle.pem".into())),
+        jwt_bundle_file_name: "key.jwt".into(),
+        jwt_svids: vec![
+            JwtSvidConfig {
+                audience: "slim".into(),
+                extra_audiences: vec!["other".into()],
+                file_name: "a.token".into(),
+            },
+            JwtSvidConfig { audience: "b".into(), extra_audiences: vec![], file_name: "b.token".into() },
+        ],
+        cert_file_mode: 0o640,
+        key_file_mode: 0o600,
+        jwt_bundle_file_mode: 0o644,
+        jwt_svid_file_mode: 0o640,
+        health_checks: HealthChecks {
+            listener_enabled: true,
+            bind_port: 9090,
+            liveness_path: "/l".into(),
+            readiness_path: "/r".into(),
+        },
+        jwt_bundle_format: JwtBundleFormat::Jwks,
+        jwt_bundle_trust_domain: "example.org".into(),
+        jwt_svid_refresh_percent: 30,
+        renew_on_jwt_update: true,
+        jwt_svid_write_mode: WriteMode::InPlace,
+        ..defaults.clone()
+    };
+    for config in [defaults, full] {
+        let yaml = config.to_yaml().expect("renders");
+        assert_eq!(Config::from_yaml(&yaml).expect("reads back"), config, "{yaml}");
+    }
+}
