@@ -4,7 +4,9 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p slim-operator -p slim-identity-agent
+# The agent without its `dev` feature: no fake Workload API in the sidecar image.
+RUN cargo build --release --locked -p slim-operator \
+ && cargo build --release --locked -p slim-identity-agent --no-default-features
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS slim-operator
 COPY --from=build /src/target/release/slim-operator /slim-operator

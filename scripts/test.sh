@@ -18,6 +18,8 @@ if [ "$lint" = 1 ]; then
   cargo fmt --all -- --check
   log "cargo clippy -D warnings"
   cargo clippy --workspace --all-targets --quiet -- -D warnings
+  # The sidecar image's build: the agent without its dev mode (and fake Workload API).
+  cargo clippy -p slim-identity-agent --lib --bins --no-default-features --quiet -- -D warnings
 fi
 
 # Unit, integration and doc tests (benchmarks compile under clippy; run them with cargo bench).

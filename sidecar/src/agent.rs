@@ -45,6 +45,8 @@ pub enum AgentError {
     /// alive without it.
     #[error("{0}")]
     Task(TaskFailure),
+    #[error("dev mode: {0}")]
+    Dev(String),
 }
 
 pub fn unix_now() -> i64 {

@@ -3,10 +3,10 @@
 //! Exit codes: 0 success (and SIGTERM/SIGINT in daemon mode), 1 failure, 2 bad flags.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use crate::agent::{self, AgentError};
 use crate::config::Config;
+#[cfg(feature = "dev")]
 use crate::dev::{self, DevOptions};
 
 /// The flag that reads the YAML config from an environment variable (what the injector passes).
@@ -109,6 +109,12 @@ fn parse_verify(args: &[(String, Option<String>)]) -> Result<Command, String> {
     }
 }
 
+#[cfg(not(feature = "dev"))]
+fn parse_dev(_: &[(String, Option<String>)]) -> Result<Command, String> {
+    Err("this build of slim-identity-agent has no dev mode (built without the `dev` feature)".into())
+}
+
+#[cfg(feature = "dev")]
 fn parse_dev(args: &[(String, Option<String>)]) -> Result<Command, String> {
     let defaults = DevOptions::default();
     let mut dev = DevArgs {
@@ -163,13 +169,19 @@ pub async fn execute(command: Command) -> i32 {
                 }
             }
         }
+        #[cfg(not(feature = "dev"))]
+        Command::Dev(_) => {
+            eprintln!("slim-identity-agent: this build has no dev mode");
+            2
+        }
+        #[cfg(feature = "dev")]
         Command::Dev(args) => {
             let options = DevOptions {
                 spiffe_id: args.spiffe_id.unwrap_or_else(|| format!("spiffe://{}/dev", args.trust_domain)),
                 dir: args.dir,
                 trust_domain: args.trust_domain,
                 audience: args.audience,
-                ttl: Duration::from_secs(args.ttl_seconds),
+                ttl: std::time::Duration::from_secs(args.ttl_seconds),
                 health_port: args.health_port,
             };
             report(dev::run(options, shutdown_signal()).await)

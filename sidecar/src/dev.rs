@@ -33,6 +33,43 @@ impl Default for DevOptions {
     }
 }
 
+impl DevOptions {
+    /// Refuses what the local Workload API could not issue (it would otherwise fail mid-way).
+    pub fn validate(&self) -> Result<(), AgentError> {
+        let td = &self.trust_domain;
+        let td_ok = !td.is_empty()
+            && td.len() <= 255
+            && td.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'));
+        if !td_ok {
+            return Err(AgentError::Dev(format!(
+                "trust domain {td:?}: use lowercase letters, digits, '.', '-' and '_' (e.g. example.org)"
+            )));
+        }
+        let path = self.spiffe_id.strip_prefix(&format!("spiffe://{td}")).unwrap_or_default();
+        let segments: Vec<&str> = path.strip_prefix('/').map(|p| p.split('/').collect()).unwrap_or_default();
+        let path_ok = !segments.is_empty()
+            && segments.iter().all(|s| {
+                !s.is_empty()
+                    && *s != "."
+                    && *s != ".."
+                    && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+            });
+        if !path_ok {
+            return Err(AgentError::Dev(format!(
+                "SPIFFE ID {:?}: must be spiffe://{td}/<path> (letters, digits, '.', '-', '_' in each segment)",
+                self.spiffe_id
+            )));
+        }
+        if self.audience.trim().is_empty() {
+            return Err(AgentError::Dev("the audience must not be empty".into()));
+        }
+        if self.ttl < Duration::from_secs(2) {
+            return Err(AgentError::Dev(format!("ttl {:?}: at least 2 s", self.ttl)));
+        }
+        Ok(())
+    }
+}
+
 /// The config the dev mode runs with (the same files as an injected pod gets).
 pub fn dev_config(options: &DevOptions, socket: &std::path::Path) -> Config {
     Config {
@@ -74,6 +111,7 @@ pub fn dev_config(options: &DevOptions, socket: &std::path::Path) -> Config {
 
 /// Serves a local Workload API and runs the agent against it until `shutdown`.
 pub async fn run(options: DevOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+    options.validate()?;
     std::fs::create_dir_all(&options.dir).map_err(|source| {
         AgentError::Output(crate::output::OutputError::Io { action: "creating", path: options.dir.clone(), source })
     })?;
@@ -106,5 +144,33 @@ pub async fn run(options: DevOptions, shutdown: impl std::future::Future<Output 
     tokio::select! {
         result = run_daemon(dev_config(&options, &socket), shutdown) => result,
         _ = rotation => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bad_input_is_a_clear_error_not_a_panic() {
+        let cases = [
+            (DevOptions { trust_domain: "Bad Domain".into(), ..Default::default() }, "trust domain \"Bad Domain\""),
+            (
+                DevOptions { spiffe_id: "spiffe://other.org/x".into(), ..Default::default() },
+                "must be spiffe://example.org/<path>",
+            ),
+            (DevOptions { spiffe_id: "spiffe://example.org".into(), ..Default::default() }, "SPIFFE ID"),
+            (DevOptions { spiffe_id: "spiffe://example.org/a//b".into(), ..Default::default() }, "SPIFFE ID"),
+            (DevOptions { spiffe_id: "spiffe://example.org/a b".into(), ..Default::default() }, "SPIFFE ID"),
+            (DevOptions { audience: " ".into(), ..Default::default() }, "audience"),
+            (DevOptions { ttl: Duration::from_millis(500), ..Default::default() }, "ttl"),
+        ];
+        for (options, says) in cases {
+            let dir = tempfile::tempdir().expect("dir");
+            let options = DevOptions { dir: dir.path().join("svids"), health_port: 0, ..options };
+            let error = run(options, std::future::pending()).await.expect_err("refused").to_string();
+            assert!(error.starts_with("dev mode: ") && error.contains(says), "{error}");
+        }
+        assert!(DevOptions::default().validate().is_ok());
     }
 }

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "dev")]
 pub mod dev;
 pub mod health;
 pub mod hooks;
