@@ -170,7 +170,8 @@ async fn rs256_keys_and_kid_rotation_are_followed() {
 async fn permission_denied_until_an_identity_exists_then_rotation_and_dropped_streams() {
     let s = setup(false).await;
     let (stop, _handle) = spawn_daemon(config(&s, ""));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The agent has asked (and been told PermissionDenied) on both streams.
+    tokio::time::timeout(Duration::from_secs(10), s.agent.wait_for_streams(2)).await.expect("the agent asked");
     assert!(!s.out.join("tls.crt").exists(), "nothing is written without an identity");
 
     s.agent.update(|st| st.issue(ID, ""));
@@ -184,9 +185,13 @@ async fn permission_denied_until_an_identity_exists_then_rotation_and_dropped_st
     wait_until("rotated certificate", || read(&s.out, "tls.crt") != first).await;
     written_svid(&s.out);
 
-    // The agent restarts: streams drop; after the reconnect, a rotation still arrives.
+    // The agent restarts: streams drop; the agent reopens both (after its ~1 s backoff), and a
+    // rotation made only then arrives over the new streams.
+    let opened = s.agent.streams_opened();
     s.agent.drop_streams();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::timeout(Duration::from_secs(10), s.agent.wait_for_streams(opened + 2))
+        .await
+        .expect("the agent reopened its X.509 and bundle streams");
     let second = read(&s.out, "tls.crt");
     s.agent.update(|st| st.rotate());
     wait_until("rotation after reconnect", || read(&s.out, "tls.crt") != second).await;

@@ -24,7 +24,7 @@ async fn cmd_starts_then_is_signalled_and_the_pid_file_process_is_signalled() {
     // cmd: a shell that records its start and each SIGUSR1 it receives.
     let log = dir.path().join("cmd.log");
     let script =
-        format!("echo started >> {0}; trap 'echo renewed >> {0}' USR1; while true; do sleep 0.05; done", log.display());
+        format!("trap 'echo renewed >> {0}' USR1; echo started >> {0}; while true; do sleep 0.05; done", log.display());
     let script_file = dir.path().join("cmd.sh");
     std::fs::write(&script_file, script).expect("script");
     // A separate process, found through a PID file: SIGHUP's default action ends it.
@@ -45,9 +45,8 @@ async fn cmd_starts_then_is_signalled_and_the_pid_file_process_is_signalled() {
         let _ = stopped.await;
     }));
     let log_has = |line: &str| std::fs::read_to_string(&log).unwrap_or_default().lines().filter(|l| *l == line).count();
+    // "started" is written after the trap is installed: the renewal below finds it.
     wait_until("cmd started after the first write", || log_has("started") == 1).await;
-    // Give the shell time to install its trap before the renewal.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     agent.update(|s| s.rotate());
     wait_until("cmd signalled on renewal", || log_has("renewed") == 1).await;
     assert_eq!(log_has("started"), 1, "a running cmd is signalled, not started again");

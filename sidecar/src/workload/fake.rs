@@ -229,6 +229,7 @@ pub struct FakeAgent {
     state: Arc<Mutex<AgentState>>,
     changes: watch::Sender<u64>,
     drops: watch::Sender<u64>,
+    opened: watch::Sender<u64>,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -240,7 +241,9 @@ impl FakeAgent {
         let state = Arc::new(Mutex::new(state));
         let (changes, _) = watch::channel(0u64);
         let (drops, _) = watch::channel(0u64);
-        let service = Service { state: state.clone(), changes: changes.clone(), drops: drops.clone() };
+        let (opened, _) = watch::channel(0u64);
+        let service =
+            Service { state: state.clone(), changes: changes.clone(), drops: drops.clone(), opened: opened.clone() };
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
@@ -251,7 +254,7 @@ impl FakeAgent {
                 })
                 .await;
         });
-        Ok(Self { socket: socket.to_owned(), state, changes, drops, stop: Some(stop) })
+        Ok(Self { socket: socket.to_owned(), state, changes, drops, opened, stop: Some(stop) })
     }
 
     /// Changes the state and pushes the new full state on every open stream.
@@ -273,6 +276,17 @@ impl FakeAgent {
     pub fn drop_streams(&self) {
         self.drops.send_modify(|n| *n += 1);
     }
+
+    /// Streams opened so far (X.509-SVID and JWT bundle streams), to wait for a reconnect.
+    pub fn streams_opened(&self) -> u64 {
+        *self.opened.borrow()
+    }
+
+    /// Waits until at least `count` streams have been opened in all.
+    pub async fn wait_for_streams(&self, count: u64) {
+        let mut opened = self.opened.subscribe();
+        let _ = opened.wait_for(|n| *n >= count).await;
+    }
 }
 
 impl Drop for FakeAgent {
@@ -288,6 +302,7 @@ struct Service {
     state: Arc<Mutex<AgentState>>,
     changes: watch::Sender<u64>,
     drops: watch::Sender<u64>,
+    opened: watch::Sender<u64>,
 }
 
 type Pushes<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -310,6 +325,7 @@ impl Service {
         let mut changes = self.changes.subscribe();
         let mut drops = self.drops.subscribe();
         drops.mark_unchanged();
+        self.opened.send_modify(|n| *n += 1);
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         tokio::spawn(async move {
             let mut last: Option<T> = None;

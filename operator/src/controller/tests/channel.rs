@@ -78,9 +78,11 @@ async fn channel_is_created_and_participants_join_without_waiting_for_an_offline
     assert!(cm.state().channels.contains_key("org/ns/chat"));
 
     // Bob's and carol's invites finish well before dave's fails, and each asks for a reconcile.
-    let first = tokio::time::timeout(Duration::from_secs(2), triggers.recv()).await.expect("a trigger").expect("open");
-    assert_eq!(first.name, "chat");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..2 {
+        let done =
+            tokio::time::timeout(Duration::from_secs(2), triggers.recv()).await.expect("a trigger").expect("open");
+        assert_eq!(done.name, "chat");
+    }
     let mut observed = ch.clone();
     observed.status = Some(serde_json::from_value(bodies[0]["status"].clone()).expect("status"));
     let (ctx2, handle2, _) = context_with_triggers(without_default_nodes(), NodePool::default());
@@ -114,7 +116,7 @@ fn share(ctx: Arc<crate::controller::Context>) -> crate::controller::Context {
 #[tokio::test]
 async fn removed_participants_leave_and_others_stay() {
     let cm = FakeChannelManager::start().await;
-    let (ctx, handle) = context(without_default_nodes());
+    let (ctx, handle, mut triggers) = context_with_triggers(without_default_nodes(), NodePool::default());
     // The channel exists with bob and carol; carol is no longer desired.
     {
         let mut state = cm.state();
@@ -146,7 +148,8 @@ async fn removed_participants_leave_and_others_stay() {
         .collect();
     assert_eq!(leaving.len(), 1);
     assert_eq!(leaving[0]["name"], "org/ns/carol");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The removal runs in the background; its end asks for a reconcile.
+    tokio::time::timeout(Duration::from_secs(2), triggers.recv()).await.expect("removal finished").expect("open");
     let state = cm.state();
     assert!(state.calls.contains(&"DeleteParticipant org/ns/chat org/ns/carol".to_owned()), "{:?}", state.calls);
     assert!(!state.calls.iter().any(|c| c.contains("channel-manager")), "the manager itself is never removed");
