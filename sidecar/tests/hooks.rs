@@ -6,7 +6,6 @@ mod common;
 use common::wait_until;
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use slim_identity_agent::agent::run_daemon;
 use slim_identity_agent::config::Config;
