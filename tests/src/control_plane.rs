@@ -57,6 +57,21 @@ pub enum ControlPlaneError {
 }
 
 /// PEM of a certificate and its key.
+/// One request as the API server's audit log recorded it.
+#[derive(Clone, Debug)]
+pub struct AuditedWrite {
+    pub user: String,
+    pub verb: String,
+    pub resource: String,
+    pub subresource: String,
+    pub namespace: String,
+    pub name: String,
+    /// The HTTP status the server answered.
+    pub code: u64,
+    /// RFC 3339 with microseconds, UTC: compares as text.
+    pub at: String,
+}
+
 #[derive(Clone)]
 pub struct CertKey {
     pub cert_pem: String,
@@ -225,6 +240,15 @@ impl ControlPlane {
         )?;
 
         let api_log = dir.join("kube-apiserver.log");
+        // At Metadata level: every write (who changed what, and when), and every request of a
+        // ServiceAccount (what an operator running as one costs the API server).
+        let audit_policy = dir.join("audit-policy.yaml");
+        std::fs::write(
+            &audit_policy,
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n\
+             - level: Metadata\n  verbs: [create, update, patch, delete]\n\
+             - level: Metadata\n  userGroups: [\"system:serviceaccounts\"]\n- level: None\n",
+        )?;
         let pki_file = |name: &str| pki.join(name).display().to_string();
         spawn(
             "kube-apiserver",
@@ -245,6 +269,9 @@ impl ControlPlane {
                 "--authorization-mode=RBAC".into(),
                 "--allow-privileged=true".into(),
                 "--profiling=false".into(),
+                format!("--audit-policy-file={}", audit_policy.display()),
+                format!("--audit-log-path={}", dir.join("audit.log").display()),
+                "--audit-log-maxbackup=1".into(),
             ],
             &api_log,
         )?;
@@ -318,6 +345,31 @@ impl ControlPlane {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })
+    }
+
+    /// Every write, and every request of a ServiceAccount, the API server has answered so far (its
+    /// audit log), oldest first.
+    pub fn audited(&self) -> Result<Vec<AuditedWrite>, ControlPlaneError> {
+        let text = std::fs::read_to_string(self.dir.join("audit.log"))?;
+        Ok(text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| event["stage"] == "ResponseComplete")
+            .map(|event| {
+                let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+                let object = &event["objectRef"];
+                AuditedWrite {
+                    user: text(&event["user"]["username"]),
+                    verb: text(&event["verb"]),
+                    resource: text(&object["resource"]),
+                    subresource: text(&object["subresource"]),
+                    namespace: text(&object["namespace"]),
+                    name: text(&object["name"]),
+                    code: event["responseStatus"]["code"].as_u64().unwrap_or_default(),
+                    at: text(&event["stageTimestamp"]),
+                }
+            })
+            .collect())
     }
 
     /// A client certificate for `user` in `groups`, signed by the cluster CA.

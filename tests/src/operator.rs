@@ -70,6 +70,11 @@ impl OperatorProcess {
         Ok(Self { child: Some(child), log, admin, webhook, _dir: dir })
     }
 
+    /// The process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// `GET path` on the admin server: status code and body.
     pub fn get(&self, path: &str) -> Result<(u16, String), HarnessError> {
         http_get(self.admin, path)

@@ -330,3 +330,81 @@ async fn a_node_that_is_down_gets_one_readable_warning() {
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
 }
+
+/// A Subscription the operator cannot read (stored while the CRD's schema was looser: a list
+/// field holding a string) is reported with a Warning event and skipped; the others are reconciled
+/// as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_that_does_not_deserialize_is_reported_and_skipped() {
+    use k8s_openapi::api::events::v1::Event;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+        CustomResourceDefinition, JSONSchemaProps,
+    };
+    use kube::api::{ApiResource, DynamicObject};
+    init_logging();
+    let (client, namespace, _controllers) = setup().await;
+    let a = SlimNode::start("node-a").expect("node a");
+    let b = SlimNode::start("node-b").expect("node b");
+
+    // Loosen the schema of spec, store a broken object, then put the real CRD back.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut crd = crds.get("subscriptions.slim.agntcy.org").await.expect("CRD");
+    crd.metadata.managed_fields = None;
+    for version in &mut crd.spec.versions {
+        let schema = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()).expect("schema");
+        schema.x_kubernetes_validations = None;
+        schema.properties.get_or_insert_default().insert(
+            "spec".into(),
+            JSONSchemaProps {
+                type_: Some("object".into()),
+                x_kubernetes_preserve_unknown_fields: Some(true),
+                ..Default::default()
+            },
+        );
+    }
+    crds.replace("subscriptions.slim.agntcy.org", &PostParams::default(), &crd).await.expect("loosen the CRD");
+    let resource = ApiResource::erase::<Subscription>(&());
+    let dynamic: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &resource);
+    let broken: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription", "metadata": {"name": "broken"},
+        "spec": {"name": "org/ns/broken", "nodes": {"endpoints": "not-a-list"}, "link": {"endpoint": b.data_endpoint()}}
+    }))
+    .expect("object");
+    wait_for("the loosened schema takes", Duration::from_secs(30), async || {
+        dynamic.create(&PostParams::default(), &broken).await.ok()
+    })
+    .await;
+    install_crds(&client).await.expect("the real CRD back");
+
+    let pool = NodePool::default();
+    let (stop, controller) = start_controllers(&client, &pool, None);
+    let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
+    let good: Subscription = serde_json::from_value(json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription", "metadata": {"name": "good"},
+        "spec": {"name": "org/ns/good", "nodes": {"endpoints": [a.controller_endpoint()]}, "link": {"endpoint": b.data_endpoint()}}
+    }))
+    .expect("subscription");
+    subs.create(&PostParams::default(), &good).await.expect("create");
+    wait_for("the good one is Ready", Duration::from_secs(60), async || {
+        subs.get("good").await.ok().as_ref().and_then(ready_status).filter(|s| s == "True/RoutesInstalled")
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
+    let event = wait_for("an InvalidObject event on the broken one", Duration::from_secs(30), async || {
+        events.list(&Default::default()).await.ok()?.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("InvalidObject")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("broken")
+        })
+    })
+    .await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    let note = event.note.unwrap_or_default();
+    assert!(note.starts_with("the operator cannot read this object, so it is not reconciled: "), "{note}");
+    assert!(note.contains("\"not-a-list\". Expected a sequence"), "says what is wrong: {note}");
+    let raw = dynamic.get("broken").await.expect("broken");
+    assert!(raw.metadata.finalizers.is_none(), "never reconciled: no finalizer");
+
+    dynamic.delete("broken", &DeleteParams::default()).await.expect("delete broken");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+}

@@ -276,3 +276,149 @@ async fn startup_against_a_half_ready_cluster() {
     let log = operator.log();
     assert!(log.contains("retrying"), "the log says what is retried:\n{log}");
 }
+
+/// Another ServiceAccount with exactly the chart's grants (its bindings copied), so a second
+/// replica writes as a user of its own and the audit log tells the two apart.
+async fn second_identity(client: &Client, namespace: &str, chart: &Chart, name: &str) -> String {
+    let pp = PostParams::default();
+    let mut sa = chart.service_accounts.first().expect("the chart has a ServiceAccount").clone();
+    sa.metadata = kube::api::ObjectMeta { name: Some(name.to_owned()), ..Default::default() };
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace).create(&pp, &sa).await.expect("ServiceAccount");
+    let rebind = |subjects: &mut Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
+        for subject in subjects.iter_mut().flatten() {
+            if subject.kind == "ServiceAccount" {
+                subject.name = name.to_owned();
+            }
+        }
+    };
+    for binding in &chart.cluster_role_bindings {
+        let mut copy = binding.clone();
+        copy.metadata =
+            kube::api::ObjectMeta { name: Some(format!("{}-{name}", binding.name_any())), ..Default::default() };
+        rebind(&mut copy.subjects);
+        Api::<ClusterRoleBinding>::all(client.clone()).create(&pp, &copy).await.expect("ClusterRoleBinding");
+    }
+    for binding in &chart.role_bindings {
+        let mut copy = binding.clone();
+        copy.metadata =
+            kube::api::ObjectMeta { name: Some(format!("{}-{name}", binding.name_any())), ..Default::default() };
+        rebind(&mut copy.subjects);
+        Api::<RoleBinding>::namespaced(client.clone(), namespace).create(&pp, &copy).await.expect("RoleBinding");
+    }
+    name.to_owned()
+}
+
+fn holder(lease: Option<Lease>) -> Option<String> {
+    lease.and_then(|l| l.spec).and_then(|s| s.holder_identity)
+}
+
+/// Two replicas with leader election, each as its own ServiceAccount. The leader is frozen
+/// (SIGSTOP: every call it would make hangs); the other takes the Lease over and reconciles; the
+/// frozen one, thawed, must not write anything: its renew deadline has passed. The API server's
+/// audit log is the judge of who wrote what, and when.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_never_both_write() {
+    init_logging();
+    let (plane, admin, _exclusive) = setup().await;
+    let operator_ns = plane.namespace(&admin, "slim-ha").await.expect("namespace");
+    let apps_ns = plane.namespace(&admin, "apps").await.expect("namespace");
+    let release = format!("ha-{}", &operator_ns[operator_ns.len() - 8..]);
+    let chart = render(&release, &operator_ns);
+    let first_sa = apply_rbac(&admin, &operator_ns, &chart).await;
+    let second_sa = second_identity(&admin, &operator_ns, &chart, "replica-b").await;
+    let a_node = SlimNode::start("node-a").expect("node a");
+    let b_node = SlimNode::start("node-b").expect("node b");
+
+    let mut env = chart_environment(chart.deployment.as_ref().expect("the chart has a Deployment"));
+    env.retain(|(k, _)| !k.starts_with("SLIM_OPERATOR_LEASE") && k != "SLIM_OPERATOR_LEADER_ELECTION");
+    env.extend(
+        [
+            ("POD_NAMESPACE", operator_ns.as_str()),
+            ("SLIM_OPERATOR_LEADER_ELECTION", "true"),
+            ("SLIM_OPERATOR_LEASE_DURATION", "6s"),
+            ("SLIM_OPERATOR_LEASE_RENEW_DEADLINE", "4s"),
+            ("SLIM_OPERATOR_LEASE_RETRY_PERIOD", "1s"),
+            // Every replica serves the webhook and may write its certificate: not what this is about.
+            ("SLIM_OPERATOR_DISABLE_WEBHOOK", "true"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let start = |service_account: &str, pod: &str| {
+        let service_account = service_account.to_owned();
+        let (env, pod) = (env.clone(), pod.to_owned());
+        let admin = admin.clone();
+        let operator_ns = operator_ns.clone();
+        async move {
+            let token = token_for(&admin, &operator_ns, &service_account).await;
+            let kubeconfig = plane.dir.join(format!("{pod}.kubeconfig"));
+            plane.write_kubeconfig(&kubeconfig, &service_account, &Credentials::Token(token)).expect("kubeconfig");
+            let mut env = env;
+            env.push(("POD_NAME".into(), pod));
+            OperatorProcess::start(&kubeconfig, &env).expect("operator")
+        }
+    };
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), &operator_ns);
+    let mut first = start(&first_sa, "replica-a").await;
+    first.wait_readyz(200, Duration::from_secs(60)).expect("a ready");
+    wait_for("a leads", Duration::from_secs(30), async || {
+        (holder(leases.get_opt("slim-operator-leader").await.ok()?).as_deref() == Some("replica-a")).then_some(())
+    })
+    .await;
+    let mut second = start(&second_sa, "replica-b").await;
+    second.wait_readyz(200, Duration::from_secs(60)).expect("b ready as a follower");
+
+    let subs: Api<Subscription> = Api::namespaced(admin.clone(), &apps_ns);
+    let pp = PostParams::default();
+    subs.create(&pp, &subscription("s1", &b_node, &a_node)).await.expect("create s1");
+    wait_for("s1 Ready (by a)", Duration::from_secs(60), async || subs.get("s1").await.ok().filter(ready)).await;
+
+    // Freeze the leader: b takes over once the Lease has stayed unchanged for 6 s as it sees it.
+    let pid = |p: &OperatorProcess| nix::unistd::Pid::from_raw(p.pid() as i32);
+    nix::sys::signal::kill(pid(&first), nix::sys::signal::SIGSTOP).expect("SIGSTOP");
+    wait_for("b takes the Lease over", Duration::from_secs(30), async || {
+        (holder(leases.get_opt("slim-operator-leader").await.ok()?).as_deref() == Some("replica-b")).then_some(())
+    })
+    .await;
+    subs.create(&pp, &subscription("s2", &b_node, &a_node)).await.expect("create s2");
+    wait_for("s2 Ready (by b)", Duration::from_secs(60), async || subs.get("s2").await.ok().filter(ready)).await;
+
+    // Thaw the old leader: it must find its deadline passed and write nothing at all.
+    nix::sys::signal::kill(pid(&first), nix::sys::signal::SIGCONT).expect("SIGCONT");
+    subs.create(&pp, &subscription("s3", &b_node, &a_node)).await.expect("create s3");
+    wait_for("s3 Ready (by b)", Duration::from_secs(60), async || subs.get("s3").await.ok().filter(ready)).await;
+    let s1: Subscription = subs.get("s1").await.expect("s1");
+    let mut changed = s1.clone();
+    changed.metadata.labels.get_or_insert_default().insert("touched".into(), "yes".into());
+    subs.replace("s1", &pp, &changed).await.expect("touch s1");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let a_user = format!("system:serviceaccount:{operator_ns}:{first_sa}");
+    let b_user = format!("system:serviceaccount:{operator_ns}:{second_sa}");
+    let writes: Vec<_> = plane
+        .audited()
+        .expect("audit log")
+        .into_iter()
+        .filter(|w| matches!(w.verb.as_str(), "create" | "update" | "patch" | "delete"))
+        .collect();
+    let takeover = writes
+        .iter()
+        .find(|w| w.user == b_user && w.resource == "leases" && w.code < 300)
+        .map(|w| w.at.clone())
+        .expect("b wrote the Lease");
+    let a_after: Vec<_> = writes.iter().filter(|w| w.user == a_user && w.at >= takeover).collect();
+    assert!(a_after.is_empty(), "the old leader wrote after the takeover at {takeover}: {a_after:#?}");
+    let a_before = writes.iter().filter(|w| w.user == a_user && w.resource == "subscriptions").count();
+    assert!(a_before > 0, "a reconciled s1 while it led");
+    for name in ["s2", "s3"] {
+        assert!(
+            writes.iter().any(|w| w.user == b_user && w.resource == "subscriptions" && w.name == name),
+            "b wrote {name}"
+        );
+        assert!(!writes.iter().any(|w| w.user == a_user && w.name == name), "a never touched {name}");
+    }
+    let log = first.log();
+    assert!(log.contains("stepping down") || log.contains("lost the lease"), "a says it stopped leading:\n{log}");
+    assert!(second.log().contains("became leader"));
+    assert!(first.terminate(Duration::from_secs(20)).is_some_and(|s| s.success()), "{}", first.log());
+    assert!(second.terminate(Duration::from_secs(20)).is_some_and(|s| s.success()), "{}", second.log());
+}
