@@ -72,8 +72,7 @@ async fn main() {
     let b = SlimNode::start("node-b").expect("node b");
     let binary = slim_e2e::operator::operator_binary().expect("binary");
     println!(
-        "subscriptions: {count}, pods: {pods}, nodes: 2 real SLIM 3.4.6, API server: kube-apiserver {}, binary: {}",
-        "v1.36.2",
+        "subscriptions: {count}, pods: {pods}, nodes: 2 real SLIM 3.4.6, API server: the harness's kube-apiserver, binary: {}",
         binary.display()
     );
 
@@ -127,13 +126,11 @@ async fn main() {
     Api::<ClusterRoleBinding>::all(admin.clone()).create(&PostParams::default(), &binding).await.expect("binding");
     let request: TokenRequest =
         serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}})).expect("request");
-    let token = Api::<ServiceAccount>::namespaced(admin.clone(), &operator_ns)
-        .create_subresource::<TokenRequest>("token", "slim-operator", &PostParams::default(), &request)
+    let issued: TokenRequest = Api::<ServiceAccount>::namespaced(admin.clone(), &operator_ns)
+        .create_subresource("token", "slim-operator", &PostParams::default(), &request)
         .await
-        .expect("token")
-        .status
-        .expect("status")
-        .token;
+        .expect("token");
+    let token = issued.status.expect("status").token;
     let kubeconfig = plane.dir.join("bench-operator.kubeconfig");
     plane.write_kubeconfig(&kubeconfig, "slim-operator", &Credentials::Token(token)).expect("kubeconfig");
     let env: Vec<(String, String)> = [
