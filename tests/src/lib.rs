@@ -126,6 +126,50 @@ fn wait_for_port_while(port: u16, timeout: Duration, mut alive: impl FnMut() -> 
     false
 }
 
+/// The TCP ports process `pid` listens on: its socket inodes among the LISTEN sockets of
+/// `/proc/<pid>/net/tcp`.
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(target.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    let mut ports: Vec<u16> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 is the inode.
+            let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
+            (*state == "0A" && inodes.contains(*inode)).then_some(())?;
+            u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
+        })
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// Whether 127.0.0.1:`port` serves SLIM's controller API (it answers a route listing).
+fn is_controller(port: u16) -> bool {
+    use slim_operator::slim::{NodeClientConfig, NodePool};
+    let probe = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return false };
+        runtime.block_on(async {
+            let config = NodeClientConfig { list_timeout: Duration::from_secs(3), ..Default::default() };
+            let client = NodePool::new(config).node(&format!("http://127.0.0.1:{port}"));
+            matches!(tokio::time::timeout(Duration::from_secs(5), client.snapshot(Duration::ZERO)).await, Ok(Ok(_)))
+        })
+    });
+    probe.join().unwrap_or(false)
+}
+
 /// A real SLIM node process. Killed on drop.
 pub struct SlimNode {
     pub node_id: String,
@@ -138,34 +182,24 @@ pub struct SlimNode {
 }
 
 impl SlimNode {
-    /// Starts a node with fresh ports and waits until both its servers accept connections.
-    /// The ports are chosen free but released before the node binds them, so another process can
-    /// take one in between: a node that fails with "Address already in use" is started again on
-    /// new ports (up to three times).
+    /// Starts a node that binds ports of its own choosing (port 0) and reads them back from the
+    /// process: no port is chosen here and released for another process to take.
     pub fn start(node_id: &str) -> Result<Self, HarnessError> {
-        let mut attempt = 0;
-        loop {
-            match Self::start_once(node_id) {
-                Err(HarnessError::NotReady { output, .. })
-                    if output.contains("Address already in use") && attempt < 2 =>
-                {
-                    attempt += 1;
-                }
-                result => return result,
-            }
-        }
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("node.yaml");
+        let log = dir.path().join("node.log");
+        let mut node =
+            Self { node_id: node_id.to_owned(), data_port: 0, controller_port: 0, config, log, child: None, _dir: dir };
+        node.write_config()?;
+        node.launch()?;
+        Ok(node)
     }
 
-    fn start_once(node_id: &str) -> Result<Self, HarnessError> {
-        let dir = tempfile::tempdir()?;
-        // Both listeners are held while choosing, so the two ports differ.
-        let (data_port, controller_port) = {
-            let (a, b) = (TcpListener::bind("127.0.0.1:0")?, TcpListener::bind("127.0.0.1:0")?);
-            (a.local_addr()?.port(), b.local_addr()?.port())
-        };
-        let config = dir.path().join("node.yaml");
+    /// The node's config with its current ports (0: the node picks one).
+    fn write_config(&self) -> Result<(), HarnessError> {
+        let (node_id, data_port, controller_port) = (&self.node_id, self.data_port, self.controller_port);
         std::fs::write(
-            &config,
+            &self.config,
             format!(
                 "runtime: {{n_cores: 1, drain_timeout: 1s}}\n\
                  tracing: {{log_level: warn}}\n\
@@ -174,11 +208,7 @@ impl SlimNode {
                  controller: {{servers: [{{endpoint: \"127.0.0.1:{controller_port}\", tls: {{insecure: true}}}}]}}\n"
             ),
         )?;
-        let log = dir.path().join("node.log");
-        let mut node =
-            Self { node_id: node_id.to_owned(), data_port, controller_port, config, log, child: None, _dir: dir };
-        node.launch()?;
-        Ok(node)
+        Ok(())
     }
 
     fn launch(&mut self) -> Result<(), HarnessError> {
@@ -191,19 +221,41 @@ impl SlimNode {
             .stderr(log)
             .spawn()
             .map_err(|source| HarnessError::Spawn { what: format!("SLIM node {}", self.node_id), source })?;
+        let pid = child.id();
         self.child = Some(child);
         let timeout = Duration::from_secs(30);
-        let mut up = |port| {
-            wait_for_port_while(port, timeout, || self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))))
+        let not_ready = |node: &Self| HarnessError::NotReady {
+            what: format!("SLIM node {}", node.node_id),
+            timeout,
+            output: std::fs::read_to_string(&node.log).unwrap_or_default(),
         };
-        if !(up(self.data_port) && up(self.controller_port)) {
-            return Err(HarnessError::NotReady {
-                what: format!("SLIM node {}", self.node_id),
-                timeout,
-                output: std::fs::read_to_string(&self.log).unwrap_or_default(),
-            });
+        if self.data_port != 0 {
+            // A restart on the ports it had.
+            let mut up = |port| {
+                wait_for_port_while(port, timeout, || {
+                    self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+                })
+            };
+            return if up(self.data_port) && up(self.controller_port) { Ok(()) } else { Err(not_ready(self)) };
         }
-        Ok(())
+        let deadline = Instant::now() + timeout;
+        let ports = loop {
+            let ports = listening_ports(pid);
+            if ports.len() >= 2 {
+                break ports;
+            }
+            let alive = self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+            if !alive || Instant::now() > deadline {
+                return Err(not_ready(self));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // Which is which: only the controller port answers the controller API.
+        let Some(&controller) = ports.iter().find(|port| is_controller(**port)) else { return Err(not_ready(self)) };
+        self.controller_port = controller;
+        self.data_port = ports.into_iter().find(|p| *p != controller).unwrap_or_default();
+        // A restart binds the same ports again.
+        self.write_config()
     }
 
     /// `http://127.0.0.1:<port>` of the controller API.
