@@ -214,9 +214,17 @@ fn resolve_targets(sub: &Subscription, ctx: &Context) -> Result<Vec<NodeTarget>,
     Ok(pod_targets(&sub.spec.nodes.endpoints, pods))
 }
 
-/// The route the status says was installed.
+/// The route the status says was installed. A name that does not parse (the status was edited
+/// by hand) is said, not silently dropped: that route cannot be removed from the nodes.
 fn previous_route(status: &SubscriptionStatus) -> Option<RouteRef> {
-    let name = SlimName::parse(status.route_name.as_deref()?).ok()?;
+    let text = status.route_name.as_deref()?;
+    let name = match SlimName::parse(text) {
+        Ok(name) => name,
+        Err(error) => {
+            tracing::warn!(route_name = text, %error, "status.routeName does not parse; the route it names is not cleaned up");
+            return None;
+        }
+    };
     Some(RouteRef { name, link_id: status.link_id.clone()? })
 }
 
