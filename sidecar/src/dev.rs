@@ -74,16 +74,7 @@ impl DevOptions {
 pub fn dev_config(options: &DevOptions, socket: &std::path::Path) -> Config {
     Config {
         agent_address: socket.display().to_string(),
-        cmd: String::new(),
-        cmd_args: String::new(),
-        pid_file_name: String::new(),
         cert_dir: options.dir.clone(),
-        daemon_mode: true,
-        add_intermediates_to_bundle: false,
-        include_federated_domains: false,
-        omit_expired: false,
-        renew_signal: String::new(),
-        hint: String::new(),
         x509: Some(("tls.crt".into(), "tls.key".into(), "svid_bundle.pem".into())),
         jwt_bundle_file_name: "key.jwt".into(),
         jwt_svids: vec![JwtSvidConfig {
@@ -91,21 +82,15 @@ pub fn dev_config(options: &DevOptions, socket: &std::path::Path) -> Config {
             extra_audiences: Vec::new(),
             file_name: "jwt_svid.token".into(),
         }],
-        cert_file_mode: 0o644,
-        key_file_mode: 0o600,
         jwt_bundle_file_mode: 0o644,
-        jwt_svid_file_mode: 0o600,
         health_checks: HealthChecks {
             listener_enabled: options.health_port != 0,
             bind_port: options.health_port,
-            liveness_path: "/live".into(),
-            readiness_path: "/ready".into(),
+            ..Config::default().health_checks
         },
         jwt_bundle_format: JwtBundleFormat::Jwks,
-        jwt_bundle_trust_domain: String::new(),
-        jwt_svid_refresh_percent: 50,
-        renew_on_jwt_update: false,
         jwt_svid_write_mode: crate::output::WriteMode::InPlace,
+        ..Config::default()
     }
 }
 

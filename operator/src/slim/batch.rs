@@ -158,15 +158,7 @@ pub(super) fn new_message_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::slim::{LinkConfig, SlimName};
-
-    fn route(name: &str, link: &str) -> RouteRef {
-        RouteRef { name: SlimName::parse(name).expect("valid"), link_id: link.to_owned() }
-    }
-
-    fn link(id: &str) -> LinkConfig {
-        LinkConfig { link_id: id.to_owned(), config_data: format!("{{\"link_id\":\"{id}\"}}") }
-    }
+    use crate::slim::model::test_values::{link, route};
 
     #[test]
     fn merge_dedupes_links_and_routes() {

@@ -167,17 +167,24 @@ pub enum NodeEvent {
     Reconnected { endpoint: String },
 }
 
+/// Short constructors for the slim module's tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_values {
     use super::*;
 
-    fn route(name: &str, link: &str) -> RouteRef {
+    pub fn route(name: &str, link: &str) -> RouteRef {
         RouteRef { name: SlimName::parse(name).expect("valid"), link_id: link.to_owned() }
     }
 
-    fn link(id: &str) -> LinkConfig {
+    pub fn link(id: &str) -> LinkConfig {
         LinkConfig { link_id: id.to_owned(), config_data: format!("{{\"link_id\":\"{id}\"}}") }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_values::{link, route};
+    use super::*;
 
     #[test]
     fn observed_follows_acked_changes() {
