@@ -4,7 +4,8 @@
 //! ~11 s to fail an invite (or a removal) for an offline participant, and that must not hold up the
 //! others. A sync lists the channel, plans, starts what is due and returns at once with each
 //! participant's state; a finished operation calls the sync's `on_done` so the caller can look
-//! again. Failed operations are retried with per-participant exponential backoff.
+//! again. Failed operations are retried with per-participant exponential backoff, jittered so the
+//! participants of many channels do not retry in lockstep.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info};
 
-use crate::backoff::exponential;
+use crate::backoff::{exponential, jitter};
 use crate::plan::channel::{LiveInstances, MemberState, plan_channel};
 use crate::slim::{ChannelManagerClient, CmError};
 
@@ -216,7 +217,7 @@ impl ChannelEngine {
                         ops.remove(&key);
                     }
                     Err(error) => {
-                        let delay = exponential(retry_min, retry_max, attempts);
+                        let delay = jitter(exponential(retry_min, retry_max, attempts));
                         ops.insert(
                             key.clone(),
                             OpState::Failed {
