@@ -128,14 +128,12 @@ pub async fn run(
     }
 }
 
-/// The shared Pod watch, driven for as long as the controllers run. Pods are kept without their
-/// managed fields (not read here, and the bulk of a Pod's size).
+/// The shared Pod watch, driven for as long as the controllers run. Pods are cached trimmed to
+/// what the controllers read.
 async fn pod_watch(client: Client, writer: reflector::store::Writer<Pod>, gate: Arc<Gate>) {
     watcher(Api::<Pod>::all(client), watcher::Config::default().any_semantic())
         .default_backoff()
-        .modify(|pod| {
-            pod.managed_fields_mut().clear();
-        })
+        .modify(super::stores::keep_what_is_read)
         .reflect_shared(writer)
         .for_each(|event| {
             match event {

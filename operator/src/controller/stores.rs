@@ -39,6 +39,39 @@ impl Pods {
     }
 }
 
+/// Trims a Pod to what the controllers read (labels, annotations, deletion, the containers' names
+/// and ports, phase, IPs, restart counts), so that caching every Pod of a large cluster stays cheap.
+pub fn keep_what_is_read(pod: &mut Pod) {
+    use k8s_openapi::api::core::v1::{Container, ContainerStatus, PodSpec, PodStatus};
+    pod.metadata.managed_fields = None;
+    if let Some(annotations) = pod.metadata.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    if let Some(spec) = pod.spec.take() {
+        let containers = spec
+            .containers
+            .into_iter()
+            .map(|c| Container { name: c.name, ports: c.ports, ..Default::default() })
+            .collect();
+        pod.spec = Some(PodSpec { containers, ..Default::default() });
+    }
+    if let Some(status) = pod.status.take() {
+        let container_statuses = status.container_statuses.map(|statuses| {
+            statuses
+                .into_iter()
+                .map(|c| ContainerStatus { name: c.name, restart_count: c.restart_count, ..Default::default() })
+                .collect()
+        });
+        pod.status = Some(PodStatus {
+            phase: status.phase,
+            pod_ip: status.pod_ip,
+            pod_ips: status.pod_ips,
+            container_statuses,
+            ..Default::default()
+        });
+    }
+}
+
 /// Where the running controllers publish their caches (for scrape-time metrics).
 pub type StoreSlot = Arc<std::sync::RwLock<Option<Stores>>>;
 
@@ -104,5 +137,36 @@ impl Collector for ResourceCollector {
             ConstGauge::new(value).encode(desired.encode_family(&label(ch))?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_pod_keeps_what_targets_and_members_are_read_from() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "slim-0", "namespace": "ns", "labels": {"app.kubernetes.io/name": "slim"},
+                         "annotations": {"slim.agntcy.org/name": "org/ns/bob", "kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"containers": [{"name": "slim", "image": "slim:1", "args": ["--big"], "env": [{"name": "A", "value": "1"}],
+                                     "ports": [{"name": "controller-0", "containerPort": 46358}]}],
+                     "volumes": [{"name": "v", "emptyDir": {}}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.7", "podIPs": [{"ip": "10.0.0.7"}],
+                       "conditions": [{"type": "Ready", "status": "True"}],
+                       "containerStatuses": [{"name": "slim", "image": "slim:1", "imageID": "x", "ready": true, "restartCount": 3}]}
+        }))
+        .expect("pod");
+        let targets_before = crate::plan::pod_targets(&[], [&pod]);
+        keep_what_is_read(&mut pod);
+        assert_eq!(crate::plan::pod_targets(&[], [&pod]), targets_before, "same node target");
+        assert_eq!(pod.metadata.annotations.as_ref().map(|a| a.len()), Some(1), "the name annotation stays");
+        assert!(pod.metadata.managed_fields.is_none());
+        let spec = pod.spec.as_ref().expect("spec");
+        assert!(spec.volumes.is_none() && spec.containers[0].args.is_none() && spec.containers[0].env.is_none());
+        let status = pod.status.as_ref().expect("status");
+        assert!(status.conditions.is_none());
+        assert_eq!(status.container_statuses.as_ref().map(|c| c[0].restart_count), Some(3));
     }
 }
