@@ -285,3 +285,57 @@ fn member_report(member: MemberState, notes: &HashMap<String, String>) -> Partic
         name: member.name,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::slim::fake_channel_manager::FakeChannelManager;
+
+    /// Starts an invite that takes 400 ms (an offline participant) and counts its completions.
+    async fn invite_under_way(engine: &ChannelEngine, cm: &FakeChannelManager) -> Arc<AtomicUsize> {
+        cm.state().offline.insert("org/ns/dave".into());
+        cm.state().offline_delay = Duration::from_millis(400);
+        let manager = ChannelManagerClient::new(&cm.endpoint).expect("client");
+        let done = Arc::new(AtomicUsize::new(0));
+        let counter = done.clone();
+        let desired = BTreeSet::from(["org/ns/dave".to_owned()]);
+        let report = engine
+            .sync(ChannelSync {
+                manager: &manager,
+                channel: "org/ns/chat",
+                mls_enabled: false,
+                desired: &desired,
+                managed_before: &BTreeSet::new(),
+                live: None,
+                on_done: Arc::new(move || {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }),
+            })
+            .await
+            .expect("sync");
+        assert!(report.busy, "the invite runs in the background");
+        done
+    }
+
+    #[tokio::test]
+    async fn operations_stop_with_the_engine_guard() {
+        // Left to run, the invite reports within a second.
+        let cm = FakeChannelManager::start().await;
+        let engine = ChannelEngine::default();
+        let _running = engine.stop_on_drop();
+        let done = invite_under_way(&engine, &cm).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(done.load(Ordering::SeqCst), 1);
+
+        // Once the guard drops (leadership lost), the same invite never reports.
+        let cm = FakeChannelManager::start().await;
+        let engine = ChannelEngine::default();
+        let guard = engine.stop_on_drop();
+        let done = invite_under_way(&engine, &cm).await;
+        drop(guard);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(done.load(Ordering::SeqCst), 0, "a cancelled operation neither finishes nor triggers");
+    }
+}
