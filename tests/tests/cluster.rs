@@ -408,3 +408,62 @@ async fn an_object_that_does_not_deserialize_is_reported_and_skipped() {
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
 }
+
+/// A member restarted while its node restarts: carol's node (node-b) comes back empty and carol
+/// comes back as a new instance at the same moment, without waiting for anything. The operator
+/// must repair node-b's link and routes (Subscriptions) and re-invite carol's new instance
+/// (SlimChannel); her message then reaches bob on node-a. The demo's topology: the channel
+/// manager and bob on node-a, one peer link from node-b to node-a.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restarted_while_its_node_restarts_is_back() {
+    init_logging();
+    let (client, namespace, _controllers) = setup().await;
+    let node_a = SlimNode::start("node-a").expect("node a");
+    let mut node_b = SlimNode::start("node-b").expect("node b");
+    let manager = ChannelManager::start(&node_a).expect("channel manager");
+    let config = ControllerConfig {
+        channel_manager: Some(manager.endpoint()),
+        resync_interval: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let (stop, controller) = start_controllers_with(&client, &NodePool::default(), config);
+    let mut bob = SlimApp::member(&node_a, "org/ns/bob").expect("bob");
+    let carol = SlimApp::member(&node_b, "org/ns/carol").expect("carol");
+    let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
+    for (name, slim_name) in [("bob-via-node-a", "org/ns/bob"), ("team-via-node-a", "org/ns/team")] {
+        let sub: Subscription = serde_json::from_value(json!({
+            "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription", "metadata": {"name": name},
+            "spec": {"name": slim_name, "nodes": {"endpoints": [node_b.controller_endpoint()]},
+                     "link": {"endpoint": node_a.data_endpoint(), "connectionType": "peer"}}
+        }))
+        .expect("subscription");
+        subs.create(&PostParams::default(), &sub).await.expect("create");
+    }
+    let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
+    let channel: SlimChannel = serde_json::from_value(json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel", "metadata": {"name": "team"},
+        "spec": {"name": "org/ns/team", "participants": ["org/ns/bob", "org/ns/carol"],
+                 "nodes": {"endpoints": [node_a.controller_endpoint(), node_b.controller_endpoint()]}}
+    }))
+    .expect("channel");
+    channels.create(&PostParams::default(), &channel).await.expect("create");
+    wait_for("both joined", Duration::from_secs(90), async || {
+        channels.get("team").await.ok()?.status.filter(|s| s.joined == 2)
+    })
+    .await;
+    bob.wait_for("joined", Duration::from_secs(10)).expect("bob joined");
+
+    // node-b and carol restart together.
+    let restarted = std::time::Instant::now();
+    drop(carol);
+    node_b.restart().expect("node-b restart");
+    let mut carol = SlimApp::member(&node_b, "org/ns/carol").expect("carol again");
+    carol.wait_for("joined", Duration::from_secs(120)).expect("carol is re-invited after her node restarted");
+    eprintln!("member restarted with its node: back after {:.1} s", restarted.elapsed().as_secs_f64());
+    carol.publish("back with my node").expect("publish");
+    bob.wait_for("received back with my node", Duration::from_secs(30)).expect("bob got carol's message");
+
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    drop((bob, carol, manager));
+}
