@@ -13,7 +13,7 @@ use crate::controller::ResourceCollector;
 use crate::controller::leader::{self, Leadership, LeaseConfig};
 use crate::controller::{self, ControllerConfig, StoreSlot};
 use crate::metrics::Metrics;
-use crate::slim::{NodeClientCollector, NodeClientConfig, NodePool};
+use crate::slim::{ChannelManagerCollector, ChannelManagerPool, NodeClientCollector, NodeClientConfig, NodePool};
 use crate::telemetry::{self, LogFormat};
 use crate::webhook::certs::SelfManaged;
 use crate::webhook::run::{CertSource, WebhookError, WebhookGates, WebhookSettings};
@@ -272,6 +272,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let slot: StoreSlot = Arc::default();
     let mut metrics = Metrics::new();
     metrics.register_collector(NodeClientCollector { pool: nodes.clone() });
+    let channel_managers = ChannelManagerPool::default();
+    metrics.register_collector(ChannelManagerCollector { pool: channel_managers.clone() });
     metrics.register_collector(ResourceCollector { stores: slot.clone() });
     let metrics = Arc::new(metrics);
     let identity = args.pod_name.clone().unwrap_or_else(|| format!("slim-operator-{}", std::process::id()));
@@ -381,6 +383,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 reporter: reporter.clone(),
                 metrics: metrics.clone(),
                 nodes: nodes.clone(),
+                channel_managers: channel_managers.clone(),
                 config: config.clone(),
                 ready: caches.clone(),
                 slot: slot.clone(),

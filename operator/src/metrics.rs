@@ -33,6 +33,11 @@ pub struct NodeLabels {
     pub node: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ManagerLabels {
+    pub manager: String,
+}
+
 /// Every metric the operator exports, registered under the `slim_operator` prefix.
 pub struct Metrics {
     pub registry: Registry,

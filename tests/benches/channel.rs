@@ -4,6 +4,14 @@
 //!
 //! Prints the time until every online participant is in the channel (the offline ones must not
 //! hold them up), the syncs and RPCs it took, and what an offline participant costs.
+//!
+//!   cargo bench -p slim-e2e --bench channel -- --rejoin [--channels 20 --members 10 --restarts 10]
+//!
+//! Restarted members: the controllers (default flags) on the real API server, `--channels`
+//! SlimChannels of the same `--members` member apps spread over 2 real nodes (manager on node-a,
+//! one peer link from node-b). Each restart kills one member and starts it again; prints p50/p95
+//! of the time until it is back in every channel, and the control-plane cost per minute when
+//! nothing changes (node control messages, channel manager RPCs).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -23,6 +31,9 @@ fn arg(name: &str, default: usize) -> usize {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    if std::env::args().any(|a| a == "--rejoin") {
+        return rejoin().await;
+    }
     let online = arg("--online", 40);
     let offline = arg("--offline", 10);
     let node = SlimNode::start("bench-node").expect("node");
@@ -89,4 +100,129 @@ async fn main() {
         "  offline participants reported offline (not invited, so nobody waits ~11 s for them): {waiting} of {offline}"
     );
     assert_eq!(joined(&report), online, "every online participant joined");
+}
+
+async fn rejoin() {
+    use kube::api::{Api, PostParams};
+    use serde_json::json;
+    use slim_e2e::control_plane::{self, install_crds};
+    use slim_operator::api::{SlimChannel, Subscription};
+    use slim_operator::controller::{ControllerConfig, Runtime, run, sole_leader};
+    use slim_operator::slim::ChannelManagerPool;
+
+    let (channel_count, member_count, restarts) = (arg("--channels", 20), arg("--members", 10), arg("--restarts", 10));
+    let plane = control_plane::shared();
+    let client = plane.client().await.expect("admin client");
+    install_crds(&client).await.expect("CRDs");
+    let namespace = plane.namespace(&client, "rejoin").await.expect("namespace");
+    let node_a = SlimNode::start("node-a").expect("node a");
+    let node_b = SlimNode::start("node-b").expect("node b");
+    let cm = ChannelManager::start(&node_a).expect("channel manager");
+    println!(
+        "{channel_count} channels x {member_count} members on 2 real nodes, real channel manager 3.4.6, controllers with default flags, {restarts} restarts"
+    );
+    let nodes = NodePool::default();
+    let managers = ChannelManagerPool::default();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runtime = Runtime {
+        client: client.clone(),
+        reporter: kube::runtime::events::Reporter {
+            controller: "slim-operator".into(),
+            instance: Some("bench".into()),
+        },
+        metrics: Arc::new(slim_operator::metrics::Metrics::new()),
+        nodes: nodes.clone(),
+        channel_managers: managers.clone(),
+        config: ControllerConfig { channel_manager: Some(cm.endpoint()), ..Default::default() },
+        ready: Default::default(),
+        slot: Default::default(),
+        leadership: sole_leader(),
+    };
+    let controllers = tokio::spawn(run(runtime, async move {
+        let _ = stopped.await;
+    }));
+
+    // Members alternate between the nodes; one peer link from node-b to node-a carries names both
+    // ways (a Subscription per name on node-a the invites and the channels' traffic must reach).
+    let name = |i: usize| format!("org/bench/member-{i}");
+    let node_of = |i: usize| if i.is_multiple_of(2) { &node_a } else { &node_b };
+    let mut members: Vec<SlimApp> =
+        (0..member_count).map(|i| SlimApp::member(node_of(i), &name(i)).expect("member")).collect();
+    let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
+    let on_a =
+        (0..member_count).step_by(2).map(name).chain((0..channel_count).map(|c| format!("org/bench/channel-{c}")));
+    for (i, slim_name) in on_a.enumerate() {
+        let sub: Subscription = serde_json::from_value(json!({
+            "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription", "metadata": {"name": format!("via-a-{i}")},
+            "spec": {"name": slim_name, "nodes": {"endpoints": [node_b.controller_endpoint()]},
+                     "link": {"endpoint": node_a.data_endpoint(), "connectionType": "peer"}}
+        }))
+        .expect("subscription");
+        subs.create(&PostParams::default(), &sub).await.expect("create");
+    }
+    let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
+    let participants: Vec<String> = (0..member_count).map(name).collect();
+    for c in 0..channel_count {
+        let channel: SlimChannel = serde_json::from_value(json!({
+            "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel", "metadata": {"name": format!("channel-{c}")},
+            "spec": {"name": format!("org/bench/channel-{c}"), "participants": participants,
+                     "nodes": {"endpoints": [node_a.controller_endpoint(), node_b.controller_endpoint()]}}
+        }))
+        .expect("channel");
+        channels.create(&PostParams::default(), &channel).await.expect("create");
+    }
+    let started = Instant::now();
+    let all_joined = async || {
+        let list = channels.list(&Default::default()).await.ok()?;
+        let full =
+            list.items.iter().filter(|c| c.status.as_ref().is_some_and(|s| s.joined as usize == member_count)).count();
+        (full == channel_count).then_some(())
+    };
+    slim_e2e::wait_for("every member in every channel", Duration::from_secs(1800), all_joined).await;
+    println!("all {channel_count} channels full after {:.1} s", started.elapsed().as_secs_f64());
+
+    // Idle: nothing changes for a minute.
+    let node_messages = || nodes.clients().iter().map(|c| c.stats().rpcs.load(Relaxed)).sum::<u64>();
+    let manager_calls = || managers.clients().iter().map(|c| c.stats().calls.load(Relaxed)).sum::<u64>();
+    let (m0, c0) = (node_messages(), manager_calls());
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    println!(
+        "idle cost per minute: {} node control messages, {} channel manager RPCs ({channel_count} channels)",
+        node_messages() - m0,
+        manager_calls() - c0
+    );
+
+    // Restarts: one member at a time; back = in every channel again (its joined count full).
+    let mut times = Vec::new();
+    for r in 0..restarts {
+        let i = r % member_count;
+        let restarted = Instant::now();
+        drop(std::mem::replace(&mut members[i], SlimApp::member(node_of(i), &name(i)).expect("member again")));
+        let instance = members[i].instance.clone();
+        slim_e2e::wait_for("the restarted member in every channel", Duration::from_secs(600), async || {
+            let list = channels.list(&Default::default()).await.ok()?;
+            let back = list.items.iter().filter(|c| {
+                c.status.as_ref().is_some_and(|s| {
+                    s.participants.iter().any(|p| {
+                        p.name == name(i) && p.joined && p.instance.as_deref().is_some_and(|x| x.ends_with(&instance))
+                    })
+                })
+            });
+            (back.count() == channel_count).then_some(())
+        })
+        .await;
+        let took = restarted.elapsed();
+        println!("  restart {r}: {} back in {channel_count} channels after {:.1} s", name(i), took.as_secs_f64());
+        times.push(took.as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let pick = |q: f64| times[((times.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "result: rejoin p50 {:.1} s, p95 {:.1} s over {} restarts (target p95 < 5 s)",
+        pick(0.5),
+        pick(0.95),
+        times.len()
+    );
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controllers).await;
 }

@@ -52,6 +52,7 @@ fn start_controllers_with(client: &Client, pool: &NodePool, config: ControllerCo
         reporter: Reporter { controller: "slim-operator".into(), instance: Some("e2e".into()) },
         metrics: Arc::new(Metrics::new()),
         nodes: pool.clone(),
+        channel_managers: Default::default(),
         config,
         ready: Default::default(),
         slot: Default::default(),

@@ -113,7 +113,7 @@ impl Context {
             channels: stores.channels,
             pods: stores.pods,
             channel_engine: ChannelEngine::default(),
-            channel_managers: ChannelManagerPool::default(),
+            channel_managers: runtime.channel_managers.clone(),
             channel_trigger,
             member_watch: Default::default(),
             leadership: runtime.leadership.clone(),

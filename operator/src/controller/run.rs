@@ -35,6 +35,8 @@ pub struct Runtime {
     pub reporter: Reporter,
     pub metrics: Arc<Metrics>,
     pub nodes: NodePool,
+    /// Channel manager clients (shared so their counters can be scraped).
+    pub channel_managers: crate::slim::ChannelManagerPool,
     pub config: ControllerConfig,
     /// Open while each cache (Subscriptions, SlimChannels, Pods) is synced and its watch healthy.
     pub ready: CacheGates,

@@ -195,6 +195,41 @@ impl ChannelManagerPool {
         clients.insert(endpoint.to_owned(), client.clone());
         Ok(client)
     }
+
+    /// Every client held, for metrics and benchmarks.
+    pub fn clients(&self) -> Vec<ChannelManagerClient> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+}
+
+/// `channel_manager_calls_total{manager}`, read at scrape time.
+#[derive(Clone, Default)]
+pub struct ChannelManagerCollector {
+    pub pool: ChannelManagerPool,
+}
+
+impl std::fmt::Debug for ChannelManagerCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChannelManagerCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for ChannelManagerCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let mut family = encoder.encode_descriptor(
+            "channel_manager_calls",
+            "RPCs sent to SLIM channel managers",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for client in self.pool.clients() {
+            let labels = crate::metrics::ManagerLabels { manager: client.endpoint().to_owned() };
+            prometheus_client::metrics::counter::ConstCounter::new(client.stats().calls.load(Ordering::Relaxed))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ pub mod node;
 pub mod pb;
 pub mod pool;
 
-pub use channel_manager::{ChannelManagerClient, ChannelManagerPool, CmError};
+pub use channel_manager::{ChannelManagerClient, ChannelManagerCollector, ChannelManagerPool, CmError};
 pub use model::{
     ChangeItem, ChangeOutcome, ItemFailure, LinkConfig, NodeChange, NodeError, NodeEvent, NodeStats, Observed, RouteRef,
 };

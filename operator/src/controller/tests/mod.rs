@@ -50,6 +50,7 @@ pub(super) fn context_with_triggers(
         reporter: Reporter { controller: "slim-operator".into(), instance: Some("test".into()) },
         metrics: Arc::new(Metrics::new()),
         nodes,
+        channel_managers: Default::default(),
         config,
         ready: Default::default(),
         slot: Default::default(),
