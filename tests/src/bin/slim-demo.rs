@@ -168,7 +168,12 @@ async fn run(once: bool) -> Result<(), DemoError> {
     let rejoin = started.elapsed();
     clock.say(format!("carol is back in org/ns/team after {:.1}s (instance {})", rejoin.as_secs_f64(), carol.instance));
     let crossed_after = exchange(&clock, &mut bob, &mut carol, 2).await?;
-    table.refresh(&clock, &client).await;
+    // The messages can cross before the channel's status says so: the summary reads it once Ready.
+    wait(&clock, Duration::from_secs(30), "every object Ready again", async || {
+        table.refresh(&clock, &client).await;
+        table.all_ready().then_some(())
+    })
+    .await?;
 
     println!(
         "demo: OK subscriptions={} channels={} messages={}/4 node_repair={:.1}s member_rejoin={:.1}s",
