@@ -315,9 +315,10 @@ pub struct ChannelManager {
 }
 
 impl ChannelManager {
+    /// Starts a manager whose API binds a port of its own choosing, read back from the process
+    /// (as for nodes: no port is chosen here and released for another process to take).
     pub fn start(node: &SlimNode) -> Result<Self, HarnessError> {
         let dir = tempfile::tempdir()?;
-        let port = free_port()?;
         let local_name = "org/ns/channel-manager".to_owned();
         let config = dir.path().join("cm.yaml");
         let state = dir.path().join("state");
@@ -325,7 +326,7 @@ impl ChannelManager {
             &config,
             format!(
                 "channel-manager:\n  slim-connection:\n    endpoint: \"{}\"\n    tls: {{insecure: true}}\n  \
-                 api-server:\n    endpoint: \"127.0.0.1:{port}\"\n    tls: {{insecure: true}}\n  \
+                 api-server:\n    endpoint: \"127.0.0.1:0\"\n    tls: {{insecure: true}}\n  \
                  local-name: \"{local_name}\"\n  auth:\n    type: shared_secret\n    secret: \"{APP_SECRET}\"\n  \
                  channels: []\n  persistence:\n    path: {}\n    insecure: true\n    delete-sessions-on-shutdown: false\n",
                 node.data_endpoint(),
@@ -343,10 +344,18 @@ impl ChannelManager {
             .stderr(out)
             .spawn()
             .map_err(|source| HarnessError::Spawn { what: "channel manager".into(), source })?;
-        let manager = Self { port, local_name, child: Some(child), log, _dir: dir };
+        let pid = child.id();
+        let mut manager = Self { port: 0, local_name, child: Some(child), log, _dir: dir };
         let timeout = Duration::from_secs(30);
-        if !wait_for_port(port, timeout) {
-            return Err(HarnessError::NotReady { what: "channel manager".into(), timeout, output: manager.log() });
+        let deadline = Instant::now() + timeout;
+        // Its API server is the only thing it listens on.
+        while manager.port == 0 {
+            manager.port = listening_ports(pid).first().copied().unwrap_or(0);
+            let alive = manager.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+            if manager.port == 0 && (!alive || Instant::now() > deadline) {
+                return Err(HarnessError::NotReady { what: "channel manager".into(), timeout, output: manager.log() });
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
         Ok(manager)
     }

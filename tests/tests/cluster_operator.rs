@@ -87,6 +87,20 @@ async fn token_for(client: &Client, namespace: &str, service_account: &str) -> S
     issued.status.expect("status").token
 }
 
+/// A kubeconfig that authenticates as `service_account` (a TokenRequest token), named after `stem`.
+async fn kubeconfig_for(
+    plane: &control_plane::ControlPlane,
+    admin: &Client,
+    namespace: &str,
+    service_account: &str,
+    stem: &str,
+) -> std::path::PathBuf {
+    let token = token_for(admin, namespace, service_account).await;
+    let kubeconfig = plane.dir.join(format!("{stem}.kubeconfig"));
+    plane.write_kubeconfig(&kubeconfig, service_account, &Credentials::Token(token)).expect("kubeconfig");
+    kubeconfig
+}
+
 /// The control plane with the CRDs, an admin client, and the right to run an operator: both
 /// tests run one over every namespace, so they take turns (the guard).
 async fn setup() -> (&'static control_plane::ControlPlane, Client, tokio::sync::MutexGuard<'static, ()>) {
@@ -111,9 +125,7 @@ async fn the_binary_works_with_exactly_the_charts_rbac() {
     let release = format!("op-{}", &operator_ns[operator_ns.len() - 8..]);
     let chart = render(&release, &operator_ns);
     let service_account = apply_rbac(&admin, &operator_ns, &chart).await;
-    let token = token_for(&admin, &operator_ns, &service_account).await;
-    let kubeconfig = plane.dir.join(format!("{release}.kubeconfig"));
-    plane.write_kubeconfig(&kubeconfig, &service_account, &Credentials::Token(token)).expect("kubeconfig");
+    let kubeconfig = kubeconfig_for(plane, &admin, &operator_ns, &service_account, &release).await;
 
     let a = SlimNode::start("node-a").expect("node a");
     let b = SlimNode::start("node-b").expect("node b");
@@ -349,9 +361,7 @@ async fn two_replicas_never_both_write() {
         let admin = admin.clone();
         let operator_ns = operator_ns.clone();
         async move {
-            let token = token_for(&admin, &operator_ns, &service_account).await;
-            let kubeconfig = plane.dir.join(format!("{pod}.kubeconfig"));
-            plane.write_kubeconfig(&kubeconfig, &service_account, &Credentials::Token(token)).expect("kubeconfig");
+            let kubeconfig = kubeconfig_for(plane, &admin, &operator_ns, &service_account, &pod).await;
             let mut env = env;
             env.push(("POD_NAME".into(), pod));
             OperatorProcess::start(&kubeconfig, &env).expect("operator")
