@@ -12,7 +12,7 @@ use slim_k8s_common::supervise::{Supervisor, TaskFailure};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, ConfigError, JwtBundleFormat, JwtSvidConfig, refresh_after};
+use crate::config::{Config, ConfigError, IdentitySource, JwtBundleFormat, JwtSvidConfig, refresh_after};
 use crate::health::{Health, WriteStatus};
 use crate::hooks::Hooks;
 use crate::output::{FileContent, OutputDir, OutputError};
@@ -47,13 +47,15 @@ pub enum AgentError {
     Task(TaskFailure),
     #[error("dev mode: {0}")]
     Dev(String),
+    #[error("{0}")]
+    Kubernetes(#[from] crate::kubernetes::KubernetesError),
 }
 
 pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-enum Update {
+pub(crate) enum Update {
     X509(X509Files),
     Bundles(JwtBundles),
     Jwt { index: usize, token: String, expiry: i64, spiffe_id: String },
@@ -210,7 +212,6 @@ fn x509_options(config: &Config) -> X509Options {
 
 /// Daemon mode: runs until `shutdown` (returns `Ok`), or a fatal error.
 pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
-    let socket = config.socket_path()?;
     let out = OutputDir::new(&config.cert_dir)?;
     let health = health_for(&config);
     // Every long-lived task: the first one to end (a panic, say) ends the agent with its name.
@@ -235,33 +236,17 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
     if !config.cmd.is_empty() && !config.daemon_mode {
         warn!("cmd is ignored when daemon_mode is false");
     }
-    info!(socket = %socket.display(), dir = %config.cert_dir.display(), "starting");
-
     let (tx, mut rx) = mpsc::channel::<Update>(64);
-    let (bundles_tx, bundles_rx) = watch::channel::<Option<JwtBundles>>(None);
-    if config.x509.is_some() {
-        tasks.spawn(
-            "X.509-SVID stream",
-            x509_loop(socket.clone(), config.hint.clone(), x509_options(&config), tx.clone(), health.clone()),
-        );
-    }
-    if !config.jwt_svids.is_empty() || !config.jwt_bundle_file_name.is_empty() {
-        tasks.spawn("JWT bundle stream", bundle_loop(socket.clone(), tx.clone(), bundles_tx, health.clone()));
-    }
-    for (index, entry) in config.jwt_svids.iter().enumerate() {
-        tasks.spawn(
-            "JWT-SVID refresh",
-            jwt_loop(
-                socket.clone(),
-                entry.clone(),
-                index,
-                config.clone(),
-                tx.clone(),
-                bundles_rx.clone(),
-                health.clone(),
-            ),
-        );
-    }
+    let own_trust_domain = match &config.identity_source {
+        IdentitySource::Spiffe => {
+            spawn_spiffe_sources(&config, &tx, &health, &mut tasks)?;
+            None
+        }
+        IdentitySource::Kubernetes(source) => {
+            spawn_kubernetes_sources(source, &config, &tx, &health, &mut tasks)?;
+            Some(crate::svid::kubernetes::BUNDLE_KEY.to_owned())
+        }
+    };
     let _watcher = watch_dir(&config.cert_dir, tx.clone(), &mut tasks);
 
     let mut writer = Writer {
@@ -272,7 +257,7 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
         health,
         x509: None,
         bundles: None,
-        own_trust_domain: None,
+        own_trust_domain,
     };
     tokio::pin!(shutdown);
     loop {
@@ -306,6 +291,66 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
             }
         }
     }
+}
+
+/// The Workload API streams and one refresh loop per JWT-SVID.
+fn spawn_spiffe_sources(
+    config: &Config,
+    tx: &mpsc::Sender<Update>,
+    health: &Health,
+    tasks: &mut Supervisor,
+) -> Result<(), AgentError> {
+    let socket = config.socket_path()?;
+    info!(socket = %socket.display(), dir = %config.cert_dir.display(), "starting");
+    let (bundles_tx, bundles_rx) = watch::channel::<Option<JwtBundles>>(None);
+    if config.x509.is_some() {
+        tasks.spawn(
+            "X.509-SVID stream",
+            x509_loop(socket.clone(), config.hint.clone(), x509_options(config), tx.clone(), health.clone()),
+        );
+    }
+    if !config.jwt_svids.is_empty() || !config.jwt_bundle_file_name.is_empty() {
+        tasks.spawn("JWT bundle stream", bundle_loop(socket.clone(), tx.clone(), bundles_tx, health.clone()));
+    }
+    for (index, entry) in config.jwt_svids.iter().enumerate() {
+        tasks.spawn(
+            "JWT-SVID refresh",
+            jwt_loop(
+                socket.clone(),
+                entry.clone(),
+                index,
+                config.clone(),
+                tx.clone(),
+                bundles_rx.clone(),
+                health.clone(),
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// The cluster's keys and the projected token (`identity_source: kubernetes`).
+fn spawn_kubernetes_sources(
+    source: &crate::config::KubernetesSource,
+    config: &Config,
+    tx: &mpsc::Sender<Update>,
+    health: &Health,
+    tasks: &mut Supervisor,
+) -> Result<(), AgentError> {
+    use crate::kubernetes::{OidcClient, keys_loop, pod_from_env, token_loop};
+    let client = OidcClient::new(source)?;
+    info!(token = %source.token_file.display(), dir = %config.cert_dir.display(), "starting (Kubernetes service-account token)");
+    let (keys_tx, keys_rx) = watch::channel(None);
+    let wanted = std::sync::Arc::new(tokio::sync::Notify::new());
+    tasks.spawn(
+        "cluster JWKS refresh",
+        keys_loop(client, source.jwks_refresh, wanted.clone(), keys_tx, tx.clone(), health.clone()),
+    );
+    tasks.spawn(
+        "service-account token watch",
+        token_loop(source.clone(), config.jwt_svids.clone(), pod_from_env(), tx.clone(), keys_rx, wanted),
+    );
+    Ok(())
 }
 
 /// Watches the output directory; any change triggers a check (debounced).
@@ -566,6 +611,9 @@ async fn first_message<T>(
 
 /// One-shot mode (`daemon_mode = false`): fetch everything once, write one version, return.
 pub async fn run_once(config: Config) -> Result<(), AgentError> {
+    if let IdentitySource::Kubernetes(source) = &config.identity_source {
+        return run_once_kubernetes(source, config.clone()).await;
+    }
     let socket = config.socket_path()?;
     let client = WorkloadClient::connect(&socket).await?;
     let mut writer = Writer {
@@ -608,4 +656,23 @@ pub async fn run_once(config: Config) -> Result<(), AgentError> {
         None => Ok(()),
         Some(error) => Err(error),
     }
+}
+
+/// One-shot mode with `identity_source: kubernetes`.
+async fn run_once_kubernetes(source: &crate::config::KubernetesSource, config: Config) -> Result<(), AgentError> {
+    let (keys, token, valid) = crate::kubernetes::fetch_once(source, &config.jwt_svids).await?;
+    let bundle_key = crate::svid::kubernetes::BUNDLE_KEY.to_owned();
+    let mut writer = Writer {
+        jwts: vec![Some((token, valid.expiry)); config.jwt_svids.len()],
+        hooks: Hooks::new("", "", "", ""),
+        out: OutputDir::new(&config.cert_dir)?,
+        health: health_for(&config),
+        x509: None,
+        bundles: Some([(bundle_key.clone(), keys.jwks)].into_iter().collect()),
+        own_trust_domain: Some(bundle_key),
+        config,
+    };
+    let files = writer.files()?;
+    writer.out.update(files)?;
+    Ok(())
 }

@@ -16,6 +16,7 @@ pub const USAGE: &str = "\
 usage:
   slim-identity-agent [-config FILE | -config-env NAME] [-daemon-mode=true|false] [-version]
   slim-identity-agent verify --bundle FILE --audience AUD [--audience AUD...] TOKEN_FILE
+                     (a JWT-SVID, or a Kubernetes service-account token against the cluster's JWKS)
   slim-identity-agent dev [--dir DIR] [--ttl SECONDS] [--trust-domain TD] [--spiffe-id ID] [--audience AUD] [--health-port PORT]
 
   -config FILE       spiffe-helper config (HCL), or YAML when FILE ends in .yaml/.yml (default helper.conf)
@@ -159,8 +160,11 @@ pub async fn execute(command: Command) -> i32 {
         }
         Command::Verify { bundle, audiences, token } => {
             match crate::verify::verify(&bundle, &audiences, &token, agent::unix_now()) {
-                Ok(spiffe_id) => {
-                    println!("{spiffe_id}");
+                Ok(verified) => {
+                    println!("{}", verified.subject);
+                    if !verified.details.is_empty() {
+                        eprintln!("{}", verified.details);
+                    }
                     0
                 }
                 Err(error) => {

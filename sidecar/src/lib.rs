@@ -2,7 +2,9 @@
 //!
 //! It reads X.509-SVIDs, JWT-SVIDs and JWT bundles from the SPIFFE Workload API (a SPIRE agent
 //! socket) and keeps them as files: written atomically, validated before they are written,
-//! refreshed before expiry, and restored when something else changes them.
+//! refreshed before expiry, and restored when something else changes them. Without SPIRE it
+//! can also take the pod's Kubernetes service-account token as its JWT identity
+//! (`identity_source: kubernetes`).
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -12,6 +14,7 @@ pub mod config;
 pub mod dev;
 pub mod health;
 pub mod hooks;
+pub mod kubernetes;
 pub mod output;
 pub mod svid;
 pub mod verify;

@@ -5,8 +5,13 @@
   python slim_app.py send NODE_ENDPOINT org/ns/name org/ns/remote MESSAGE
       prints "instance <uuid>", waits for "go" on stdin, opens a session to the remote name,
       publishes MESSAGE and prints "reply <payload>" (exit 0) or "error <text>" (exit 1).
+
+With SLIM_APP_TOKEN_FILE set, the app authenticates to its node with that token file (SLIM's
+static-JWT client auth, which reloads the file when it changes); a refused connection prints
+"refused <text>" and exits 3 (after SLIM_APP_CONNECT_ATTEMPTS tries 250 ms apart, when set).
 """
 import datetime
+import os
 import sys
 import threading
 
@@ -15,9 +20,28 @@ import slim_bindings as slim
 SECRET = "slim-operator-e2e-shared-secret-0123456789abcdef"
 
 
+def client_config(endpoint: str):
+    config = slim.new_insecure_client_config(endpoint)
+    token_file = os.environ.get("SLIM_APP_TOKEN_FILE")
+    if token_file:
+        config.auth = slim.ClientAuthenticationConfig.STATIC_JWT(
+            slim.StaticJwtAuth(token_file=token_file, duration=datetime.timedelta(hours=1))
+        )
+    attempts = os.environ.get("SLIM_APP_CONNECT_ATTEMPTS")
+    if attempts:
+        config.backoff = slim.BackoffConfig.FIXED_INTERVAL(
+            slim.FixedIntervalBackoff(interval=datetime.timedelta(milliseconds=250), max_attempts=int(attempts))
+        )
+    return config
+
+
 def connect(endpoint: str, local: str):
     service = slim.create_service("svc-" + local.replace("/", "-"))
-    conn = service.connect(slim.new_insecure_client_config(endpoint))
+    try:
+        conn = service.connect(client_config(endpoint))
+    except Exception as error:  # noqa: BLE001 - the node refused us
+        print("refused", error, flush=True)
+        os._exit(3)  # SLIM's runtime threads would keep a plain exit waiting
     name = slim.Name.from_string(local)
     app = service.create_app_with_secret(name, SECRET)
     app.subscribe(name, conn)

@@ -5,6 +5,7 @@
 //! (`SLIM_CACHE` defaults to `~/.cache/slim-k8s`); `scripts/test.sh` installs it there.
 
 pub mod control_plane;
+pub mod identity;
 pub mod operator;
 
 use std::io::{BufRead, BufReader, Write};
@@ -178,6 +179,8 @@ pub struct SlimNode {
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// The data-plane server's `auth` (a YAML flow mapping), or empty: none.
+    data_auth: String,
     _dir: tempfile::TempDir,
 }
 
@@ -185,26 +188,47 @@ impl SlimNode {
     /// Starts a node that binds ports of its own choosing (port 0) and reads them back from the
     /// process: no port is chosen here and released for another process to take.
     pub fn start(node_id: &str) -> Result<Self, HarnessError> {
+        Self::start_with_data_auth(node_id, "")
+    }
+
+    /// A node whose data-plane server authenticates every app connection with `auth` (SLIM's
+    /// server `auth` config as a YAML flow mapping, e.g. `{type: jwt, ...}`).
+    pub fn start_with_data_auth(node_id: &str, auth: &str) -> Result<Self, HarnessError> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("node.yaml");
         let log = dir.path().join("node.log");
-        let mut node =
-            Self { node_id: node_id.to_owned(), data_port: 0, controller_port: 0, config, log, child: None, _dir: dir };
+        let mut node = Self {
+            node_id: node_id.to_owned(),
+            data_port: 0,
+            controller_port: 0,
+            config,
+            log,
+            child: None,
+            data_auth: auth.to_owned(),
+            _dir: dir,
+        };
         node.write_config()?;
         node.launch()?;
         Ok(node)
     }
 
+    /// Changes the data-plane server's `auth`; the next [`SlimNode::restart`] uses it.
+    pub fn set_data_auth(&mut self, auth: &str) -> Result<(), HarnessError> {
+        self.data_auth = auth.to_owned();
+        self.write_config()
+    }
+
     /// The node's config with its current ports (0: the node picks one).
     fn write_config(&self) -> Result<(), HarnessError> {
         let (node_id, data_port, controller_port) = (&self.node_id, self.data_port, self.controller_port);
+        let auth = if self.data_auth.is_empty() { String::new() } else { format!(", auth: {}", self.data_auth) };
         std::fs::write(
             &self.config,
             format!(
                 "runtime: {{n_cores: 1, drain_timeout: 1s}}\n\
                  tracing: {{log_level: warn}}\n\
                  services:\n  slim/0:\n    node_id: {node_id}\n    \
-                 dataplane: {{servers: [{{endpoint: \"127.0.0.1:{data_port}\", tls: {{insecure: true}}}}], clients: []}}\n    \
+                 dataplane: {{servers: [{{endpoint: \"127.0.0.1:{data_port}\", tls: {{insecure: true}}{auth}}}], clients: []}}\n    \
                  controller: {{servers: [{{endpoint: \"127.0.0.1:{controller_port}\", tls: {{insecure: true}}}}]}}\n"
             ),
         )?;
@@ -434,12 +458,51 @@ impl SlimApp {
         Self::spawn(&["send", &node.data_endpoint(), name, remote, message])
     }
 
+    /// [`SlimApp::listen`], authenticating to the node with `token_file` (SLIM's static-JWT
+    /// client auth, which follows the file). A refused connection is an `Exited` error whose
+    /// output starts with `refused`.
+    pub fn listen_with_token(node: &SlimNode, name: &str, token_file: &Path) -> Result<Self, HarnessError> {
+        Self::spawn_script_env(
+            "slim_app.py",
+            &["listen", &node.data_endpoint(), name],
+            &[("SLIM_APP_TOKEN_FILE", token_file.as_os_str())],
+        )
+    }
+
+    /// An app expected to be refused by a node that authenticates apps: it presents `token_file`
+    /// and gives up after a few tries (`Err` with `refused …` in its output when refused).
+    pub fn refused_with_token(node: &SlimNode, name: &str, token_file: &Path) -> Result<Self, HarnessError> {
+        let args = ["listen", &node.data_endpoint(), name];
+        Self::spawn_script_env(
+            "slim_app.py",
+            &args,
+            &[("SLIM_APP_TOKEN_FILE", token_file.as_os_str()), ("SLIM_APP_CONNECT_ATTEMPTS", "4".as_ref())],
+        )
+    }
+
+    /// [`SlimApp::sender`], authenticating to the node with `token_file`.
+    pub fn sender_with_token(
+        node: &SlimNode,
+        name: &str,
+        token_file: &Path,
+        remote: &str,
+        message: &str,
+    ) -> Result<Self, HarnessError> {
+        let args = ["send", &node.data_endpoint(), name, remote, message];
+        Self::spawn_script_env("slim_app.py", &args, &[("SLIM_APP_TOKEN_FILE", token_file.as_os_str())])
+    }
+
     fn spawn(args: &[&str]) -> Result<Self, HarnessError> {
         Self::spawn_script("slim_app.py", args)
     }
 
     fn spawn_script(script: &str, args: &[&str]) -> Result<Self, HarnessError> {
+        Self::spawn_script_env(script, args, &[])
+    }
+
+    fn spawn_script_env(script: &str, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<Self, HarnessError> {
         let mut child = Command::new(python()?)
+            .envs(env.iter().copied())
             .arg(harness_dir().join(script))
             .args(args)
             .stdin(Stdio::piped())
@@ -464,6 +527,8 @@ impl SlimApp {
                 }
             });
         }
+        // Only the readers hold senders now: their end (the app exited) is seen as such.
+        drop(tx);
         let stdin = child.stdin.take();
         let mut app = Self { child, stdin, lines, seen: Vec::new(), instance: String::new() };
         let line = app.wait_for("instance ", Duration::from_secs(30))?;

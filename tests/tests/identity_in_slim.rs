@@ -17,7 +17,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use slim_e2e::{KillOnDrop, SlimApp, SlimNode, wait_for, workspace_binary};
+use slim_e2e::identity::{assert_identity_accepted, exchange, jwks_kids};
+use slim_e2e::{KillOnDrop, SlimNode, wait_for, workspace_binary};
 use slim_identity_agent::workload::fake::{AgentState, FakeAgent, SigningKey};
 
 const TRUST_DOMAIN: &str = "example.org";
@@ -47,70 +48,6 @@ fn start_agent(socket: &Path, svids: &Path, hint: &str) -> KillOnDrop {
             .spawn()
             .expect("start the agent");
     KillOnDrop(child)
-}
-
-/// `(kid, alg)` of every key in the workload's `key.jwt`.
-fn jwks_kids(svids: &Path) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(svids.join("key.jwt")).unwrap_or_default();
-    let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    value["keys"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|k| (k["kid"].as_str().unwrap_or("").to_owned(), k["alg"].as_str().unwrap_or("").to_owned()))
-        .collect()
-}
-
-/// What the receiving app logged about the identities it was shown (SLIM's own log lines).
-fn refusals(output: &str) -> Vec<String> {
-    strip_ansi(output)
-        .lines()
-        .filter(|l| l.contains("identity verification failed"))
-        .filter_map(|l| l.split("error=").nth(1))
-        .map(|e| e.split(" msg_type=").next().unwrap_or(e).trim().to_owned())
-        .collect()
-}
-
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Runs a sender for `seconds` against a listener whose verifier reads `listener_svids`, and
-/// returns (replies, the listener's refusals).
-fn exchange(node: &SlimNode, sender_svids: &Path, listener_svids: &Path, seconds: u32) -> (usize, Vec<String>) {
-    let mut bob = SlimApp::jwt_listener(node, "org/ns/bob", listener_svids).expect("bob");
-    let mut alice = SlimApp::jwt_sender(node, "org/ns/alice", sender_svids, "org/ns/bob", seconds).expect("alice");
-    let done = alice.wait_for("done", Duration::from_secs(u64::from(seconds) * 10 + 30)).expect("alice finishes");
-    let replies = alice.output().lines().filter(|l| l.starts_with("reply ")).count();
-    assert!(done.starts_with("done "), "{done}");
-    let _ = bob.wait_for("never printed", Duration::from_millis(500));
-    (replies, refusals(&bob.output()))
-}
-
-/// Either messages crossed, or SLIM's only refusal is the static-JWT signing gap (see the module
-/// docs): never a key, issuer, expiry or signature problem with what the agent wrote.
-fn assert_identity_accepted(replies: usize, refusals: &[String], attempts: &str) {
-    if replies > 0 {
-        return;
-    }
-    assert!(!refusals.is_empty(), "no reply and no refusal logged: {attempts}");
-    for refusal in refusals {
-        assert_eq!(refusal, "auth error: token invalid", "SLIM refused the agent's identity: {refusals:?}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

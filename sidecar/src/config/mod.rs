@@ -22,6 +22,49 @@ pub enum JwtBundleFormat {
     Jwks,
 }
 
+/// Where the workload's identity comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum IdentitySource {
+    /// The SPIFFE Workload API (a SPIRE agent socket): X.509-SVIDs, JWT-SVIDs, JWT bundles.
+    #[default]
+    Spiffe,
+    /// The pod's projected Kubernetes service-account token, and the cluster's JWKS.
+    Kubernetes(KubernetesSource),
+}
+
+/// Where the projected token volume the injector adds is mounted in the agent.
+pub const KUBERNETES_TOKEN_DIR: &str = "/var/run/secrets/slim.agntcy.org";
+
+/// `identity_source: kubernetes`: the pod's projected service-account token, checked and written
+/// as the JWT file(s); the cluster's JWKS (from the API server's OIDC endpoints) as the bundle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubernetesSource {
+    /// `kubernetes_token_file`: the projected token (audience-bound; the kubelet rotates it).
+    pub token_file: PathBuf,
+    /// `kubernetes_api_server`: the API server's URL; empty: `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`.
+    pub api_server: String,
+    /// `kubernetes_ca_file`: the CA bundle the API server's certificate is checked against.
+    pub ca_file: PathBuf,
+    /// `kubernetes_api_token_file`: a token the API server accepts (for its OIDC endpoints).
+    pub api_token_file: PathBuf,
+    /// `kubernetes_jwks_refresh_seconds`: how often the JWKS is fetched again when no unknown
+    /// `kid` asked for it earlier.
+    pub jwks_refresh: Duration,
+}
+
+impl Default for KubernetesSource {
+    fn default() -> Self {
+        let file = |name: &str| Path::new(KUBERNETES_TOKEN_DIR).join(name);
+        Self {
+            token_file: file("token"),
+            api_server: String::new(),
+            ca_file: file("ca.crt"),
+            api_token_file: file("api-token"),
+            jwks_refresh: Duration::from_secs(600),
+        }
+    }
+}
+
 /// One JWT-SVID to keep on disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JwtSvidConfig {
@@ -81,6 +124,8 @@ pub struct Config {
     /// `..data` swap) or `in-place` (a regular file rewritten with one write, which SLIM's
     /// `static_jwt` file watcher sees; an atomic swap it never notices).
     pub jwt_svid_write_mode: WriteMode,
+    /// `identity_source`: `spiffe` (default) or `kubernetes` (with the `kubernetes_*` keys).
+    pub identity_source: IdentitySource,
 }
 
 impl Default for Config {
@@ -116,6 +161,7 @@ impl Default for Config {
             jwt_svid_refresh_percent: 50,
             renew_on_jwt_update: false,
             jwt_svid_write_mode: WriteMode::Swap,
+            identity_source: IdentitySource::Spiffe,
         }
     }
 }
@@ -211,6 +257,14 @@ impl Config {
             map.insert("svid_key_file_name".into(), key.as_str().into());
             map.insert("svid_bundle_file_name".into(), bundle.as_str().into());
         }
+        if let (IdentitySource::Kubernetes(k), Some(map)) = (&self.identity_source, doc.as_object_mut()) {
+            map.insert("identity_source".into(), "kubernetes".into());
+            map.insert("kubernetes_token_file".into(), k.token_file.to_string_lossy().into());
+            map.insert("kubernetes_api_server".into(), k.api_server.as_str().into());
+            map.insert("kubernetes_ca_file".into(), k.ca_file.to_string_lossy().into());
+            map.insert("kubernetes_api_token_file".into(), k.api_token_file.to_string_lossy().into());
+            map.insert("kubernetes_jwks_refresh_seconds".into(), k.jwks_refresh.as_secs().into());
+        }
         Ok(serde_yaml::to_string(&doc)?)
     }
 
@@ -226,6 +280,8 @@ impl Config {
             },
             Some((_, pos)) => return invalid(format!("health_checks at line {pos} must be a block")),
         };
+        let bundle_format = top.string("jwt_bundle_format")?;
+        let identity_source = identity_source(&mut top)?;
         let mut config = Config {
             agent_address: top.string("agent_address")?,
             cmd: top.string("cmd")?,
@@ -251,7 +307,7 @@ impl Config {
                 liveness_path: "/live".into(),
                 readiness_path: "/ready".into(),
             },
-            jwt_bundle_format: match top.string("jwt_bundle_format")?.as_str() {
+            jwt_bundle_format: match bundle_format.as_str() {
                 "" | "spiffe-helper" => JwtBundleFormat::SpiffeHelper,
                 "jwks" => JwtBundleFormat::Jwks,
                 other => return invalid(format!("jwt_bundle_format {other:?} is not \"spiffe-helper\" or \"jwks\"")),
@@ -268,7 +324,12 @@ impl Config {
                 "in-place" => WriteMode::InPlace,
                 other => return invalid(format!("jwt_svid_write_mode {other:?} is not \"atomic\" or \"in-place\"")),
             },
+            identity_source,
         };
+        // A service-account token has no trust domain: its bundle is the cluster's plain JWKS.
+        if matches!(config.identity_source, IdentitySource::Kubernetes(_)) && bundle_format.is_empty() {
+            config.jwt_bundle_format = JwtBundleFormat::Jwks;
+        }
         let x509 =
             (top.string("svid_file_name")?, top.string("svid_key_file_name")?, top.string("svid_bundle_file_name")?);
         let set = [&x509.0, &x509.1, &x509.2].iter().filter(|s| !s.is_empty()).count();
@@ -334,6 +395,26 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let IdentitySource::Kubernetes(_) = self.identity_source {
+            if self.x509.is_some() {
+                return invalid(
+                    "identity_source kubernetes writes JWTs only: X.509-SVIDs ('svid_file_name') need the SPIFFE Workload API",
+                );
+            }
+            if self.jwt_svids.is_empty() {
+                return invalid("identity_source kubernetes needs a 'jwt_svids' entry: where the token is written");
+            }
+            if !self.agent_address.is_empty() {
+                return invalid(
+                    "agent_address is the SPIRE agent's socket: identity_source kubernetes does not use one",
+                );
+            }
+            if self.jwt_bundle_format != JwtBundleFormat::Jwks {
+                return invalid(
+                    "identity_source kubernetes writes the cluster's JWKS: jwt_bundle_format must be \"jwks\"",
+                );
+            }
+        }
         if self.x509.is_none() && self.jwt_svids.is_empty() && self.jwt_bundle_file_name.is_empty() {
             return invalid(
                 "at least one of 'svid_file_name' (with its key and bundle), 'jwt_svids' or 'jwt_bundle_file_name' must be specified",
@@ -371,6 +452,42 @@ impl Config {
     /// The next JWT-SVID refresh for a token with `remaining` life.
     pub fn jwt_refresh_after(&self, remaining: Duration) -> Duration {
         refresh_after(remaining, self.jwt_svid_refresh_percent)
+    }
+}
+
+/// `identity_source` and the `kubernetes_*` keys (which only go with `kubernetes`).
+fn identity_source(top: &mut Fields<'_>) -> Result<IdentitySource, ConfigError> {
+    let source = top.string("identity_source")?;
+    let defaults = KubernetesSource::default();
+    let path = |value: String, default: PathBuf| if value.is_empty() { default } else { PathBuf::from(value) };
+    let token_file = top.string("kubernetes_token_file")?;
+    let api_server = top.string("kubernetes_api_server")?;
+    let ca_file = top.string("kubernetes_ca_file")?;
+    let api_token_file = top.string("kubernetes_api_token_file")?;
+    let refresh = top.int("kubernetes_jwks_refresh_seconds")?;
+    let any_set =
+        [&token_file, &api_server, &ca_file, &api_token_file].iter().any(|v| !v.is_empty()) || refresh.is_some();
+    match source.as_str() {
+        "" | "spiffe" if any_set => invalid("the kubernetes_* keys need identity_source: kubernetes"),
+        "" | "spiffe" => Ok(IdentitySource::Spiffe),
+        "kubernetes" => {
+            if !api_server.is_empty() && !api_server.starts_with("https://") {
+                return invalid(format!("kubernetes_api_server {api_server:?} must be an https:// URL"));
+            }
+            let jwks_refresh = match refresh {
+                None => defaults.jwks_refresh,
+                Some(s) if s >= 10 => Duration::from_secs(s as u64),
+                Some(s) => return invalid(format!("kubernetes_jwks_refresh_seconds {s} must be at least 10")),
+            };
+            Ok(IdentitySource::Kubernetes(KubernetesSource {
+                token_file: path(token_file, defaults.token_file),
+                api_server,
+                ca_file: path(ca_file, defaults.ca_file),
+                api_token_file: path(api_token_file, defaults.api_token_file),
+                jwks_refresh,
+            }))
+        }
+        other => invalid(format!("identity_source {other:?} is not \"spiffe\" or \"kubernetes\"")),
     }
 }
 

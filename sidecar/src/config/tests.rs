@@ -189,3 +189,52 @@ fn a_typed_config_reads_back_as_itself() {
         assert_eq!(Config::from_yaml(&yaml).expect("reads back"), config, "{yaml}");
     }
 }
+
+#[test]
+fn kubernetes_source_keys_defaults_and_contradictions() {
+    let config = Config::from_yaml(
+        "identity_source: kubernetes\ncert_dir: /svids\njwt_bundle_file_name: key.jwt\n\
+         jwt_svids: [{jwt_audience: slim, jwt_svid_file_name: jwt_svid.token}]\n",
+    )
+    .expect("kubernetes source");
+    assert_eq!(config.identity_source, IdentitySource::Kubernetes(KubernetesSource::default()));
+    assert_eq!(config.jwt_bundle_format, JwtBundleFormat::Jwks, "a plain JWKS by default");
+    let IdentitySource::Kubernetes(source) = &config.identity_source else { unreachable!() };
+    assert_eq!(source.token_file, PathBuf::from("/var/run/secrets/slim.agntcy.org/token"));
+    assert_eq!(source.jwks_refresh, Duration::from_secs(600));
+    // Round trip, with every key set.
+    let mut custom = config.clone();
+    custom.identity_source = IdentitySource::Kubernetes(KubernetesSource {
+        token_file: "/t/token".into(),
+        api_server: "https://10.0.0.1:443".into(),
+        ca_file: "/t/ca.crt".into(),
+        api_token_file: "/t/api".into(),
+        jwks_refresh: Duration::from_secs(60),
+    });
+    assert_eq!(Config::from_yaml(&custom.to_yaml().expect("yaml")).expect("reads back"), custom);
+
+    let base = "cert_dir: /svids\njwt_svids: [{jwt_audience: slim, jwt_svid_file_name: t}]\n";
+    for (extra, message) in [
+        ("kubernetes_token_file: /t\n", "the kubernetes_* keys need identity_source: kubernetes"),
+        ("identity_source: k8s\n", "identity_source \"k8s\" is not \"spiffe\" or \"kubernetes\""),
+        ("identity_source: kubernetes\nkubernetes_api_server: http://x\n", "must be an https:// URL"),
+        ("identity_source: kubernetes\nkubernetes_jwks_refresh_seconds: 1\n", "must be at least 10"),
+        ("identity_source: kubernetes\nagent_address: /a.sock\n", "does not use one"),
+        ("identity_source: kubernetes\njwt_bundle_format: spiffe-helper\n", "jwt_bundle_format must be \"jwks\""),
+        (
+            "identity_source: kubernetes\nsvid_file_name: a\nsvid_key_file_name: b\nsvid_bundle_file_name: c\n",
+            "writes JWTs only",
+        ),
+    ] {
+        let error = Config::from_yaml(&format!("{base}{extra}")).expect_err(extra).to_string();
+        assert!(error.contains(message), "{extra}: {error}");
+    }
+    let error = Config::from_yaml("identity_source: kubernetes\njwt_bundle_file_name: k\n").expect_err("no jwt");
+    assert!(error.to_string().contains("needs a 'jwt_svids' entry"), "{error}");
+    // HCL too (spiffe-helper's format with our keys).
+    let hcl = Config::from_hcl(
+        "identity_source = \"kubernetes\"\nkubernetes_token_file = \"/t\"\njwt_svids = [{jwt_audience = \"slim\", jwt_svid_file_name = \"t\"}]\n",
+    )
+    .expect("hcl");
+    assert!(matches!(hcl.identity_source, IdentitySource::Kubernetes(ref k) if k.token_file == Path::new("/t")));
+}

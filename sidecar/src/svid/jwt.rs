@@ -51,8 +51,9 @@ pub enum JwtError {
     Subject(String),
     #[error("no JWT bundle for trust domain {0:?}")]
     NoBundle(String),
-    #[error("kid {kid:?} is not in the JWT bundle of {trust_domain:?}")]
-    UnknownKid { kid: String, trust_domain: String },
+    /// `bundle`: the trust domain, or the service-account issuer, whose keys were searched.
+    #[error("kid {kid:?} is not in the JWT bundle of {bundle:?}")]
+    UnknownKid { kid: String, bundle: String },
     #[error("the token's audiences {token:?} include none of the expected {expected:?}")]
     Audience { expected: Vec<String>, token: Vec<String> },
     #[error("the token expired at {0} (Unix time)")]
@@ -63,6 +64,12 @@ pub enum JwtError {
     Signature(String),
     #[error("bundle: {0}")]
     Bundle(String),
+    #[error("issuer {token:?} is not the cluster's ({expected:?})")]
+    Issuer { expected: String, token: Option<String> },
+    #[error("sub {0:?} is not a service account (system:serviceaccount:<namespace>:<name>)")]
+    NotServiceAccount(String),
+    #[error("the token is bound to {token}, not to this pod ({expected})")]
+    PodBinding { expected: String, token: String },
 }
 
 #[derive(Deserialize)]
@@ -77,7 +84,7 @@ struct Claims {
 
 #[derive(Deserialize, Default)]
 #[serde(untagged)]
-enum Audience {
+pub(crate) enum Audience {
     One(String),
     Many(Vec<String>),
     #[default]
@@ -85,7 +92,7 @@ enum Audience {
 }
 
 impl Audience {
-    fn list(self) -> Vec<String> {
+    pub(crate) fn list(self) -> Vec<String> {
         match self {
             Audience::One(a) => vec![a],
             Audience::Many(list) => list,
@@ -104,7 +111,24 @@ pub fn validate(
     leeway: u64,
 ) -> Result<ValidJwt, JwtError> {
     let token = token.trim();
-    // The algorithm is checked on the raw header first, so `none` or `HS256` get a clear refusal.
+    let (header, kid) = checked_header(token)?;
+    let claims: Claims = unverified_claims(token)?;
+    let subject = claims.sub.clone().unwrap_or_default();
+    let trust_domain = trust_domain_of(&subject)
+        .filter(|_| subject.len() > "spiffe://".len())
+        .ok_or(JwtError::Subject(subject.clone()))?;
+    let jwks = bundles.get(trust_domain).ok_or_else(|| JwtError::NoBundle(trust_domain.to_owned()))?;
+    let key = decoding_key(jwks, &kid, trust_domain)?;
+    let audiences = claims.aud.list();
+    let expiry = check_audience_and_time(&audiences, claims.exp, claims.nbf, expected, now, leeway)?;
+    check_signature(token, &header, &key)?;
+    Ok(ValidJwt { spiffe_id: subject, audiences, expiry, issuer: claims.iss })
+}
+
+/// The header, once its algorithm is one JWT-SVIDs (and service-account tokens) use, it names a
+/// key and its `typ` is a JWT's. The algorithm is checked on the raw header first, so `none` or
+/// `HS256` get a clear refusal.
+pub(crate) fn checked_header(token: &str) -> Result<(jsonwebtoken::Header, String), JwtError> {
     let raw_alg = raw_header(token)?.get("alg").and_then(|a| a.as_str()).unwrap_or_default().to_owned();
     if !ALLOWED.iter().any(|a| format!("{a:?}") == raw_alg) {
         return Err(JwtError::Algorithm(raw_alg));
@@ -114,42 +138,54 @@ pub fn validate(
     if let Some(typ) = header.typ.as_deref().filter(|t| !matches!(*t, "JWT" | "JOSE")) {
         return Err(JwtError::Typ(typ.to_owned()));
     }
-    let claims = unverified_claims(token)?;
-    let subject = claims.sub.clone().unwrap_or_default();
-    let trust_domain = trust_domain_of(&subject)
-        .filter(|_| subject.len() > "spiffe://".len())
-        .ok_or(JwtError::Subject(subject.clone()))?;
-    let jwks = bundles.get(trust_domain).ok_or_else(|| JwtError::NoBundle(trust_domain.to_owned()))?;
-    let set: JwkSet = serde_json::from_slice(jwks).map_err(|e| JwtError::Bundle(format!("{trust_domain}: {e}")))?;
+    Ok((header, kid))
+}
+
+/// The key `kid` of the JWKS `jwks` (of `owner`: a trust domain, or an issuer).
+pub(crate) fn decoding_key(jwks: &[u8], kid: &str, owner: &str) -> Result<DecodingKey, JwtError> {
+    let set: JwkSet = serde_json::from_slice(jwks).map_err(|e| JwtError::Bundle(format!("{owner}: {e}")))?;
     let jwk = set
         .keys
         .iter()
-        .find(|k| k.common.key_id.as_deref() == Some(kid.as_str()))
-        .ok_or_else(|| JwtError::UnknownKid { kid: kid.clone(), trust_domain: trust_domain.to_owned() })?;
+        .find(|k| k.common.key_id.as_deref() == Some(kid))
+        .ok_or_else(|| JwtError::UnknownKid { kid: kid.to_owned(), bundle: owner.to_owned() })?;
     check_rsa_size(jwk)?;
-    let key = DecodingKey::from_jwk(jwk).map_err(|e| JwtError::Bundle(format!("kid {kid}: {e}")))?;
+    DecodingKey::from_jwk(jwk).map_err(|e| JwtError::Bundle(format!("kid {kid}: {e}")))
+}
 
-    let audiences = claims.aud.list();
+/// `aud` holds one of `expected`, and `now` is inside `[nbf, exp)` give or take `leeway`; returns `exp`.
+pub(crate) fn check_audience_and_time(
+    audiences: &[String],
+    exp: Option<i64>,
+    nbf: Option<i64>,
+    expected: &[String],
+    now: i64,
+    leeway: u64,
+) -> Result<i64, JwtError> {
     if !audiences.iter().any(|a| expected.contains(a)) {
-        return Err(JwtError::Audience { expected: expected.to_vec(), token: audiences });
+        return Err(JwtError::Audience { expected: expected.to_vec(), token: audiences.to_vec() });
     }
-    let expiry = claims.exp.ok_or_else(|| JwtError::Malformed("no exp claim".into()))?;
+    let expiry = exp.ok_or_else(|| JwtError::Malformed("no exp claim".into()))?;
     if expiry + leeway as i64 <= now {
         return Err(JwtError::Expired(expiry));
     }
-    if let Some(nbf) = claims.nbf.filter(|nbf| *nbf > now + leeway as i64) {
+    if let Some(nbf) = nbf.filter(|nbf| *nbf > now + leeway as i64) {
         return Err(JwtError::NotYetValid(nbf));
     }
+    Ok(expiry)
+}
+
+/// The signature (and the key type against the algorithm, EC curves included). Times and
+/// audiences are checked by [`check_audience_and_time`] against our own clock.
+pub(crate) fn check_signature(token: &str, header: &jsonwebtoken::Header, key: &DecodingKey) -> Result<(), JwtError> {
     let mut validation = Validation::new(header.alg);
-    // exp, nbf and aud were checked above against our clock; this checks the signature (and the
-    // key type against the algorithm, EC curves included).
     validation.validate_exp = false;
     validation.validate_nbf = false;
     validation.validate_aud = false;
     validation.required_spec_claims.clear();
-    jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
-        .map_err(|e| JwtError::Signature(e.to_string()))?;
-    Ok(ValidJwt { spiffe_id: subject, audiences, expiry, issuer: claims.iss })
+    jsonwebtoken::decode::<serde_json::Value>(token, key, &validation)
+        .map(drop)
+        .map_err(|e| JwtError::Signature(e.to_string()))
 }
 
 fn raw_header(token: &str) -> Result<serde_json::Value, JwtError> {
@@ -160,8 +196,8 @@ fn raw_header(token: &str) -> Result<serde_json::Value, JwtError> {
     serde_json::from_slice(&bytes).map_err(|e| JwtError::Malformed(format!("header: {e}")))
 }
 
-/// The claims, read without verifying (to pick the trust domain; verification follows).
-fn unverified_claims(token: &str) -> Result<Claims, JwtError> {
+/// The claims, read without verifying (to pick the key; verification follows).
+pub(crate) fn unverified_claims<T: serde::de::DeserializeOwned>(token: &str) -> Result<T, JwtError> {
     let payload = token.split('.').nth(1).ok_or_else(|| JwtError::Malformed("not a compact JWS".into()))?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
@@ -254,7 +290,7 @@ pub fn read_bundle_file(bytes: &[u8], default_domain: &str) -> Result<JwtBundles
 
 /// The trust domain a token claims (for verifying against a plain JWKS).
 pub fn token_trust_domain(token: &str) -> Option<String> {
-    let claims = unverified_claims(token.trim()).ok()?;
+    let claims: Claims = unverified_claims(token.trim()).ok()?;
     trust_domain_of(&claims.sub?).map(str::to_owned)
 }
 

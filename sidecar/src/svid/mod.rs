@@ -1,4 +1,6 @@
-//! SVIDs into files: X.509 rendering and JWT validation and bundle formats. Pure.
+//! SVIDs into files: X.509 rendering, JWT validation and bundle formats, Kubernetes
+//! service-account tokens. Pure.
 
 pub mod jwt;
+pub mod kubernetes;
 pub mod x509;

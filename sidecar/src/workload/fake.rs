@@ -58,6 +58,19 @@ impl SigningKey {
         }
         Self { kid: kid.to_owned(), alg, encoding, jwk: value }
     }
+
+    /// The public key as a JWK (no `alg`, as the Workload API sends it).
+    pub fn jwk(&self) -> &serde_json::Value {
+        &self.jwk
+    }
+
+    /// `claims` signed with this key (`kid` and `typ: JWT` in the header).
+    pub fn sign(&self, claims: &serde_json::Value) -> String {
+        let mut header = Header::new(self.alg);
+        header.kid = Some(self.kid.clone());
+        header.typ = Some("JWT".into());
+        jsonwebtoken::encode(&header, claims, &self.encoding).expect("signing")
+    }
 }
 
 /// A certificate authority of a trust domain.
@@ -210,16 +223,13 @@ impl AgentState {
     pub fn sign_jwt(&self, spiffe_id: &str, audiences: &[String]) -> String {
         let key = self.jwt_keys.last().expect("a signing key");
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let mut header = Header::new(key.alg);
-        header.kid = Some(key.kid.clone());
-        header.typ = Some("JWT".into());
         let mut claims = serde_json::json!({
             "sub": spiffe_id, "aud": audiences, "iat": now, "exp": now + self.jwt_ttl.as_secs(),
         });
         if let Some(issuer) = &self.jwt_issuer {
             claims["iss"] = serde_json::Value::String(issuer.clone());
         }
-        jsonwebtoken::encode(&header, &claims, &key.encoding).expect("signing")
+        key.sign(&claims)
     }
 }
 
