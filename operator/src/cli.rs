@@ -164,6 +164,12 @@ pub struct WebhookArgs {
     /// JWT bundle format when a pod names none: `jwks` (SLIM loads it directly) or `spiffe-helper`.
     #[arg(long, env = "SLIM_OPERATOR_DEFAULT_JWT_BUNDLE_FORMAT", default_value = "jwks")]
     pub default_jwt_bundle_format: String,
+
+    /// Where injected agents get identities when neither the pod (annotation) nor its namespace
+    /// (label) `slim.agntcy.org/identity-source` says: `spiffe` (SPIRE's Workload API) or
+    /// `kubernetes` (a projected service-account token; no SPIRE needed).
+    #[arg(long, env = "SLIM_OPERATOR_DEFAULT_IDENTITY_SOURCE", default_value = "spiffe")]
+    pub default_identity_source: crate::webhook::inject::Source,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -195,6 +201,7 @@ impl RunArgs {
             socket_file: w.spire_socket_file.clone(),
             audiences: w.default_audiences.clone(),
             jwt_bundle_format: w.default_jwt_bundle_format.clone(),
+            identity_source: w.default_identity_source,
             ..Default::default()
         };
         injector.excluded_namespaces.push(self.namespace.clone());

@@ -73,6 +73,29 @@ async fn the_api_server_injects_pods_through_the_webhook() {
         let stored = pods.get("with").await.expect("get");
         assert_eq!(stored.spec.and_then(|s| s.init_containers).map(|c| c.len()), Some(init.len()));
 
+        // Identity without SPIRE: the server takes the projected token volume as it is (its
+        // validation of audience, expiration and paths), and stores it for the kubelet.
+        let kubernetes = pods
+            .create(
+                &PostParams::default(),
+                &pod(
+                    "kubernetes",
+                    json!({"slim.agntcy.org/inject-identity": "true", "slim.agntcy.org/identity-source": "kubernetes"}),
+                ),
+            )
+            .await
+            .expect("create a pod with the kubernetes identity source");
+        let volumes = kubernetes.spec.as_ref().and_then(|s| s.volumes.clone()).unwrap_or_default();
+        let projected = volumes
+            .iter()
+            .find(|v| v.name.starts_with("slim-service-account-token"))
+            .and_then(|v| v.projected.as_ref())
+            .expect("projected token volume stored");
+        let sources = projected.sources.clone().unwrap_or_default();
+        let token = sources.iter().find_map(|s| s.service_account_token.as_ref()).expect("token source");
+        assert_eq!((token.audience.as_deref(), token.expiration_seconds), (Some("slim"), Some(3600)));
+        assert!(volumes.iter().all(|v| v.csi.is_none()), "no SPIRE socket volume");
+
         let plain = pods.create(&PostParams::default(), &pod("without", json!({}))).await.expect("create plain pod");
         assert!(plain.spec.as_ref().and_then(|s| s.init_containers.as_ref()).is_none_or(|i| i.is_empty()));
         let opted_out = pods

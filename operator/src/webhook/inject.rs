@@ -6,14 +6,20 @@ use std::collections::BTreeMap;
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    CSIVolumeSource, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
-    HostPathVolumeSource, Pod, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    CSIVolumeSource, Capabilities, ConfigMapProjection, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, ObjectFieldSelector, Pod, Probe,
+    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection,
+    Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 use slim_identity_agent::cli::CONFIG_ENV_FLAG;
-use slim_identity_agent::config::{Config as AgentConfig, HealthChecks, JwtBundleFormat, JwtSvidConfig};
+use slim_identity_agent::config::{
+    Config as AgentConfig, HealthChecks, IdentitySource, JwtBundleFormat, JwtSvidConfig, KUBERNETES_TOKEN_DIR,
+    KubernetesSource,
+};
+use slim_identity_agent::kubernetes::{POD_NAME_ENV, POD_NAMESPACE_ENV, POD_UID_ENV};
 use slim_identity_agent::output::WriteMode;
 
 /// Opt-in key: pod annotation or label, or namespace label. `"true"` injects, `"false"` opts out.
@@ -43,6 +49,14 @@ pub mod annotation {
     pub const MEMORY_REQUEST: &str = "slim.agntcy.org/sidecar-memory-request";
     pub const MEMORY_LIMIT: &str = "slim.agntcy.org/sidecar-memory-limit";
     pub const HEALTH_PORT: &str = "slim.agntcy.org/sidecar-health-port";
+    /// `spiffe` (SPIRE's Workload API) or `kubernetes` (a projected service-account token); also
+    /// a namespace label, the namespace's default.
+    pub const IDENTITY_SOURCE: &str = "slim.agntcy.org/identity-source";
+    /// `kubernetes` source: the token's audience (default: the one JWT audience).
+    pub const TOKEN_AUDIENCE: &str = "slim.agntcy.org/token-audience";
+    /// `kubernetes` source: the token's lifetime in seconds (600 to 86400; default 3600); the
+    /// kubelet renews it at 80 % of that.
+    pub const TOKEN_EXPIRATION_SECONDS: &str = "slim.agntcy.org/token-expiration-seconds";
 }
 
 /// How the SPIRE agent socket reaches the pod.
@@ -74,6 +88,37 @@ pub struct InjectorConfig {
     pub run_as_user: i64,
     /// Never injected into (the operator's own namespace is added at start-up).
     pub excluded_namespaces: Vec<String>,
+    /// Where identities come from when neither the pod nor its namespace says.
+    pub identity_source: Source,
+}
+
+/// Where the agent gets the pod's identity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Source {
+    /// SPIRE's Workload API socket.
+    #[default]
+    Spiffe,
+    /// The pod's projected service-account token (no SPIRE).
+    Kubernetes,
+}
+
+impl std::str::FromStr for Source {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        match value {
+            "spiffe" => Ok(Source::Spiffe),
+            "kubernetes" => Ok(Source::Kubernetes),
+            other => Err(format!("{other:?} is not spiffe or kubernetes")),
+        }
+    }
+}
+
+/// The projected token of the `kubernetes` source.
+#[derive(Clone, Debug, PartialEq)]
+struct ProjectedToken {
+    audience: String,
+    expiration_seconds: i64,
 }
 
 impl Default for InjectorConfig {
@@ -93,6 +138,7 @@ impl Default for InjectorConfig {
             health_port: 8081,
             run_as_user: 65532,
             excluded_namespaces: vec!["kube-system".into(), "kube-public".into(), "kube-node-lease".into()],
+            identity_source: Source::Spiffe,
         }
     }
 }
@@ -132,7 +178,8 @@ pub fn decide(
     if annotations.contains_key(INJECTED) || all_containers(pod).any(|c| c.name == CONTAINER_NAME) {
         return Decision::Skip("already injected");
     }
-    match Settings::read(&annotations, pod, config) {
+    let namespace_source = namespace_labels.and_then(|l| l.get(annotation::IDENTITY_SOURCE)).map(String::as_str);
+    match Settings::read(&annotations, namespace_source, pod, config) {
         Ok(settings) => match build_patch(pod, &settings, config) {
             Ok(patch) => Decision::Inject(patch),
             Err(message) => Decision::Refuse(message),
@@ -148,6 +195,8 @@ fn all_containers(pod: &Pod) -> impl Iterator<Item = &Container> {
 /// Settings resolved from annotations and operator defaults.
 #[derive(Clone, Debug, PartialEq)]
 struct Settings {
+    /// `Some` for the `kubernetes` source.
+    token: Option<ProjectedToken>,
     jwt: Vec<(String, String)>,
     jwt_bundle_file: String,
     jwt_bundle_format: JwtBundleFormat,
@@ -161,13 +210,51 @@ struct Settings {
 }
 
 impl Settings {
-    fn read(annotations: &BTreeMap<String, String>, pod: &Pod, config: &InjectorConfig) -> Result<Self, String> {
+    fn read(
+        annotations: &BTreeMap<String, String>,
+        namespace_source: Option<&str>,
+        pod: &Pod,
+        config: &InjectorConfig,
+    ) -> Result<Self, String> {
         let get = |key: &str| annotations.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
         let list = |key: &str| {
             get(key).map(|v| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect::<Vec<_>>())
         };
 
-        let audiences = list(annotation::JWT_AUDIENCES).unwrap_or_else(|| config.audiences.clone());
+        let source = match get(annotation::IDENTITY_SOURCE).or(namespace_source) {
+            None => config.identity_source,
+            Some(value) => value.parse().map_err(|e| format!("{}: {e}", annotation::IDENTITY_SOURCE))?,
+        };
+        let mut audiences = list(annotation::JWT_AUDIENCES).unwrap_or_else(|| config.audiences.clone());
+        let token = match source {
+            Source::Spiffe => None,
+            Source::Kubernetes => {
+                let audience = match (get(annotation::TOKEN_AUDIENCE), audiences.as_slice()) {
+                    (Some(audience), _) => audience.to_owned(),
+                    (None, [one]) => one.clone(),
+                    (None, _) => {
+                        return Err(format!(
+                            "identity source kubernetes projects one token: name its audience with {}",
+                            annotation::TOKEN_AUDIENCE
+                        ));
+                    }
+                };
+                let expiration_seconds = match get(annotation::TOKEN_EXPIRATION_SECONDS) {
+                    None => 3600,
+                    // The API server's bounds for projected tokens.
+                    Some(value) => {
+                        value.parse::<i64>().ok().filter(|s| (600..=86_400).contains(s)).ok_or_else(|| {
+                            format!(
+                                "{}: {value:?} is not a number of seconds from 600 to 86400",
+                                annotation::TOKEN_EXPIRATION_SECONDS
+                            )
+                        })?
+                    }
+                };
+                audiences = vec![audience.clone()];
+                Some(ProjectedToken { audience, expiration_seconds })
+            }
+        };
         if audiences.is_empty() {
             return Err(format!("{}: at least one audience is needed", annotation::JWT_AUDIENCES));
         }
@@ -188,8 +275,16 @@ impl Settings {
         for file in files.iter() {
             check_file_name(annotation::JWT_SVID_FILE_NAMES, file)?;
         }
-        let jwt_bundle_format = match get(annotation::JWT_BUNDLE_FORMAT).unwrap_or(&config.jwt_bundle_format) {
+        // The cluster's keys have no trust domain to key a spiffe-helper map by.
+        let default_format = if token.is_some() { "jwks" } else { config.jwt_bundle_format.as_str() };
+        let jwt_bundle_format = match get(annotation::JWT_BUNDLE_FORMAT).unwrap_or(default_format) {
             "jwks" => JwtBundleFormat::Jwks,
+            "spiffe-helper" if token.is_some() => {
+                return Err(format!(
+                    "{}: identity source kubernetes writes a plain JWKS",
+                    annotation::JWT_BUNDLE_FORMAT
+                ));
+            }
             "spiffe-helper" => JwtBundleFormat::SpiffeHelper,
             other => {
                 return Err(format!("{}: {other:?} is not jwks or spiffe-helper", annotation::JWT_BUNDLE_FORMAT));
@@ -207,6 +302,13 @@ impl Settings {
         let jwt_bundle_file = get(annotation::JWT_BUNDLE_FILE_NAME).unwrap_or("key.jwt").to_owned();
         check_file_name(annotation::JWT_BUNDLE_FILE_NAME, &jwt_bundle_file)?;
         let x509 = match get(annotation::X509) {
+            Some("true") if token.is_some() => {
+                return Err(format!(
+                    "{}: X.509-SVIDs need SPIRE; identity source kubernetes gives JWTs only",
+                    annotation::X509
+                ));
+            }
+            None if token.is_some() => None,
             None | Some("true") => {
                 let names = (
                     get(annotation::SVID_FILE_NAME).unwrap_or("tls.crt").to_owned(),
@@ -288,6 +390,7 @@ impl Settings {
             None => free_port(pod, config.health_port),
         };
         Ok(Self {
+            token,
             jwt: audiences.into_iter().zip(files).collect(),
             jwt_bundle_file,
             jwt_bundle_format,
@@ -331,7 +434,14 @@ fn unique_volume_name(pod: &Pod, base: &str) -> String {
 /// The agent's own typed config for this pod, as the YAML its `-config-env` reads.
 fn agent_config(settings: &Settings, config: &InjectorConfig) -> Result<String, String> {
     let agent = AgentConfig {
-        agent_address: format!("{}/{}", config.socket_dir, config.socket_file),
+        agent_address: match settings.token {
+            None => format!("{}/{}", config.socket_dir, config.socket_file),
+            Some(_) => String::new(),
+        },
+        identity_source: match settings.token {
+            None => IdentitySource::Spiffe,
+            Some(_) => IdentitySource::Kubernetes(KubernetesSource::default()),
+        },
         cert_dir: settings.mount_path.clone().into(),
         daemon_mode: true,
         x509: settings.x509.clone(),
@@ -366,19 +476,6 @@ fn agent_config(settings: &Settings, config: &InjectorConfig) -> Result<String, 
 
 fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Result<Patch, String> {
     let svids = unique_volume_name(pod, "slim-svids");
-    let socket = unique_volume_name(pod, "slim-spire-agent-socket");
-    let socket_volume = match &config.socket {
-        SocketSource::Csi { driver } => Volume {
-            name: socket.clone(),
-            csi: Some(CSIVolumeSource { driver: driver.clone(), read_only: Some(true), ..Default::default() }),
-            ..Default::default()
-        },
-        SocketSource::HostPath { path } => Volume {
-            name: socket.clone(),
-            host_path: Some(HostPathVolumeSource { path: path.clone(), type_: Some("Directory".into()) }),
-            ..Default::default()
-        },
-    };
     let svids_volume = Volume {
         name: svids.clone(),
         empty_dir: Some(EmptyDirVolumeSource {
@@ -387,7 +484,62 @@ fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Resul
         }),
         ..Default::default()
     };
-    let volumes = vec![svids_volume, socket_volume];
+    // What the agent reads its identity from: SPIRE's socket, or a projected token.
+    let (identity_volume, identity_mount, identity_env) = match &settings.token {
+        None => {
+            let name = unique_volume_name(pod, "slim-spire-agent-socket");
+            let volume = match &config.socket {
+                SocketSource::Csi { driver } => Volume {
+                    name: name.clone(),
+                    csi: Some(CSIVolumeSource { driver: driver.clone(), read_only: Some(true), ..Default::default() }),
+                    ..Default::default()
+                },
+                SocketSource::HostPath { path } => Volume {
+                    name: name.clone(),
+                    host_path: Some(HostPathVolumeSource { path: path.clone(), type_: Some("Directory".into()) }),
+                    ..Default::default()
+                },
+            };
+            let mount = VolumeMount {
+                name,
+                mount_path: config.socket_dir.clone(),
+                read_only: Some(true),
+                ..Default::default()
+            };
+            let env = vec![EnvVar {
+                name: "SPIFFE_ENDPOINT_SOCKET".to_owned(),
+                value: Some(format!("unix://{}/{}", config.socket_dir, config.socket_file)),
+                ..Default::default()
+            }];
+            (volume, mount, env)
+        }
+        Some(token) => {
+            let name = unique_volume_name(pod, "slim-service-account-token");
+            let volume = Volume { name: name.clone(), projected: Some(projected_token(token)), ..Default::default() };
+            let mount = VolumeMount {
+                name,
+                mount_path: KUBERNETES_TOKEN_DIR.to_owned(),
+                read_only: Some(true),
+                ..Default::default()
+            };
+            // The agent accepts only a token bound to its own pod.
+            let field = |name: &str, path: &str| EnvVar {
+                name: name.to_owned(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector { field_path: path.to_owned(), ..Default::default() }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let env = vec![
+                field(POD_NAME_ENV, "metadata.name"),
+                field(POD_NAMESPACE_ENV, "metadata.namespace"),
+                field(POD_UID_ENV, "metadata.uid"),
+            ];
+            (volume, mount, env)
+        }
+    };
+    let volumes = vec![svids_volume, identity_volume];
     let agent_config = agent_config(settings, config)?;
     let pod_sets_user =
         pod.spec.as_ref().and_then(|s| s.security_context.as_ref()).and_then(|c| c.run_as_user).is_some();
@@ -408,14 +560,11 @@ fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Resul
         // A native sidecar: started before the app containers, which wait for its startup probe.
         restart_policy: Some("Always".to_owned()),
         args: Some(vec![CONFIG_ENV_FLAG.to_owned(), CONFIG_ENV.to_owned()]),
-        env: Some(vec![
-            EnvVar { name: CONFIG_ENV.to_owned(), value: Some(agent_config), ..Default::default() },
-            EnvVar {
-                name: "SPIFFE_ENDPOINT_SOCKET".to_owned(),
-                value: Some(format!("unix://{}/{}", config.socket_dir, config.socket_file)),
-                ..Default::default()
-            },
-        ]),
+        env: Some(
+            std::iter::once(EnvVar { name: CONFIG_ENV.to_owned(), value: Some(agent_config), ..Default::default() })
+                .chain(identity_env)
+                .collect(),
+        ),
         ports: Some(vec![ContainerPort {
             name: Some("identity-health".to_owned()),
             container_port: i32::from(settings.health_port),
@@ -437,12 +586,7 @@ fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Resul
         }),
         volume_mounts: Some(vec![
             VolumeMount { name: svids.clone(), mount_path: settings.mount_path.clone(), ..Default::default() },
-            VolumeMount {
-                name: socket.clone(),
-                mount_path: config.socket_dir.clone(),
-                read_only: Some(true),
-                ..Default::default()
-            },
+            identity_mount,
         ]),
         ..Default::default()
     };
@@ -501,6 +645,35 @@ fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Resul
         }
     }
     Ok(Patch(ops))
+}
+
+/// The `kubernetes` source's volume: the audience-bound token the agent writes, a token for the
+/// API server's OIDC endpoints (its default audience), and the cluster's CA, all rotated by the
+/// kubelet. Mounted in the agent only: the app sees the token through `/svids`, after checks.
+fn projected_token(token: &ProjectedToken) -> ProjectedVolumeSource {
+    let token_source = |audience: Option<String>, path: &str| VolumeProjection {
+        service_account_token: Some(ServiceAccountTokenProjection {
+            audience,
+            expiration_seconds: Some(token.expiration_seconds),
+            path: path.to_owned(),
+        }),
+        ..Default::default()
+    };
+    ProjectedVolumeSource {
+        sources: Some(vec![
+            token_source(Some(token.audience.clone()), "token"),
+            token_source(None, "api-token"),
+            VolumeProjection {
+                config_map: Some(ConfigMapProjection {
+                    name: "kube-root-ca.crt".to_owned(),
+                    items: Some(vec![KeyToPath { key: "ca.crt".to_owned(), path: "ca.crt".to_owned(), mode: None }]),
+                    optional: None,
+                }),
+                ..Default::default()
+            },
+        ]),
+        default_mode: None,
+    }
 }
 
 fn to_value<T: serde::Serialize>(value: &T) -> Result<Value, String> {

@@ -289,6 +289,71 @@ async fn custom_audiences_and_settings_by_annotation() {
 }
 
 #[tokio::test]
+async fn identity_source_kubernetes_projects_a_token_and_needs_no_spire() {
+    let pod = app_pod(json!({
+        "slim.agntcy.org/inject-identity": "true",
+        "slim.agntcy.org/identity-source": "kubernetes",
+        "slim.agntcy.org/token-expiration-seconds": "1800",
+    }));
+    let (answer, _, pod) = mutate(state(BTreeMap::new()), "apps", pod).await;
+    assert_eq!(answer["allowed"], true);
+    let config = agent_config(&pod);
+    assert_eq!(config["identity_source"], "kubernetes");
+    assert_eq!(config["agent_address"], "");
+    assert_eq!(config["jwt_bundle_format"], "jwks");
+    assert!(config.get("svid_file_name").is_none(), "no X.509 without SPIRE");
+    assert_eq!(config["jwt_svids"][0]["jwt_audience"], "slim");
+    assert_eq!(config["kubernetes_token_file"], "/var/run/secrets/slim.agntcy.org/token");
+
+    // The volume: the audience-bound token, a token for the API server, the cluster's CA.
+    let volumes = pod.spec.as_ref().and_then(|s| s.volumes.clone()).expect("volumes");
+    assert!(volumes.iter().all(|v| v.csi.is_none() && v.host_path.is_none()), "no SPIRE socket: {volumes:?}");
+    let projected = volumes.iter().find_map(|v| v.projected.clone()).expect("projected volume");
+    let value = serde_json::to_value(&projected).expect("json");
+    assert_eq!(
+        value["sources"],
+        json!([
+            {"serviceAccountToken": {"audience": "slim", "expirationSeconds": 1800, "path": "token"}},
+            {"serviceAccountToken": {"expirationSeconds": 1800, "path": "api-token"}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        ])
+    );
+    let agent = sidecar(&pod);
+    let mounts = agent.volume_mounts.clone().expect("mounts");
+    assert!(mounts.iter().any(|m| m.mount_path == "/var/run/secrets/slim.agntcy.org" && m.read_only == Some(true)));
+    let app_mounts = pod.spec.as_ref().map(|s| s.containers[0].volume_mounts.clone().unwrap_or_default()).expect("app");
+    assert_eq!(app_mounts.len(), 1, "the app sees /svids only, not the raw token: {app_mounts:?}");
+    // The agent knows its pod (the token must be bound to it), and has no SPIRE socket variable.
+    let env = agent.env.clone().expect("env");
+    let field = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value_from.clone())
+            .and_then(|v| v.field_ref)
+            .map(|f| f.field_path)
+    };
+    assert_eq!(field("SLIM_POD_UID").as_deref(), Some("metadata.uid"));
+    assert_eq!(field("SLIM_POD_NAME").as_deref(), Some("metadata.name"));
+    assert!(env.iter().all(|e| e.name != "SPIFFE_ENDPOINT_SOCKET"));
+}
+
+#[tokio::test]
+async fn a_namespace_label_sets_the_identity_source_and_the_pod_can_override_it() {
+    let labels = BTreeMap::from([(
+        "apps".to_owned(),
+        BTreeMap::from([("slim.agntcy.org/identity-source".to_owned(), "kubernetes".to_owned())]),
+    )]);
+    let pod = app_pod(json!({"slim.agntcy.org/inject-identity": "true"}));
+    let (_, _, injected) = mutate(state(labels.clone()), "apps", pod).await;
+    assert_eq!(agent_config(&injected)["identity_source"], "kubernetes");
+    let pod = app_pod(json!({"slim.agntcy.org/inject-identity": "true", "slim.agntcy.org/identity-source": "spiffe"}));
+    let (_, _, injected) = mutate(state(labels), "apps", pod).await;
+    let config = agent_config(&injected);
+    assert!(config.get("identity_source").is_none(), "spiffe: {config}");
+    assert!(config["agent_address"].as_str().is_some_and(|a| a.ends_with("api.sock")));
+}
+
+#[tokio::test]
 async fn impossible_settings_are_refused_with_the_reason() {
     for (annotations, expected) in [
         (
@@ -299,6 +364,23 @@ async fn impossible_settings_are_refused_with_the_reason() {
         (json!({"slim.agntcy.org/svid-containers": "sidecar"}), "the pod has no container \"sidecar\""),
         (json!({"slim.agntcy.org/key-file-mode": "600"}), "is not an octal mode"),
         (json!({"slim.agntcy.org/sidecar-cpu-request": "lots"}), "is not a quantity"),
+        (json!({"slim.agntcy.org/identity-source": "vault"}), "\"vault\" is not spiffe or kubernetes"),
+        (
+            json!({"slim.agntcy.org/identity-source": "kubernetes", "slim.agntcy.org/jwt-audiences": "a,b"}),
+            "projects one token: name its audience",
+        ),
+        (
+            json!({"slim.agntcy.org/identity-source": "kubernetes", "slim.agntcy.org/token-expiration-seconds": "60"}),
+            "is not a number of seconds from 600 to 86400",
+        ),
+        (
+            json!({"slim.agntcy.org/identity-source": "kubernetes", "slim.agntcy.org/x509": "true"}),
+            "X.509-SVIDs need SPIRE",
+        ),
+        (
+            json!({"slim.agntcy.org/identity-source": "kubernetes", "slim.agntcy.org/jwt-bundle-format": "spiffe-helper"}),
+            "writes a plain JWKS",
+        ),
     ] {
         let mut all = annotations.clone();
         all["slim.agntcy.org/inject-identity"] = json!("true");
