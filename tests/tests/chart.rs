@@ -170,6 +170,9 @@ fn custom_render_follows_the_values() {
     assert_eq!(env("SLIM_OPERATOR_SPIRE_SOCKET"), "host-path");
     assert_eq!(env("SLIM_OPERATOR_DEFAULT_AUDIENCES"), "slim,gateway");
     assert_eq!(env("SLIM_OPERATOR_CHANNEL_MANAGER"), "http://slim-channel-manager.slim.svc:10356");
+    assert_eq!(env("SLIM_OPERATOR_DEFAULT_IDENTITY_SOURCE"), "kubernetes");
+    // bindIssuerDiscovery: Kubernetes' own binding of the discovery role, put back.
+    assert_eq!(rendered.bindings, 3);
     let webhook = &rendered.webhooks[0];
     assert!(webhook.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("cert-manager.io/inject-ca-from")));
     assert_eq!(webhook.webhooks.as_ref().expect("webhooks")[0].failure_policy.as_deref(), Some("Fail"));
@@ -189,6 +192,7 @@ fn schema_rejects_typos_and_bad_types() {
         ("webhook.failurePolicy=Sometimes", "failurePolicy"),
         ("sidecar.jwtBundleFormat=pem", "jwtBundleFormat"),
         ("operator.resyncInterval=often", "resyncInterval"),
+        ("sidecar.identitySource=vault", "identitySource"),
     ] {
         let error = run_helm(&["template", "slim", &chart(), "--set", set]).expect_err(set);
         assert!(error.contains(expected), "{set}: {error}");

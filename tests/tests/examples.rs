@@ -27,6 +27,7 @@ fn every_example_parses_into_its_type() {
             let kind = json["kind"].as_str().unwrap_or_default().to_owned();
             match kind.as_str() {
                 "Namespace" => drop(parse::<Namespace>(&file, &json)),
+                "ServiceAccount" => drop(parse::<k8s_openapi::api::core::v1::ServiceAccount>(&file, &json)),
                 "Service" => drop(parse::<Service>(&file, &json)),
                 "Deployment" => drop(parse::<Deployment>(&file, &json)),
                 "StatefulSet" => drop(parse::<StatefulSet>(&file, &json)),
@@ -74,4 +75,23 @@ fn the_injected_app_opts_in_and_joins_the_channel() {
     let selector = channel.spec.participant_selector.expect("selector");
     let labels = template.metadata.and_then(|m| m.labels);
     assert!(slim_operator::plan::selector_matches(&selector, labels.as_ref()), "the app is selected by the channel");
+}
+
+#[test]
+fn the_app_without_spire_gets_a_projected_token_from_the_injector() {
+    use k8s_openapi::api::core::v1::Pod;
+    use slim_operator::webhook::{Decision, InjectorConfig, decide};
+    let text = std::fs::read_to_string(repo_path("examples/07-app-kubernetes-identity.yaml")).expect("read");
+    let deployment = serde_yaml::Deserializer::from_str(&text)
+        .filter_map(|d| Deployment::deserialize(d).ok())
+        .find(|d| d.metadata.name.as_deref() == Some("erin"))
+        .expect("the erin Deployment");
+    let template = deployment.spec.expect("spec").template;
+    let pod = Pod { metadata: template.metadata.unwrap_or_default(), spec: template.spec, ..Default::default() };
+    let Decision::Inject(patch) = decide(&pod, "slim", None, &InjectorConfig::default()) else {
+        panic!("the example is not injected")
+    };
+    let patch = serde_json::to_string(&patch).expect("json");
+    assert!(patch.contains("\"serviceAccountToken\"") && patch.contains("identity_source: kubernetes"), "{patch}");
+    assert!(!patch.contains("csi.spiffe.io"), "no SPIRE socket: {patch}");
 }
