@@ -116,3 +116,19 @@ impl ProjectedVolume {
         Ok(())
     }
 }
+
+/// SLIM's server `auth` (a YAML flow mapping) that admits apps whose token SLIM's own JWT
+/// verifier accepts over the JWKS file `jwks`, for `audience` and `issuer`.
+pub fn node_jwt_auth(jwks: &Path, audience: &str, issuer: &str) -> String {
+    // `algorithm` is only a default: each JWKS key is used with its own `alg`.
+    format!(
+        "{{type: jwt, claims: {{audience: [{audience}], issuer: \"{issuer}\"}}, \
+         key: {{type: decoding, algorithm: ES256, format: jwks, key: {{file: \"{}\"}}}}}}",
+        jwks.display()
+    )
+}
+
+/// How many app connections the node's JWT middleware has refused so far (its log).
+pub fn node_rejections(node: &SlimNode) -> usize {
+    node.log().matches("ValidateJwt: async get_claims also failed").count()
+}

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, ServiceAccount};
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client, ResourceExt};
 use slim_e2e::control_plane::{self, SERVICE_ACCOUNT_ISSUER};
-use slim_e2e::identity::{ProjectedVolume, jwks_kids};
+use slim_e2e::identity::{ProjectedVolume, jwks_kids, node_jwt_auth, node_rejections};
 use slim_e2e::{KillOnDrop, SlimApp, SlimNode, free_port, wait_for, workspace_binary};
 
 /// A token of `account` for `audiences` (empty: the API server's own), bound to `pod` if given.
@@ -234,15 +234,8 @@ async fn service_account_tokens_are_slim_identities_without_spire() {
     // Real SLIM: a node whose data plane admits only apps presenting a token SLIM's own JWT
     // verifier accepts over the agent's key.jwt (issuer and audience checked); the apps present
     // their agent-written token files with SLIM's static-JWT client auth.
-    let alg = kids.first().map(|(_, alg)| alg.clone()).unwrap_or_default();
     let jwks = alice.svids.join("key.jwt");
-    let node_auth = |audience: &str| {
-        format!(
-            "{{type: jwt, claims: {{audience: [{audience}], issuer: \"{SERVICE_ACCOUNT_ISSUER}\"}}, \
-             key: {{type: decoding, algorithm: {alg}, format: jwks, key: {{file: \"{}\"}}}}}}",
-            jwks.display()
-        )
-    };
+    let node_auth = |audience: &str| node_jwt_auth(&jwks, audience, SERVICE_ACCOUNT_ISSUER);
     let mut node = SlimNode::start_with_data_auth("node-sa-identity", &node_auth("slim")).expect("node");
     let bob_file = bob.svids.join("jwt_svid.token");
     let _bob_app = tokio::task::block_in_place(|| SlimApp::listen_with_token(&node, "org/ns/bob", &bob_file))
@@ -255,7 +248,7 @@ async fn service_account_tokens_are_slim_identities_without_spire() {
         if !token.exists() {
             std::fs::write(token, forged(&alice.token())).expect("forged token");
         }
-        let rejected_before = rejections(&node);
+        let rejected_before = node_rejections(&node);
         let refused = tokio::task::block_in_place(|| SlimApp::refused_with_token(&node, "org/ns/mallory", token));
         let Err(error) = refused else { panic!("SLIM admitted {what}") };
         let said = error.to_string();
@@ -263,7 +256,7 @@ async fn service_account_tokens_are_slim_identities_without_spire() {
         eprintln!("SLIM on {what}: {refusal}");
         assert!(refusal.contains("link negotiation"), "{what}: {error}");
         // The node's own JWT middleware said no (not some other connection failure).
-        assert!(rejections(&node) > rejected_before, "{what}: the node logged no JWT rejection: {}", node.log());
+        assert!(node_rejections(&node) > rejected_before, "{what}: the node logged no JWT rejection: {}", node.log());
     }
 
     phase("refused by SLIM");
@@ -289,15 +282,10 @@ async fn service_account_tokens_are_slim_identities_without_spire() {
     phase("exchange after the node restart");
     let old = dir.path().join("old.token");
     std::fs::write(&old, before_rollover).expect("old token");
-    let rejected_before = rejections(&node);
+    let rejected_before = node_rejections(&node);
     let refused = tokio::task::block_in_place(|| SlimApp::refused_with_token(&node, "org/ns/carol", &old));
     assert!(refused.is_err_and(|e| e.to_string().contains("refused")), "the node must refuse a token without slim-v2");
-    assert!(rejections(&node) > rejected_before, "the node's JWT middleware refused it");
-}
-
-/// How many connections the node's JWT middleware refused so far (its log).
-fn rejections(node: &SlimNode) -> usize {
-    node.log().matches("ValidateJwt: async get_claims also failed").count()
+    assert!(node_rejections(&node) > rejected_before, "the node's JWT middleware refused it");
 }
 
 /// Alice, authenticated with `token`, says `message` to bob: the line she printed (`reply …`).

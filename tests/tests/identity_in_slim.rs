@@ -6,19 +6,22 @@
 //!
 //! What SLIM 3.4.6 does with them, measured here:
 //! - the JWKS as the Workload API sends it (no `alg`) is refused: "no suitable key found in JWKS";
-//! - the agent's JWKS (with `alg`) and tokens pass SLIM's verifier, for the ES256 key and, after a
-//!   signing-key rotation, for the RS256 one;
 //! - sessions still cannot start: SLIM signs session control messages with the identity
 //!   provider's own key and checks that signature against a `pubkey` claim in the token, and its
 //!   `static_jwt` provider has no key (`MlsNotSupported`), so the receiver refuses every discovery
 //!   request ("token invalid"). That is SLIM's, not the files': when a SLIM release lets
-//!   `static_jwt` identities open sessions, this test expects the replies instead.
+//!   `static_jwt` identities open sessions, this test expects the replies instead;
+//! - "token invalid" is also what SLIM says for a wrong audience or an expired token, so the
+//!   session refusal cannot show that the files pass SLIM's verifier. A SLIM node whose data plane
+//!   authenticates apps with the same verifier shows it: it admits an app presenting the agent's
+//!   token over the agent's `key.jwt` (RS256 after the signing-key rotation), and refuses the same
+//!   token over the Workload API's JWKS.
 
 use std::path::Path;
 use std::time::Duration;
 
-use slim_e2e::identity::{assert_identity_accepted, exchange, jwks_kids};
-use slim_e2e::{KillOnDrop, SlimNode, wait_for, workspace_binary};
+use slim_e2e::identity::{assert_identity_accepted, exchange, jwks_kids, node_jwt_auth, node_rejections};
+use slim_e2e::{KillOnDrop, SlimApp, SlimNode, wait_for, workspace_binary};
 use slim_identity_agent::workload::fake::{AgentState, FakeAgent, SigningKey};
 
 const TRUST_DOMAIN: &str = "example.org";
@@ -113,6 +116,21 @@ async fn slim_apps_accept_the_agents_files_and_refuse_the_workload_apis_jwks() {
     .await;
     let (replies, refused) = tokio::task::block_in_place(|| exchange(&node, &alice_svids, &bob_svids, 4));
     assert_identity_accepted(replies, &refused, "RS256 after the rotation");
+
+    // SLIM's verifier where its answer shows: nodes that authenticate apps on their data plane.
+    let issuer = format!("https://oidc.{TRUST_DOMAIN}");
+    let token = alice_svids.join("jwt_svid.token");
+    let guarded =
+        SlimNode::start_with_data_auth("node-guarded", &node_jwt_auth(&bob_svids.join("key.jwt"), "slim", &issuer))
+            .expect("node");
+    tokio::task::block_in_place(|| SlimApp::listen_with_token(&guarded, "org/ns/alice", &token))
+        .expect("SLIM's verifier admits the agent's token over the agent's key.jwt");
+    assert_eq!(node_rejections(&guarded), 0, "{}", guarded.log());
+    let raw_node = SlimNode::start_with_data_auth("node-raw", &node_jwt_auth(&raw.join("key.jwt"), "slim", &issuer))
+        .expect("node");
+    let refused = tokio::task::block_in_place(|| SlimApp::refused_with_token(&raw_node, "org/ns/alice", &token));
+    assert!(refused.is_err(), "the Workload API's JWKS (no alg) must not admit anyone");
+    assert!(node_rejections(&raw_node) > 0, "refused by the node's JWT verifier: {}", raw_node.log());
 }
 
 fn base64_json(segment: &str) -> Option<serde_json::Value> {
