@@ -325,3 +325,87 @@ pub(crate) async fn fetch_once(
     let (token, valid) = read_token(&source.token_file, entries, &pod_from_env(), &keys)?;
     Ok((keys, token, valid))
 }
+
+#[cfg(all(test, feature = "dev"))]
+mod tests {
+    use super::*;
+    use crate::workload::fake::SigningKey;
+    use serde_json::json;
+
+    const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+    fn token(key: &SigningKey, audience: &str, pod_uid: &str) -> String {
+        static SERIAL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let now = unix_now();
+        key.sign(&json!({
+            "jti": SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_string(),
+            "iss": ISSUER, "sub": "system:serviceaccount:apps:alice", "aud": [audience],
+            "iat": now, "nbf": now, "exp": now + 600,
+            "kubernetes.io": {"namespace": "apps", "pod": {"name": "alice-0", "uid": pod_uid}},
+        }))
+    }
+
+    /// The kubelet's way: a new directory, then one rename of `..data`.
+    fn project(dir: &Path, version: u32, token: &str) {
+        let name = format!("..v{version}");
+        std::fs::create_dir(dir.join(&name)).expect("version dir");
+        std::fs::write(dir.join(&name).join("token"), token).expect("token");
+        let tmp = dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&name, &tmp).expect("link");
+        std::fs::rename(&tmp, dir.join("..data")).expect("swap");
+        if std::fs::symlink_metadata(dir.join("token")).is_err() {
+            std::os::unix::fs::symlink("..data/token", dir.join("token")).expect("token link");
+        }
+    }
+
+    async fn next_token(rx: &mut mpsc::Receiver<Update>, wait: Duration) -> Option<String> {
+        match tokio::time::timeout(wait, rx.recv()).await {
+            Ok(Some(Update::Jwt { token, .. })) => Some(token),
+            Ok(Some(Update::Fatal(error))) => panic!("fatal: {error}"),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_token_loop_follows_the_kubelets_swaps_and_writes_only_valid_tokens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = SigningKey::es256("cluster-1");
+        let jwks = serde_json::to_vec(&json!({"keys": [key.jwk()]})).expect("jwks");
+        let first = token(&key, "slim", "uid-1");
+        project(dir.path(), 1, &first);
+        let source = KubernetesSource { token_file: dir.path().join("token"), ..KubernetesSource::default() };
+        let entries = vec![JwtSvidConfig { audience: "slim".into(), extra_audiences: vec![], file_name: "t".into() }];
+        let pod = Expected { pod_uid: Some("uid-1".into()), ..Expected::default() };
+        let (tx, mut rx) = mpsc::channel(8);
+        let (keys_tx, keys_rx) = watch::channel(None);
+        let wanted = Arc::new(Notify::new());
+        let task = tokio::spawn(token_loop(source, entries, pod, tx, keys_rx, wanted.clone()));
+
+        // Nothing is written before the cluster's keys are known.
+        assert!(tokio::time::timeout(Duration::from_millis(300), rx.recv()).await.is_err());
+        keys_tx.send_replace(Some(ClusterKeys { issuer: ISSUER.into(), jwks: jwks.clone() }));
+        assert_eq!(next_token(&mut rx, Duration::from_secs(5)).await.as_deref(), Some(first.as_str()));
+
+        // A rotation by swap is seen and written.
+        let second = token(&key, "slim", "uid-1");
+        assert_ne!(first, second);
+        project(dir.path(), 2, &second);
+        assert_eq!(next_token(&mut rx, Duration::from_secs(5)).await.as_deref(), Some(second.as_str()));
+
+        // Another pod's token and another audience's are not written.
+        project(dir.path(), 3, &token(&key, "slim", "uid-2"));
+        project(dir.path(), 4, &token(&key, "other", "uid-1"));
+        assert_eq!(next_token(&mut rx, Duration::from_secs(1)).await, None, "an invalid token must not be written");
+
+        // A token signed by a key the agent does not know yet asks for the keys, and is written
+        // once they arrive.
+        let new_key = SigningKey::es256("cluster-2");
+        let third = token(&new_key, "slim", "uid-1");
+        project(dir.path(), 5, &third);
+        tokio::time::timeout(Duration::from_secs(5), wanted.notified()).await.expect("the keys are asked for");
+        let both = serde_json::to_vec(&json!({"keys": [key.jwk(), new_key.jwk()]})).expect("jwks");
+        keys_tx.send_replace(Some(ClusterKeys { issuer: ISSUER.into(), jwks: both }));
+        assert_eq!(next_token(&mut rx, Duration::from_secs(5)).await.as_deref(), Some(third.as_str()));
+        task.abort();
+    }
+}

@@ -184,6 +184,24 @@ async fn service_account_tokens_are_slim_identities_without_spire() {
     assert!(log.contains(&format!("issuer={SERVICE_ACCOUNT_ISSUER}")), "{log}");
     assert!(!log.contains(&alice.token()), "the agent must never log a token");
 
+    // One-shot mode (`-daemon-mode=false`): the same files, written once, exit 0.
+    let once = dir.path().join("once");
+    std::fs::create_dir_all(&once).expect("dir");
+    let config = std::fs::read_to_string(alice.svids.with_extension("yaml")).expect("config");
+    let config =
+        config.replace(&format!("cert_dir: {}", alice.svids.display()), &format!("cert_dir: {}", once.display()));
+    let once_config = once.with_extension("yaml");
+    std::fs::write(&once_config, config).expect("config");
+    let status = Command::new(workspace_binary("slim-identity-agent", "SLIM_IDENTITY_AGENT_BIN").expect("agent"))
+        .args(["-daemon-mode=false", "-config"])
+        .arg(&once_config)
+        .env("SLIM_POD_NAME", "alice-0")
+        .stderr(Stdio::null())
+        .status()
+        .expect("one-shot agent");
+    assert!(status.success(), "one-shot mode: {status}");
+    assert_eq!(std::fs::read_to_string(once.join("jwt_svid.token")).ok(), Some(alice.token()));
+    assert_eq!(jwks_kids(&once), kids);
     phase("bundle checked");
     // `verify` accepts it for `slim` and says who it is; another audience is refused.
     let alice_file = alice.svids.join("jwt_svid.token");
