@@ -72,14 +72,15 @@ pub enum JwtError {
     PodBinding { expected: String, token: String },
 }
 
+/// The registered claims every token kind here is checked on.
 #[derive(Deserialize)]
-struct Claims {
-    sub: Option<String>,
-    iss: Option<String>,
+pub(crate) struct Claims {
+    pub(crate) sub: Option<String>,
+    pub(crate) iss: Option<String>,
     #[serde(default)]
-    aud: Audience,
-    exp: Option<i64>,
-    nbf: Option<i64>,
+    pub(crate) aud: Audience,
+    pub(crate) exp: Option<i64>,
+    pub(crate) nbf: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]

@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use super::jwt::{self, Audience, JwtError};
+use super::jwt::{self, JwtError};
 
 /// The key under which the cluster's JWKS sits among the agent's JWT bundles.
 pub const BUNDLE_KEY: &str = "kubernetes";
@@ -48,12 +48,8 @@ pub struct Expected {
 
 #[derive(Deserialize)]
 struct Claims {
-    sub: Option<String>,
-    iss: Option<String>,
-    #[serde(default)]
-    aud: Audience,
-    exp: Option<i64>,
-    nbf: Option<i64>,
+    #[serde(flatten)]
+    registered: jwt::Claims,
     #[serde(rename = "kubernetes.io")]
     kubernetes: Option<KubernetesClaims>,
 }
@@ -74,7 +70,7 @@ struct ObjectRef {
 pub fn is_service_account_token(token: &str) -> bool {
     jwt::unverified_claims::<Claims>(token.trim())
         .ok()
-        .and_then(|c| c.sub)
+        .and_then(|c| c.registered.sub)
         .is_some_and(|sub| sub.starts_with("system:serviceaccount:"))
 }
 
@@ -89,7 +85,7 @@ pub fn validate(
 ) -> Result<ServiceAccountToken, JwtError> {
     let token = token.trim();
     let (header, kid) = jwt::checked_header(token)?;
-    let claims: Claims = jwt::unverified_claims(token)?;
+    let Claims { registered: claims, kubernetes: bound } = jwt::unverified_claims(token)?;
     let issuer = claims.iss.clone().unwrap_or_default();
     if issuer.is_empty() || expected.issuer.as_ref().is_some_and(|e| *e != issuer) {
         return Err(JwtError::Issuer { expected: expected.issuer.clone().unwrap_or_default(), token: claims.iss });
@@ -101,8 +97,8 @@ pub fn validate(
     let expiry = jwt::check_audience_and_time(&audiences, claims.exp, claims.nbf, &expected.audiences, now, leeway)?;
     jwt::check_signature(token, &header, &key)?;
 
-    let pod = claims.kubernetes.as_ref().and_then(|k| k.pod.as_ref()).map(|p| (p.name.clone(), p.uid.clone()));
-    let claimed_namespace = claims.kubernetes.as_ref().and_then(|k| k.namespace.as_deref());
+    let pod = bound.as_ref().and_then(|k| k.pod.as_ref()).map(|p| (p.name.clone(), p.uid.clone()));
+    let claimed_namespace = bound.as_ref().and_then(|k| k.namespace.as_deref());
     if claimed_namespace.is_some_and(|n| n != namespace) {
         return Err(JwtError::Malformed(format!(
             "kubernetes.io.namespace {claimed_namespace:?} contradicts sub {subject:?}"
