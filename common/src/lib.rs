@@ -8,6 +8,11 @@
 pub mod backoff;
 pub mod supervise;
 
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
 /// `a: b: c` from an error and its sources (tonic's top-level message alone says little).
 ///
 /// An error and its causes, each said once: a cause whose text the message already shows (an

@@ -5,7 +5,7 @@
 //! the output directory, so every version it writes holds a consistent set of files.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use slim_k8s_common::backoff::Backoff;
 use slim_k8s_common::supervise::{Supervisor, TaskFailure};
@@ -51,9 +51,7 @@ pub enum AgentError {
     Kubernetes(#[from] crate::kubernetes::KubernetesError),
 }
 
-pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
+pub use slim_k8s_common::unix_now;
 
 pub(crate) enum Update {
     X509(X509Files),

@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +171,64 @@ fn is_controller(port: u16) -> bool {
     probe.join().unwrap_or(false)
 }
 
+/// Whether `port` answers a TLS ClientHello with TLS (a handshake, or a TLS alert): how a node's
+/// TLS controller port is told from its plain data port.
+fn speaks_tls(port: u16) -> bool {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    #[derive(Debug)]
+    struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for AnyServer {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let Ok(builder) =
+        rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()
+    else {
+        return false;
+    };
+    let config =
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServer(provider))).with_no_client_auth();
+    let Ok(name) = rustls::pki_types::ServerName::try_from("localhost") else { return false };
+    let Ok(mut tls) = rustls::ClientConnection::new(Arc::new(config), name) else { return false };
+    let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(3)));
+    match tls.complete_io(&mut tcp) {
+        Ok(_) => true,
+        Err(error) => error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+            .is_some_and(|e| matches!(e, rustls::Error::AlertReceived(_) | rustls::Error::InvalidCertificate(_))),
+    }
+}
+
 /// A real SLIM node process. Killed on drop.
 pub struct SlimNode {
     pub node_id: String,
@@ -181,6 +239,8 @@ pub struct SlimNode {
     child: Option<Child>,
     /// The data-plane server's `auth` (a YAML flow mapping), or empty: none.
     data_auth: String,
+    /// The controller server's `tls` (a YAML flow mapping), or empty: plain text.
+    controller_tls: String,
     _dir: tempfile::TempDir,
 }
 
@@ -194,6 +254,17 @@ impl SlimNode {
     /// A node whose data-plane server authenticates every app connection with `auth` (SLIM's
     /// server `auth` config as a YAML flow mapping, e.g. `{type: jwt, ...}`).
     pub fn start_with_data_auth(node_id: &str, auth: &str) -> Result<Self, HarnessError> {
+        Self::start_with(node_id, auth, "")
+    }
+
+    /// A node whose controller API is served with `tls` (SLIM's server `tls` config as a YAML flow
+    /// mapping, e.g. `{source: {type: file, cert: ..., key: ...}, client_ca: {...}}`); its
+    /// [`SlimNode::controller_endpoint`] is then `https://`.
+    pub fn start_with_controller_tls(node_id: &str, tls: &str) -> Result<Self, HarnessError> {
+        Self::start_with(node_id, "", tls)
+    }
+
+    fn start_with(node_id: &str, data_auth: &str, controller_tls: &str) -> Result<Self, HarnessError> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("node.yaml");
         let log = dir.path().join("node.log");
@@ -204,12 +275,19 @@ impl SlimNode {
             config,
             log,
             child: None,
-            data_auth: auth.to_owned(),
+            data_auth: data_auth.to_owned(),
+            controller_tls: controller_tls.to_owned(),
             _dir: dir,
         };
         node.write_config()?;
         node.launch()?;
         Ok(node)
+    }
+
+    /// Changes the controller server's `tls`; the next [`SlimNode::restart`] uses it.
+    pub fn set_controller_tls(&mut self, tls: &str) -> Result<(), HarnessError> {
+        self.controller_tls = tls.to_owned();
+        self.write_config()
     }
 
     /// Changes the data-plane server's `auth`; the next [`SlimNode::restart`] uses it.
@@ -222,6 +300,8 @@ impl SlimNode {
     fn write_config(&self) -> Result<(), HarnessError> {
         let (node_id, data_port, controller_port) = (&self.node_id, self.data_port, self.controller_port);
         let auth = if self.data_auth.is_empty() { String::new() } else { format!(", auth: {}", self.data_auth) };
+        let controller_tls =
+            if self.controller_tls.is_empty() { "{insecure: true}".to_owned() } else { self.controller_tls.clone() };
         std::fs::write(
             &self.config,
             format!(
@@ -229,7 +309,7 @@ impl SlimNode {
                  tracing: {{log_level: warn}}\n\
                  services:\n  slim/0:\n    node_id: {node_id}\n    \
                  dataplane: {{servers: [{{endpoint: \"127.0.0.1:{data_port}\", tls: {{insecure: true}}{auth}}}], clients: []}}\n    \
-                 controller: {{servers: [{{endpoint: \"127.0.0.1:{controller_port}\", tls: {{insecure: true}}}}]}}\n"
+                 controller: {{servers: [{{endpoint: \"127.0.0.1:{controller_port}\", tls: {controller_tls}}}]}}\n"
             ),
         )?;
         Ok(())
@@ -274,17 +354,23 @@ impl SlimNode {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        // Which is which: only the controller port answers the controller API.
-        let Some(&controller) = ports.iter().find(|port| is_controller(**port)) else { return Err(not_ready(self)) };
+        // Which is which: only the controller port answers the controller API (with TLS: only it
+        // speaks TLS).
+        let tls = !self.controller_tls.is_empty();
+        let Some(&controller) = ports.iter().find(|port| if tls { speaks_tls(**port) } else { is_controller(**port) })
+        else {
+            return Err(not_ready(self));
+        };
         self.controller_port = controller;
         self.data_port = ports.into_iter().find(|p| *p != controller).unwrap_or_default();
         // A restart binds the same ports again.
         self.write_config()
     }
 
-    /// `http://127.0.0.1:<port>` of the controller API.
+    /// `http://127.0.0.1:<port>` of the controller API (`https://` when it is served with TLS).
     pub fn controller_endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.controller_port)
+        let scheme = if self.controller_tls.is_empty() { "http" } else { "https" };
+        format!("{scheme}://127.0.0.1:{}", self.controller_port)
     }
 
     /// `http://127.0.0.1:<port>` of the data plane (what links and apps dial).

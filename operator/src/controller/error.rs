@@ -59,7 +59,9 @@ impl Error {
             Error::InvalidName(_) => "InvalidName",
             Error::InvalidSelector(_) => "InvalidSelector",
             Error::Secret { .. } => "SecretUnavailable",
-            Error::NodeUnreachable(_) => "NodeUnreachable",
+            Error::NodeUnreachable(message) => {
+                crate::slim::tls::TlsFailure::classify(message).map_or("NodeUnreachable", |f| f.reason())
+            }
             Error::RouteRejected(_) => "RouteRejected",
             Error::CleanupPending(_) => "CleanupPending",
             Error::NoChannelManager => "NoChannelManager",

@@ -8,6 +8,7 @@ use k8s_openapi::jiff::Timestamp;
 use crate::api::condition::{self, READY};
 use crate::api::{NodeStatus, SubscriptionStatus};
 use crate::engine::{NodeReport, NodeResult};
+use crate::slim::tls::TlsFailure;
 
 /// Condition reasons a Subscription can carry (documented in the README's troubleshooting).
 pub mod reason {
@@ -123,9 +124,20 @@ pub fn next_status(
                 NodeResult::InSync { .. } => String::new(),
             })
             .collect();
+        // A TLS failure is named by its cause (untrusted server, unexpected identity, refused or
+        // expired client certificate), not as a generic unreachable node.
+        let tls = failed.iter().find_map(|r| match &r.result {
+            NodeResult::Unreachable(m) => TlsFailure::classify(m),
+            _ => None,
+        });
+        let reason_text = match (rejected, tls) {
+            (true, _) => reason::ROUTE_REJECTED,
+            (false, Some(failure)) => failure.reason(),
+            (false, None) => reason::NODE_UNREACHABLE,
+        };
         (
             false,
-            if rejected { reason::ROUTE_REJECTED } else { reason::NODE_UNREACHABLE },
+            reason_text,
             format!("{} of {} node(s) not in sync: {}", failed.len(), targets.len(), detail.join("; ")),
         )
     };
@@ -225,6 +237,15 @@ mod tests {
         let b = status.nodes.iter().find(|n| n.endpoint == "http://b").expect("b");
         assert!(!b.route_installed);
         assert_eq!(b.message.as_deref(), Some("connect refused"));
+        let untrusted = [report(
+            "https://a",
+            true,
+            NodeResult::Unreachable(
+                "node https://a unreachable: connect: invalid peer certificate: UnknownIssuer".into(),
+            ),
+        )];
+        let (status, _) = next_status(&SubscriptionStatus::default(), &input(100), &untrusted);
+        assert_eq!(ready(&status), ("False", "TlsUntrustedServer"));
         let rejected = [report("http://a", true, NodeResult::Rejected("bad".into()))];
         let (status, _) = next_status(&SubscriptionStatus::default(), &input(100), &rejected);
         assert_eq!(ready(&status), ("False", reason::ROUTE_REJECTED));

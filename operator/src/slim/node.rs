@@ -28,6 +28,7 @@ use super::model::{ChangeOutcome, NodeChange, NodeError, NodeEvent, NodeStats, O
 use super::name::NameKey;
 use super::pb::controller::v1 as ctl;
 use super::pb::controller::v1::control_message::Payload;
+use super::tls::TlsSource;
 use crate::backoff::Backoff;
 
 /// Tunables of a node client; defaults suit production.
@@ -80,6 +81,18 @@ pub struct NodeClient {
 impl NodeClient {
     /// Starts the actor for `endpoint` (an `http://host:port` URI of the controller API).
     pub fn spawn(endpoint: &str, config: NodeClientConfig, events: broadcast::Sender<NodeEvent>) -> Self {
+        Self::spawn_with_tls(endpoint, config, events, None)
+    }
+
+    /// Starts the actor for `endpoint` (`https://host:port` with `tls`): every connection takes
+    /// the material `tls` holds at that moment, so a rotated certificate is used by the next one,
+    /// and a stream opened with a client certificate is re-opened before that certificate expires.
+    pub fn spawn_with_tls(
+        endpoint: &str,
+        config: NodeClientConfig,
+        events: broadcast::Sender<NodeEvent>,
+        tls: Option<TlsSource>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(4096);
         let stats = Arc::new(NodeStats::default());
         let client = Self {
@@ -89,7 +102,8 @@ impl NodeClient {
             change_timeout: config.change_timeout,
             list_timeout: config.list_timeout,
         };
-        let actor = Actor { endpoint: endpoint.to_owned(), config, rx, stats, events, cache: None };
+        let actor =
+            Actor { endpoint: endpoint.to_owned(), config, rx, stats, events, cache: None, tls, renew_at: None };
         tokio::spawn(actor.run());
         client
     }
@@ -141,6 +155,10 @@ struct Actor {
     events: broadcast::Sender<NodeEvent>,
     /// Last listing, with the time it was taken. Dropped on disconnect.
     cache: Option<(Instant, Arc<Observed>)>,
+    tls: Option<TlsSource>,
+    /// When the current stream must be re-opened: before the client certificate it was opened
+    /// with expires.
+    renew_at: Option<Instant>,
 }
 
 /// Why a connected session ended.
@@ -149,26 +167,36 @@ enum SessionEnd {
     Closed,
     /// The stream broke; reconnect.
     Broken(String),
+    /// The client certificate the stream was opened with is about to expire: open a new one now.
+    Renew,
 }
 
 impl Actor {
     async fn run(mut self) {
         let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
         let mut ever_connected = false;
+        let mut renewing = false;
         loop {
             let reason = match self.connect().await {
                 Ok((outbound, inbound)) => {
                     backoff.reset();
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                    if ever_connected {
+                    if renewing {
+                        debug!(node = %self.endpoint, "control stream re-opened with renewed credentials");
+                    } else if ever_connected {
                         info!(node = %self.endpoint, "control stream re-established; node state will be re-checked");
                         let _ = self.events.send(NodeEvent::Reconnected { endpoint: self.endpoint.clone() });
                     } else {
                         debug!(node = %self.endpoint, "control stream established");
                     }
                     ever_connected = true;
+                    renewing = false;
                     match Session::new(&mut self, outbound).serve(inbound).await {
                         SessionEnd::Closed => return,
+                        SessionEnd::Renew => {
+                            renewing = true;
+                            continue;
+                        }
                         SessionEnd::Broken(reason) => reason,
                     }
                 }
@@ -195,14 +223,40 @@ impl Actor {
         }
     }
 
-    async fn connect(&self) -> Result<(mpsc::Sender<ctl::ControlMessage>, Streaming<ctl::ControlMessage>), String> {
-        let endpoint = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
-            .map_err(|e| format!("invalid endpoint: {e}"))?
-            .connect_timeout(self.config.connect_timeout)
-            .http2_keep_alive_interval(Duration::from_secs(15))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
-        let channel = endpoint.connect().await.map_err(|e| format!("connect: {}", error_chain(&e)))?;
+    async fn connect(&mut self) -> Result<(mpsc::Sender<ctl::ControlMessage>, Streaming<ctl::ControlMessage>), String> {
+        let uri: tonic::codegen::http::Uri = self.endpoint.parse().map_err(|e| format!("invalid endpoint: {e}"))?;
+        let (host, port) = match (uri.host(), uri.port_u16()) {
+            (Some(host), Some(port)) => (host.trim_start_matches('[').trim_end_matches(']').to_owned(), port),
+            _ => return Err(format!("invalid endpoint {}: needs a host and a port", self.endpoint)),
+        };
+        // tonic speaks plain HTTP/2 to what the connector returns; TLS, when wanted, is ours.
+        let endpoint = tonic::transport::Endpoint::from_shared(format!(
+            "http://{}",
+            uri.authority().map(|a| a.as_str()).unwrap_or_default()
+        ))
+        .map_err(|e| format!("invalid endpoint: {e}"))?
+        .connect_timeout(self.config.connect_timeout)
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+        self.renew_at = None;
+        let channel = match &self.tls {
+            None => endpoint.connect().await.map_err(|e| format!("connect: {}", error_chain(&e)))?,
+            Some(tls) => {
+                let material = tls.borrow().clone();
+                if let Some(identity) = &material.identity {
+                    self.renew_at = Some(renewal_time(identity.not_after, slim_k8s_common::unix_now()));
+                }
+                let timeout = self.config.connect_timeout;
+                let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
+                    let (host, material) = (host.clone(), material.clone());
+                    async move {
+                        super::tls::connect(&host, port, &material, timeout).await.map(hyper_util::rt::TokioIo::new)
+                    }
+                });
+                endpoint.connect_with_connector(connector).await.map_err(|e| format!("connect: {}", error_chain(&e)))?
+            }
+        };
         let mut client = ctl::controller_service_client::ControllerServiceClient::new(channel);
         let (outbound, outbound_rx) = mpsc::channel(1024);
         let inbound = tokio::time::timeout(
@@ -211,10 +265,30 @@ impl Actor {
         )
         .await
         .map_err(|_| "opening the control channel timed out".to_owned())?
-        .map_err(|status| format!("opening the control channel: {}", status.message()))?
+        .map_err(|status| format!("opening the control channel: {}", error_chain(&status)))?
         .into_inner();
         Ok((outbound, inbound))
     }
+}
+
+/// When a stream opened with a client certificate valid until `not_after` is re-opened: half its
+/// remaining life from `now`, at most a minute before it expires, never in the past.
+fn renewal_time(not_after: i64, now: i64) -> Instant {
+    Instant::now() + renewal_delay(not_after, now)
+}
+
+fn renewal_delay(not_after: i64, now: i64) -> Duration {
+    let remaining = u64::try_from(not_after - now).unwrap_or(0);
+    let lead = (remaining / 2).min(60);
+    Duration::from_secs(remaining.saturating_sub(lead))
+}
+
+#[cfg(test)]
+#[test]
+fn renewal_is_before_expiry() {
+    assert_eq!(renewal_delay(1_000 + 3_600, 1_000), Duration::from_secs(3_540), "a minute ahead");
+    assert_eq!(renewal_delay(1_000 + 60, 1_000), Duration::from_secs(30), "half the life when short");
+    assert_eq!(renewal_delay(900, 1_000), Duration::ZERO, "expired: at once");
 }
 
 impl Command {
@@ -266,8 +340,17 @@ impl<'a> Session<'a> {
 
     async fn serve(mut self, mut inbound: Streaming<ctl::ControlMessage>) -> SessionEnd {
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        let renew_at = self.actor.renew_at;
+        let renew = async move {
+            match renew_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(renew);
         let end = loop {
             tokio::select! {
+                _ = &mut renew => break SessionEnd::Renew,
                 command = self.actor.rx.recv() => match command {
                     None => break SessionEnd::Closed,
                     Some(command) => {
@@ -292,6 +375,7 @@ impl<'a> Session<'a> {
         let reason = match &end {
             SessionEnd::Closed => "client stopped".to_owned(),
             SessionEnd::Broken(reason) => reason.clone(),
+            SessionEnd::Renew => "the control stream is re-opened with renewed credentials".to_owned(),
         };
         self.fail_all(&reason);
         end

@@ -11,6 +11,7 @@ use tokio::sync::broadcast;
 
 use super::model::NodeEvent;
 use super::node::{NodeClient, NodeClientConfig};
+use super::tls::TlsSource;
 use crate::metrics::NodeLabels;
 
 /// Clients idle for this long are dropped (their node left every Subscription).
@@ -24,13 +25,34 @@ pub struct NodePool {
 struct Inner {
     config: NodeClientConfig,
     nodes: Mutex<HashMap<String, (NodeClient, Instant)>>,
+    /// TLS for `https://` endpoints, as set by [`NodePool::use_tls`].
+    tls: Mutex<HashMap<String, TlsSource>>,
     events: broadcast::Sender<NodeEvent>,
 }
 
 impl NodePool {
     pub fn new(config: NodeClientConfig) -> Self {
         let (events, _) = broadcast::channel(1024);
-        Self { inner: Arc::new(Inner { config, nodes: Mutex::new(HashMap::new()), events }) }
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                nodes: Mutex::new(HashMap::new()),
+                tls: Mutex::new(HashMap::new()),
+                events,
+            }),
+        }
+    }
+
+    /// Connects to `endpoint` with `tls` from now on. The same source again changes nothing
+    /// (its rotations reach the client by themselves); another one replaces the client.
+    pub fn use_tls(&self, endpoint: &str, tls: TlsSource) {
+        let mut sources = self.inner.tls.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if sources.get(endpoint).is_some_and(|current| current.same_channel(&tls)) {
+            return;
+        }
+        sources.insert(endpoint.to_owned(), tls);
+        drop(sources);
+        self.inner.nodes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(endpoint);
     }
 
     /// The client for `endpoint`, started on first use. Must be called inside a tokio runtime.
@@ -39,7 +61,8 @@ impl NodePool {
         let now = Instant::now();
         nodes.retain(|key, (_, used)| key == endpoint || now.duration_since(*used) < IDLE_TIMEOUT);
         let entry = nodes.entry(endpoint.to_owned()).or_insert_with(|| {
-            (NodeClient::spawn(endpoint, self.inner.config.clone(), self.inner.events.clone()), now)
+            let tls = self.inner.tls.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(endpoint).cloned();
+            (NodeClient::spawn_with_tls(endpoint, self.inner.config.clone(), self.inner.events.clone(), tls), now)
         });
         entry.1 = now;
         entry.0.clone()

@@ -1,0 +1,435 @@
+//! TLS to SLIM control endpoints (node controller APIs): which server to trust (a CA bundle, the
+//! system roots, or a SPIFFE trust bundle plus the server's SPIFFE ID), what the operator presents
+//! (a client certificate, e.g. its X.509-SVID), and a failure's cause in words an operator can act
+//! on. Building the configuration is pure; [`connect`] is the one IO edge.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// Where a client gets its TLS material for each new connection; the sender side swaps in
+/// rotated certificates (a Secret changed, a new SVID arrived).
+pub type TlsSource = tokio::sync::watch::Receiver<Arc<TlsMaterial>>;
+
+/// How the server's certificate is judged.
+#[derive(Clone, Debug)]
+pub enum ServerTrust {
+    /// The machine's roots, and the endpoint's host name in the certificate.
+    SystemRoots,
+    /// This CA bundle, and the endpoint's host name (or [`TlsMaterial::server_name`]).
+    Ca(Vec<CertificateDer<'static>>),
+    /// An X.509-SVID chaining to this SPIFFE trust bundle, whose SPIFFE ID (its URI SAN) matches;
+    /// host names are not checked (go-spiffe's `tlsconfig.MTLSClientConfig` does the same).
+    Spiffe { bundle: Vec<CertificateDer<'static>>, id: SpiffeMatch },
+}
+
+/// Which SPIFFE IDs a server may have (go-spiffe's `AuthorizeID` / `AuthorizeMemberOf`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpiffeMatch {
+    Exact(String),
+    MemberOf(String),
+}
+
+impl SpiffeMatch {
+    pub fn allows(&self, id: &str) -> bool {
+        match self {
+            SpiffeMatch::Exact(want) => id == want,
+            SpiffeMatch::MemberOf(domain) => id
+                .strip_prefix("spiffe://")
+                .and_then(|rest| rest.split('/').next())
+                .is_some_and(|td| td.eq_ignore_ascii_case(domain.trim_start_matches("spiffe://"))),
+        }
+    }
+}
+
+impl std::fmt::Display for SpiffeMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpiffeMatch::Exact(id) => write!(f, "{id}"),
+            SpiffeMatch::MemberOf(domain) => write!(f, "a member of {}", domain.trim_start_matches("spiffe://")),
+        }
+    }
+}
+
+/// A certificate chain and its key, presented to servers that ask.
+pub struct ClientIdentity {
+    pub chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    /// The leaf's `notAfter` (Unix seconds).
+    pub not_after: i64,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    // The key is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("certificates", &self.chain.len())
+            .field("not_after", &self.not_after)
+            .finish()
+    }
+}
+
+impl ClientIdentity {
+    /// From PEM (a `kubernetes.io/tls` Secret's `tls.crt` and `tls.key`).
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        let chain = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Material(format!("client certificate: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Material(format!("client key: {e}")))?;
+        Self::new(chain, key)
+    }
+
+    /// From DER (an X.509-SVID from the Workload API: the chain and a PKCS#8 key).
+    pub fn new(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Self, TlsError> {
+        let leaf = chain.first().ok_or_else(|| TlsError::Material("client certificate: empty chain".into()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| TlsError::Material(format!("client certificate: {e}")))?;
+        let not_after = parsed.validity().not_after.timestamp();
+        Ok(Self { chain, key, not_after })
+    }
+}
+
+/// Everything one connection needs.
+#[derive(Clone, Debug)]
+pub struct TlsMaterial {
+    pub trust: ServerTrust,
+    pub identity: Option<Arc<ClientIdentity>>,
+    /// The name checked in the server's certificate instead of the endpoint's host.
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("TLS material: {0}")]
+    Material(String),
+    #[error("client certificate expired at {0} (Unix time)")]
+    ClientCertExpired(i64),
+}
+
+/// Why a TLS connection failed, as condition reasons name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// The server's certificate does not chain to the trusted CA or bundle.
+    UntrustedServer,
+    /// The server's SPIFFE ID or host name is not the expected one.
+    UnexpectedServerIdentity,
+    /// The server's certificate has expired (or is not valid yet).
+    ServerCertExpired,
+    /// Our own certificate has expired.
+    ClientCertExpired,
+    /// The server refused our certificate, or wanted one and got none.
+    ClientCertRefused,
+}
+
+impl TlsFailure {
+    /// The condition reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            TlsFailure::UntrustedServer => "TlsUntrustedServer",
+            TlsFailure::UnexpectedServerIdentity => "TlsUnexpectedServerIdentity",
+            TlsFailure::ServerCertExpired => "TlsServerCertificateExpired",
+            TlsFailure::ClientCertExpired => "TlsClientCertificateExpired",
+            TlsFailure::ClientCertRefused => "TlsClientCertificateRefused",
+        }
+    }
+
+    /// Recognises a failure in an error's text (rustls' errors and alerts, through tonic).
+    pub fn classify(message: &str) -> Option<Self> {
+        let m = message;
+        if m.contains("client certificate expired") {
+            Some(TlsFailure::ClientCertExpired)
+        } else if m.contains(SPIFFE_MISMATCH) || m.contains("NotValidForName") || m.contains("not valid for name") {
+            Some(TlsFailure::UnexpectedServerIdentity)
+        } else if m.contains("UnknownIssuer") || m.contains("BadSignature") || m.contains("not signed by") {
+            Some(TlsFailure::UntrustedServer)
+        } else if m.contains("invalid peer certificate: Expired") || m.contains("NotValidYet") {
+            Some(TlsFailure::ServerCertExpired)
+        } else if ["CertificateRequired", "BadCertificate", "UnknownCA", "CertificateExpired", "CertificateUnknown"]
+            .iter()
+            .any(|alert| m.contains(&format!("received fatal alert: {alert}")))
+        {
+            Some(TlsFailure::ClientCertRefused)
+        } else {
+            None
+        }
+    }
+}
+
+const SPIFFE_MISMATCH: &str = "unexpected SPIFFE ID";
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The rustls client configuration for `material` at `now` (Unix seconds).
+pub fn client_config(material: &TlsMaterial, now: i64) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Material(e.to_string()))?;
+    let roots = |certs: &[CertificateDer<'static>]| {
+        let mut store = RootCertStore::empty();
+        let (added, _) = store.add_parsable_certificates(certs.iter().cloned());
+        if added == 0 { Err(TlsError::Material("no usable CA certificate".into())) } else { Ok(store) }
+    };
+    let builder = match &material.trust {
+        ServerTrust::SystemRoots => {
+            let mut store = RootCertStore::empty();
+            store.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            builder.with_root_certificates(store)
+        }
+        ServerTrust::Ca(certs) => builder.with_root_certificates(roots(certs)?),
+        ServerTrust::Spiffe { bundle, id } => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(SpiffeVerifier {
+                roots: roots(bundle)?,
+                id: id.clone(),
+                algorithms: provider.signature_verification_algorithms,
+            }))
+        }
+    };
+    let mut config = match &material.identity {
+        None => builder.with_no_client_auth(),
+        Some(identity) => {
+            if identity.not_after <= now {
+                return Err(TlsError::ClientCertExpired(identity.not_after));
+            }
+            builder
+                .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+                .map_err(|e| TlsError::Material(format!("client certificate: {e}")))?
+        }
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Accepts a server whose certificate chains to the SPIFFE bundle and carries an allowed ID.
+#[derive(Debug)]
+struct SpiffeVerifier {
+    roots: RootCertStore,
+    id: SpiffeMatch,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        let id = spiffe_id(end_entity).ok_or_else(|| rustls::Error::General(format!("{SPIFFE_MISMATCH}: none")))?;
+        if self.id.allows(&id) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!("{SPIFFE_MISMATCH}: {id}, want {}", self.id)))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The certificate's SPIFFE ID: its one `spiffe://` URI SAN.
+pub fn spiffe_id(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut ids = san.value.general_names.iter().filter_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some((*uri).to_owned()),
+        _ => None,
+    });
+    let id = ids.next()?;
+    ids.next().is_none().then_some(id)
+}
+
+/// How long a new connection waits for the server's verdict on the client's certificate (or on
+/// its having none): TLS 1.3 sends it after the handshake, as an alert, or the server's first
+/// HTTP/2 frame (which an h2 server sends at once).
+const VERDICT_WAIT: Duration = Duration::from_millis(200);
+
+/// A TCP connection to `host:port` with the TLS handshake done (ALPN `h2`). The server's refusal
+/// of the client certificate (an alert, or closing) is read here, so that it is reported as such
+/// rather than as a broken pipe on the first write.
+pub async fn connect(
+    host: &str,
+    port: u16,
+    material: &TlsMaterial,
+    timeout: Duration,
+) -> Result<Prefixed<TlsStream<TcpStream>>, std::io::Error> {
+    use tokio::io::AsyncReadExt;
+    let config = client_config(material, slim_k8s_common::unix_now()).map_err(std::io::Error::other)?;
+    let name = material.server_name.as_deref().unwrap_or(host);
+    let server_name = ServerName::try_from(name.to_owned())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("server name {name:?}: {e}")))?;
+    let handshake = async {
+        let tcp = TcpStream::connect((host, port)).await?;
+        tcp.set_nodelay(true)?;
+        TlsConnector::from(Arc::new(config)).connect(server_name, tcp).await
+    };
+    let mut stream = tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS connect timed out"))??;
+    let mut prefix = Vec::new();
+    {
+        let mut buf = vec![0u8; 16 * 1024];
+        match tokio::time::timeout(VERDICT_WAIT, stream.read(&mut buf)).await {
+            Err(_) => {}
+            Ok(Ok(0)) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the server closed the connection after the handshake (received fatal alert: CertificateUnknown)",
+                ));
+            }
+            Ok(Ok(n)) => prefix.extend_from_slice(&buf[..n]),
+            Ok(Err(error)) => return Err(error),
+        }
+    }
+    Ok(Prefixed { prefix, offset: 0, inner: stream })
+}
+
+/// A stream that first yields bytes already read from it.
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    offset: usize,
+    inner: S,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.offset < self.prefix.len() {
+            let n = buf.remaining().min(self.prefix.len() - self.offset);
+            let start = self.offset;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.offset += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_match_exactly_or_by_trust_domain() {
+        let exact = SpiffeMatch::Exact("spiffe://example.org/slim/node-0".into());
+        assert!(exact.allows("spiffe://example.org/slim/node-0"));
+        assert!(!exact.allows("spiffe://example.org/slim/node-1"));
+        let member = SpiffeMatch::MemberOf("example.org".into());
+        assert!(member.allows("spiffe://example.org/anything"));
+        assert!(member.allows("spiffe://EXAMPLE.org/x"));
+        assert!(!member.allows("spiffe://example.org.evil/x"));
+        assert!(!member.allows("spiffe://other.org/x"));
+        assert!(!member.allows("https://example.org/x"));
+        assert_eq!(member.to_string(), "a member of example.org");
+    }
+
+    #[test]
+    fn failures_are_told_apart() {
+        let cases = [
+            ("invalid peer certificate: UnknownIssuer", Some(TlsFailure::UntrustedServer)),
+            (
+                "invalid peer certificate: unexpected SPIFFE ID: spiffe://x/y, want spiffe://x/z",
+                Some(TlsFailure::UnexpectedServerIdentity),
+            ),
+            ("invalid peer certificate: NotValidForName", Some(TlsFailure::UnexpectedServerIdentity)),
+            (
+                "invalid peer certificate: certificate not valid for name \"x\"",
+                Some(TlsFailure::UnexpectedServerIdentity),
+            ),
+            ("invalid peer certificate: Expired", Some(TlsFailure::ServerCertExpired)),
+            ("received fatal alert: CertificateRequired", Some(TlsFailure::ClientCertRefused)),
+            ("received fatal alert: BadCertificate", Some(TlsFailure::ClientCertRefused)),
+            ("client certificate expired at 5 (Unix time)", Some(TlsFailure::ClientCertExpired)),
+            ("tcp connect error: Connection refused", None),
+        ];
+        for (message, expected) in cases {
+            assert_eq!(TlsFailure::classify(message), expected, "{message}");
+        }
+    }
+
+    #[test]
+    fn an_expired_client_certificate_is_refused_before_connecting() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert =
+            rcgen::CertificateParams::new(vec!["client".into()]).expect("params").self_signed(&key).expect("cert");
+        let identity =
+            ClientIdentity::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes()).expect("identity");
+        let not_after = identity.not_after;
+        let material = TlsMaterial {
+            trust: ServerTrust::Ca(vec![cert.der().clone()]),
+            identity: Some(Arc::new(identity)),
+            server_name: None,
+        };
+        assert!(client_config(&material, not_after - 10).is_ok());
+        let error = client_config(&material, not_after + 1).expect_err("expired");
+        assert_eq!(TlsFailure::classify(&error.to_string()), Some(TlsFailure::ClientCertExpired), "{error}");
+        assert!(!format!("{:?}", material.identity).contains("PRIVATE"), "the key is never printed");
+    }
+}

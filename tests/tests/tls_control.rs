@@ -1,0 +1,193 @@
+//! The operator's node clients over TLS to real SLIM nodes (3.4.6 via `slim-bindings`) whose
+//! controller API is served with TLS, then with mutual TLS: routes installed and listed over each;
+//! the server authorised by CA and host name, or by SPIFFE ID (exact or trust domain) from its
+//! X.509-SVID; every failure told by its cause; a client certificate rotated in the middle.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
+};
+use slim_e2e::{SlimNode, init_logging};
+use slim_operator::api::{ConnectionType, LinkSpec};
+use slim_operator::plan::{ResolvedTls, render_link};
+use slim_operator::slim::tls::{ClientIdentity, ServerTrust, SpiffeMatch, TlsFailure, TlsMaterial};
+use slim_operator::slim::{LinkConfig, NodeChange, NodePool, RouteRef, SlimName};
+use tokio::sync::watch;
+
+const NODE_ID: &str = "spiffe://example.org/slim/node-a";
+
+/// A CA, and leaves it signs.
+struct Ca {
+    pem: String,
+    der: rustls::pki_types::CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let cert = params.self_signed(&key).expect("CA");
+        let (pem, der) = (cert.pem(), cert.der().clone());
+        Self { pem: pem.clone(), der, issuer: Issuer::from_ca_cert_pem(&pem, key).expect("issuer") }
+    }
+
+    /// `(cert PEM, key PEM)` of a leaf with `sans` (IPs, DNS names, `spiffe://` URIs) valid for `days`.
+    fn leaf(&self, sans: &[&str], days: i64) -> (String, String) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, "leaf");
+        for san in sans {
+            params.subject_alt_names.push(if let Ok(ip) = san.parse() {
+                SanType::IpAddress(ip)
+            } else if san.starts_with("spiffe://") {
+                SanType::URI((*san).try_into().expect("uri"))
+            } else {
+                SanType::DnsName((*san).try_into().expect("dns"))
+            });
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(2);
+        params.not_after = now + time::Duration::days(days);
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn identity(&self, days: i64) -> Arc<ClientIdentity> {
+        let (cert, key) = self.leaf(&["spiffe://example.org/slim-operator"], days);
+        Arc::new(ClientIdentity::from_pem(cert.as_bytes(), key.as_bytes()).expect("identity"))
+    }
+}
+
+/// SLIM's controller `tls`: the node's certificate, and (mTLS) the CA its clients need.
+fn server_tls(dir: &Path, cert: &(String, String), client_ca: Option<&Ca>) -> String {
+    std::fs::write(dir.join("node.crt"), &cert.0).expect("write");
+    std::fs::write(dir.join("node.key"), &cert.1).expect("write");
+    let source = format!(
+        "source: {{type: file, cert: \"{}\", key: \"{}\"}}",
+        dir.join("node.crt").display(),
+        dir.join("node.key").display()
+    );
+    match client_ca {
+        None => format!("{{insecure: false, {source}}}"),
+        Some(ca) => {
+            let path = dir.join(format!("client-ca-{:08x}.pem", rand::random::<u32>()));
+            std::fs::write(&path, &ca.pem).expect("write");
+            format!("{{insecure: false, {source}, client_ca: {{type: file, path: \"{}\"}}}}", path.display())
+        }
+    }
+}
+
+fn material(trust: ServerTrust, identity: Option<Arc<ClientIdentity>>) -> TlsMaterial {
+    TlsMaterial { trust, identity, server_name: None }
+}
+
+/// A link from the node under test to `to`, a plain node.
+fn link_to(to: &SlimNode) -> LinkConfig {
+    let spec = LinkSpec { endpoint: to.data_endpoint(), connection_type: ConnectionType::Remote, tls: None };
+    render_link(&spec, &ResolvedTls::default())
+}
+
+/// Installs a route with a fresh pool using `material`, and reads it back from the node.
+async fn route_over(node: &SlimNode, link: &LinkConfig, material: TlsMaterial) -> Result<(), String> {
+    let pool = NodePool::default();
+    let (_keep, rx) = watch::channel(Arc::new(material));
+    pool.use_tls(&node.controller_endpoint(), rx);
+    install(&pool, node, link, "org/ns/bob").await
+}
+
+async fn install(pool: &NodePool, node: &SlimNode, link: &LinkConfig, name: &str) -> Result<(), String> {
+    let client = pool.node(&node.controller_endpoint());
+    let route = RouteRef { name: SlimName::parse(name).expect("name"), link_id: link.link_id.clone() };
+    let change = NodeChange { create_links: vec![link.clone()], set_routes: vec![route.clone()], ..Default::default() };
+    client.apply(change).await.map_err(|e| e.to_string())?;
+    let listed = client.snapshot(Duration::ZERO).await.map_err(|e| e.to_string())?;
+    if listed.has_route(&route) { Ok(()) } else { Err(format!("route not listed: {listed:?}")) }
+}
+
+fn cause(result: Result<(), String>) -> (Option<TlsFailure>, String) {
+    let message = result.expect_err("must fail");
+    (TlsFailure::classify(&message), message)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_over_tls_and_mtls_with_every_failure_told_apart() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("test CA");
+    let other = Ca::new("another CA");
+    let node_cert = ca.leaf(&["127.0.0.1", "localhost", NODE_ID], 30);
+    let target = SlimNode::start("node-target").expect("target node");
+    let link = link_to(&target);
+
+    // TLS: the operator checks the node; the node asks nothing of the operator.
+    let tls = SlimNode::start_with_controller_tls("node-tls", &server_tls(dir.path(), &node_cert, None)).expect("node");
+    assert!(tls.controller_endpoint().starts_with("https://"));
+    route_over(&tls, &link, material(ServerTrust::Ca(vec![ca.der.clone()]), None)).await.expect("routes over TLS");
+    let spiffe = |id: SpiffeMatch| material(ServerTrust::Spiffe { bundle: vec![ca.der.clone()], id }, None);
+    route_over(&tls, &link, spiffe(SpiffeMatch::Exact(NODE_ID.into()))).await.expect("the node's SPIFFE ID");
+    route_over(&tls, &link, spiffe(SpiffeMatch::MemberOf("example.org".into()))).await.expect("its trust domain");
+    let (failure, message) =
+        cause(route_over(&tls, &link, material(ServerTrust::Ca(vec![other.der.clone()]), None)).await);
+    assert_eq!(failure, Some(TlsFailure::UntrustedServer), "{message}");
+    let (failure, message) =
+        cause(route_over(&tls, &link, spiffe(SpiffeMatch::Exact("spiffe://example.org/slim/node-b".into()))).await);
+    assert_eq!(failure, Some(TlsFailure::UnexpectedServerIdentity), "{message}");
+    assert!(message.contains(NODE_ID) && message.contains("node-b"), "names both IDs: {message}");
+    let (failure, message) = cause(route_over(&tls, &link, spiffe(SpiffeMatch::MemberOf("other.org".into()))).await);
+    assert_eq!(failure, Some(TlsFailure::UnexpectedServerIdentity), "{message}");
+    let (failure, message) = cause(
+        route_over(
+            &tls,
+            &link,
+            TlsMaterial {
+                server_name: Some("slim.example".into()),
+                ..material(ServerTrust::Ca(vec![ca.der.clone()]), None)
+            },
+        )
+        .await,
+    );
+    assert_eq!(failure, Some(TlsFailure::UnexpectedServerIdentity), "a host name the certificate lacks: {message}");
+
+    // Mutual TLS: the node wants a certificate from the operator, signed by the test CA.
+    let mut mtls =
+        SlimNode::start_with_controller_tls("node-mtls", &server_tls(dir.path(), &node_cert, Some(&ca))).expect("node");
+    let trust = || ServerTrust::Ca(vec![ca.der.clone()]);
+    route_over(&mtls, &link, material(trust(), Some(ca.identity(1)))).await.expect("routes over mTLS");
+    let (failure, message) = cause(route_over(&mtls, &link, material(trust(), None)).await);
+    assert_eq!(failure, Some(TlsFailure::ClientCertRefused), "no client certificate: {message}");
+    let (failure, message) = cause(route_over(&mtls, &link, material(trust(), Some(other.identity(1)))).await);
+    assert_eq!(failure, Some(TlsFailure::ClientCertRefused), "a certificate of another CA: {message}");
+    let (failure, message) = cause(route_over(&mtls, &link, material(trust(), Some(ca.identity(-1)))).await);
+    assert_eq!(failure, Some(TlsFailure::ClientCertExpired), "{message}");
+
+    // A client certificate rotated in the middle: the open stream keeps working, and when the node
+    // restarts trusting only the new certificate's CA, the client reconnects with it.
+    let next_ca = Ca::new("next CA");
+    let pool = NodePool::default();
+    let (source, rx) = watch::channel(Arc::new(material(trust(), Some(ca.identity(1)))));
+    pool.use_tls(&mtls.controller_endpoint(), rx);
+    install(&pool, &mtls, &link, "org/ns/carol").await.expect("before the rotation");
+    source.send_replace(Arc::new(material(trust(), Some(next_ca.identity(1)))));
+    install(&pool, &mtls, &link, "org/ns/dave").await.expect("the open stream after the rotation");
+    mtls.set_controller_tls(&server_tls(dir.path(), &node_cert, Some(&next_ca))).expect("config");
+    tokio::task::block_in_place(|| mtls.restart()).expect("restart");
+    let mut last = Err(String::new());
+    for _ in 0..40 {
+        last = install(&pool, &mtls, &link, "org/ns/erin").await;
+        if last.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    last.expect("reconnected with the rotated certificate");
+}
