@@ -7,6 +7,7 @@ pub mod name;
 pub mod node;
 pub mod pb;
 pub mod pool;
+pub mod svid;
 pub mod tls;
 
 pub use channel_manager::{ChannelManagerClient, ChannelManagerCollector, ChannelManagerPool, CmError};

@@ -81,6 +81,18 @@ pub struct Authority {
     key: KeyPair,
 }
 
+impl Clone for Authority {
+    /// The same CA (two fake agents of one trust domain, e.g. a node's and the operator's).
+    fn clone(&self) -> Self {
+        Self {
+            trust_domain: self.trust_domain.clone(),
+            cert_pem: self.cert_pem.clone(),
+            cert_der: self.cert_der.clone(),
+            key: KeyPair::from_pem(&self.key.serialize_pem()).expect("the CA key reads back"),
+        }
+    }
+}
+
 impl Authority {
     pub fn new(trust_domain: &str) -> Self {
         let key = KeyPair::generate().expect("CA key");
