@@ -299,6 +299,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 .collect(),
             selector: crate::plan::parse_equality_selector(&args.default_node_selector)
                 .map_err(RunError::DefaultNodes)?,
+            tls: None,
         },
         member_poll_interval: args.member_poll_interval,
         ..Default::default()

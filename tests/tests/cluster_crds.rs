@@ -76,7 +76,42 @@ async fn invalid_objects_are_refused_with_the_rules_own_messages() {
         (json!({"nodes": {}}), "nodes needs at least one endpoint or a selector"),
         (json!({"nodes": {"endpoints": []}}), "nodes needs at least one endpoint or a selector"),
         (json!({"nodes": {"endpoints": ["slim-0:46358"]}}), "each endpoint must be http://host:port"),
-        (json!({"nodes": {"endpoints": ["https://slim-0:46358"]}}), "each endpoint must be http://host:port"),
+        (
+            json!({"nodes": {"endpoints": ["grpc://slim-0:46358"]}}),
+            "each endpoint must be http://host:port or https://",
+        ),
+        (
+            json!({"nodes": {"endpoints": ["https://slim-0:46358"], "tls": {"insecure": true}}}),
+            "tls.insecure needs http:// endpoints",
+        ),
+        (
+            json!({"nodes": {"endpoints": ["http://slim-0:46358"], "tls": {"serverName": "slim"}}}),
+            "TLS settings need https:// endpoints",
+        ),
+        (
+            json!({"nodes": {"endpoints": ["https://s:1"], "tls": {"spiffe": {"trustDomain": "example.org"}, "caSecretRef": {"name": "ca"}}}}),
+            "spiffe takes the trust bundle and the client certificate from the Workload API",
+        ),
+        (
+            json!({"nodes": {"endpoints": ["https://s:1"], "tls": {"spiffe": {"id": "spiffe://example.org/x", "trustDomain": "example.org"}}}}),
+            "spiffe needs exactly one of id and trustDomain",
+        ),
+        (
+            json!({"nodes": {"endpoints": ["https://s:1"], "tls": {"spiffe": {"id": "https://example.org/x"}}}}),
+            "id must be a SPIFFE ID",
+        ),
+        (
+            json!({"nodes": {"endpoints": ["https://s:1"], "tls": {"spiffe": {"trustDomain": "spiffe://example.org"}}}}),
+            "trustDomain is a name like example.org",
+        ),
+        (
+            json!({"nodes": {"endpoints": ["https://s:1"], "tls": {"caSecretRef": {"name": "a"}, "caConfigMapRef": {"name": "b"}}}}),
+            "one CA source: caSecretRef or caConfigMapRef",
+        ),
+        (
+            json!({"nodes": {"endpoints": ["http://s:1"], "tls": {"insecure": true, "clientCertSecretRef": {"name": "c"}}}}),
+            "insecure takes no TLS settings",
+        ),
         (json!({"nodes": {"endpoints": ["http://a:1", "http://a:1"]}}), "Duplicate value: \"http://a:1\""),
         (json!({"nodes": {"endpoints": many(65, &|i| format!("http://n{i}:46358"))}}), "must have at most 64 items"),
         (json!({"nodes": {"endpoints": [format!("http://{}:1", "a".repeat(300))]}}), "may not be more than 300"),
@@ -99,6 +134,14 @@ async fn invalid_objects_are_refused_with_the_rules_own_messages() {
         (json!({"participants": ["o/n/bob", "o/n/bob"]}), "Duplicate value: \"o/n/bob\""),
         (json!({"participants": many(257, &|i| format!("o/n/p{i}"))}), "must have at most 256 items"),
         (json!({"channelManager": {"endpoint": "cm:10356"}}), "endpoint must be http://host:port"),
+        (
+            json!({"channelManager": {"endpoint": "http://cm:10356", "tls": {"spiffe": {"trustDomain": "example.org"}}}}),
+            "TLS settings need an https:// endpoint",
+        ),
+        (
+            json!({"channelManager": {"endpoint": "https://cm:10356", "tls": {"insecure": true}}}),
+            "tls.insecure needs an http:// endpoint",
+        ),
         (json!({"nodes": {}}), "nodes needs at least one endpoint or a selector"),
         (json!({"nodes": {"endpoints": ["10.0.0.1:46358"]}}), "each endpoint must be http://host:port"),
     ];
@@ -116,6 +159,20 @@ async fn invalid_objects_are_refused_with_the_rules_own_messages() {
         checked += 1;
     }
     assert!(checked >= 20, "{checked} invalid objects checked");
+    // TLS settings that make sense are accepted, at the endpoint limit too.
+    for (i, tls) in [
+        json!({"caSecretRef": {"name": "node-ca"}, "clientCertSecretRef": {"name": "operator-tls"}, "serverName": "slim"}),
+        json!({"caConfigMapRef": {"name": "trust-bundle"}}),
+        json!({"spiffe": {"id": "spiffe://example.org/ns/slim/sa/slim"}}),
+        json!({"spiffe": {"trustDomain": "example.org"}}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let nodes = json!({"endpoints": many(64, &|n| format!("https://n{n}.slim.svc:46358")), "tls": tls});
+        let obj = object("Subscription", &format!("tls-{i}"), subscription(json!({"nodes": nodes})));
+        assert_eq!(refusal(&subscriptions, &obj).await, "", "TLS settings {i}");
+    }
     // The limits themselves are accepted.
     let at_limit = channel(json!({"participants": many(256, &|i| format!("o/n/p{i}"))}));
     assert_eq!(refusal(&channels, &object("SlimChannel", "at-limit", at_limit)).await, "");

@@ -92,13 +92,22 @@ fn default_true() -> bool {
 
 /// Where the channel manager's API is.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("!has(self.tls) || !self.tls.insecure || self.endpoint.startsWith('http://')")
+    .message("tls.insecure needs an http:// endpoint"))]
+#[x_kube(validation = Rule::new("!has(self.tls) || self.tls.insecure || self.endpoint.startsWith('https://')")
+    .message("TLS settings need an https:// endpoint; for plain text set tls.insecure: true"))]
 #[serde(rename_all = "camelCase")]
 pub struct ChannelManagerRef {
-    /// e.g. `http://slim-channel-manager.slim.svc:10356`.
-    #[x_kube(validation = Rule::new("self.matches('^http://[^/\\\\s]+:[0-9]+/?$')")
-        .message("endpoint must be http://host:port"))]
+    /// e.g. `http://slim-channel-manager.slim.svc:10356`, or `https://…` when its API server
+    /// has TLS.
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^/\\\\s]+:[0-9]+/?$')")
+        .message("endpoint must be http://host:port or https://host:port"))]
     #[schemars(length(max = 512))]
     pub endpoint: String,
+
+    /// TLS to the channel manager's API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::tls::ControlTls>,
 }
 
 /// Observed state of a SlimChannel.

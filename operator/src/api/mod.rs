@@ -4,6 +4,7 @@ pub mod channel;
 pub mod condition;
 mod schema;
 pub mod subscription;
+pub mod tls;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -13,6 +14,7 @@ pub use subscription::{
     ConnectionType, LinkSpec, LinkTls, NodeSet, NodeStatus, SecretKeyRef, SecretRef, Subscription, SubscriptionSpec,
     SubscriptionStatus,
 };
+pub use tls::{ConfigMapKeyRef, ControlTls, SpiffeServer};
 
 /// API group of every CRD.
 pub const GROUP: &str = "slim.agntcy.org";

@@ -50,25 +50,35 @@ pub struct SubscriptionSpec {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(validation = Rule::new("(has(self.endpoints) && size(self.endpoints) > 0) || has(self.selector)")
     .message("nodes needs at least one endpoint or a selector"))]
+#[x_kube(validation = Rule::new("!has(self.tls) || !self.tls.insecure || !has(self.endpoints) || self.endpoints.all(e, e.startsWith('http://'))")
+    .message("tls.insecure needs http:// endpoints"))]
+#[x_kube(validation = Rule::new("!has(self.tls) || self.tls.insecure || !has(self.endpoints) || self.endpoints.all(e, e.startsWith('https://'))")
+    .message("TLS settings need https:// endpoints; for plain text set tls.insecure: true"))]
 #[serde(rename_all = "camelCase")]
 pub struct NodeSet {
-    /// Controller API endpoints of SLIM nodes, e.g. `http://slim-0.slim.slim.svc:46358`.
+    /// Controller API endpoints of SLIM nodes, e.g. `http://slim-0.slim.slim.svc:46358`, or
+    /// `https://…` for a controller served with TLS.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "controller_endpoints")]
     pub endpoints: Vec<String>,
 
     /// SLIM node Pods in this namespace. The controller port is the container port named
-    /// `controller-0`, else 46358. Only Running Pods with an IP are used.
+    /// `controller-0`, else 46358. Only Running Pods with an IP are used; they are reached over
+    /// `https://` when `tls` (or the operator's default TLS) is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
+
+    /// TLS to the nodes' controller APIs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::tls::ControlTls>,
 }
 
 fn controller_endpoints(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     super::schema::string_set(
         super::schema::MAX_ENDPOINTS,
         super::schema::ENDPOINT_MAX_LENGTH,
-        "self.matches('^http://[^/\\\\s]+:[0-9]+/?$')",
-        "each endpoint must be http://host:port (the node's controller API)",
+        "self.matches('^https?://[^/\\\\s]+:[0-9]+/?$')",
+        "each endpoint must be http://host:port or https://host:port (the node's controller API)",
     )
 }
 

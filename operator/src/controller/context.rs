@@ -65,6 +65,7 @@ impl Default for ControllerConfig {
             default_nodes: NodeSet {
                 endpoints: Vec::new(),
                 selector: crate::plan::parse_equality_selector(DEFAULT_NODE_SELECTOR).ok().flatten(),
+                tls: None,
             },
             member_poll_interval: Duration::from_secs(1),
         }
