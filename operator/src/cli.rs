@@ -75,6 +75,27 @@ pub struct RunArgs {
     /// Period of the shared read of every consulted node's routes that notices restarted members.
     #[arg(long, env = "SLIM_OPERATOR_MEMBER_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub member_poll_interval: Duration,
+
+    /// CA bundle (PEM file, e.g. a mounted Secret) for `https://` node and channel-manager
+    /// endpoints whose `tls` says nothing; without it, the system roots.
+    #[arg(long, env = "SLIM_OPERATOR_CONTROL_TLS_CA_FILE")]
+    pub control_tls_ca_file: Option<std::path::PathBuf>,
+
+    /// Client certificate and key (PEM files) presented on those connections (mutual TLS).
+    #[arg(long, env = "SLIM_OPERATOR_CONTROL_TLS_CLIENT_CERT_FILE", requires = "control_tls_client_key_file")]
+    pub control_tls_client_cert_file: Option<std::path::PathBuf>,
+    #[arg(long, env = "SLIM_OPERATOR_CONTROL_TLS_CLIENT_KEY_FILE", requires = "control_tls_client_cert_file")]
+    pub control_tls_client_key_file: Option<std::path::PathBuf>,
+
+    /// SPIFFE mode by default: `https://` endpoints whose `tls` says nothing are authorised as
+    /// members of this trust domain, with the operator's X.509-SVID as client certificate.
+    #[arg(long, env = "SLIM_OPERATOR_CONTROL_TLS_SPIFFE_TRUST_DOMAIN", requires = "spiffe_endpoint_socket")]
+    pub control_tls_spiffe_trust_domain: Option<String>,
+
+    /// The operator's SPIFFE Workload API socket (`unix:///path` or a path): its X.509-SVID and
+    /// trust bundle for SPIFFE mode (`tls.spiffe`).
+    #[arg(long, env = "SLIM_OPERATOR_SPIFFE_ENDPOINT_SOCKET")]
+    pub spiffe_endpoint_socket: Option<String>,
     /// Name of this replica for events and the leader Lease (the Pod name, from the downward API).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -270,6 +291,8 @@ pub enum RunError {
     LeaseTimings(String),
     #[error("leader election stopped unexpectedly: {0}")]
     LeaderElection(String),
+    #[error("--spiffe-endpoint-socket: {0}")]
+    SpiffeSocket(String),
 }
 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
@@ -280,6 +303,28 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut metrics = Metrics::new();
     metrics.register_collector(NodeClientCollector { pool: nodes.clone() });
     let channel_managers = ChannelManagerPool::default();
+    // The operator's own SVID, followed for as long as it runs (SPIFFE mode).
+    let (svids, svid_task) = match &args.spiffe_endpoint_socket {
+        None => (None, None),
+        Some(socket) => {
+            let path = slim_identity_agent::config::socket_path_of(socket)
+                .map_err(|e| RunError::SpiffeSocket(e.to_string()))?;
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            (Some(rx), Some(tokio::spawn(crate::slim::svid::follow(path, tx))))
+        }
+    };
+    let control_tls = Arc::new(controller::ControlTlsRegistry::new(
+        client.clone(),
+        controller::ControlTlsDefaults {
+            ca_file: args.control_tls_ca_file.clone(),
+            client_cert_file: args.control_tls_client_cert_file.clone(),
+            client_key_file: args.control_tls_client_key_file.clone(),
+            spiffe_trust_domain: args.control_tls_spiffe_trust_domain.clone(),
+        },
+        svids,
+    ));
+    // Rotated Secrets, files and SVIDs reach the next connection within this period.
+    let tls_refresh = tokio::spawn(control_tls.clone().refresh_every(Duration::from_secs(5)));
     metrics.register_collector(ChannelManagerCollector { pool: channel_managers.clone() });
     metrics.register_collector(ResourceCollector { stores: slot.clone() });
     let metrics = Arc::new(metrics);
@@ -396,6 +441,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 ready: caches.clone(),
                 slot: slot.clone(),
                 leadership: leader_rx.clone(),
+                control_tls: control_tls.clone(),
             };
             let run = controller::run(runtime, stopped());
             let mut lost = leader_rx.clone();
@@ -422,8 +468,21 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             None => std::future::pending().await,
         }
     };
+    let background_ended = async move {
+        let svid_ended = async {
+            match svid_task {
+                Some(task) => drop(task.await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tls_refresh => RunError::Controller(controller::Error::TaskEnded("control TLS refresh")),
+            () = svid_ended => RunError::Controller(controller::Error::TaskEnded("operator X.509-SVID stream")),
+        }
+    };
     let result = tokio::select! {
         result = controllers => result.map_err(RunError::Controller),
+        error = background_ended => Err(error),
         result = webhook => result.map_err(RunError::Webhook),
         result = admin => result.map_err(|source| RunError::Admin { addr: admin_addr, source }),
         error = leader_ended => Err(error),

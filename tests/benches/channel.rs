@@ -137,6 +137,11 @@ async fn rejoin() {
         ready: Default::default(),
         slot: Default::default(),
         leadership: sole_leader(),
+        control_tls: Arc::new(slim_operator::controller::ControlTlsRegistry::new(
+            client.clone(),
+            Default::default(),
+            None,
+        )),
     };
     let controllers = tokio::spawn(run(runtime, async move {
         let _ = stopped.await;

@@ -57,6 +57,11 @@ fn start_controllers_with(client: &Client, pool: &NodePool, config: ControllerCo
         ready: Default::default(),
         slot: Default::default(),
         leadership: slim_operator::controller::sole_leader(),
+        control_tls: Arc::new(slim_operator::controller::ControlTlsRegistry::new(
+            client.clone(),
+            Default::default(),
+            None,
+        )),
     };
     let controller = tokio::spawn(run(runtime, async move {
         let _ = stopped.await;

@@ -18,7 +18,7 @@ use crate::api::SlimChannel;
 use crate::api::condition::failed;
 use crate::engine::ChannelSync;
 use crate::plan::channel::{LiveInstances, live_instances};
-use crate::plan::{pod_targets, selector_query};
+use crate::plan::{node_targets, selector_query};
 use crate::slim::SlimName;
 
 /// Finalizer that keeps a SlimChannel until its channel is deleted from the channel manager.
@@ -65,9 +65,11 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
         super::patch_status(channel, ctx, &status).await?;
         return Ok(Action::await_change());
     }
-    let manager = match ctx.channel_managers.client(&endpoint) {
+    let namespace = channel.namespace().unwrap_or_default();
+    let manager_tls = channel.spec.channel_manager.as_ref().and_then(|m| m.tls.as_ref());
+    let manager = match ctx.channel_manager(&namespace, &endpoint, manager_tls).await {
         Ok(manager) => manager,
-        Err(error) => return fail(Error::ChannelManager(error)).await,
+        Err(error) => return fail(error).await,
     };
     let (desired, pods) = match desired_participants(channel, ctx) {
         Ok(found) => found,
@@ -127,8 +129,10 @@ async fn cleanup(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> 
         info!("no channel manager was ever used; nothing to delete");
         return Ok(Action::await_change());
     };
-    let result = match ctx.channel_managers.client(&endpoint) {
-        Ok(manager) => ctx.channel_engine.delete(&manager, &channel.spec.name).await,
+    let namespace = channel.namespace().unwrap_or_default();
+    let manager_tls = channel.spec.channel_manager.as_ref().and_then(|m| m.tls.as_ref());
+    let result = match ctx.channel_manager(&namespace, &endpoint, manager_tls).await {
+        Ok(manager) => ctx.channel_engine.delete(&manager, &channel.spec.name).await.map_err(Error::ChannelManager),
         Err(error) => Err(error),
     };
     let Err(error) = result else {
@@ -145,7 +149,10 @@ async fn cleanup(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> 
         return Ok(Action::await_change());
     }
     // The condition, the event and the metric all say CleanupPending.
-    let error = Error::ChannelCleanupPending(error);
+    let error = match error {
+        Error::ChannelManager(error) => Error::ChannelCleanupPending(error),
+        other => other,
+    };
     let old = channel.status.clone().unwrap_or_default();
     let status = failed(&old, channel.meta().generation, error.reason(), error.to_string(), Timestamp::now());
     super::patch_status(channel, ctx, &status).await?;
@@ -202,8 +209,13 @@ async fn live_participants(
             ctx.pods.matching(&namespace, selector)
         }
     };
-    let endpoints: Vec<String> = pod_targets(&nodes.endpoints, pods).into_iter().map(|t| t.endpoint).collect();
+    let endpoints: Vec<String> = node_targets(nodes, pods).into_iter().map(|t| t.endpoint).collect();
     if endpoints.is_empty() {
+        return (None, endpoints);
+    }
+    let namespace = channel.namespace().unwrap_or_default();
+    if let Err(error) = ctx.use_node_tls(&namespace, nodes, &endpoints).await {
+        warn!(%error, "the channel's nodes cannot be reached (TLS settings); members' live instances unknown");
         return (None, endpoints);
     }
     let listings = futures::future::join_all(

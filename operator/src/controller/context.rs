@@ -94,6 +94,8 @@ pub struct Context {
     pub member_watch: member_watch::MemberWatch,
     /// This replica's leadership; nothing is written once it has lapsed.
     pub(crate) leadership: watch::Receiver<Leadership>,
+    /// TLS of the control connections.
+    pub control_tls: Arc<super::ControlTlsRegistry>,
     /// Consecutive failures per object (`kind/namespace/name`), for backoff.
     pub(crate) retries: Mutex<HashMap<String, u32>>,
 }
@@ -118,8 +120,31 @@ impl Context {
             channel_trigger,
             member_watch: Default::default(),
             leadership: runtime.leadership.clone(),
+            control_tls: runtime.control_tls.clone(),
             retries: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Connects to the `https://` ones of `endpoints` with the TLS of `nodes` (or the operator's
+    /// defaults); plain `http://` endpoints need nothing.
+    pub async fn use_node_tls(&self, namespace: &str, nodes: &NodeSet, endpoints: &[String]) -> Result<(), Error> {
+        for endpoint in endpoints {
+            if let Some(source) = self.control_tls.source(namespace, nodes.tls.as_ref(), endpoint).await? {
+                self.nodes.use_tls(endpoint, source);
+            }
+        }
+        Ok(())
+    }
+
+    /// The channel manager client for `endpoint`, with the TLS of `tls` (or the defaults).
+    pub async fn channel_manager(
+        &self,
+        namespace: &str,
+        endpoint: &str,
+        tls: Option<&crate::api::ControlTls>,
+    ) -> Result<crate::slim::ChannelManagerClient, Error> {
+        let source = self.control_tls.source(namespace, tls, endpoint).await?;
+        self.channel_managers.client_with_tls(endpoint, source).map_err(Error::ChannelManager)
     }
 
     /// Whether this replica still leads (its renew deadline has not passed).

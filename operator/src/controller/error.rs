@@ -38,6 +38,8 @@ pub enum Error {
     MlsChangeRefused,
     #[error("{0} stopped unexpectedly")]
     TaskEnded(&'static str),
+    #[error("control TLS: {0}")]
+    ControlTls(String),
 }
 
 fn finalizer_message(error: &finalizer::Error<Error>) -> String {
@@ -70,6 +72,7 @@ impl Error {
             Error::ChannelCleanupPending(_) => "CleanupPending",
             Error::MlsChangeRefused => "MlsChangeRefused",
             Error::TaskEnded(_) => "TaskEnded",
+            Error::ControlTls(_) => "ControlTlsInvalid",
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod channel;
 pub mod channel_status;
 pub mod context;
+pub mod control_tls;
 pub mod error;
 pub mod leader;
 pub mod member_watch;
@@ -14,6 +15,7 @@ pub mod subscription_status;
 
 pub use context::{Context, ControllerConfig, DEFAULT_NODE_SELECTOR, error_policy};
 pub(crate) use context::{patch_status, reconcile_finalized};
+pub use control_tls::{ControlTlsDefaults, ControlTlsRegistry};
 pub use error::Error;
 pub use run::{CacheGates, Runtime, run, sole_leader};
 pub use stores::{ResourceCollector, StoreSlot, Stores};

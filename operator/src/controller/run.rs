@@ -44,6 +44,8 @@ pub struct Runtime {
     pub slot: StoreSlot,
     /// This replica's leadership: reconciles start only while it leads.
     pub leadership: watch::Receiver<Leadership>,
+    /// TLS of the control connections (node controller APIs, channel managers).
+    pub control_tls: Arc<super::ControlTlsRegistry>,
 }
 
 /// Leadership for a replica that runs alone (no leader election): it always leads.

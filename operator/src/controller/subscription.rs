@@ -16,7 +16,7 @@ use super::{Context, Error};
 use crate::api::condition::failed;
 use crate::api::{LinkTls, Subscription, SubscriptionStatus};
 use crate::engine::{NodeReport, NodeResult, RouteSync};
-use crate::plan::{DesiredRoute, NodeTarget, ResolvedTls, Users, pod_targets, render_link, selector_query};
+use crate::plan::{DesiredRoute, NodeTarget, ResolvedTls, Users, node_targets, render_link, selector_query};
 use crate::slim::{RouteRef, SlimName};
 
 /// Finalizer that keeps a Subscription until its routes are removed from the nodes.
@@ -56,6 +56,14 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     };
     let previous = previous_route(&old);
     let previous_nodes: Vec<String> = old.nodes.iter().map(|n| n.endpoint.clone()).collect();
+    let namespace = sub.namespace().unwrap_or_default();
+    let endpoints: Vec<String> =
+        targets.iter().map(|t| t.endpoint.clone()).chain(previous_nodes.iter().cloned()).collect();
+    if let Err(error) = ctx.use_node_tls(&namespace, &sub.spec.nodes, &endpoints).await {
+        let status = failed(&old, generation, error.reason(), error.to_string(), Timestamp::now());
+        super::patch_status(sub, ctx, &status).await?;
+        return Err(error);
+    }
     let users = StoreUsers { ctx, me: ObjectRef::from_obj(sub) };
     let reports = RouteSync {
         desired: Some(&desired),
@@ -103,6 +111,8 @@ async fn cleanup(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     previous.dedup();
     endpoints.sort();
     endpoints.dedup();
+    let namespace = sub.namespace().unwrap_or_default();
+    ctx.use_node_tls(&namespace, &sub.spec.nodes, &endpoints).await?;
 
     let users = StoreUsers { ctx, me: ObjectRef::from_obj(sub) };
     let mut pending = Vec::new();
@@ -211,7 +221,7 @@ fn resolve_targets(sub: &Subscription, ctx: &Context) -> Result<Vec<NodeTarget>,
             ctx.pods.matching(&namespace, selector)
         }
     };
-    Ok(pod_targets(&sub.spec.nodes.endpoints, pods))
+    Ok(node_targets(&sub.spec.nodes, pods))
 }
 
 /// The route the status says was installed. A name that does not parse (the status was edited

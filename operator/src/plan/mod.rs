@@ -6,5 +6,7 @@ pub mod nodes;
 pub mod routes;
 
 pub use link::{LINK_ID_PREFIX, ResolvedTls, render_link};
-pub use nodes::{NodeTarget, SelectorError, parse_equality_selector, pod_targets, selector_matches, selector_query};
+pub use nodes::{
+    NodeTarget, SelectorError, node_targets, parse_equality_selector, pod_targets, selector_matches, selector_query,
+};
 pub use routes::{DesiredRoute, NoOtherUsers, Users, plan_node};

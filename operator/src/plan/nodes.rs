@@ -24,6 +24,24 @@ pub fn pod_targets(
     endpoints: &[String],
     pods: impl IntoIterator<Item = impl std::ops::Deref<Target = Pod>>,
 ) -> Vec<NodeTarget> {
+    targets_with_scheme(endpoints, pods, "http")
+}
+
+/// The targets of a node set: its endpoints, and its Pods over `https://` when it has TLS
+/// settings (that are not `insecure`), else `http://`.
+pub fn node_targets(
+    nodes: &crate::api::NodeSet,
+    pods: impl IntoIterator<Item = impl std::ops::Deref<Target = Pod>>,
+) -> Vec<NodeTarget> {
+    let tls = nodes.tls.as_ref().is_some_and(|t| !t.insecure);
+    targets_with_scheme(&nodes.endpoints, pods, if tls { "https" } else { "http" })
+}
+
+fn targets_with_scheme(
+    endpoints: &[String],
+    pods: impl IntoIterator<Item = impl std::ops::Deref<Target = Pod>>,
+    scheme: &str,
+) -> Vec<NodeTarget> {
     let mut targets: Vec<NodeTarget> =
         endpoints.iter().map(|e| NodeTarget { endpoint: e.trim_end_matches('/').to_owned(), pod: None }).collect();
     for pod in pods {
@@ -37,7 +55,7 @@ pub fn pod_targets(
         }
         let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
         targets.push(NodeTarget {
-            endpoint: format!("http://{host}:{}", controller_port(pod)),
+            endpoint: format!("{scheme}://{host}:{}", controller_port(pod)),
             pod: pod.metadata.name.clone(),
         });
     }

@@ -4,6 +4,7 @@
 //! classified here so callers can treat "already exists" and "not found" as the idempotent
 //! outcomes they are.
 
+use super::tls::TlsSource;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,12 +50,21 @@ pub struct ChannelManagerClient {
 impl ChannelManagerClient {
     /// A client that connects on first use (and reconnects by itself).
     pub fn new(endpoint: &str) -> Result<Self, CmError> {
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        Self::with_tls(endpoint, None)
+    }
+
+    /// The same over TLS from `tls` (an `https://` endpoint): each new connection takes the
+    /// material it holds then.
+    pub fn with_tls(endpoint: &str, tls: Option<TlsSource>) -> Result<Self, CmError> {
+        let builder = tonic::transport::Endpoint::from_shared(super::tls::plain_uri(endpoint))
             .map_err(|e| CmError::BadEndpoint { endpoint: endpoint.to_owned(), reason: e.to_string() })?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        let channel = match tls {
+            None => builder.connect_lazy(),
+            Some(tls) => builder.connect_with_connector_lazy(super::tls::connector(tls, Duration::from_secs(5))),
+        };
         Ok(Self {
             endpoint: endpoint.into(),
             client: ChannelManagerServiceClient::new(channel),
@@ -182,23 +192,39 @@ fn is_already(message: &str) -> bool {
 /// Clients by endpoint, shared by reconciles.
 #[derive(Clone, Default)]
 pub struct ChannelManagerPool {
-    clients: Arc<Mutex<HashMap<String, ChannelManagerClient>>>,
+    /// Each client with the TLS source it was made with.
+    clients: Arc<Mutex<HashMap<String, PooledClient>>>,
 }
+
+type PooledClient = (ChannelManagerClient, Option<TlsSource>);
 
 impl ChannelManagerPool {
     pub fn client(&self, endpoint: &str) -> Result<ChannelManagerClient, CmError> {
+        self.client_with_tls(endpoint, None)
+    }
+
+    /// The client for `endpoint` with `tls`; another TLS source than the client's replaces it
+    /// (the same one's rotations reach it by themselves).
+    pub fn client_with_tls(&self, endpoint: &str, tls: Option<TlsSource>) -> Result<ChannelManagerClient, CmError> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(client) = clients.get(endpoint) {
-            return Ok(client.clone());
+        if let Some((client, current)) = clients.get(endpoint) {
+            let same = match (current, &tls) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.same_channel(b),
+                _ => false,
+            };
+            if same {
+                return Ok(client.clone());
+            }
         }
-        let client = ChannelManagerClient::new(endpoint)?;
-        clients.insert(endpoint.to_owned(), client.clone());
+        let client = ChannelManagerClient::with_tls(endpoint, tls.clone())?;
+        clients.insert(endpoint.to_owned(), (client.clone(), tls));
         Ok(client)
     }
 
     /// Every client held, for metrics and benchmarks.
     pub fn clients(&self) -> Vec<ChannelManagerClient> {
-        self.clients.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).values().map(|(client, _)| client.clone()).collect()
     }
 }
 

@@ -224,39 +224,24 @@ impl Actor {
     }
 
     async fn connect(&mut self) -> Result<(mpsc::Sender<ctl::ControlMessage>, Streaming<ctl::ControlMessage>), String> {
-        let uri: tonic::codegen::http::Uri = self.endpoint.parse().map_err(|e| format!("invalid endpoint: {e}"))?;
-        let (host, port) = match (uri.host(), uri.port_u16()) {
-            (Some(host), Some(port)) => (host.trim_start_matches('[').trim_end_matches(']').to_owned(), port),
-            _ => return Err(format!("invalid endpoint {}: needs a host and a port", self.endpoint)),
-        };
         // tonic speaks plain HTTP/2 to what the connector returns; TLS, when wanted, is ours.
-        let endpoint = tonic::transport::Endpoint::from_shared(format!(
-            "http://{}",
-            uri.authority().map(|a| a.as_str()).unwrap_or_default()
-        ))
-        .map_err(|e| format!("invalid endpoint: {e}"))?
-        .connect_timeout(self.config.connect_timeout)
-        .http2_keep_alive_interval(Duration::from_secs(15))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
+        let endpoint = tonic::transport::Endpoint::from_shared(super::tls::plain_uri(&self.endpoint))
+            .map_err(|e| format!("invalid endpoint: {e}"))?
+            .connect_timeout(self.config.connect_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(15))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
         self.renew_at = None;
         let channel = match &self.tls {
-            None => endpoint.connect().await.map_err(|e| format!("connect: {}", error_chain(&e)))?,
+            None => endpoint.connect().await,
             Some(tls) => {
-                let material = tls.borrow().clone();
-                if let Some(identity) = &material.identity {
+                if let Some(identity) = &tls.borrow().identity {
                     self.renew_at = Some(renewal_time(identity.not_after, slim_k8s_common::unix_now()));
                 }
-                let timeout = self.config.connect_timeout;
-                let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
-                    let (host, material) = (host.clone(), material.clone());
-                    async move {
-                        super::tls::connect(&host, port, &material, timeout).await.map(hyper_util::rt::TokioIo::new)
-                    }
-                });
-                endpoint.connect_with_connector(connector).await.map_err(|e| format!("connect: {}", error_chain(&e)))?
+                endpoint.connect_with_connector(super::tls::connector(tls.clone(), self.config.connect_timeout)).await
             }
-        };
+        }
+        .map_err(|e| format!("connect: {}", error_chain(&e)))?;
         let mut client = ctl::controller_service_client::ControllerServiceClient::new(channel);
         let (outbound, outbound_rx) = mpsc::channel(1024);
         let inbound = tokio::time::timeout(

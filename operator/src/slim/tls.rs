@@ -324,6 +324,42 @@ pub async fn connect(
     Ok(Prefixed { prefix, offset: 0, inner: stream })
 }
 
+/// What tonic dials for an endpoint whose TLS is ours: the same authority over `http://` (tonic
+/// speaks plain HTTP/2 over the stream [`connector`] returns).
+pub fn plain_uri(endpoint: &str) -> String {
+    match endpoint.strip_prefix("https://") {
+        Some(rest) => format!("http://{rest}"),
+        None => endpoint.to_owned(),
+    }
+}
+
+/// What [`connector`] hands tonic: a TLS stream, as hyper's IO.
+pub type TlsIo = hyper_util::rt::TokioIo<Prefixed<TlsStream<TcpStream>>>;
+
+/// A tonic connector: every new connection takes the material `source` holds at that moment.
+pub fn connector(
+    source: TlsSource,
+    timeout: Duration,
+) -> impl tower::Service<
+    tonic::codegen::http::Uri,
+    Response = TlsIo,
+    Error = std::io::Error,
+    Future = impl Future<Output = Result<TlsIo, std::io::Error>> + Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |uri: tonic::codegen::http::Uri| {
+        let material = source.borrow().clone();
+        async move {
+            let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
+            let port = uri
+                .port_u16()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri}: no port")))?;
+            connect(&host, port, &material, timeout).await.map(hyper_util::rt::TokioIo::new)
+        }
+    })
+}
+
 /// A stream that first yields bytes already read from it.
 pub struct Prefixed<S> {
     prefix: Vec<u8>,

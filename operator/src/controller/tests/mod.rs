@@ -46,7 +46,7 @@ pub(super) fn context_with_triggers(
     let (trigger, triggers) = mpsc::unbounded_channel();
     let (pods, _) = reflector::store::<k8s_openapi::api::core::v1::Pod>();
     let runtime = Runtime {
-        client,
+        client: client.clone(),
         reporter: Reporter { controller: "slim-operator".into(), instance: Some("test".into()) },
         metrics: Arc::new(Metrics::new()),
         nodes,
@@ -55,6 +55,7 @@ pub(super) fn context_with_triggers(
         ready: Default::default(),
         slot: Default::default(),
         leadership: super::sole_leader(),
+        control_tls: Arc::new(super::ControlTlsRegistry::new(client.clone(), Default::default(), None)),
     };
     let ctx = Context::new(&runtime, Stores { subscriptions, channels, pods: Pods(pods) }, trigger);
     (Arc::new(ctx), handle, triggers)

@@ -1,0 +1,236 @@
+//! TLS material of the operator's control connections (node controller APIs, the channel
+//! manager), from what `tls` names (Secrets, ConfigMaps, SPIFFE mode) or the operator's defaults
+//! (PEM files, its own X.509-SVID). One watch per distinct setting, re-read every few seconds by
+//! [`ControlTlsRegistry::refresh`], so a rotated Secret or a new SVID is used for the next
+//! connection; streams still open are re-opened by the node clients before their certificate
+//! expires.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::Client;
+use kube::api::Api;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::Error;
+use crate::api::ControlTls;
+use crate::slim::svid::Svid;
+use crate::slim::tls::{ClientIdentity, ServerTrust, SpiffeMatch, TlsMaterial, TlsSource};
+
+/// What `https://` endpoints get when their `tls` says nothing (flags / Helm values).
+#[derive(Clone, Debug, Default)]
+pub struct ControlTlsDefaults {
+    /// CA bundle (PEM file, e.g. a mounted Secret); none: the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM files).
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    /// SPIFFE mode by default: servers of this trust domain, with the operator's own SVID.
+    pub spiffe_trust_domain: Option<String>,
+}
+
+struct Entry {
+    tx: watch::Sender<Arc<TlsMaterial>>,
+    /// What the material was built from (hashed), to send only changes.
+    fingerprint: String,
+}
+
+/// Every TLS setting in use, each with its current material.
+pub struct ControlTlsRegistry {
+    client: Client,
+    defaults: ControlTlsDefaults,
+    /// The operator's SVID, when it has a Workload API socket.
+    svids: Option<watch::Receiver<Option<Svid>>>,
+    entries: tokio::sync::Mutex<HashMap<(String, ControlTls), Entry>>,
+}
+
+impl ControlTlsRegistry {
+    pub fn new(client: Client, defaults: ControlTlsDefaults, svids: Option<watch::Receiver<Option<Svid>>>) -> Self {
+        Self { client, defaults, svids, entries: Default::default() }
+    }
+
+    /// The TLS of a connection to `endpoint` for an object in `namespace` whose spec says `tls`;
+    /// `None` for plain text (an `http://` endpoint).
+    pub async fn source(
+        &self,
+        namespace: &str,
+        tls: Option<&ControlTls>,
+        endpoint: &str,
+    ) -> Result<Option<TlsSource>, Error> {
+        if !endpoint.starts_with("https://") || tls.is_some_and(|t| t.insecure) {
+            return Ok(None);
+        }
+        let settings = tls.cloned().unwrap_or_default();
+        // The operator's defaults are the same for every namespace.
+        let scope = if settings == ControlTls::default() { String::new() } else { namespace.to_owned() };
+        let key = (scope, settings);
+        let mut entries = self.entries.lock().await;
+        if let Some(entry) = entries.get(&key) {
+            return Ok(Some(entry.tx.subscribe()));
+        }
+        let (material, fingerprint) = self.load(&key.0, &key.1).await?;
+        let (tx, rx) = watch::channel(Arc::new(material));
+        entries.insert(key, Entry { tx, fingerprint });
+        Ok(Some(rx))
+    }
+
+    /// Reads every setting in use again; changed material goes to its watch (the next connection).
+    pub async fn refresh(&self) {
+        let mut entries = self.entries.lock().await;
+        for ((namespace, settings), entry) in entries.iter_mut() {
+            match self.load(namespace, settings).await {
+                Ok((material, fingerprint)) if fingerprint != entry.fingerprint => {
+                    info!(namespace, "control TLS material changed; the next connections use it");
+                    entry.fingerprint = fingerprint;
+                    entry.tx.send_replace(Arc::new(material));
+                }
+                Ok(_) => {}
+                Err(error) => warn!(namespace, %error, "control TLS material not refreshed; the last one stays"),
+            }
+        }
+    }
+
+    /// Refreshes every `period` until dropped.
+    pub async fn refresh_every(self: Arc<Self>, period: Duration) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.refresh().await;
+        }
+    }
+
+    async fn load(&self, namespace: &str, settings: &ControlTls) -> Result<(TlsMaterial, String), Error> {
+        let mut hash = Sha256::new();
+        let mut feed = |bytes: &[u8]| {
+            hash.update((bytes.len() as u64).to_le_bytes());
+            hash.update(bytes);
+        };
+        let spiffe = match &settings.spiffe {
+            Some(server) => Some(match (&server.id, &server.trust_domain) {
+                (Some(id), _) => SpiffeMatch::Exact(id.clone()),
+                (None, Some(domain)) => SpiffeMatch::MemberOf(domain.clone()),
+                (None, None) => return Err(invalid("spiffe needs an id or a trustDomain")),
+            }),
+            None if *settings == ControlTls::default() => {
+                self.defaults.spiffe_trust_domain.clone().map(SpiffeMatch::MemberOf)
+            }
+            None => None,
+        };
+        if let Some(server) = spiffe {
+            let svid = self.svid().await?;
+            feed(svid.spiffe_id.as_bytes());
+            feed(&svid.identity.not_after.to_le_bytes());
+            for cert in &svid.bundle {
+                feed(cert);
+            }
+            feed(server.to_string().as_bytes());
+            let mut material = svid.material(server);
+            material.server_name = settings.server_name.clone();
+            return Ok((material, hex::encode(hash.finalize())));
+        }
+
+        let (ca_pem, identity_pem) = if *settings == ControlTls::default() {
+            let read = |path: &Option<PathBuf>| -> Result<Option<Vec<u8>>, Error> {
+                path.as_ref()
+                    .map(|p| std::fs::read(p).map_err(|e| invalid(format!("reading {}: {e}", p.display()))))
+                    .transpose()
+            };
+            let identity = match (read(&self.defaults.client_cert_file)?, read(&self.defaults.client_key_file)?) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => {
+                    return Err(invalid(
+                        "--control-tls-client-cert-file and --control-tls-client-key-file go together",
+                    ));
+                }
+            };
+            (read(&self.defaults.ca_file)?, identity)
+        } else {
+            let ca = match (&settings.ca_secret_ref, &settings.ca_config_map_ref) {
+                (Some(secret), _) => Some(secret_bytes(&self.client, namespace, &secret.name, &secret.key).await?),
+                (None, Some(map)) => Some(config_map_bytes(&self.client, namespace, &map.name, &map.key).await?),
+                (None, None) => None,
+            };
+            let identity = match &settings.client_cert_secret_ref {
+                Some(secret) => Some((
+                    secret_bytes(&self.client, namespace, &secret.name, "tls.crt").await?,
+                    secret_bytes(&self.client, namespace, &secret.name, "tls.key").await?,
+                )),
+                None => None,
+            };
+            (ca, identity)
+        };
+        let trust = match &ca_pem {
+            None => ServerTrust::SystemRoots,
+            Some(pem) => {
+                feed(pem);
+                let certs = CertificateDer::pem_slice_iter(pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| invalid(format!("CA bundle: {e}")))?;
+                if certs.is_empty() {
+                    return Err(invalid("the CA bundle holds no PEM certificate"));
+                }
+                ServerTrust::Ca(certs)
+            }
+        };
+        let identity = match &identity_pem {
+            None => None,
+            Some((cert, key)) => {
+                feed(cert);
+                feed(key);
+                Some(Arc::new(ClientIdentity::from_pem(cert, key).map_err(|e| invalid(e.to_string()))?))
+            }
+        };
+        if let Some(name) = &settings.server_name {
+            feed(name.as_bytes());
+        }
+        let material = TlsMaterial { trust, identity, server_name: settings.server_name.clone() };
+        Ok((material, hex::encode(hash.finalize())))
+    }
+
+    /// The operator's SVID (waits a little for the first one).
+    async fn svid(&self) -> Result<Svid, Error> {
+        let Some(svids) = &self.svids else {
+            return Err(invalid("SPIFFE mode needs the operator's Workload API socket (--spiffe-endpoint-socket)"));
+        };
+        let mut svids = svids.clone();
+        match tokio::time::timeout(Duration::from_secs(10), svids.wait_for(Option::is_some)).await {
+            Ok(Ok(svid)) => svid.clone().ok_or_else(|| invalid("no X.509-SVID from the Workload API yet")),
+            _ => Err(invalid("no X.509-SVID from the Workload API yet")),
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> Error {
+    Error::ControlTls(message.into())
+}
+
+async fn secret_bytes(client: &Client, namespace: &str, name: &str, key: &str) -> Result<Vec<u8>, Error> {
+    let error = |reason: String| Error::Secret { name: name.to_owned(), reason };
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(|e| error(format!("cannot read: {e}")))?
+        .ok_or_else(|| error("not found".to_owned()))?;
+    let bytes = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| error(format!("has no key {key:?}")))?;
+    Ok(bytes.0.clone())
+}
+
+async fn config_map_bytes(client: &Client, namespace: &str, name: &str, key: &str) -> Result<Vec<u8>, Error> {
+    let error = |reason: String| Error::ControlTls(format!("ConfigMap {name}: {reason}"));
+    let map = Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(|e| error(format!("cannot read: {e}")))?
+        .ok_or_else(|| error("not found".to_owned()))?;
+    let text = map.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| error(format!("has no key {key:?}")))?;
+    Ok(text.as_bytes().to_vec())
+}
