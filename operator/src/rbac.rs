@@ -50,7 +50,8 @@ pub const CLUSTER: &[Permission] = &[
     ),
     rule("events.k8s.io", "events", &["create", "patch"], "events; repeated ones are patched into a series"),
     rule("", "pods", &["list", "watch"], "node and participant selectors"),
-    rule("", "secrets", &["get"], "TLS material of Subscription links"),
+    rule("", "secrets", &["get"], "TLS material of links and of control connections (nodes, channel manager)"),
+    rule("", "configmaps", &["get"], "CA bundles of control connections (tls.caConfigMapRef)"),
     rule("", "namespaces", &["list", "watch"], "namespace opt-in for injection"),
 ];
 

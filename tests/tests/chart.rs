@@ -171,6 +171,19 @@ fn custom_render_follows_the_values() {
     assert_eq!(env("SLIM_OPERATOR_DEFAULT_AUDIENCES"), "slim,gateway");
     assert_eq!(env("SLIM_OPERATOR_CHANNEL_MANAGER"), "http://slim-channel-manager.slim.svc:10356");
     assert_eq!(env("SLIM_OPERATOR_DEFAULT_IDENTITY_SOURCE"), "kubernetes");
+    // Control TLS: the CA and client Secrets and the SPIRE socket mounted, the operator told where.
+    assert_eq!(env("SLIM_OPERATOR_CONTROL_TLS_CA_FILE"), "/etc/slim-operator/control-ca/ca.crt");
+    assert_eq!(env("SLIM_OPERATOR_CONTROL_TLS_CLIENT_KEY_FILE"), "/etc/slim-operator/control-client/tls.key");
+    assert_eq!(env("SLIM_OPERATOR_SPIFFE_ENDPOINT_SOCKET"), "unix:///run/spire/operator-socket/api.sock");
+    assert_eq!(env("SLIM_OPERATOR_CONTROL_TLS_SPIFFE_TRUST_DOMAIN"), "example.org");
+    let pod_spec = deployment.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec");
+    let volumes: Vec<&str> = pod_spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+    for name in ["webhook-tls", "control-ca", "control-client", "spire-agent-socket"] {
+        assert!(volumes.contains(&name), "{name} in {volumes:?}");
+        assert!(container.volume_mounts.iter().flatten().any(|m| m.name == name), "{name} mounted");
+    }
+    let socket = pod_spec.volumes.iter().flatten().find(|v| v.name == "spire-agent-socket").expect("socket");
+    assert!(socket.host_path.is_some(), "spire.socketMode host-path is followed");
     // bindIssuerDiscovery: Kubernetes' own binding of the discovery role, put back.
     assert_eq!(rendered.bindings, 3);
     let webhook = &rendered.webhooks[0];
