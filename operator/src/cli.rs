@@ -323,8 +323,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         },
         svids,
     ));
-    // Rotated Secrets, files and SVIDs reach the next connection within this period.
-    let tls_refresh = tokio::spawn(control_tls.clone().refresh_every(Duration::from_secs(5)));
+
     metrics.register_collector(ChannelManagerCollector { pool: channel_managers.clone() });
     metrics.register_collector(ResourceCollector { stores: slot.clone() });
     let metrics = Arc::new(metrics);
@@ -468,17 +467,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             None => std::future::pending().await,
         }
     };
+    // The operator's SVID stream runs for as long as the process: it ending is an error.
     let background_ended = async move {
-        let svid_ended = async {
-            match svid_task {
-                Some(task) => drop(task.await),
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = tls_refresh => RunError::Controller(controller::Error::TaskEnded("control TLS refresh")),
-            () = svid_ended => RunError::Controller(controller::Error::TaskEnded("operator X.509-SVID stream")),
+        match svid_task {
+            Some(task) => drop(task.await),
+            None => std::future::pending().await,
         }
+        RunError::Controller(controller::Error::TaskEnded("operator X.509-SVID stream"))
     };
     let result = tokio::select! {
         result = controllers => result.map_err(RunError::Controller),

@@ -7,6 +7,7 @@
 pub mod control_plane;
 pub mod identity;
 pub mod operator;
+pub mod pki;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};

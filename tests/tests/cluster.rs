@@ -473,3 +473,123 @@ async fn a_member_restarted_while_its_node_restarts_is_back() {
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
     drop((bob, carol, manager));
 }
+
+/// Control TLS through the CRD: a node whose controller API requires mutual TLS is reached with
+/// the CA and the client certificate named by Secrets; a wrong CA and a missing client
+/// certificate each give their own reason and a Warning naming the node; a client certificate
+/// rotated in its Secret is used once the node trusts only the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_reach_mtls_nodes_with_certificates_from_secrets() {
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::events::v1::Event;
+    use slim_e2e::pki::{Ca, server_tls};
+    init_logging();
+    let (client, namespace, _controllers) = setup().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, other, next) = (Ca::new("node CA"), Ca::new("another CA"), Ca::new("next client CA"));
+    let node_cert = ca.leaf(&["127.0.0.1", "localhost"], 30);
+    let mut node =
+        SlimNode::start_with_controller_tls("node-mtls", &server_tls(dir.path(), &node_cert, Some(&ca))).expect("node");
+    let target = SlimNode::start("node-target").expect("target");
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let secret = |name: &str, type_: &str, data: serde_json::Value| -> Secret {
+        serde_json::from_value(json!({"metadata": {"name": name}, "type": type_, "stringData": data})).expect("secret")
+    };
+    for (name, pem) in [("node-ca", &ca.pem), ("wrong-ca", &other.pem)] {
+        secrets.create(&PostParams::default(), &secret(name, "Opaque", json!({"ca.crt": pem}))).await.expect("CA");
+    }
+    let client_pem = ca.leaf(&["spiffe://example.org/slim-operator"], 1);
+    let tls_data = |pem: &(String, String)| json!({"tls.crt": pem.0, "tls.key": pem.1});
+    secrets
+        .create(&PostParams::default(), &secret("operator-client", "kubernetes.io/tls", tls_data(&client_pem)))
+        .await
+        .expect("client Secret");
+
+    let pool = NodePool::default();
+    let (stop, controller) = start_controllers(&client, &pool, None);
+    let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
+    let create = |name: &'static str, tls: serde_json::Value| {
+        let subs = subs.clone();
+        let (endpoint, link) = (node.controller_endpoint(), target.data_endpoint());
+        async move {
+            let sub: Subscription = serde_json::from_value(json!({
+                "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription", "metadata": {"name": name},
+                "spec": {"name": format!("org/ns/{name}"), "nodes": {"endpoints": [endpoint], "tls": tls}, "link": {"endpoint": link}}
+            }))
+            .expect("subscription");
+            subs.create(&PostParams::default(), &sub).await.expect("create");
+        }
+    };
+    let wait_ready = |name: &'static str, want: &'static str| {
+        let subs = subs.clone();
+        async move {
+            wait_for(want, Duration::from_secs(60), async || {
+                ready_status(&subs.get(name).await.ok()?).filter(|s| s == want)
+            })
+            .await
+        }
+    };
+    create("bob", json!({"caSecretRef": {"name": "node-ca"}, "clientCertSecretRef": {"name": "operator-client"}}))
+        .await;
+    create(
+        "untrusted",
+        json!({"caSecretRef": {"name": "wrong-ca"}, "clientCertSecretRef": {"name": "operator-client"}}),
+    )
+    .await;
+    create("anonymous", json!({"caSecretRef": {"name": "node-ca"}})).await;
+    wait_ready("bob", "True/RoutesInstalled").await;
+    wait_ready("untrusted", "False/TlsUntrustedServer").await;
+    wait_ready("anonymous", "False/TlsClientCertificateRefused").await;
+    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
+    let warning = wait_for("a Warning for the untrusted node", Duration::from_secs(30), async || {
+        events.list(&Default::default()).await.ok()?.items.into_iter().find(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("untrusted")
+                && e.type_.as_deref() == Some("Warning")
+        })
+    })
+    .await;
+    let note = warning.note.unwrap_or_default();
+    assert_eq!(warning.reason.as_deref(), Some("TlsUntrustedServer"), "{note}");
+    assert!(note.contains(&node.controller_endpoint()) && note.contains("UnknownIssuer"), "{note}");
+
+    // Rotation: the client certificate in the Secret is replaced by one of another CA, and the
+    // node restarts trusting only that CA (its routes gone, as after any restart).
+    let rotated = next.leaf(&["spiffe://example.org/slim-operator"], 1);
+    secrets
+        .replace(
+            "operator-client",
+            &PostParams::default(),
+            &secret("operator-client", "kubernetes.io/tls", tls_data(&rotated)),
+        )
+        .await
+        .expect("rotate");
+    node.set_controller_tls(&server_tls(dir.path(), &node_cert, Some(&next))).expect("config");
+    tokio::task::block_in_place(|| node.restart()).expect("restart");
+    let link = render_link(
+        &slim_operator::api::LinkSpec {
+            endpoint: target.data_endpoint(),
+            connection_type: Default::default(),
+            tls: None,
+        },
+        &ResolvedTls::default(),
+    );
+    let route = RouteRef { name: SlimName::parse("org/ns/bob").expect("name"), link_id: link.link_id };
+    // Read back through a client of our own, with the rotated certificate.
+    use slim_operator::slim::tls::{ClientIdentity, ServerTrust, TlsMaterial, TlsSource};
+    let identity = ClientIdentity::from_pem(rotated.0.as_bytes(), rotated.1.as_bytes()).expect("identity");
+    let material = TlsMaterial {
+        trust: ServerTrust::Ca(vec![ca.der.clone()]),
+        identity: Some(Arc::new(identity)),
+        server_name: None,
+    };
+    let (_keep, rx) = tokio::sync::watch::channel(Arc::new(material));
+    let reader = NodePool::default().with_tls([(node.controller_endpoint(), TlsSource::new(rx))].into_iter().collect());
+    let client_node = reader.node(&node.controller_endpoint());
+    wait_for("the route back, over the rotated certificate", Duration::from_secs(60), async || {
+        client_node.snapshot(Duration::ZERO).await.ok().filter(|o| o.has_route(&route))
+    })
+    .await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+}

@@ -3,89 +3,18 @@
 //! the server authorised by CA and host name, or by SPIFFE ID (exact or trust domain) from its
 //! X.509-SVID; every failure told by its cause; a client certificate rotated in the middle.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    SanType,
-};
+use slim_e2e::pki::{Ca, server_tls};
 use slim_e2e::{SlimNode, init_logging};
 use slim_operator::api::{ConnectionType, LinkSpec};
 use slim_operator::plan::{ResolvedTls, render_link};
-use slim_operator::slim::tls::{ClientIdentity, ServerTrust, SpiffeMatch, TlsFailure, TlsMaterial};
+use slim_operator::slim::tls::{ClientIdentity, ServerTrust, SpiffeMatch, TlsFailure, TlsMaterial, TlsSource};
 use slim_operator::slim::{LinkConfig, NodeChange, NodePool, RouteRef, SlimName};
 use tokio::sync::watch;
 
 const NODE_ID: &str = "spiffe://example.org/slim/node-a";
-
-/// A CA, and leaves it signs.
-struct Ca {
-    pem: String,
-    der: rustls::pki_types::CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let cert = params.self_signed(&key).expect("CA");
-        let (pem, der) = (cert.pem(), cert.der().clone());
-        Self { pem: pem.clone(), der, issuer: Issuer::from_ca_cert_pem(&pem, key).expect("issuer") }
-    }
-
-    /// `(cert PEM, key PEM)` of a leaf with `sans` (IPs, DNS names, `spiffe://` URIs) valid for `days`.
-    fn leaf(&self, sans: &[&str], days: i64) -> (String, String) {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.distinguished_name.push(DnType::CommonName, "leaf");
-        for san in sans {
-            params.subject_alt_names.push(if let Ok(ip) = san.parse() {
-                SanType::IpAddress(ip)
-            } else if san.starts_with("spiffe://") {
-                SanType::URI((*san).try_into().expect("uri"))
-            } else {
-                SanType::DnsName((*san).try_into().expect("dns"))
-            });
-        }
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::days(2);
-        params.not_after = now + time::Duration::days(days);
-        let cert = params.signed_by(&key, &self.issuer).expect("leaf");
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn identity(&self, days: i64) -> Arc<ClientIdentity> {
-        let (cert, key) = self.leaf(&["spiffe://example.org/slim-operator"], days);
-        Arc::new(ClientIdentity::from_pem(cert.as_bytes(), key.as_bytes()).expect("identity"))
-    }
-}
-
-/// SLIM's controller `tls`: the node's certificate, and (mTLS) the CA its clients need.
-fn server_tls(dir: &Path, cert: &(String, String), client_ca: Option<&Ca>) -> String {
-    std::fs::write(dir.join("node.crt"), &cert.0).expect("write");
-    std::fs::write(dir.join("node.key"), &cert.1).expect("write");
-    let source = format!(
-        "source: {{type: file, cert: \"{}\", key: \"{}\"}}",
-        dir.join("node.crt").display(),
-        dir.join("node.key").display()
-    );
-    match client_ca {
-        None => format!("{{insecure: false, {source}}}"),
-        Some(ca) => {
-            let path = dir.join(format!("client-ca-{:08x}.pem", rand::random::<u32>()));
-            std::fs::write(&path, &ca.pem).expect("write");
-            format!("{{insecure: false, {source}, client_ca: {{type: file, path: \"{}\"}}}}", path.display())
-        }
-    }
-}
 
 fn material(trust: ServerTrust, identity: Option<Arc<ClientIdentity>>) -> TlsMaterial {
     TlsMaterial { trust, identity, server_name: None }
@@ -97,11 +26,15 @@ fn link_to(to: &SlimNode) -> LinkConfig {
     render_link(&spec, &ResolvedTls::default())
 }
 
+/// A fresh pool that reaches `node` with `tls`.
+fn over(node: &SlimNode, tls: TlsSource) -> NodePool {
+    NodePool::default().with_tls(std::collections::HashMap::from([(node.controller_endpoint(), tls)]))
+}
+
 /// Installs a route with a fresh pool using `material`, and reads it back from the node.
 async fn route_over(node: &SlimNode, link: &LinkConfig, material: TlsMaterial) -> Result<(), String> {
-    let pool = NodePool::default();
     let (_keep, rx) = watch::channel(Arc::new(material));
-    pool.use_tls(&node.controller_endpoint(), rx);
+    let pool = over(node, TlsSource::new(rx));
     install(&pool, node, link, "org/ns/bob").await
 }
 
@@ -173,9 +106,8 @@ async fn routes_over_tls_and_mtls_with_every_failure_told_apart() {
     // A client certificate rotated in the middle: the open stream keeps working, and when the node
     // restarts trusting only the new certificate's CA, the client reconnects with it.
     let next_ca = Ca::new("next CA");
-    let pool = NodePool::default();
     let (source, rx) = watch::channel(Arc::new(material(trust(), Some(ca.identity(1)))));
-    pool.use_tls(&mtls.controller_endpoint(), rx);
+    let pool = over(&mtls, TlsSource::new(rx));
     install(&pool, &mtls, &link, "org/ns/carol").await.expect("before the rotation");
     source.send_replace(Arc::new(material(trust(), Some(next_ca.identity(1)))));
     install(&pool, &mtls, &link, "org/ns/dave").await.expect("the open stream after the rotation");
@@ -221,9 +153,8 @@ async fn routes_over_mtls_with_x509_svids_from_the_workload_api() {
     let (tx, svids) = watch::channel(None);
     tokio::spawn(svid::follow(operator_socket.clone(), tx));
     let exact = svid::source(svids.clone(), SpiffeMatch::Exact(NODE_ID.into())).await.expect("the operator's SVID");
-    assert!(exact.borrow().identity.is_some(), "the operator presents its SVID");
-    let pool = NodePool::default();
-    pool.use_tls(&node.controller_endpoint(), exact);
+    assert!(exact.current().identity.is_some(), "the operator presents its SVID");
+    let pool = over(&node, exact);
     install(&pool, &node, &link, "org/ns/bob").await.expect("routes over SPIFFE mTLS");
     // The node does ask for the operator's SVID: without one it refuses.
     let bundle = svids.borrow().as_ref().map(|s| s.bundle.clone()).unwrap_or_default();
@@ -232,8 +163,7 @@ async fn routes_over_mtls_with_x509_svids_from_the_workload_api() {
     assert_eq!(failure, Some(TlsFailure::ClientCertRefused), "{message}");
 
     let wrong = svid::source(svids, SpiffeMatch::Exact("spiffe://example.org/slim/node-b".into())).await.expect("svid");
-    let pool = NodePool::default();
-    pool.use_tls(&node.controller_endpoint(), wrong);
+    let pool = over(&node, wrong);
     let (failure, message) = cause(install(&pool, &node, &link, "org/ns/bob").await);
     assert_eq!(failure, Some(TlsFailure::UnexpectedServerIdentity), "{message}");
 }

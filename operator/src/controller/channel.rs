@@ -1,6 +1,7 @@
 //! Reconciling a `SlimChannel`: desired participants (spec and selected Pods), live instances
 //! (optional nodes), a channel sync, then status and events.
 
+use crate::slim::NodePool;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,10 +76,10 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
         Ok(found) => found,
         Err(error) => return fail(error).await,
     };
-    let (live, consulted) = live_participants(channel, ctx, &desired).await;
+    let (live, consulted, pool) = live_participants(channel, ctx, &desired).await;
     let key = ObjectRef::from_obj(channel);
     match &live {
-        Some(live) => ctx.member_watch.record(key.clone(), consulted.clone(), desired.clone(), live.clone()),
+        Some(live) => ctx.member_watch.record(key.clone(), consulted.clone(), pool, desired.clone(), live.clone()),
         None => ctx.member_watch.forget(&key),
     }
     let managed_before: BTreeSet<String> = old.participants.iter().map(|p| p.name.clone()).collect();
@@ -197,36 +198,39 @@ async fn live_participants(
     channel: &SlimChannel,
     ctx: &Context,
     desired: &BTreeSet<String>,
-) -> (Option<LiveInstances>, Vec<String>) {
+) -> (Option<LiveInstances>, Vec<String>, NodePool) {
     let nodes = channel.spec.nodes.as_ref().unwrap_or(&ctx.config.default_nodes);
     let pods = match (&nodes.selector, channel.namespace()) {
         (None, _) | (_, None) => Vec::new(),
         (Some(selector), Some(namespace)) => {
             if let Err(error) = selector_query(selector) {
                 warn!(%error, "the channel's node selector is invalid; members' live instances unknown");
-                return (None, Vec::new());
+                return (None, Vec::new(), ctx.nodes.clone());
             }
             ctx.pods.matching(&namespace, selector)
         }
     };
     let endpoints: Vec<String> = node_targets(nodes, pods).into_iter().map(|t| t.endpoint).collect();
     if endpoints.is_empty() {
-        return (None, endpoints);
+        return (None, endpoints, ctx.nodes.clone());
     }
     let namespace = channel.namespace().unwrap_or_default();
-    if let Err(error) = ctx.use_node_tls(&namespace, nodes, &endpoints).await {
-        warn!(%error, "the channel's nodes cannot be reached (TLS settings); members' live instances unknown");
-        return (None, endpoints);
-    }
+    let pool = match ctx.node_pool(&namespace, nodes, &endpoints).await {
+        Ok(pool) => pool,
+        Err(error) => {
+            warn!(%error, "the channel's nodes cannot be reached (TLS settings); members' live instances unknown");
+            return (None, endpoints, ctx.nodes.clone());
+        }
+    };
     let listings = futures::future::join_all(
-        endpoints.iter().map(|e| async { ctx.nodes.node(e).snapshot(ctx.config.snapshot_max_age).await }),
+        endpoints.iter().map(|e| async { pool.node(e).snapshot(ctx.config.snapshot_max_age).await }),
     )
     .await;
     match listings.into_iter().collect::<Result<Vec<_>, _>>() {
-        Ok(observed) => (Some(live_instances(desired, observed.iter().map(|o| o.as_ref()))), endpoints),
+        Ok(observed) => (Some(live_instances(desired, observed.iter().map(|o| o.as_ref()))), endpoints, pool),
         Err(error) => {
             warn!(%error, "a node of the channel could not be listed; members' live instances unknown");
-            (None, endpoints)
+            (None, endpoints, pool)
         }
     }
 }

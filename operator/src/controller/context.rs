@@ -125,15 +125,16 @@ impl Context {
         }
     }
 
-    /// Connects to the `https://` ones of `endpoints` with the TLS of `nodes` (or the operator's
-    /// defaults); plain `http://` endpoints need nothing.
-    pub async fn use_node_tls(&self, namespace: &str, nodes: &NodeSet, endpoints: &[String]) -> Result<(), Error> {
+    /// The node clients for `endpoints`: the `https://` ones with the TLS of `nodes` (or the
+    /// operator's defaults), the plain `http://` ones as they are.
+    pub async fn node_pool(&self, namespace: &str, nodes: &NodeSet, endpoints: &[String]) -> Result<NodePool, Error> {
+        let mut tls = HashMap::new();
         for endpoint in endpoints {
             if let Some(source) = self.control_tls.source(namespace, nodes.tls.as_ref(), endpoint).await? {
-                self.nodes.use_tls(endpoint, source);
+                tls.insert(endpoint.clone(), source);
             }
         }
-        Ok(())
+        Ok(if tls.is_empty() { self.nodes.clone() } else { self.nodes.with_tls(tls) })
     }
 
     /// The channel manager client for `endpoint`, with the TLS of `tls` (or the defaults).

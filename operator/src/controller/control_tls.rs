@@ -38,6 +38,7 @@ pub struct ControlTlsDefaults {
 
 struct Entry {
     tx: watch::Sender<Arc<TlsMaterial>>,
+    source: TlsSource,
     /// What the material was built from (hashed), to send only changes.
     fingerprint: String,
 }
@@ -73,12 +74,13 @@ impl ControlTlsRegistry {
         let key = (scope, settings);
         let mut entries = self.entries.lock().await;
         if let Some(entry) = entries.get(&key) {
-            return Ok(Some(entry.tx.subscribe()));
+            return Ok(Some(entry.source.clone()));
         }
         let (material, fingerprint) = self.load(&key.0, &key.1).await?;
         let (tx, rx) = watch::channel(Arc::new(material));
-        entries.insert(key, Entry { tx, fingerprint });
-        Ok(Some(rx))
+        let source = TlsSource::new(rx);
+        entries.insert(key, Entry { tx, source: source.clone(), fingerprint });
+        Ok(Some(source))
     }
 
     /// Reads every setting in use again; changed material goes to its watch (the next connection).

@@ -18,12 +18,22 @@ use crate::api::SlimChannel;
 use crate::plan::channel::{LiveInstances, live_instances};
 use crate::slim::{NodePool, Observed};
 
-/// What a channel's last reconcile saw.
-#[derive(Clone, Debug)]
+/// A node as read: its endpoint and the TLS source of the client (0: plain).
+type NodeKey = (String, u64);
+
+/// What a channel's last reconcile saw, and the clients (with the channel's TLS) it used.
+#[derive(Clone)]
 struct Watched {
     endpoints: Vec<String>,
+    pool: NodePool,
     participants: BTreeSet<String>,
     live: LiveInstances,
+}
+
+impl Watched {
+    fn keys(&self) -> impl Iterator<Item = NodeKey> + '_ {
+        self.endpoints.iter().map(|e| (e.clone(), self.pool.tls_id(e)))
+    }
 }
 
 /// The channels whose members are watched, and what their last reconcile saw.
@@ -33,15 +43,16 @@ pub struct MemberWatch {
 }
 
 impl MemberWatch {
-    /// Records what a reconcile of `channel` saw on `endpoints`.
+    /// Records what a reconcile of `channel` saw on `endpoints`, read through `pool`.
     pub fn record(
         &self,
         channel: ObjectRef<SlimChannel>,
         endpoints: Vec<String>,
+        pool: NodePool,
         participants: BTreeSet<String>,
         live: LiveInstances,
     ) {
-        self.lock().insert(channel, Watched { endpoints, participants, live });
+        self.lock().insert(channel, Watched { endpoints, pool, participants, live });
     }
 
     /// Stops watching `channel` (deleted, or no node to consult).
@@ -49,20 +60,20 @@ impl MemberWatch {
         self.lock().remove(channel);
     }
 
-    /// Every node some channel consults.
-    fn endpoints(&self) -> BTreeSet<String> {
-        self.lock().values().flat_map(|w| w.endpoints.iter().cloned()).collect()
+    /// Every node some channel consults, with a client to read it.
+    fn nodes(&self) -> HashMap<NodeKey, NodePool> {
+        let channels = self.lock();
+        channels.values().flat_map(|w| w.keys().map(|key| (key, w.pool.clone()))).collect()
     }
 
     /// The channels whose live members differ from what their last reconcile saw, given one
     /// listing per node (a node that could not be listed leaves its channels alone). The new view
     /// is kept, so a change triggers once.
-    fn changed(&self, listed: &HashMap<String, Arc<Observed>>) -> Vec<ObjectRef<SlimChannel>> {
+    fn changed(&self, listed: &HashMap<NodeKey, Arc<Observed>>) -> Vec<ObjectRef<SlimChannel>> {
         let mut channels = self.lock();
         let mut changed = Vec::new();
         for (channel, watched) in channels.iter_mut() {
-            let Some(observed) =
-                watched.endpoints.iter().map(|e| listed.get(e).map(Arc::as_ref)).collect::<Option<Vec<_>>>()
+            let Some(observed) = watched.keys().map(|k| listed.get(&k).map(Arc::as_ref)).collect::<Option<Vec<_>>>()
             else {
                 continue;
             };
@@ -77,21 +88,20 @@ impl MemberWatch {
 
     /// Reads every consulted node each `period` and asks for the reconcile of each channel whose
     /// members changed. Runs until `trigger`'s receiver is gone.
-    pub async fn run(&self, nodes: NodePool, period: Duration, trigger: mpsc::UnboundedSender<ObjectRef<SlimChannel>>) {
+    pub async fn run(&self, period: Duration, trigger: mpsc::UnboundedSender<ObjectRef<SlimChannel>>) {
         let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            let endpoints = self.endpoints();
             // A listing younger than half a period is reused (reconciles read the same nodes).
-            let reads = endpoints.iter().map(|endpoint| {
-                let node = nodes.node(endpoint);
-                async move { (endpoint.clone(), node.snapshot(period / 2).await) }
+            let reads = self.nodes().into_iter().map(|(key, pool)| {
+                let node = pool.node(&key.0);
+                async move { (key, node.snapshot(period / 2).await) }
             });
-            let listed: HashMap<String, Arc<Observed>> = futures::future::join_all(reads)
+            let listed: HashMap<NodeKey, Arc<Observed>> = futures::future::join_all(reads)
                 .await
                 .into_iter()
-                .filter_map(|(endpoint, listing)| listing.ok().map(|observed| (endpoint, observed)))
+                .filter_map(|(key, listing)| listing.ok().map(|observed| (key, observed)))
                 .collect();
             for channel in self.changed(&listed) {
                 tracing::info!(channel = %channel.name, namespace = ?channel.namespace, "member instances changed; reconciling");
@@ -127,19 +137,20 @@ mod tests {
         let watch = MemberWatch::default();
         let channel = ObjectRef::new("team").within("apps");
         let live = LiveInstances::from([("org/ns/bob".to_owned(), BTreeSet::from([instance.to_owned()]))]);
-        watch.record(channel.clone(), vec![endpoint.to_owned()], BTreeSet::from(["org/ns/bob".to_owned()]), live);
+        let bob = BTreeSet::from(["org/ns/bob".to_owned()]);
+        watch.record(channel.clone(), vec![endpoint.to_owned()], NodePool::default(), bob, live);
         (watch, channel)
     }
 
     #[test]
     fn a_new_instance_triggers_its_channel_once() {
         let (watch, channel) = watch_bob_on("http://n:1", OLD);
-        let same = HashMap::from([("http://n:1".to_owned(), node_with(&[&format!("org/ns/bob/{OLD}")]))]);
+        let same = HashMap::from([(("http://n:1".to_owned(), 0), node_with(&[&format!("org/ns/bob/{OLD}")]))]);
         assert!(watch.changed(&same).is_empty(), "nothing changed");
-        let restarted = HashMap::from([("http://n:1".to_owned(), node_with(&[&format!("org/ns/bob/{NEW}")]))]);
+        let restarted = HashMap::from([(("http://n:1".to_owned(), 0), node_with(&[&format!("org/ns/bob/{NEW}")]))]);
         assert_eq!(watch.changed(&restarted), vec![channel.clone()]);
         assert!(watch.changed(&restarted).is_empty(), "the same change triggers once");
-        let gone = HashMap::from([("http://n:1".to_owned(), node_with(&[]))]);
+        let gone = HashMap::from([(("http://n:1".to_owned(), 0), node_with(&[]))]);
         assert_eq!(watch.changed(&gone), vec![channel], "a member going offline is news too");
     }
 
@@ -147,8 +158,8 @@ mod tests {
     fn an_unlisted_node_leaves_its_channels_alone_and_forget_stops_watching() {
         let (watch, channel) = watch_bob_on("http://n:1", OLD);
         assert!(watch.changed(&HashMap::new()).is_empty(), "a node that did not answer proves nothing");
-        assert_eq!(watch.endpoints(), BTreeSet::from(["http://n:1".to_owned()]));
+        assert_eq!(watch.nodes().into_keys().collect::<Vec<_>>(), vec![("http://n:1".to_owned(), 0)]);
         watch.forget(&channel);
-        assert!(watch.endpoints().is_empty());
+        assert!(watch.nodes().is_empty());
     }
 }

@@ -109,8 +109,10 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(channel::reconcile, error_policy, ctx.clone())
         .for_each(log_outcome::<SlimChannel, _>);
-    let members = ctx.member_watch.run(runtime.nodes.clone(), config.member_poll_interval, ctx.channel_trigger.clone());
+    let members = ctx.member_watch.run(config.member_poll_interval, ctx.channel_trigger.clone());
     let reports = report_invalid(invalid_rx, Recorder::new(client, runtime.reporter.clone()));
+    // Rotated Secrets, files and SVIDs reach the next control connection within this period.
+    let tls_refresh = runtime.control_tls.clone().refresh_every(Duration::from_secs(5));
     // Node targets and selected participants come from the Pod cache: a reconcile before it is
     // filled would take every selected node for gone.
     let controllers = async {
@@ -129,6 +131,7 @@ pub async fn run(
         () = channel_recovery => Err(Error::TaskEnded("SlimChannel watch recovery")),
         () = members => Err(Error::TaskEnded("member watch")),
         () = reports => Err(Error::TaskEnded("invalid-object reporter")),
+        () = tls_refresh => Err(Error::TaskEnded("control TLS refresh")),
     }
 }
 

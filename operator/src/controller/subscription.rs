@@ -59,11 +59,14 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     let namespace = sub.namespace().unwrap_or_default();
     let endpoints: Vec<String> =
         targets.iter().map(|t| t.endpoint.clone()).chain(previous_nodes.iter().cloned()).collect();
-    if let Err(error) = ctx.use_node_tls(&namespace, &sub.spec.nodes, &endpoints).await {
-        let status = failed(&old, generation, error.reason(), error.to_string(), Timestamp::now());
-        super::patch_status(sub, ctx, &status).await?;
-        return Err(error);
-    }
+    let pool = match ctx.node_pool(&namespace, &sub.spec.nodes, &endpoints).await {
+        Ok(pool) => pool,
+        Err(error) => {
+            let status = failed(&old, generation, error.reason(), error.to_string(), Timestamp::now());
+            super::patch_status(sub, ctx, &status).await?;
+            return Err(error);
+        }
+    };
     let users = StoreUsers { ctx, me: ObjectRef::from_obj(sub) };
     let reports = RouteSync {
         desired: Some(&desired),
@@ -73,7 +76,7 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
         users: &users,
         max_snapshot_age: ctx.config.snapshot_max_age,
     }
-    .run(&ctx.nodes)
+    .run(&pool)
     .await;
 
     let route_name = desired.route.name.to_string();
@@ -112,7 +115,7 @@ async fn cleanup(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     endpoints.sort();
     endpoints.dedup();
     let namespace = sub.namespace().unwrap_or_default();
-    ctx.use_node_tls(&namespace, &sub.spec.nodes, &endpoints).await?;
+    let pool = ctx.node_pool(&namespace, &sub.spec.nodes, &endpoints).await?;
 
     let users = StoreUsers { ctx, me: ObjectRef::from_obj(sub) };
     let mut pending = Vec::new();
@@ -130,7 +133,7 @@ async fn cleanup(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
             users: &users,
             max_snapshot_age: ctx.config.snapshot_max_age,
         }
-        .run(&ctx.nodes)
+        .run(&pool)
         .await;
         failures.extend(reports.into_iter().filter(|r| !r.ok()));
     }

@@ -210,7 +210,7 @@ impl ChannelManagerPool {
         if let Some((client, current)) = clients.get(endpoint) {
             let same = match (current, &tls) {
                 (None, None) => true,
-                (Some(a), Some(b)) => a.same_channel(b),
+                (Some(a), Some(b)) => a.id() == b.id(),
                 _ => false,
             };
             if same {

@@ -235,7 +235,7 @@ impl Actor {
         let channel = match &self.tls {
             None => endpoint.connect().await,
             Some(tls) => {
-                if let Some(identity) = &tls.borrow().identity {
+                if let Some(identity) = &tls.current().identity {
                     self.renew_at = Some(renewal_time(identity.not_after, slim_k8s_common::unix_now()));
                 }
                 endpoint.connect_with_connector(super::tls::connector(tls.clone(), self.config.connect_timeout)).await

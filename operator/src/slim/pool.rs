@@ -17,51 +17,45 @@ use crate::metrics::NodeLabels;
 /// Clients idle for this long are dropped (their node left every Subscription).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// The shared clients, and (in a view made by [`NodePool::with_tls`]) the TLS of some endpoints.
 #[derive(Clone)]
 pub struct NodePool {
     inner: Arc<Inner>,
+    tls: Arc<HashMap<String, TlsSource>>,
 }
 
 struct Inner {
     config: NodeClientConfig,
-    nodes: Mutex<HashMap<String, (NodeClient, Instant)>>,
-    /// TLS for `https://` endpoints, as set by [`NodePool::use_tls`].
-    tls: Mutex<HashMap<String, TlsSource>>,
+    /// By endpoint and TLS source (0: plain): objects that name one node with different TLS
+    /// settings get different clients, and a wrong setting in one never breaks another's.
+    nodes: Mutex<HashMap<(String, u64), (NodeClient, Instant)>>,
     events: broadcast::Sender<NodeEvent>,
 }
 
 impl NodePool {
     pub fn new(config: NodeClientConfig) -> Self {
         let (events, _) = broadcast::channel(1024);
-        Self {
-            inner: Arc::new(Inner {
-                config,
-                nodes: Mutex::new(HashMap::new()),
-                tls: Mutex::new(HashMap::new()),
-                events,
-            }),
-        }
+        Self { inner: Arc::new(Inner { config, nodes: Mutex::new(HashMap::new()), events }), tls: Arc::default() }
     }
 
-    /// Connects to `endpoint` with `tls` from now on. The same source again changes nothing
-    /// (its rotations reach the client by themselves); another one replaces the client.
-    pub fn use_tls(&self, endpoint: &str, tls: TlsSource) {
-        let mut sources = self.inner.tls.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if sources.get(endpoint).is_some_and(|current| current.same_channel(&tls)) {
-            return;
-        }
-        sources.insert(endpoint.to_owned(), tls);
-        drop(sources);
-        self.inner.nodes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(endpoint);
+    /// Which TLS source this view uses for `endpoint` (0: plain text).
+    pub fn tls_id(&self, endpoint: &str) -> u64 {
+        self.tls.get(endpoint).map_or(0, TlsSource::id)
+    }
+
+    /// A view of the same clients that connects to the endpoints in `tls` with their TLS.
+    pub fn with_tls(&self, tls: HashMap<String, TlsSource>) -> Self {
+        Self { inner: self.inner.clone(), tls: Arc::new(tls) }
     }
 
     /// The client for `endpoint`, started on first use. Must be called inside a tokio runtime.
     pub fn node(&self, endpoint: &str) -> NodeClient {
+        let tls = self.tls.get(endpoint).cloned();
+        let key = (endpoint.to_owned(), tls.as_ref().map_or(0, TlsSource::id));
         let mut nodes = self.inner.nodes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let now = Instant::now();
-        nodes.retain(|key, (_, used)| key == endpoint || now.duration_since(*used) < IDLE_TIMEOUT);
-        let entry = nodes.entry(endpoint.to_owned()).or_insert_with(|| {
-            let tls = self.inner.tls.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(endpoint).cloned();
+        nodes.retain(|k, (_, used)| *k == key || now.duration_since(*used) < IDLE_TIMEOUT);
+        let entry = nodes.entry(key).or_insert_with(|| {
             (NodeClient::spawn_with_tls(endpoint, self.inner.config.clone(), self.inner.events.clone(), tls), now)
         });
         entry.1 = now;

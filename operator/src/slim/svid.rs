@@ -101,6 +101,7 @@ async fn stream(
 pub async fn source(mut svids: watch::Receiver<Option<Svid>>, server: SpiffeMatch) -> Option<TlsSource> {
     let first = svids.wait_for(Option::is_some).await.ok()?.clone()?;
     let (tx, rx) = watch::channel(Arc::new(first.material(server.clone())));
+    let source = TlsSource::new(rx);
     tokio::spawn(async move {
         while svids.changed().await.is_ok() {
             let latest = svids.borrow_and_update().clone();
@@ -111,5 +112,5 @@ pub async fn source(mut svids: watch::Receiver<Option<Svid>>, server: SpiffeMatc
             }
         }
     });
-    Some(rx)
+    Some(source)
 }

@@ -16,8 +16,30 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 /// Where a client gets its TLS material for each new connection; the sender side swaps in
-/// rotated certificates (a Secret changed, a new SVID arrived).
-pub type TlsSource = tokio::sync::watch::Receiver<Arc<TlsMaterial>>;
+/// rotated certificates (a Secret changed, a new SVID arrived). Clones share the source and its
+/// [`TlsSource::id`], which tells clients of one node with different TLS settings apart.
+#[derive(Clone, Debug)]
+pub struct TlsSource {
+    id: u64,
+    rx: tokio::sync::watch::Receiver<Arc<TlsMaterial>>,
+}
+
+impl TlsSource {
+    pub fn new(rx: tokio::sync::watch::Receiver<Arc<TlsMaterial>>) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Self { id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), rx }
+    }
+
+    /// Never 0 (what plain-text clients are keyed by).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The material now.
+    pub fn current(&self) -> Arc<TlsMaterial> {
+        self.rx.borrow().clone()
+    }
+}
 
 /// How the server's certificate is judged.
 #[derive(Clone, Debug)]
@@ -349,7 +371,7 @@ pub fn connector(
 + Send
 + 'static {
     tower::service_fn(move |uri: tonic::codegen::http::Uri| {
-        let material = source.borrow().clone();
+        let material = source.current();
         async move {
             let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
             let port = uri
