@@ -420,6 +420,8 @@ pub const APP_SECRET: &str = "slim-operator-e2e-shared-secret-0123456789abcdef";
 pub struct ChannelManager {
     pub port: u16,
     pub local_name: String,
+    /// Whether its API is served with TLS.
+    tls: bool,
     child: Option<Child>,
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -429,6 +431,13 @@ impl ChannelManager {
     /// Starts a manager whose API binds a port of its own choosing, read back from the process
     /// (as for nodes: no port is chosen here and released for another process to take).
     pub fn start(node: &SlimNode) -> Result<Self, HarnessError> {
+        Self::start_with_api_tls(node, "")
+    }
+
+    /// A manager whose API server has `tls` (SLIM's server `tls` config as a YAML flow mapping,
+    /// as a node's controller takes it); its [`ChannelManager::endpoint`] is then `https://`.
+    pub fn start_with_api_tls(node: &SlimNode, tls: &str) -> Result<Self, HarnessError> {
+        let api_tls = if tls.is_empty() { "{insecure: true}" } else { tls };
         let dir = tempfile::tempdir()?;
         let local_name = "org/ns/channel-manager".to_owned();
         let config = dir.path().join("cm.yaml");
@@ -437,7 +446,7 @@ impl ChannelManager {
             &config,
             format!(
                 "channel-manager:\n  slim-connection:\n    endpoint: \"{}\"\n    tls: {{insecure: true}}\n  \
-                 api-server:\n    endpoint: \"127.0.0.1:0\"\n    tls: {{insecure: true}}\n  \
+                 api-server:\n    endpoint: \"127.0.0.1:0\"\n    tls: {api_tls}\n  \
                  local-name: \"{local_name}\"\n  auth:\n    type: shared_secret\n    secret: \"{APP_SECRET}\"\n  \
                  channels: []\n  persistence:\n    path: {}\n    insecure: true\n    delete-sessions-on-shutdown: false\n",
                 node.data_endpoint(),
@@ -456,7 +465,7 @@ impl ChannelManager {
             .spawn()
             .map_err(|source| HarnessError::Spawn { what: "channel manager".into(), source })?;
         let pid = child.id();
-        let mut manager = Self { port: 0, local_name, child: Some(child), log, _dir: dir };
+        let mut manager = Self { port: 0, local_name, tls: !tls.is_empty(), child: Some(child), log, _dir: dir };
         let timeout = Duration::from_secs(30);
         let deadline = Instant::now() + timeout;
         // Its API server is the only thing it listens on.
@@ -471,9 +480,10 @@ impl ChannelManager {
         Ok(manager)
     }
 
-    /// `http://127.0.0.1:<port>` of its gRPC API.
+    /// `http://127.0.0.1:<port>` of its gRPC API (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn log(&self) -> String {

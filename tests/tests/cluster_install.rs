@@ -11,24 +11,25 @@ use kube::api::Api;
 use slim_e2e::control_plane;
 use slim_e2e::{example_files, helm, kubectl, repo_path};
 
-/// SPIRE's ClusterSPIFFEID kind, which `examples/06-spire-clusterspiffeid.yaml` uses. SPIRE is not
-/// installed here; this stand-in (same group, version and kind, any content) lets the API server
-/// take the example, so only its shape as a Kubernetes object is checked, not SPIRE's own schema.
-const CLUSTER_SPIFFE_ID_STAND_IN: &str = r#"
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: {name: clusterspiffeids.spire.spiffe.io}
-spec:
-  group: spire.spiffe.io
-  scope: Cluster
-  names: {kind: ClusterSPIFFEID, plural: clusterspiffeids, singular: clusterspiffeid}
-  versions:
-  - name: v1alpha1
-    served: true
-    storage: true
-    schema:
-      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
-"#;
+/// Kinds of other projects the examples use: SPIRE's ClusterSPIFFEID (`06-…`, `09-…`) and
+/// cert-manager's Issuer and Certificate (`08-…`). Neither is installed here; these stand-ins (same
+/// group, version and kind, any content) let the API server take the examples, so only their shape
+/// as Kubernetes objects is checked, not the other projects' schemas.
+const STAND_INS: [(&str, &str, &str, &str, &str); 3] = [
+    ("spire.spiffe.io", "ClusterSPIFFEID", "clusterspiffeids", "Cluster", "v1alpha1"),
+    ("cert-manager.io", "Issuer", "issuers", "Namespaced", "v1"),
+    ("cert-manager.io", "Certificate", "certificates", "Namespaced", "v1"),
+];
+
+fn stand_in(group: &str, kind: &str, plural: &str, scope: &str, version: &str) -> String {
+    format!(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {{name: {plural}.{group}}}\n\
+         spec:\n  group: {group}\n  scope: {scope}\n  names: {{kind: {kind}, plural: {plural}, singular: {}}}\n\
+         \x20 versions:\n  - name: {version}\n    served: true\n    storage: true\n    schema:\n\
+         \x20     openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}\n",
+        kind.to_lowercase()
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_install_then_every_example_in_order() {
@@ -52,11 +53,13 @@ async fn helm_install_then_every_example_in_order() {
     let status = helm(&["status", "slim", "--namespace", "slim-system"], env).expect("helm status");
     assert!(status.contains("STATUS: deployed"), "{status}");
 
-    let stand_in = plane.dir.join("clusterspiffeid-crd.yaml");
-    std::fs::write(&stand_in, CLUSTER_SPIFFE_ID_STAND_IN).expect("write");
-    kubectl(&["apply", "-f", &stand_in.display().to_string()], env).expect("stand-in CRD");
-    kubectl(&["wait", "--for=condition=Established", "crd/clusterspiffeids.spire.spiffe.io", "--timeout=30s"], env)
-        .expect("established");
+    for (group, kind, plural, scope, version) in STAND_INS {
+        let path = plane.dir.join(format!("{plural}-stand-in.yaml"));
+        std::fs::write(&path, stand_in(group, kind, plural, scope, version)).expect("write");
+        kubectl(&["apply", "-f", &path.display().to_string()], env).expect("stand-in CRD");
+        let crd = format!("crd/{plural}.{group}");
+        kubectl(&["wait", "--for=condition=Established", &crd, "--timeout=30s"], env).expect("established");
+    }
 
     let files = example_files();
     assert!(files.len() >= 7, "{files:?}");

@@ -46,6 +46,16 @@ fn every_example_parses_into_its_type() {
                     let channel: SlimChannel = parse(&file, &json);
                     channel.validate_cel().unwrap_or_else(|e| panic!("{file}: SlimChannel fails its CEL rules: {e:?}"));
                 }
+                "Certificate" | "Issuer" => {
+                    let object: DynamicObject = parse(&file, &json);
+                    assert_eq!(json["apiVersion"], "cert-manager.io/v1", "{file}");
+                    if kind == "Certificate" {
+                        assert!(
+                            object.data["spec"]["secretName"].is_string(),
+                            "{file}: Certificate without secretName"
+                        );
+                    }
+                }
                 "ClusterSPIFFEID" => {
                     let object: DynamicObject = parse(&file, &json);
                     assert_eq!(json["apiVersion"], "spire.spiffe.io/v1alpha1");
@@ -57,7 +67,7 @@ fn every_example_parses_into_its_type() {
             kinds.push(kind);
         }
     }
-    for expected in ["Subscription", "SlimChannel", "Deployment", "ClusterSPIFFEID", "StatefulSet"] {
+    for expected in ["Subscription", "SlimChannel", "Deployment", "ClusterSPIFFEID", "StatefulSet", "Certificate"] {
         assert!(kinds.iter().any(|k| k == expected), "the quickstart has no {expected}");
     }
 }

@@ -167,3 +167,39 @@ async fn routes_over_mtls_with_x509_svids_from_the_workload_api() {
     let (failure, message) = cause(install(&pool, &node, &link, "org/ns/bob").await);
     assert_eq!(failure, Some(TlsFailure::UnexpectedServerIdentity), "{message}");
 }
+
+/// The channel manager 3.4.6 serves its API with SLIM's server config, TLS included: the operator's
+/// channel manager client creates a channel over mTLS, and is refused without its certificate or
+/// with another CA's trust.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_channel_manager_over_mtls() {
+    use slim_e2e::ChannelManager;
+    use slim_operator::slim::ChannelManagerClient;
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, other) = (Ca::new("test CA"), Ca::new("another CA"));
+    let manager_cert = ca.leaf(&["127.0.0.1", "localhost"], 30);
+    let node = SlimNode::start("node-cm").expect("node");
+    let manager = tokio::task::block_in_place(|| {
+        ChannelManager::start_with_api_tls(&node, &server_tls(dir.path(), &manager_cert, Some(&ca)))
+    })
+    .expect("channel manager with mTLS");
+    assert!(manager.endpoint().starts_with("https://"));
+    let client = |material: TlsMaterial| {
+        let (tx, rx) = watch::channel(Arc::new(material));
+        std::mem::forget(tx);
+        ChannelManagerClient::with_tls(&manager.endpoint(), Some(TlsSource::new(rx))).expect("client")
+    };
+    let trust = || ServerTrust::Ca(vec![ca.der.clone()]);
+    client(material(trust(), Some(ca.identity(1))))
+        .create_channel("org/ns/secure-chat", false)
+        .await
+        .unwrap_or_else(|e| panic!("CreateChannel over mTLS: {e}; manager log: {}", manager.log()));
+    let refused = client(material(trust(), None)).create_channel("org/ns/other", false).await.expect_err("no cert");
+    assert_eq!(TlsFailure::classify(&refused.to_string()), Some(TlsFailure::ClientCertRefused), "{refused}");
+    let untrusted = client(material(ServerTrust::Ca(vec![other.der.clone()]), Some(ca.identity(1))))
+        .create_channel("org/ns/other", false)
+        .await
+        .expect_err("wrong CA");
+    assert_eq!(TlsFailure::classify(&untrusted.to_string()), Some(TlsFailure::UntrustedServer), "{untrusted}");
+}

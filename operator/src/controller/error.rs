@@ -68,6 +68,9 @@ impl Error {
             Error::CleanupPending(_) => "CleanupPending",
             Error::NoChannelManager => "NoChannelManager",
             Error::ChannelManager(CmError::Refused { .. }) => "ChannelManagerRefused",
+            Error::ChannelManager(CmError::Unavailable { reason, .. }) => {
+                crate::slim::tls::TlsFailure::classify(reason).map_or("ChannelManagerUnavailable", |f| f.reason())
+            }
             Error::ChannelManager(_) => "ChannelManagerUnavailable",
             Error::ChannelCleanupPending(_) => "CleanupPending",
             Error::MlsChangeRefused => "MlsChangeRefused",

@@ -162,7 +162,8 @@ impl ChannelManagerClient {
             Err(_) => Err(CmError::Timeout { endpoint: self.endpoint.to_string(), op, timeout }),
             Ok(Err(status)) => Err(CmError::Unavailable {
                 endpoint: self.endpoint.to_string(),
-                reason: format!("{op}: {} ({:?})", status.message(), status.code()),
+                // The chain, not just "transport error": a TLS failure is told by its cause.
+                reason: format!("{op}: {} ({:?})", slim_k8s_common::error_chain(&status), status.code()),
             }),
             Ok(Ok(response)) => Ok(response.into_inner()),
         }
