@@ -32,6 +32,11 @@ impl Ca {
 
     /// `(cert PEM, key PEM)` of a leaf with `sans` (IPs, DNS names, `spiffe://` URIs) valid for `days`.
     pub fn leaf(&self, sans: &[&str], days: i64) -> (String, String) {
+        self.leaf_for(sans, time::Duration::days(days))
+    }
+
+    /// The same, valid for `validity` from now (negative: expired).
+    pub fn leaf_for(&self, sans: &[&str], validity: time::Duration) -> (String, String) {
         let key = KeyPair::generate().expect("key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.distinguished_name.push(DnType::CommonName, "leaf");
@@ -47,7 +52,7 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::days(2);
-        params.not_after = now + time::Duration::days(days);
+        params.not_after = now + validity;
         let cert = params.signed_by(&key, &self.issuer).expect("leaf");
         (cert.pem(), key.serialize_pem())
     }

@@ -203,3 +203,31 @@ async fn the_channel_manager_over_mtls() {
         .expect_err("wrong CA");
     assert_eq!(TlsFailure::classify(&untrusted.to_string()), Some(TlsFailure::UntrustedServer), "{untrusted}");
 }
+
+/// A stream opened with a client certificate is re-opened before that certificate expires, with
+/// the material current then: no failed call, one more connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_stream_is_renewed_before_its_client_certificate_expires() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("test CA");
+    let node_cert = ca.leaf(&["127.0.0.1"], 30);
+    let node = SlimNode::start_with_controller_tls("node-renew", &server_tls(dir.path(), &node_cert, Some(&ca)))
+        .expect("node");
+    let target = SlimNode::start("node-target").expect("target");
+    let link = link_to(&target);
+    let identity = |seconds: i64| {
+        let (cert, key) = ca.leaf_for(&["spiffe://example.org/slim-operator"], time::Duration::seconds(seconds));
+        Arc::new(ClientIdentity::from_pem(cert.as_bytes(), key.as_bytes()).expect("identity"))
+    };
+    // Valid for 6 s (plus the two days of back-dating): re-opened at half the remaining life.
+    let (source, rx) = watch::channel(Arc::new(material(ServerTrust::Ca(vec![ca.der.clone()]), Some(identity(6)))));
+    let pool = over(&node, TlsSource::new(rx));
+    install(&pool, &node, &link, "org/ns/bob").await.expect("first stream");
+    let client = pool.node(&node.controller_endpoint());
+    assert_eq!(client.stats().connects.load(std::sync::atomic::Ordering::Relaxed), 1);
+    source.send_replace(Arc::new(material(ServerTrust::Ca(vec![ca.der.clone()]), Some(identity(3600)))));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(client.stats().connects.load(std::sync::atomic::Ordering::Relaxed), 2, "re-opened once, before expiry");
+    install(&pool, &node, &link, "org/ns/carol").await.expect("the renewed stream");
+}
