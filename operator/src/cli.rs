@@ -529,6 +529,21 @@ mod tests {
     }
 
     #[test]
+    fn control_tls_flags_go_together() {
+        let parse = |extra: &[&str]| Cli::try_parse_from(["slim-operator", "run"].iter().chain(extra));
+        assert!(parse(&["--control-tls-client-cert-file", "/c.crt"]).is_err(), "a certificate needs its key");
+        assert!(parse(&["--control-tls-spiffe-trust-domain", "example.org"]).is_err(), "SPIFFE needs the socket");
+        let ok = parse(&[
+            "--control-tls-client-cert-file=/c.crt",
+            "--control-tls-client-key-file=/c.key",
+            "--control-tls-ca-file=/ca.crt",
+            "--spiffe-endpoint-socket=unix:///run/spire/api.sock",
+            "--control-tls-spiffe-trust-domain=example.org",
+        ]);
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
     fn run_defaults_are_documented_values() {
         let args = RunArgs::default();
         assert_eq!(args.admin_addr.to_string(), "0.0.0.0:8080");

@@ -215,7 +215,8 @@ fn invalid(message: impl Into<String>) -> Error {
     Error::ControlTls(message.into())
 }
 
-async fn secret_bytes(client: &Client, namespace: &str, name: &str, key: &str) -> Result<Vec<u8>, Error> {
+/// A Secret's key, or why not (`SecretUnavailable`).
+pub(crate) async fn secret_bytes(client: &Client, namespace: &str, name: &str, key: &str) -> Result<Vec<u8>, Error> {
     let error = |reason: String| Error::Secret { name: name.to_owned(), reason };
     let secret = Api::<Secret>::namespaced(client.clone(), namespace)
         .get_opt(name)
@@ -235,4 +236,60 @@ async fn config_map_bytes(client: &Client, namespace: &str, name: &str, key: &st
         .ok_or_else(|| error("not found".to_owned()))?;
     let text = map.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| error(format!("has no key {key:?}")))?;
     Ok(text.as_bytes().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slim::tls::ServerTrust;
+
+    fn offline_client() -> Client {
+        let (service, _handle) =
+            tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
+        Client::new(service, "default")
+    }
+
+    fn ca_pem(name: &str) -> String {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.self_signed(&key).expect("CA").pem()
+    }
+
+    #[tokio::test]
+    async fn defaults_apply_to_https_endpoints_and_a_rotated_file_reaches_the_source() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_file = dir.path().join("ca.crt");
+        std::fs::write(&ca_file, ca_pem("first")).expect("write");
+        let defaults = ControlTlsDefaults { ca_file: Some(ca_file.clone()), ..Default::default() };
+        let registry = ControlTlsRegistry::new(offline_client(), defaults, None);
+
+        assert!(registry.source("apps", None, "http://n:46358").await.expect("plain").is_none(), "http:// is plain");
+        let insecure = ControlTls { insecure: true, ..Default::default() };
+        assert!(registry.source("apps", Some(&insecure), "https://n:1").await.expect("insecure").is_none());
+        let source = registry.source("apps", None, "https://n:46358").await.expect("tls").expect("a source");
+        let first = match &source.current().trust {
+            ServerTrust::Ca(certs) => certs.clone(),
+            other => panic!("the default CA file: {other:?}"),
+        };
+        // Every namespace shares the defaults' source.
+        let other = registry.source("other", None, "https://m:1").await.expect("tls").expect("a source");
+        assert_eq!(other.id(), source.id());
+
+        registry.refresh().await;
+        assert!(matches!(&source.current().trust, ServerTrust::Ca(c) if *c == first), "unchanged: nothing sent");
+        std::fs::write(&ca_file, ca_pem("rotated")).expect("rotate");
+        registry.refresh().await;
+        assert!(matches!(&source.current().trust, ServerTrust::Ca(c) if *c != first), "the rotated CA");
+
+        // What cannot work is said, not guessed.
+        let spiffe = ControlTls {
+            spiffe: Some(crate::api::SpiffeServer { id: None, trust_domain: Some("example.org".into()) }),
+            ..Default::default()
+        };
+        let error = registry.source("apps", Some(&spiffe), "https://n:1").await.expect_err("no SVID source");
+        assert_eq!(error.reason(), "ControlTlsInvalid");
+        assert!(error.to_string().contains("--spiffe-endpoint-socket"), "{error}");
+    }
 }

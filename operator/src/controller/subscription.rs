@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -191,27 +189,23 @@ async fn resolve_desired(sub: &Subscription, ctx: &Context) -> Result<DesiredRou
 }
 
 async fn resolve_tls(ctx: &Context, namespace: &str, tls: &LinkTls) -> Result<ResolvedTls, Error> {
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let text = |name: &str, key: &str| {
+        let (name, key) = (name.to_owned(), key.to_owned());
+        async move {
+            let bytes = super::control_tls::secret_bytes(&ctx.client, namespace, &name, &key).await?;
+            String::from_utf8(bytes)
+                .map_err(|_| Error::Secret { name, reason: format!("key {key:?} is not UTF-8 PEM text") })
+        }
+    };
     let mut resolved = ResolvedTls::default();
     if let Some(reference) = &tls.ca_secret_ref {
-        resolved.ca_pem = Some(secret_text(&secrets, &reference.name, &reference.key).await?);
+        resolved.ca_pem = Some(text(&reference.name, &reference.key).await?);
     }
     if let Some(reference) = &tls.client_cert_secret_ref {
-        resolved.client_cert_pem = Some(secret_text(&secrets, &reference.name, "tls.crt").await?);
-        resolved.client_key_pem = Some(secret_text(&secrets, &reference.name, "tls.key").await?);
+        resolved.client_cert_pem = Some(text(&reference.name, "tls.crt").await?);
+        resolved.client_key_pem = Some(text(&reference.name, "tls.key").await?);
     }
     Ok(resolved)
-}
-
-async fn secret_text(secrets: &Api<Secret>, name: &str, key: &str) -> Result<String, Error> {
-    let error = |reason: String| Error::Secret { name: name.to_owned(), reason };
-    let secret = secrets
-        .get_opt(name)
-        .await
-        .map_err(|e| error(format!("cannot read: {e}")))?
-        .ok_or_else(|| error("not found".to_owned()))?;
-    let bytes = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| error(format!("has no key {key:?}")))?;
-    String::from_utf8(bytes.0.clone()).map_err(|_| error(format!("key {key:?} is not UTF-8 PEM text")))
 }
 
 /// Explicit endpoints plus the Running node Pods the selector picks (from the Pod cache).
