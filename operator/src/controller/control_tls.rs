@@ -41,7 +41,17 @@ struct Entry {
     source: TlsSource,
     /// What the material was built from (hashed), to send only changes.
     fingerprint: String,
+    /// Last asked for by a reconcile; entries nobody asks for are dropped.
+    used: tokio::time::Instant,
+    /// The last refresh failure, said once until it changes.
+    failing: Option<String>,
 }
+
+/// An entry no reconcile asked for in this long is dropped (every object is reconciled at least
+/// every resync interval, 5 min by default).
+const UNUSED_FOR: Duration = Duration::from_secs(900);
+
+type Key = (String, ControlTls);
 
 /// Every TLS setting in use, each with its current material.
 pub struct ControlTlsRegistry {
@@ -49,7 +59,7 @@ pub struct ControlTlsRegistry {
     defaults: ControlTlsDefaults,
     /// The operator's SVID, when it has a Workload API socket.
     svids: Option<watch::Receiver<Option<Svid>>>,
-    entries: tokio::sync::Mutex<HashMap<(String, ControlTls), Entry>>,
+    entries: std::sync::Mutex<HashMap<Key, Entry>>,
 }
 
 impl ControlTlsRegistry {
@@ -72,29 +82,54 @@ impl ControlTlsRegistry {
         // The operator's defaults are the same for every namespace.
         let scope = if settings == ControlTls::default() { String::new() } else { namespace.to_owned() };
         let key = (scope, settings);
-        let mut entries = self.entries.lock().await;
-        if let Some(entry) = entries.get(&key) {
+        if let Some(entry) = self.lock().get_mut(&key) {
+            entry.used = tokio::time::Instant::now();
             return Ok(Some(entry.source.clone()));
         }
+        // Loaded without holding the lock (API reads); a racing reconcile's entry wins.
         let (material, fingerprint) = self.load(&key.0, &key.1).await?;
-        let (tx, rx) = watch::channel(Arc::new(material));
-        let source = TlsSource::new(rx);
-        entries.insert(key, Entry { tx, source: source.clone(), fingerprint });
-        Ok(Some(source))
+        let mut entries = self.lock();
+        let entry = entries.entry(key).or_insert_with(|| {
+            let (tx, rx) = watch::channel(Arc::new(material));
+            let source = TlsSource::new(rx);
+            Entry { tx, source, fingerprint, used: tokio::time::Instant::now(), failing: None }
+        });
+        Ok(Some(entry.source.clone()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reads every setting in use again; changed material goes to its watch (the next connection).
+    /// Settings no reconcile asked for lately are dropped.
     pub async fn refresh(&self) {
-        let mut entries = self.entries.lock().await;
-        for ((namespace, settings), entry) in entries.iter_mut() {
-            match self.load(namespace, settings).await {
-                Ok((material, fingerprint)) if fingerprint != entry.fingerprint => {
-                    info!(namespace, "control TLS material changed; the next connections use it");
-                    entry.fingerprint = fingerprint;
-                    entry.tx.send_replace(Arc::new(material));
+        let keys: Vec<Key> = {
+            let mut entries = self.lock();
+            entries.retain(|_, entry| entry.used.elapsed() < UNUSED_FOR);
+            entries.keys().cloned().collect()
+        };
+        for key in keys {
+            let loaded = self.load(&key.0, &key.1).await;
+            let mut entries = self.lock();
+            let Some(entry) = entries.get_mut(&key) else { continue };
+            let namespace = key.0.as_str();
+            match loaded {
+                Ok((material, fingerprint)) => {
+                    entry.failing = None;
+                    if fingerprint != entry.fingerprint {
+                        info!(namespace, "control TLS material changed; the next connections use it");
+                        entry.fingerprint = fingerprint;
+                        entry.tx.send_replace(Arc::new(material));
+                    }
                 }
-                Ok(_) => {}
-                Err(error) => warn!(namespace, %error, "control TLS material not refreshed; the last one stays"),
+                Err(error) => {
+                    let message = error.to_string();
+                    if entry.failing.as_deref() != Some(message.as_str()) {
+                        warn!(namespace, error = %message, "control TLS material not refreshed; the last one stays");
+                        entry.failing = Some(message);
+                    }
+                }
             }
         }
     }
@@ -291,5 +326,11 @@ mod tests {
         let error = registry.source("apps", Some(&spiffe), "https://n:1").await.expect_err("no SVID source");
         assert_eq!(error.reason(), "ControlTlsInvalid");
         assert!(error.to_string().contains("--spiffe-endpoint-socket"), "{error}");
+
+        // A setting nobody asks for any more (its objects are gone) is dropped, not re-read forever.
+        tokio::time::pause();
+        tokio::time::advance(UNUSED_FOR + Duration::from_secs(1)).await;
+        registry.refresh().await;
+        assert!(registry.lock().is_empty());
     }
 }

@@ -193,39 +193,30 @@ fn is_already(message: &str) -> bool {
 /// Clients by endpoint, shared by reconciles.
 #[derive(Clone, Default)]
 pub struct ChannelManagerPool {
-    /// Each client with the TLS source it was made with.
-    clients: Arc<Mutex<HashMap<String, PooledClient>>>,
+    /// By endpoint and TLS source (0: plain), as node clients are.
+    clients: Arc<Mutex<HashMap<(String, u64), ChannelManagerClient>>>,
 }
-
-type PooledClient = (ChannelManagerClient, Option<TlsSource>);
 
 impl ChannelManagerPool {
     pub fn client(&self, endpoint: &str) -> Result<ChannelManagerClient, CmError> {
         self.client_with_tls(endpoint, None)
     }
 
-    /// The client for `endpoint` with `tls`; another TLS source than the client's replaces it
-    /// (the same one's rotations reach it by themselves).
+    /// The client for `endpoint` with `tls` (the source's rotations reach it by themselves).
     pub fn client_with_tls(&self, endpoint: &str, tls: Option<TlsSource>) -> Result<ChannelManagerClient, CmError> {
+        let key = (endpoint.to_owned(), tls.as_ref().map_or(0, TlsSource::id));
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((client, current)) = clients.get(endpoint) {
-            let same = match (current, &tls) {
-                (None, None) => true,
-                (Some(a), Some(b)) => a.id() == b.id(),
-                _ => false,
-            };
-            if same {
-                return Ok(client.clone());
-            }
+        if let Some(client) = clients.get(&key) {
+            return Ok(client.clone());
         }
-        let client = ChannelManagerClient::with_tls(endpoint, tls.clone())?;
-        clients.insert(endpoint.to_owned(), (client.clone(), tls));
+        let client = ChannelManagerClient::with_tls(endpoint, tls)?;
+        clients.insert(key, client.clone());
         Ok(client)
     }
 
     /// Every client held, for metrics and benchmarks.
     pub fn clients(&self) -> Vec<ChannelManagerClient> {
-        self.clients.lock().unwrap_or_else(|p| p.into_inner()).values().map(|(client, _)| client.clone()).collect()
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 }
 
@@ -250,10 +241,14 @@ impl prometheus_client::collector::Collector for ChannelManagerCollector {
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
+        // One series per manager, summed over its clients (one per TLS setting).
+        let mut calls: std::collections::BTreeMap<String, u64> = Default::default();
         for client in self.pool.clients() {
-            let labels = crate::metrics::ManagerLabels { manager: client.endpoint().to_owned() };
-            prometheus_client::metrics::counter::ConstCounter::new(client.stats().calls.load(Ordering::Relaxed))
-                .encode(family.encode_family(&labels)?)?;
+            *calls.entry(client.endpoint().to_owned()).or_default() += client.stats().calls.load(Ordering::Relaxed);
+        }
+        for (manager, count) in calls {
+            let labels = crate::metrics::ManagerLabels { manager };
+            prometheus_client::metrics::counter::ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }

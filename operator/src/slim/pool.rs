@@ -106,9 +106,13 @@ impl Collector for NodeClientCollector {
         for (name, help, read) in counters {
             let mut family =
                 encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            // One series per node, summed over its clients (one per TLS setting).
+            let mut totals: std::collections::BTreeMap<&str, u64> = Default::default();
             for client in &clients {
-                let labels = NodeLabels { node: client.endpoint().to_owned() };
-                ConstCounter::new(read(client.stats())).encode(family.encode_family(&labels)?)?;
+                *totals.entry(client.endpoint()).or_default() += read(client.stats());
+            }
+            for (node, total) in totals {
+                ConstCounter::new(total).encode(family.encode_family(&NodeLabels { node: node.to_owned() })?)?;
             }
         }
         Ok(())
