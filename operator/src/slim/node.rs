@@ -112,6 +112,11 @@ impl NodeClient {
         &self.endpoint
     }
 
+    /// Whether both handles reach the same actor (one connection).
+    pub fn is_same(&self, other: &Self) -> bool {
+        self.tx.same_channel(&other.tx)
+    }
+
     pub fn stats(&self) -> &NodeStats {
         &self.stats
     }

@@ -118,3 +118,29 @@ impl Collector for NodeClientCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::slim::tls::{ServerTrust, TlsMaterial};
+
+    #[tokio::test]
+    async fn one_node_with_two_tls_settings_is_two_clients_and_one_series() {
+        let pool = NodePool::default();
+        let material = TlsMaterial { trust: ServerTrust::SystemRoots, identity: None, server_name: None };
+        let (_keep, rx) = tokio::sync::watch::channel(Arc::new(material));
+        let endpoint = "https://127.0.0.1:9";
+        let tls = pool.with_tls(HashMap::from([(endpoint.to_owned(), TlsSource::new(rx))]));
+        let (plain, secure) = (pool.node(endpoint), tls.node(endpoint));
+        assert!(!plain.is_same(&secure), "a client per TLS setting");
+        assert!(tls.node(endpoint).is_same(&secure), "and the same client again for the same setting");
+        let mut metrics = Metrics::new();
+        metrics.register_collector(NodeClientCollector { pool: pool.clone() });
+        let text = metrics.encode().expect("encode");
+        let series = text.lines().filter(|l| l.starts_with("slim_operator_node_connects_total{")).count();
+        assert_eq!(series, 1, "{text}");
+    }
+}
