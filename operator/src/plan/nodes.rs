@@ -207,4 +207,18 @@ mod tests {
         assert_eq!(targets[0].pod.as_deref(), Some("slim-0"));
         assert_eq!(targets[3].pod, None);
     }
+
+    #[test]
+    fn a_node_set_with_tls_reaches_its_pods_over_https() {
+        let pods = [pod("slim-0", "Running", Some("10.0.0.1"), None)];
+        let mut nodes = crate::api::NodeSet { endpoints: vec!["https://fixed:46358".into()], ..Default::default() };
+        let plain: Vec<String> = node_targets(&nodes, &pods).into_iter().map(|t| t.endpoint).collect();
+        assert_eq!(plain, ["http://10.0.0.1:46358", "https://fixed:46358"]);
+        nodes.tls = Some(crate::api::ControlTls { server_name: Some("slim.slim.svc".into()), ..Default::default() });
+        let secure: Vec<String> = node_targets(&nodes, &pods).into_iter().map(|t| t.endpoint).collect();
+        assert_eq!(secure, ["https://10.0.0.1:46358", "https://fixed:46358"]);
+        nodes.tls = Some(crate::api::ControlTls { insecure: true, ..Default::default() });
+        let insecure: Vec<String> = node_targets(&nodes, &pods).into_iter().map(|t| t.endpoint).collect();
+        assert_eq!(insecure[0], "http://10.0.0.1:46358");
+    }
 }
