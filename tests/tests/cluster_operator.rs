@@ -432,3 +432,85 @@ async fn two_replicas_never_both_write() {
     assert!(first.terminate(Duration::from_secs(20)).is_some_and(|s| s.success()), "{}", first.log());
     assert!(second.terminate(Duration::from_secs(20)).is_some_and(|s| s.success()), "{}", second.log());
 }
+
+/// The binary in SPIFFE mode, as the chart's `controlTls.spiffe` configures it: its X.509-SVID
+/// from a Workload API socket, SPIFFE by default for `https://` nodes (trust domain example.org);
+/// a node that takes its own SVID from SLIM's `spire` source gets its route; a Subscription that
+/// wants another SPIFFE ID for the same node is refused with its own reason, the other unharmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reaches_nodes_with_its_x509_svid() {
+    use slim_identity_agent::workload::fake::{AgentState, FakeAgent};
+    init_logging();
+    let (plane, admin, _exclusive) = setup().await;
+    let operator_ns = plane.namespace(&admin, "slim-system").await.expect("namespace");
+    let apps_ns = plane.namespace(&admin, "apps").await.expect("namespace");
+    let release = format!("op-{}", &operator_ns[operator_ns.len() - 8..]);
+    let chart = render(&release, &operator_ns);
+    let service_account = apply_rbac(&admin, &operator_ns, &chart).await;
+    let kubeconfig = kubeconfig_for(plane, &admin, &operator_ns, &service_account, &release).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node_id = "spiffe://example.org/ns/slim/sa/slim";
+    let mut node_state = AgentState::new("example.org");
+    let mut operator_state = AgentState::new("example.org");
+    operator_state.authority = node_state.authority.clone();
+    node_state.issue(node_id, "");
+    operator_state.issue(&format!("spiffe://example.org/ns/{operator_ns}/sa/{service_account}"), "");
+    let (node_socket, operator_socket) = (dir.path().join("node.sock"), dir.path().join("operator.sock"));
+    let _node_agent = FakeAgent::start(&node_socket, node_state).await.expect("node's Workload API");
+    let _operator_agent = FakeAgent::start(&operator_socket, operator_state).await.expect("operator's Workload API");
+    let spire =
+        format!("{{type: spire, socket_path: \"unix://{}\", trust_domains: [example.org]}}", node_socket.display());
+    let node = SlimNode::start_with_controller_tls(
+        "node-spiffe",
+        &format!("{{insecure: false, source: {spire}, client_ca: {spire}}}"),
+    )
+    .expect("node with its SVID");
+    let target = SlimNode::start("node-target").expect("target");
+
+    let mut env = chart_environment(chart.deployment.as_ref().expect("the chart has a Deployment"));
+    env.push(("POD_NAME".into(), format!("{release}-0")));
+    env.push(("POD_NAMESPACE".into(), operator_ns.clone()));
+    env.push(("SLIM_OPERATOR_SPIFFE_ENDPOINT_SOCKET".into(), format!("unix://{}", operator_socket.display())));
+    env.push(("SLIM_OPERATOR_CONTROL_TLS_SPIFFE_TRUST_DOMAIN".into(), "example.org".into()));
+    let mut operator = OperatorProcess::start(&kubeconfig, &env).expect("operator");
+    operator.wait_readyz(200, Duration::from_secs(60)).expect("/readyz turns 200");
+
+    let subs: Api<Subscription> = Api::namespaced(admin.clone(), &apps_ns);
+    let create = |name: &str, tls: Option<serde_json::Value>| {
+        let mut nodes = json!({"endpoints": [node.controller_endpoint()]});
+        if let Some(tls) = tls {
+            nodes["tls"] = tls;
+        }
+        serde_json::from_value::<Subscription>(json!({
+            "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription", "metadata": {"name": name},
+            "spec": {"name": format!("org/ns/{name}"), "nodes": nodes, "link": {"endpoint": target.data_endpoint()}}
+        }))
+        .expect("subscription")
+    };
+    subs.create(&PostParams::default(), &create("bob", None)).await.expect("create");
+    let wrong = json!({"spiffe": {"id": "spiffe://example.org/ns/slim/sa/impostor"}});
+    subs.create(&PostParams::default(), &create("carol", Some(wrong))).await.expect("create");
+    wait_for("bob Ready over SPIFFE mTLS", Duration::from_secs(60), async || subs.get("bob").await.ok().filter(ready))
+        .await;
+    let reason = |sub: &Subscription| {
+        sub.status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    let (why, message) = wait_for("carol refused", Duration::from_secs(60), async || {
+        reason(&subs.get("carol").await.ok()?).filter(|(r, _)| r != "Reconciling")
+    })
+    .await;
+    assert_eq!(why, "TlsUnexpectedServerIdentity", "{message}");
+    assert!(message.contains(node_id) && message.contains("impostor"), "{message}");
+    assert!(subs.get("bob").await.ok().is_some_and(|s| ready(&s)), "bob unharmed by carol's setting");
+
+    let log = operator.log();
+    assert!(log.contains("operator X.509-SVID"), "the SVID stream: {log}");
+    let exit = operator.terminate(Duration::from_secs(20)).expect("exits on SIGTERM");
+    assert!(exit.success(), "{exit:?}\n{}", operator.log());
+}
