@@ -66,9 +66,7 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
         super::patch_status(channel, ctx, &status).await?;
         return Ok(Action::await_change());
     }
-    let namespace = channel.namespace().unwrap_or_default();
-    let manager_tls = channel.spec.channel_manager.as_ref().and_then(|m| m.tls.as_ref());
-    let manager = match ctx.channel_manager(&namespace, &endpoint, manager_tls).await {
+    let manager = match ctx.channel_manager(channel, &endpoint).await {
         Ok(manager) => manager,
         Err(error) => return fail(error).await,
     };
@@ -130,9 +128,7 @@ async fn cleanup(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> 
         info!("no channel manager was ever used; nothing to delete");
         return Ok(Action::await_change());
     };
-    let namespace = channel.namespace().unwrap_or_default();
-    let manager_tls = channel.spec.channel_manager.as_ref().and_then(|m| m.tls.as_ref());
-    let result = match ctx.channel_manager(&namespace, &endpoint, manager_tls).await {
+    let result = match ctx.channel_manager(channel, &endpoint).await {
         Ok(manager) => ctx.channel_engine.delete(&manager, &channel.spec.name).await.map_err(Error::ChannelManager),
         Err(error) => Err(error),
     };

@@ -137,14 +137,16 @@ impl Context {
         Ok(if tls.is_empty() { self.nodes.clone() } else { self.nodes.with_tls(tls) })
     }
 
-    /// The channel manager client for `endpoint`, with the TLS of `tls` (or the defaults).
+    /// The channel manager client of `channel` at `endpoint`, with the TLS its spec names (or the
+    /// operator's defaults).
     pub async fn channel_manager(
         &self,
-        namespace: &str,
+        channel: &SlimChannel,
         endpoint: &str,
-        tls: Option<&crate::api::ControlTls>,
     ) -> Result<crate::slim::ChannelManagerClient, Error> {
-        let source = self.control_tls.source(namespace, tls, endpoint).await?;
+        let namespace = channel.namespace().unwrap_or_default();
+        let tls = channel.spec.channel_manager.as_ref().and_then(|m| m.tls.as_ref());
+        let source = self.control_tls.source(&namespace, tls, endpoint).await?;
         self.channel_managers.client_with_tls(endpoint, source).map_err(Error::ChannelManager)
     }
 

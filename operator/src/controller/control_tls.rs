@@ -192,15 +192,19 @@ impl ControlTlsRegistry {
             (read(&self.defaults.ca_file)?, identity)
         } else {
             let ca = match (&settings.ca_secret_ref, &settings.ca_config_map_ref) {
-                (Some(secret), _) => Some(secret_bytes(&self.client, namespace, &secret.name, &secret.key).await?),
+                (Some(secret), _) => {
+                    let [ca] = secret_keys(&self.client, namespace, &secret.name, [secret.key.as_str()]).await?;
+                    Some(ca)
+                }
                 (None, Some(map)) => Some(config_map_bytes(&self.client, namespace, &map.name, &map.key).await?),
                 (None, None) => None,
             };
             let identity = match &settings.client_cert_secret_ref {
-                Some(secret) => Some((
-                    secret_bytes(&self.client, namespace, &secret.name, "tls.crt").await?,
-                    secret_bytes(&self.client, namespace, &secret.name, "tls.key").await?,
-                )),
+                Some(secret) => {
+                    let [cert, key] =
+                        secret_keys(&self.client, namespace, &secret.name, ["tls.crt", "tls.key"]).await?;
+                    Some((cert, key))
+                }
                 None => None,
             };
             (ca, identity)
@@ -250,16 +254,25 @@ fn invalid(message: impl Into<String>) -> Error {
     Error::ControlTls(message.into())
 }
 
-/// A Secret's key, or why not (`SecretUnavailable`).
-pub(crate) async fn secret_bytes(client: &Client, namespace: &str, name: &str, key: &str) -> Result<Vec<u8>, Error> {
+/// Keys of one Secret, read with one GET, or why not (`SecretUnavailable`).
+pub(crate) async fn secret_keys<const N: usize>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    keys: [&str; N],
+) -> Result<[Vec<u8>; N], Error> {
     let error = |reason: String| Error::Secret { name: name.to_owned(), reason };
     let secret = Api::<Secret>::namespaced(client.clone(), namespace)
         .get_opt(name)
         .await
         .map_err(|e| error(format!("cannot read: {e}")))?
         .ok_or_else(|| error("not found".to_owned()))?;
-    let bytes = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| error(format!("has no key {key:?}")))?;
-    Ok(bytes.0.clone())
+    let data = secret.data.unwrap_or_default();
+    let mut values = keys.map(|_| Vec::new());
+    for (value, key) in values.iter_mut().zip(keys) {
+        *value = data.get(key).ok_or_else(|| error(format!("has no key {key:?}")))?.0.clone();
+    }
+    Ok(values)
 }
 
 async fn config_map_bytes(client: &Client, namespace: &str, name: &str, key: &str) -> Result<Vec<u8>, Error> {

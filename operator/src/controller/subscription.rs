@@ -189,21 +189,20 @@ async fn resolve_desired(sub: &Subscription, ctx: &Context) -> Result<DesiredRou
 }
 
 async fn resolve_tls(ctx: &Context, namespace: &str, tls: &LinkTls) -> Result<ResolvedTls, Error> {
-    let text = |name: &str, key: &str| {
-        let (name, key) = (name.to_owned(), key.to_owned());
-        async move {
-            let bytes = super::control_tls::secret_bytes(&ctx.client, namespace, &name, &key).await?;
-            String::from_utf8(bytes)
-                .map_err(|_| Error::Secret { name, reason: format!("key {key:?} is not UTF-8 PEM text") })
-        }
+    use super::control_tls::secret_keys;
+    let text = |name: &str, key: &str, bytes: Vec<u8>| {
+        String::from_utf8(bytes)
+            .map_err(|_| Error::Secret { name: name.to_owned(), reason: format!("key {key:?} is not UTF-8 PEM text") })
     };
     let mut resolved = ResolvedTls::default();
     if let Some(reference) = &tls.ca_secret_ref {
-        resolved.ca_pem = Some(text(&reference.name, &reference.key).await?);
+        let [ca] = secret_keys(&ctx.client, namespace, &reference.name, [reference.key.as_str()]).await?;
+        resolved.ca_pem = Some(text(&reference.name, &reference.key, ca)?);
     }
     if let Some(reference) = &tls.client_cert_secret_ref {
-        resolved.client_cert_pem = Some(text(&reference.name, "tls.crt").await?);
-        resolved.client_key_pem = Some(text(&reference.name, "tls.key").await?);
+        let [cert, key] = secret_keys(&ctx.client, namespace, &reference.name, ["tls.crt", "tls.key"]).await?;
+        resolved.client_cert_pem = Some(text(&reference.name, "tls.crt", cert)?);
+        resolved.client_key_pem = Some(text(&reference.name, "tls.key", key)?);
     }
     Ok(resolved)
 }

@@ -63,7 +63,8 @@ impl ChannelManagerClient {
             .keep_alive_while_idle(true);
         let channel = match tls {
             None => builder.connect_lazy(),
-            Some(tls) => builder.connect_with_connector_lazy(super::tls::connector(tls, Duration::from_secs(5))),
+            Some(tls) => builder
+                .connect_with_connector_lazy(super::tls::connector(move || tls.current(), Duration::from_secs(5))),
         };
         Ok(Self {
             endpoint: endpoint.into(),

@@ -240,10 +240,18 @@ impl Actor {
         let channel = match &self.tls {
             None => endpoint.connect().await,
             Some(tls) => {
-                if let Some(identity) = &tls.current().identity {
-                    self.renew_at = Some(renewal_time(identity.not_after, slim_k8s_common::unix_now()));
+                // One snapshot: the stream is renewed by the certificate it was opened with.
+                let material = tls.current();
+                if let Some(identity) = &material.identity {
+                    let delay = renewal_delay(identity.not_after, slim_k8s_common::unix_now());
+                    self.renew_at = Some(Instant::now() + delay);
                 }
-                endpoint.connect_with_connector(super::tls::connector(tls.clone(), self.config.connect_timeout)).await
+                endpoint
+                    .connect_with_connector(super::tls::connector(
+                        move || material.clone(),
+                        self.config.connect_timeout,
+                    ))
+                    .await
             }
         }
         .map_err(|e| format!("connect: {}", error_chain(&e)))?;
@@ -261,12 +269,8 @@ impl Actor {
     }
 }
 
-/// When a stream opened with a client certificate valid until `not_after` is re-opened: half its
-/// remaining life from `now`, at most a minute before it expires, never in the past.
-fn renewal_time(not_after: i64, now: i64) -> Instant {
-    Instant::now() + renewal_delay(not_after, now)
-}
-
+/// How long after `now` a stream opened with a client certificate valid until `not_after` is
+/// re-opened: half its remaining life, at most a minute before it expires, never in the past.
 fn renewal_delay(not_after: i64, now: i64) -> Duration {
     let remaining = u64::try_from(not_after - now).unwrap_or(0);
     let lead = (remaining / 2).min(60);

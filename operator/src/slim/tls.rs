@@ -358,9 +358,10 @@ pub fn plain_uri(endpoint: &str) -> String {
 /// What [`connector`] hands tonic: a TLS stream, as hyper's IO.
 pub type TlsIo = hyper_util::rt::TokioIo<Prefixed<TlsStream<TcpStream>>>;
 
-/// A tonic connector: every new connection takes the material `source` holds at that moment.
+/// A tonic connector: every new connection takes the material `material()` gives at that moment
+/// (a [`TlsSource`]'s current one, or one fixed snapshot).
 pub fn connector(
-    source: TlsSource,
+    material: impl Fn() -> Arc<TlsMaterial> + Clone + Send + 'static,
     timeout: Duration,
 ) -> impl tower::Service<
     tonic::codegen::http::Uri,
@@ -371,7 +372,7 @@ pub fn connector(
 + Send
 + 'static {
     tower::service_fn(move |uri: tonic::codegen::http::Uri| {
-        let material = source.current();
+        let material = material();
         async move {
             let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
             let port = uri
