@@ -81,3 +81,34 @@ pub fn server_tls(dir: &Path, cert: &(String, String), client_ca: Option<&Ca>) -
         }
     }
 }
+
+/// One trust domain as SPIRE would serve it to a SLIM node and to the operator: two fake
+/// Workload APIs with one CA, and a node whose controller takes its X.509-SVID and its clients'
+/// bundle from the first (SLIM's own `spire` TLS source). The operator's socket is the second.
+pub struct SpiffeNode {
+    pub node: crate::SlimNode,
+    pub operator_socket: std::path::PathBuf,
+    _agents: [slim_identity_agent::workload::fake::FakeAgent; 2],
+}
+
+impl SpiffeNode {
+    /// Sockets under `dir`; the node's SVID is `node_id`, the operator's `operator_id` (both in
+    /// trust domain `example.org`).
+    pub async fn start(dir: &Path, name: &str, node_id: &str, operator_id: &str) -> Self {
+        use slim_identity_agent::workload::fake::{AgentState, FakeAgent};
+        let mut node_state = AgentState::new("example.org");
+        let mut operator_state = AgentState::new("example.org");
+        operator_state.authority = node_state.authority.clone();
+        node_state.issue(node_id, "");
+        operator_state.issue(operator_id, "");
+        let (node_socket, operator_socket) = (dir.join(format!("{name}.sock")), dir.join("operator.sock"));
+        let node_agent = FakeAgent::start(&node_socket, node_state).await.expect("the node's Workload API");
+        let operator_agent =
+            FakeAgent::start(&operator_socket, operator_state).await.expect("the operator's Workload API");
+        let spire =
+            format!("{{type: spire, socket_path: \"unix://{}\", trust_domains: [example.org]}}", node_socket.display());
+        let tls = format!("{{insecure: false, source: {spire}, client_ca: {spire}}}");
+        let node = crate::SlimNode::start_with_controller_tls(name, &tls).expect("a node with its SVID");
+        Self { node, operator_socket, _agents: [node_agent, operator_agent] }
+    }
+}

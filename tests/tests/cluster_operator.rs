@@ -112,6 +112,34 @@ async fn setup() -> (&'static control_plane::ControlPlane, Client, tokio::sync::
     (plane, admin, guard)
 }
 
+/// The operator as the chart installs it, minus the Pod: its namespace with the chart's RBAC, a
+/// kubeconfig of its ServiceAccount, the Deployment's environment (and the Pod's name and
+/// namespace); and a namespace for the user's objects.
+struct ChartInstall {
+    operator_ns: String,
+    apps_ns: String,
+    chart: Chart,
+    service_account: String,
+    kubeconfig: std::path::PathBuf,
+    /// `POD_NAME`: the Lease holder's identity.
+    pod_name: String,
+    env: Vec<(String, String)>,
+}
+
+async fn install_as_the_chart(plane: &'static control_plane::ControlPlane, admin: &Client) -> ChartInstall {
+    let operator_ns = plane.namespace(admin, "slim-system").await.expect("namespace");
+    let apps_ns = plane.namespace(admin, "apps").await.expect("namespace");
+    let release = format!("op-{}", &operator_ns[operator_ns.len() - 8..]);
+    let chart = render(&release, &operator_ns);
+    let service_account = apply_rbac(admin, &operator_ns, &chart).await;
+    let kubeconfig = kubeconfig_for(plane, admin, &operator_ns, &service_account, &release).await;
+    let mut env = chart_environment(chart.deployment.as_ref().expect("the chart has a Deployment"));
+    let pod_name = format!("{release}-0");
+    env.push(("POD_NAME".into(), pod_name.clone()));
+    env.push(("POD_NAMESPACE".into(), operator_ns.clone()));
+    ChartInstall { operator_ns, apps_ns, chart, service_account, kubeconfig, pod_name, env }
+}
+
 fn ready(sub: &Subscription) -> bool {
     sub.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
@@ -120,12 +148,8 @@ fn ready(sub: &Subscription) -> bool {
 async fn the_binary_works_with_exactly_the_charts_rbac() {
     init_logging();
     let (plane, admin, _exclusive) = setup().await;
-    let operator_ns = plane.namespace(&admin, "slim-system").await.expect("namespace");
-    let apps_ns = plane.namespace(&admin, "apps").await.expect("namespace");
-    let release = format!("op-{}", &operator_ns[operator_ns.len() - 8..]);
-    let chart = render(&release, &operator_ns);
-    let service_account = apply_rbac(&admin, &operator_ns, &chart).await;
-    let kubeconfig = kubeconfig_for(plane, &admin, &operator_ns, &service_account, &release).await;
+    let ChartInstall { operator_ns, apps_ns, chart, kubeconfig, pod_name, mut env, .. } =
+        install_as_the_chart(plane, &admin).await;
 
     let a = SlimNode::start("node-a").expect("node a");
     let b = SlimNode::start("node-b").expect("node b");
@@ -133,9 +157,6 @@ async fn the_binary_works_with_exactly_the_charts_rbac() {
     let mut bob = SlimApp::member(&a, "org/ns/bob").expect("bob");
     let mut carol = SlimApp::member(&a, "org/ns/carol").expect("carol");
 
-    let mut env = chart_environment(chart.deployment.as_ref().expect("the chart has a Deployment"));
-    env.push(("POD_NAME".into(), format!("{release}-0")));
-    env.push(("POD_NAMESPACE".into(), operator_ns.clone()));
     env.push(("SLIM_OPERATOR_CHANNEL_MANAGER".into(), cm.endpoint()));
     let mut operator = OperatorProcess::start(&kubeconfig, &env).expect("operator");
 
@@ -158,7 +179,7 @@ async fn the_binary_works_with_exactly_the_charts_rbac() {
         assert!(webhook.client_config.ca_bundle.as_ref().is_some_and(|b| !b.0.is_empty()), "caBundle is published");
     }
     let lease = Api::<Lease>::namespaced(admin.clone(), &operator_ns).get("slim-operator-leader").await.expect("lease");
-    assert_eq!(lease.spec.and_then(|s| s.holder_identity), Some(format!("{release}-0")));
+    assert_eq!(lease.spec.and_then(|s| s.holder_identity), Some(pod_name));
 
     // A Subscription and a SlimChannel, created by a user (admin), reconciled by the operator.
     let subs: Api<Subscription> = Api::namespaced(admin.clone(), &apps_ns);
@@ -439,40 +460,22 @@ async fn two_replicas_never_both_write() {
 /// wants another SPIFFE ID for the same node is refused with its own reason, the other unharmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_reaches_nodes_with_its_x509_svid() {
-    use slim_identity_agent::workload::fake::{AgentState, FakeAgent};
+    use slim_e2e::pki::SpiffeNode;
     init_logging();
     let (plane, admin, _exclusive) = setup().await;
-    let operator_ns = plane.namespace(&admin, "slim-system").await.expect("namespace");
-    let apps_ns = plane.namespace(&admin, "apps").await.expect("namespace");
-    let release = format!("op-{}", &operator_ns[operator_ns.len() - 8..]);
-    let chart = render(&release, &operator_ns);
-    let service_account = apply_rbac(&admin, &operator_ns, &chart).await;
-    let kubeconfig = kubeconfig_for(plane, &admin, &operator_ns, &service_account, &release).await;
-
+    let ChartInstall { operator_ns, apps_ns, service_account, kubeconfig, mut env, .. } =
+        install_as_the_chart(plane, &admin).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let node_id = "spiffe://example.org/ns/slim/sa/slim";
-    let mut node_state = AgentState::new("example.org");
-    let mut operator_state = AgentState::new("example.org");
-    operator_state.authority = node_state.authority.clone();
-    node_state.issue(node_id, "");
-    operator_state.issue(&format!("spiffe://example.org/ns/{operator_ns}/sa/{service_account}"), "");
-    let (node_socket, operator_socket) = (dir.path().join("node.sock"), dir.path().join("operator.sock"));
-    let _node_agent = FakeAgent::start(&node_socket, node_state).await.expect("node's Workload API");
-    let _operator_agent = FakeAgent::start(&operator_socket, operator_state).await.expect("operator's Workload API");
-    let spire =
-        format!("{{type: spire, socket_path: \"unix://{}\", trust_domains: [example.org]}}", node_socket.display());
-    let node = SlimNode::start_with_controller_tls(
-        "node-spiffe",
-        &format!("{{insecure: false, source: {spire}, client_ca: {spire}}}"),
-    )
-    .expect("node with its SVID");
+    let operator_id = format!("spiffe://example.org/ns/{operator_ns}/sa/{service_account}");
+    let spiffe = SpiffeNode::start(dir.path(), "node-spiffe", node_id, &operator_id).await;
+    let node = &spiffe.node;
     let target = SlimNode::start("node-target").expect("target");
 
-    let mut env = chart_environment(chart.deployment.as_ref().expect("the chart has a Deployment"));
-    env.push(("POD_NAME".into(), format!("{release}-0")));
-    env.push(("POD_NAMESPACE".into(), operator_ns.clone()));
-    env.push(("SLIM_OPERATOR_SPIFFE_ENDPOINT_SOCKET".into(), format!("unix://{}", operator_socket.display())));
+    env.push(("SLIM_OPERATOR_SPIFFE_ENDPOINT_SOCKET".into(), format!("unix://{}", spiffe.operator_socket.display())));
     env.push(("SLIM_OPERATOR_CONTROL_TLS_SPIFFE_TRUST_DOMAIN".into(), "example.org".into()));
+    // carol's node is never reachable with her setting: her deletion gives up after this.
+    env.push(("SLIM_OPERATOR_CLEANUP_TIMEOUT".into(), "5s".into()));
     let mut operator = OperatorProcess::start(&kubeconfig, &env).expect("operator");
     operator.wait_readyz(200, Duration::from_secs(60)).expect("/readyz turns 200");
 
@@ -509,6 +512,15 @@ async fn the_binary_reaches_nodes_with_its_x509_svid() {
     assert!(message.contains(node_id) && message.contains("impostor"), "{message}");
     assert!(subs.get("bob").await.ok().is_some_and(|s| ready(&s)), "bob unharmed by carol's setting");
 
+    // Deleted while the operator runs: their finalizers must not outlive this test (a CRD with
+    // objects left stays Terminating, and the tests after this one delete it).
+    for name in ["bob", "carol"] {
+        subs.delete(name, &DeleteParams::default()).await.expect("delete");
+    }
+    wait_for("both Subscriptions gone", Duration::from_secs(90), async || {
+        subs.list(&Default::default()).await.ok().filter(|l| l.items.is_empty())
+    })
+    .await;
     let log = operator.log();
     assert!(log.contains("operator X.509-SVID"), "the SVID stream: {log}");
     let exit = operator.terminate(Duration::from_secs(20)).expect("exits on SIGTERM");

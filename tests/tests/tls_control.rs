@@ -129,24 +129,12 @@ async fn routes_over_tls_and_mtls_with_every_failure_told_apart() {
 /// trust domain; routes go in, and a server with an unexpected SPIFFE ID is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_over_mtls_with_x509_svids_from_the_workload_api() {
-    use slim_identity_agent::workload::fake::{AgentState, FakeAgent};
+    use slim_e2e::pki::SpiffeNode;
     use slim_operator::slim::svid;
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut node_state = AgentState::new("example.org");
-    let mut operator_state = AgentState::new("example.org");
-    operator_state.authority = node_state.authority.clone();
-    node_state.issue(NODE_ID, "");
-    operator_state.issue("spiffe://example.org/slim-operator", "");
-    let node_socket = dir.path().join("node-agent.sock");
-    let operator_socket = dir.path().join("operator-agent.sock");
-    let _node_agent = FakeAgent::start(&node_socket, node_state).await.expect("node's Workload API");
-    let _operator_agent = FakeAgent::start(&operator_socket, operator_state).await.expect("operator's Workload API");
-
-    let spire =
-        format!("{{type: spire, socket_path: \"unix://{}\", trust_domains: [example.org]}}", node_socket.display());
-    let tls = format!("{{insecure: false, source: {spire}, client_ca: {spire}}}");
-    let node = SlimNode::start_with_controller_tls("node-spiffe", &tls).expect("node with SVIDs");
+    let spiffe = SpiffeNode::start(dir.path(), "node-spiffe", NODE_ID, "spiffe://example.org/slim-operator").await;
+    let (node, operator_socket) = (&spiffe.node, spiffe.operator_socket.clone());
     let target = SlimNode::start("node-target").expect("target node");
     let link = link_to(&target);
 
@@ -154,17 +142,17 @@ async fn routes_over_mtls_with_x509_svids_from_the_workload_api() {
     tokio::spawn(svid::follow(operator_socket.clone(), tx));
     let exact = svid::source(svids.clone(), SpiffeMatch::Exact(NODE_ID.into())).await.expect("the operator's SVID");
     assert!(exact.current().identity.is_some(), "the operator presents its SVID");
-    let pool = over(&node, exact);
-    install(&pool, &node, &link, "org/ns/bob").await.expect("routes over SPIFFE mTLS");
+    let pool = over(node, exact);
+    install(&pool, node, &link, "org/ns/bob").await.expect("routes over SPIFFE mTLS");
     // The node does ask for the operator's SVID: without one it refuses.
     let bundle = svids.borrow().as_ref().map(|s| s.bundle.clone()).unwrap_or_default();
     let anonymous = material(ServerTrust::Spiffe { bundle, id: SpiffeMatch::Exact(NODE_ID.into()) }, None);
-    let (failure, message) = cause(route_over(&node, &link, anonymous).await);
+    let (failure, message) = cause(route_over(node, &link, anonymous).await);
     assert_eq!(failure, Some(TlsFailure::ClientCertRefused), "{message}");
 
     let wrong = svid::source(svids, SpiffeMatch::Exact("spiffe://example.org/slim/node-b".into())).await.expect("svid");
-    let pool = over(&node, wrong);
-    let (failure, message) = cause(install(&pool, &node, &link, "org/ns/bob").await);
+    let pool = over(node, wrong);
+    let (failure, message) = cause(install(&pool, node, &link, "org/ns/bob").await);
     assert_eq!(failure, Some(TlsFailure::UnexpectedServerIdentity), "{message}");
 }
 
