@@ -353,25 +353,15 @@ fn spawn_kubernetes_sources(
 
 /// Watches the output directory; any change triggers a check (debounced).
 fn watch_dir(dir: &Path, tx: mpsc::Sender<Update>, tasks: &mut Supervisor) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
     let (event_tx, mut event_rx) = mpsc::unbounded_channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Only changes matter. Reads (ours included: the check reads the files) raise access
-        // events, and reacting to them would turn the check into a polling loop.
-        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
-            let _ = event_tx.send(());
-        }
-    })
-    .map_err(|error| warn!(%error, "cannot watch the output directory; tampering will not be repaired"))
-    .ok()?;
-    if let Err(error) = watcher.watch(dir, notify::RecursiveMode::Recursive) {
-        warn!(%error, dir = %dir.display(), "cannot watch the output directory");
-        return None;
-    }
+    let watcher = crate::changes::watch(dir, notify::RecursiveMode::Recursive, event_tx)
+        .map_err(|error| {
+            warn!(%error, dir = %dir.display(), "cannot watch the output directory; tampering will not be repaired")
+        })
+        .ok()?;
     tasks.spawn("output directory watcher", async move {
         while event_rx.recv().await.is_some() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            while event_rx.try_recv().is_ok() {}
+            crate::changes::settle(&mut event_rx, Duration::from_millis(100)).await;
             if tx.send(Update::CheckFiles).await.is_err() {
                 return;
             }

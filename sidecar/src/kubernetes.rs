@@ -242,12 +242,21 @@ pub(crate) async fn token_loop(
                 None
             }
             Some(Err(error)) => {
-                if matches!(error, AgentError::Jwt { error: JwtError::UnknownKid { .. }, .. }) {
+                let unknown_kid = matches!(error, AgentError::Jwt { error: JwtError::UnknownKid { .. }, .. });
+                if unknown_kid {
                     wanted.notify_one();
                 }
-                let delay = backoff.next_delay();
-                warn!(%error, retry_in = ?delay, "service-account token not written");
-                Some(delay)
+                // A token read and refused stays refused until the file or the keys change (no
+                // polling); an unreadable file or a key not fetched yet is tried again.
+                let transient = unknown_kid || matches!(error, AgentError::Kubernetes(_));
+                if transient {
+                    let delay = backoff.next_delay();
+                    warn!(%error, retry_in = ?delay, "service-account token not written");
+                    Some(delay)
+                } else {
+                    warn!(%error, "service-account token not written; waiting for the next one");
+                    None
+                }
             }
         };
         tokio::select! {
@@ -255,9 +264,8 @@ pub(crate) async fn token_loop(
                 if event.is_none() {
                     return;
                 }
-                // The kubelet's swap is several events: let them settle, then read once.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                while events.try_recv().is_ok() {}
+                // The kubelet's swap is several events: read once.
+                crate::changes::settle(&mut events, Duration::from_millis(50)).await;
                 debug!("token file changed");
             }
             changed = keys.changed() => if changed.is_err() { return },
@@ -298,22 +306,13 @@ fn read_token(
 /// Watches the directory holding `file` (the kubelet replaces the file by swapping a symlink in
 /// it, which a watch on the file itself would not follow).
 fn watch_parent(file: &Path, events: mpsc::UnboundedSender<()>) -> Result<notify::RecommendedWatcher, AgentError> {
-    use notify::Watcher;
     let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let fail = |error: notify::Error| {
+    crate::changes::watch(dir, notify::RecursiveMode::NonRecursive, events).map_err(|error| {
         AgentError::Kubernetes(KubernetesError::Read {
             path: dir.to_owned(),
             source: std::io::Error::other(format!("cannot watch it for token rotations: {error}")),
         })
-    };
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
-            let _ = events.send(());
-        }
     })
-    .map_err(fail)?;
-    watcher.watch(dir, notify::RecursiveMode::NonRecursive).map_err(fail)?;
-    Ok(watcher)
 }
 
 /// One-shot mode: the keys and the token once.

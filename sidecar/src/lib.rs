@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+mod changes;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "dev")]
