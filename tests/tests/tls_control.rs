@@ -140,7 +140,11 @@ async fn routes_over_mtls_with_x509_svids_from_the_workload_api() {
 
     let (tx, svids) = watch::channel(None);
     tokio::spawn(svid::follow(operator_socket.clone(), tx));
-    let exact = svid::source(svids.clone(), SpiffeMatch::Exact(NODE_ID.into())).await.expect("the operator's SVID");
+    let mut first = svids.clone();
+    let svid = first.wait_for(Option::is_some).await.expect("the SVID stream").clone().expect("the operator's SVID");
+    // What the registry gives SPIFFE-mode connections: the SVID's material for a server ID.
+    let source = |id: &str| TlsSource::new(watch::channel(Arc::new(svid.material(SpiffeMatch::Exact(id.into())))).1);
+    let exact = source(NODE_ID);
     assert!(exact.current().identity.is_some(), "the operator presents its SVID");
     let pool = over(node, exact);
     install(&pool, node, &link, "org/ns/bob").await.expect("routes over SPIFFE mTLS");
@@ -150,7 +154,7 @@ async fn routes_over_mtls_with_x509_svids_from_the_workload_api() {
     let (failure, message) = cause(route_over(node, &link, anonymous).await);
     assert_eq!(failure, Some(TlsFailure::ClientCertRefused), "{message}");
 
-    let wrong = svid::source(svids, SpiffeMatch::Exact("spiffe://example.org/slim/node-b".into())).await.expect("svid");
+    let wrong = source("spiffe://example.org/slim/node-b");
     let pool = over(node, wrong);
     let (failure, message) = cause(install(&pool, node, &link, "org/ns/bob").await);
     assert_eq!(failure, Some(TlsFailure::UnexpectedServerIdentity), "{message}");
@@ -174,8 +178,8 @@ async fn the_channel_manager_over_mtls() {
     .expect("channel manager with mTLS");
     assert!(manager.endpoint().starts_with("https://"));
     let client = |material: TlsMaterial| {
-        let (tx, rx) = watch::channel(Arc::new(material));
-        std::mem::forget(tx);
+        // A receiver keeps the last value after its sender is gone.
+        let (_, rx) = watch::channel(Arc::new(material));
         ChannelManagerClient::with_tls(&manager.endpoint(), Some(TlsSource::new(rx))).expect("client")
     };
     let trust = || ServerTrust::Ca(vec![ca.der.clone()]);

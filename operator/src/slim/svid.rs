@@ -14,7 +14,7 @@ use slim_identity_agent::workload::{WorkloadClient, WorkloadError};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::tls::{ClientIdentity, ServerTrust, SpiffeMatch, TlsError, TlsMaterial, TlsSource};
+use super::tls::{ClientIdentity, ServerTrust, SpiffeMatch, TlsError, TlsMaterial};
 use crate::backoff::Backoff;
 
 /// The operator's current SVID, ready for TLS.
@@ -94,23 +94,4 @@ async fn stream(
             Err(status) => return Err(WorkloadError::from_status(socket, &status).to_string()),
         }
     }
-}
-
-/// A [`TlsSource`] for servers matching `server`, following `svids`: the first SVID is waited
-/// for; every later one replaces the material (for the next connection).
-pub async fn source(mut svids: watch::Receiver<Option<Svid>>, server: SpiffeMatch) -> Option<TlsSource> {
-    let first = svids.wait_for(Option::is_some).await.ok()?.clone()?;
-    let (tx, rx) = watch::channel(Arc::new(first.material(server.clone())));
-    let source = TlsSource::new(rx);
-    tokio::spawn(async move {
-        while svids.changed().await.is_ok() {
-            let latest = svids.borrow_and_update().clone();
-            if let Some(svid) = latest
-                && tx.send(Arc::new(svid.material(server.clone()))).is_err()
-            {
-                return;
-            }
-        }
-    });
-    Some(source)
 }
