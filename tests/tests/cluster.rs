@@ -556,6 +556,7 @@ async fn subscriptions_reach_mtls_nodes_with_certificates_from_secrets() {
     // Rotation: the client certificate in the Secret is replaced by one of another CA, and the
     // node restarts trusting only that CA (its routes gone, as after any restart).
     let rotated = next.leaf(&["spiffe://example.org/slim-operator"], 1);
+    let rotated_at = std::time::Instant::now();
     secrets
         .replace(
             "operator-client",
@@ -590,6 +591,7 @@ async fn subscriptions_reach_mtls_nodes_with_certificates_from_secrets() {
         client_node.snapshot(Duration::ZERO).await.ok().filter(|o| o.has_route(&route))
     })
     .await;
+    eprintln!("route back over the rotated certificate {:?} after the Secret changed", rotated_at.elapsed());
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
 }
