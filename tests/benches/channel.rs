@@ -107,7 +107,7 @@ async fn rejoin() {
     use serde_json::json;
     use slim_e2e::control_plane::{self, install_crds};
     use slim_operator::api::{SlimChannel, Subscription};
-    use slim_operator::controller::{ControllerConfig, Runtime, run, sole_leader};
+    use slim_operator::controller::ControllerConfig;
     use slim_operator::slim::ChannelManagerPool;
 
     let (channel_count, member_count, restarts) = (arg("--channels", 20), arg("--members", 10), arg("--restarts", 10));
@@ -123,29 +123,9 @@ async fn rejoin() {
     );
     let nodes = NodePool::default();
     let managers = ChannelManagerPool::default();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let runtime = Runtime {
-        client: client.clone(),
-        reporter: kube::runtime::events::Reporter {
-            controller: "slim-operator".into(),
-            instance: Some("bench".into()),
-        },
-        metrics: Arc::new(slim_operator::metrics::Metrics::new()),
-        nodes: nodes.clone(),
-        channel_managers: managers.clone(),
-        config: ControllerConfig { channel_manager: Some(cm.endpoint()), ..Default::default() },
-        ready: Default::default(),
-        slot: Default::default(),
-        leadership: sole_leader(),
-        control_tls: Arc::new(slim_operator::controller::ControlTlsRegistry::new(
-            client.clone(),
-            Default::default(),
-            None,
-        )),
-    };
-    let controllers = tokio::spawn(run(runtime, async move {
-        let _ = stopped.await;
-    }));
+    let config = ControllerConfig { channel_manager: Some(cm.endpoint()), ..Default::default() };
+    let (stop, controllers) =
+        slim_e2e::operator::run_in_process(&client, nodes.clone(), managers.clone(), config, "bench");
 
     // Members alternate between the nodes; one peer link from node-b to node-a carries names both
     // ways (a Subscription per name on node-a the invites and the channels' traffic must reach).

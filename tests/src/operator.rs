@@ -142,3 +142,39 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), HarnessEr
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     Ok((status, body))
 }
+
+/// Handle of controllers running in this process: send (or drop) to stop them.
+pub type InProcess =
+    (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), slim_operator::controller::Error>>);
+
+/// The operator's controllers in this process, as `slim-operator run` starts them once it leads
+/// (plain control connections, no SPIFFE), reporting events as `instance`.
+pub fn run_in_process(
+    client: &kube::Client,
+    nodes: slim_operator::slim::NodePool,
+    channel_managers: slim_operator::slim::ChannelManagerPool,
+    config: slim_operator::controller::ControllerConfig,
+    instance: &str,
+) -> InProcess {
+    use slim_operator::controller::{ControlTlsRegistry, Runtime, run, sole_leader};
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runtime = Runtime {
+        client: client.clone(),
+        reporter: kube::runtime::events::Reporter {
+            controller: "slim-operator".into(),
+            instance: Some(instance.to_owned()),
+        },
+        metrics: std::sync::Arc::new(slim_operator::metrics::Metrics::new()),
+        nodes,
+        channel_managers,
+        config,
+        ready: Default::default(),
+        slot: Default::default(),
+        leadership: sole_leader(),
+        control_tls: std::sync::Arc::new(ControlTlsRegistry::new(client.clone(), Default::default(), None)),
+    };
+    let controllers = tokio::spawn(run(runtime, async move {
+        let _ = stopped.await;
+    }));
+    (stop, controllers)
+}

@@ -6,13 +6,11 @@ use std::time::Duration;
 
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::events::Reporter;
 use serde_json::json;
 use slim_e2e::control_plane::{self, install_crds};
 use slim_e2e::{ChannelManager, SlimApp, SlimNode, init_logging, wait_for};
 use slim_operator::api::{SlimChannel, Subscription};
-use slim_operator::controller::{ControllerConfig, Runtime, run};
-use slim_operator::metrics::Metrics;
+use slim_operator::controller::ControllerConfig;
 use slim_operator::plan::{ResolvedTls, render_link};
 use slim_operator::slim::{NodePool, RouteRef, SlimName};
 
@@ -35,8 +33,7 @@ fn ready_status(sub: &Subscription) -> Option<String> {
     Some(format!("{}/{}", ready.status, ready.reason))
 }
 
-type Controllers =
-    (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), slim_operator::controller::Error>>);
+type Controllers = slim_e2e::operator::InProcess;
 
 /// Runs the operator's controllers in this process until the returned sender fires (5 s resync).
 fn start_controllers(client: &Client, pool: &NodePool, channel_manager: Option<String>) -> Controllers {
@@ -46,27 +43,7 @@ fn start_controllers(client: &Client, pool: &NodePool, channel_manager: Option<S
 
 /// Runs the operator's controllers with `config`.
 fn start_controllers_with(client: &Client, pool: &NodePool, config: ControllerConfig) -> Controllers {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let runtime = Runtime {
-        client: client.clone(),
-        reporter: Reporter { controller: "slim-operator".into(), instance: Some("e2e".into()) },
-        metrics: Arc::new(Metrics::new()),
-        nodes: pool.clone(),
-        channel_managers: Default::default(),
-        config,
-        ready: Default::default(),
-        slot: Default::default(),
-        leadership: slim_operator::controller::sole_leader(),
-        control_tls: Arc::new(slim_operator::controller::ControlTlsRegistry::new(
-            client.clone(),
-            Default::default(),
-            None,
-        )),
-    };
-    let controller = tokio::spawn(run(runtime, async move {
-        let _ = stopped.await;
-    }));
-    (stop, controller)
+    slim_e2e::operator::run_in_process(client, pool.clone(), Default::default(), config, "e2e")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
