@@ -58,6 +58,19 @@ if [ ! -x "$CACHE/cm/bin/channel-manager" ] \
   cargo install --quiet --locked agntcy-slim-channel-manager --version "$CHANNEL_MANAGER_VERSION" --root "$CACHE/cm"
 fi
 
+# A real node (tests/tests/node.rs): Debian's containerd and runc, the CNI plugins, iptables and
+# conntrack (kube-proxy), busybox-static (the shell of the test images).
+node_packages="containerd runc containernetworking-plugins iptables conntrack busybox-static"
+if ! command -v containerd >/dev/null || ! command -v runc >/dev/null || [ ! -x /usr/lib/cni/bridge ] \
+   || ! command -v iptables >/dev/null || ! command -v conntrack >/dev/null || ! command -v busybox >/dev/null; then
+  log "installing the node's packages: $node_packages"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $node_packages >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $node_packages >/dev/null
+  fi
+fi
+
 # A real Kubernetes control plane (envtest convention): KUBEBUILDER_ASSETS holds kube-apiserver and
 # etcd (and kube-controller-manager). When unset, take them from ../shared/k8s, decompressed once.
 if [ -z "${KUBEBUILDER_ASSETS:-}" ]; then
@@ -68,7 +81,7 @@ if [ -z "${KUBEBUILDER_ASSETS:-}" ]; then
       else sudo apt-get update -qq && sudo apt-get install -y -qq xz-utils >/dev/null; fi
     fi
     assets="$CACHE/k8s/$(sha256sum "$shared_k8s/SHA256SUMS" | cut -c1-12)"
-    for binary in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet; do
+    for binary in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
       if [ ! -x "$assets/$binary" ] && [ -f "$shared_k8s/$binary.xz" ]; then
         log "decompressing $binary into $assets"
         mkdir -p "$assets"

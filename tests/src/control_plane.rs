@@ -70,6 +70,10 @@ pub struct AuditedWrite {
     pub code: u64,
     /// RFC 3339 with microseconds, UTC: compares as text.
     pub at: String,
+    /// The Pod whose service-account token made the request (bound tokens name it), if any.
+    pub pod: String,
+    /// Where the request came from.
+    pub source_ip: String,
 }
 
 #[derive(Clone)]
@@ -106,7 +110,7 @@ pub fn shared() -> &'static ControlPlane {
         std::thread::Builder::new()
             .name("control-plane".into())
             .spawn(move || {
-                let _ = tx.send(ControlPlane::start().map_err(|e| e.to_string()));
+                let _ = tx.send(ControlPlane::start(&Options::default()).map_err(|e| e.to_string()));
                 loop {
                     std::thread::park();
                 }
@@ -117,6 +121,27 @@ pub fn shared() -> &'static ControlPlane {
     match started {
         Ok(plane) => plane,
         Err(error) => panic!("control plane: {error}"),
+    }
+}
+
+/// Where the API server listens and what it tells others about itself.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The one address it binds (and clients use); 127.0.0.1 unless Pods must reach it.
+    pub bind: std::net::Ipv4Addr,
+    /// The address the `kubernetes` Service's endpoints name (only data without kube-proxy).
+    pub advertise: std::net::Ipv4Addr,
+    /// More flags for kube-apiserver.
+    pub extra_flags: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            bind: std::net::Ipv4Addr::LOCALHOST,
+            advertise: std::net::Ipv4Addr::new(192, 0, 2, 100),
+            extra_flags: Vec::new(),
+        }
     }
 }
 
@@ -164,6 +189,18 @@ fn free_ports<const N: usize>() -> Result<[u16; N], ControlPlaneError> {
 }
 
 fn spawn(what: &'static str, binary: &Path, args: &[String], log: &Path) -> Result<(), ControlPlaneError> {
+    let child = spawn_child(what, binary, args, log)?;
+    PROCESSES.lock().unwrap_or_else(|p| p.into_inner()).push(child);
+    Ok(())
+}
+
+/// Starts `binary` with its output in `log`, killed when the thread that started it ends.
+pub(crate) fn spawn_child(
+    what: &'static str,
+    binary: &Path,
+    args: &[String],
+    log: &Path,
+) -> Result<Child, ControlPlaneError> {
     use std::os::unix::process::CommandExt;
     let out = std::fs::File::create(log)?;
     let mut command = Command::new(binary);
@@ -176,12 +213,10 @@ fn spawn(what: &'static str, binary: &Path, args: &[String], log: &Path) -> Resu
             Ok(())
         });
     }
-    let child = command.spawn().map_err(|source| ControlPlaneError::Spawn { what, source })?;
-    PROCESSES.lock().unwrap_or_else(|p| p.into_inner()).push(child);
-    Ok(())
+    command.spawn().map_err(|source| ControlPlaneError::Spawn { what, source })
 }
 
-fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
@@ -192,7 +227,9 @@ fn now() -> time::OffsetDateTime {
 }
 
 impl ControlPlane {
-    fn start() -> Result<Self, ControlPlaneError> {
+    /// Starts etcd, the API server (and the controller manager when present) with `options`.
+    /// Stopped when the test binary exits (like [`shared`]'s).
+    pub(crate) fn start(options: &Options) -> Result<Self, ControlPlaneError> {
         let assets = assets()?;
         let dir = tempfile::Builder::new().prefix("slim-control-plane-").tempdir()?.keep();
         *DATA_DIR.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir.clone());
@@ -205,9 +242,13 @@ impl ControlPlane {
 
         let (ca_pem, ca_key_pem) = make_ca()?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, KeyPair::from_pem(&ca_key_pem)?)?;
-        let serving = serving_cert(&issuer)?;
+        let serving = serving_cert(&issuer, options.bind)?;
         let sa_key = KeyPair::generate()?;
+        // How the API server authenticates to kubelets (logs, exec): an admin client certificate.
+        let kubelet_client = client_cert(&ca_pem, &ca_key_pem, "kube-apiserver-kubelet-client", &["system:masters"])?;
         for (name, text) in [
+            ("kubelet-client.crt", kubelet_client.cert_pem.as_str()),
+            ("kubelet-client.key", kubelet_client.key_pem.as_str()),
             ("ca.crt", ca_pem.as_str()),
             ("apiserver.crt", serving.cert_pem.as_str()),
             ("apiserver.key", serving.key_pem.as_str()),
@@ -254,9 +295,9 @@ impl ControlPlane {
             "kube-apiserver",
             &assets.join("kube-apiserver"),
             &[
-                "--bind-address=127.0.0.1".into(),
+                format!("--bind-address={}", options.bind),
                 format!("--secure-port={api_port}"),
-                "--advertise-address=192.0.2.100".into(),
+                format!("--advertise-address={}", options.advertise),
                 format!("--etcd-servers={etcd_url}"),
                 format!("--cert-dir={}", dir.join("certs").display()),
                 format!("--tls-cert-file={}", pki_file("apiserver.crt")),
@@ -272,11 +313,16 @@ impl ControlPlane {
                 format!("--audit-policy-file={}", audit_policy.display()),
                 format!("--audit-log-path={}", dir.join("audit.log").display()),
                 "--audit-log-maxbackup=1".into(),
-            ],
+                format!("--kubelet-client-certificate={}", pki_file("kubelet-client.crt")),
+                format!("--kubelet-client-key={}", pki_file("kubelet-client.key")),
+            ]
+            .into_iter()
+            .chain(options.extra_flags.iter().cloned())
+            .collect::<Vec<_>>(),
             &api_log,
         )?;
 
-        let server = format!("https://127.0.0.1:{api_port}");
+        let server = format!("https://{}:{api_port}", options.bind);
         let mut plane = Self {
             server,
             admin_kubeconfig: dir.join("admin.kubeconfig"),
@@ -367,6 +413,8 @@ impl ControlPlane {
                     name: text(&object["name"]),
                     code: event["responseStatus"]["code"].as_u64().unwrap_or_default(),
                     at: text(&event["stageTimestamp"]),
+                    pod: text(&event["user"]["extra"]["authentication.kubernetes.io/pod-name"][0]),
+                    source_ip: text(&event["sourceIPs"][0]),
                 }
             })
             .collect())
@@ -374,19 +422,7 @@ impl ControlPlane {
 
     /// A client certificate for `user` in `groups`, signed by the cluster CA.
     pub fn client_cert(&self, user: &str, groups: &[&str]) -> Result<CertKey, ControlPlaneError> {
-        let issuer = Issuer::from_ca_cert_pem(&self.ca_pem, KeyPair::from_pem(&self.ca_key_pem)?)?;
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, user);
-        for group in groups {
-            params.distinguished_name.push(DnType::OrganizationName, *group);
-        }
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = now() - time::Duration::minutes(5);
-        params.not_after = now() + time::Duration::days(1);
-        let cert = params.signed_by(&key, &issuer)?;
-        Ok(CertKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        client_cert(&self.ca_pem, &self.ca_key_pem, user, groups)
     }
 
     /// Writes a kubeconfig for this cluster with `credentials`.
@@ -486,6 +522,23 @@ pub enum Credentials {
     Token(String),
 }
 
+/// A client certificate for `user` in `groups`, signed by the CA.
+fn client_cert(ca_pem: &str, ca_key_pem: &str, user: &str, groups: &[&str]) -> Result<CertKey, ControlPlaneError> {
+    let issuer = Issuer::from_ca_cert_pem(ca_pem, KeyPair::from_pem(ca_key_pem)?)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, user);
+    for group in groups {
+        params.distinguished_name.push(DnType::OrganizationName, *group);
+    }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = now() - time::Duration::minutes(5);
+    params.not_after = now() + time::Duration::days(1);
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(CertKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
 fn make_ca() -> Result<(String, String), ControlPlaneError> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
@@ -498,7 +551,7 @@ fn make_ca() -> Result<(String, String), ControlPlaneError> {
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-fn serving_cert(issuer: &Issuer<'_, KeyPair>) -> Result<CertKey, ControlPlaneError> {
+fn serving_cert(issuer: &Issuer<'_, KeyPair>, bind: std::net::Ipv4Addr) -> Result<CertKey, ControlPlaneError> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(vec![
         "localhost".to_owned(),
@@ -507,7 +560,7 @@ fn serving_cert(issuer: &Issuer<'_, KeyPair>) -> Result<CertKey, ControlPlaneErr
         "kubernetes.default.svc".to_owned(),
         "kubernetes.default.svc.cluster.local".to_owned(),
     ])?;
-    for ip in [[127, 0, 0, 1], [10, 0, 0, 1]] {
+    for ip in [[127, 0, 0, 1], [10, 0, 0, 1], bind.octets()] {
         params.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from(ip)));
     }
     params.distinguished_name.push(DnType::CommonName, "kube-apiserver");

@@ -6,6 +6,7 @@
 
 pub mod control_plane;
 pub mod identity;
+pub mod node;
 pub mod operator;
 pub mod pki;
 

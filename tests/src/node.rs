@@ -1,0 +1,702 @@
+//! A real node for the tests: containerd (Debian's 1.6, its own config, state and socket), a CNI
+//! bridge, kubelet, kube-scheduler and kube-proxy from `KUBEBUILDER_ASSETS`, registered with a
+//! control plane whose API server listens on the bridge's gateway so Pods reach it (through the
+//! `kubernetes` Service, as in any cluster: kube-proxy's iptables rules).
+//!
+//! One node per test binary ([`shared`]), needing root (containerd, mounts, iptables). Everything it
+//! leaves is removed when the test binary exits, and again before the next one starts (a killed run
+//! leaves processes, mounts and a bridge behind): Pod processes (killed through their cgroups), the
+//! containerd shims, mounts under its folder, kube-proxy's iptables chains, the bridge.
+//!
+//! Images come from OCI archives made by `scripts/oci-image.sh` (the documented recipe), imported
+//! into containerd's `k8s.io` namespace: no registry, no daemon.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Node as NodeObject, Pod};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+
+use crate::control_plane::{self, ControlPlane, ControlPlaneError, Credentials, Options, spawn_child, tail};
+
+/// The bridge Pods are attached to; its gateway address is where they reach the host.
+pub const BRIDGE: &str = "slimk8s0";
+pub const POD_SUBNET: &str = "10.88.0.0/16";
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
+/// The sandbox image every Pod starts with (a shell that sleeps until told to stop).
+pub const PAUSE_IMAGE: &str = "slim.test/pause:1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("the node tier needs root (containerd, mounts, iptables); run the tests as root")]
+    NotRoot,
+    #[error(
+        "{0} is not installed: the node tier needs containerd, runc, the CNI plugins, iptables and conntrack \
+         (scripts/test.sh installs them: apt-get install containerd runc containernetworking-plugins iptables \
+         conntrack busybox-static)"
+    )]
+    Missing(String),
+    #[error("{command}: {output}")]
+    Command { command: String, output: String },
+    #[error(transparent)]
+    ControlPlane(#[from] ControlPlaneError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{what} not within {timeout:?}: {detail}")]
+    Timeout { what: String, timeout: Duration, detail: String },
+}
+
+/// A running node and its control plane.
+pub struct Node {
+    pub plane: ControlPlane,
+    /// The Node object's name (resolves to 127.0.0.1: the API server dials it for logs and exec).
+    pub name: String,
+    /// containerd's, kubelet's and the images' files.
+    pub dir: PathBuf,
+    pub containerd_socket: PathBuf,
+}
+
+static CHILDREN: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+static SHARED: OnceLock<Result<Node, String>> = OnceLock::new();
+
+/// The test binary's node, started on first use.
+pub fn shared() -> &'static Node {
+    let started = SHARED.get_or_init(|| {
+        // Processes die with the thread that started them (PR_SET_PDEATHSIG): a thread that lives
+        // as long as the test binary starts them.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("node".into())
+            .spawn(move || {
+                let _ = tx.send(Node::start().map_err(|e| e.to_string()));
+                loop {
+                    std::thread::park();
+                }
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|_| rx.recv().map_err(|e| e.to_string())?)
+    });
+    match started {
+        Ok(node) => node,
+        Err(error) => panic!("node: {error}"),
+    }
+}
+
+/// The node's folder: fixed, so a run cleans what a killed one left.
+fn node_dir() -> PathBuf {
+    std::env::var_os("SLIM_NODE_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp/slim-e2e-node"))
+}
+
+fn run(command: &str, args: &[&str]) -> Result<String, NodeError> {
+    let output = Command::new(command).args(args).output().map_err(|e| NodeError::Command {
+        command: format!("{command} {}", args.join(" ")),
+        output: e.to_string(),
+    })?;
+    if !output.status.success() {
+        return Err(NodeError::Command {
+            command: format!("{command} {}", args.join(" ")),
+            output: format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn which(binary: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|dir| Path::new(dir).join(binary))
+        .find(|path| path.is_file())
+}
+
+/// This machine's host name when it resolves to loopback (the API server reaches the kubelet
+/// there), else `localhost`.
+fn node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_lowercase();
+    let loopback = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), 0))
+        .map(|mut addrs| addrs.any(|a| a.ip().is_loopback()))
+        .unwrap_or(false);
+    let valid = !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if loopback && valid { host } else { "localhost".into() }
+}
+
+extern "C" fn stop_node() {
+    let mut children = CHILDREN.lock().unwrap_or_else(|p| p.into_inner());
+    // kube-proxy, the scheduler and the kubelet first (nothing restarts what is killed next).
+    for child in children.iter_mut().rev() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for child in children.iter_mut().rev() {
+        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    children.clear();
+    clean_leftovers(&node_dir());
+}
+
+/// Removes what a node left: Pod processes, shims, mounts, iptables chains, the bridge, files.
+fn clean_leftovers(dir: &Path) {
+    // Pod processes, through the cgroups the kubelet made for them.
+    for _ in 0..3 {
+        let pids = cgroup_pids(Path::new("/sys/fs/cgroup/pids/kubepods"));
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The shims and containerd of this node (their command lines name its socket or config).
+    let marker = dir.display().to_string();
+    for pid in processes_mentioning(&marker) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // Mounts under the folder (rootfs overlays, secret tmpfs, network namespaces), deepest first.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<&str> =
+        mounts.lines().filter_map(|line| line.split(' ').nth(4)).filter(|point| point.starts_with(&marker)).collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        if let Ok(point) = std::ffi::CString::new(point) {
+            // SAFETY: umount2(2) with a NUL-terminated path that outlives the call.
+            unsafe {
+                libc::umount2(point.as_ptr(), libc::MNT_DETACH);
+            }
+        }
+    }
+    if let Some(proxy) = control_plane::assets().ok().map(|a| a.join("kube-proxy")).filter(|p| p.is_file()) {
+        let _ = Command::new(proxy).arg("--cleanup").output();
+    }
+    let _ = Command::new("ip").args(["link", "delete", BRIDGE]).output();
+    if std::env::var_os("SLIM_KEEP_NODE").is_none() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+fn cgroup_pids(dir: &Path) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return pids };
+    pids.extend(
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.trim().parse::<i32>().ok()),
+    );
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            pids.extend(cgroup_pids(&entry.path()));
+        }
+    }
+    pids
+}
+
+fn processes_mentioning(marker: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|cmdline| String::from_utf8_lossy(&cmdline).contains(marker))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn spawn(what: &'static str, binary: &Path, args: &[String], log: &Path) -> Result<(), NodeError> {
+    let child = spawn_child(what, binary, args, log)?;
+    CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).push(child);
+    Ok(())
+}
+
+impl Node {
+    fn start() -> Result<Self, NodeError> {
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(NodeError::NotRoot);
+        }
+        for binary in ["containerd", "runc", "ctr", "iptables", "conntrack", "ip"] {
+            which(binary).ok_or_else(|| NodeError::Missing(binary.into()))?;
+        }
+        if !Path::new("/usr/lib/cni/bridge").is_file() {
+            return Err(NodeError::Missing("containernetworking-plugins (/usr/lib/cni/bridge)".into()));
+        }
+        let assets = control_plane::assets()?;
+        for binary in ["kubelet", "kube-scheduler", "kube-proxy"] {
+            if !assets.join(binary).is_file() {
+                return Err(NodeError::Missing(format!("{binary} in KUBEBUILDER_ASSETS")));
+            }
+        }
+        let dir = node_dir();
+        clean_leftovers(&dir);
+        std::fs::create_dir_all(&dir)?;
+        // The bridge exists (with the gateway address) before the API server binds to it.
+        run("ip", &["link", "add", BRIDGE, "type", "bridge"])?;
+        run("ip", &["addr", "add", &format!("{GATEWAY}/16"), "dev", BRIDGE])?;
+        run("ip", &["link", "set", BRIDGE, "up"])?;
+        let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1");
+
+        let plane = ControlPlane::start(&Options {
+            bind: GATEWAY,
+            advertise: GATEWAY,
+            // Webhooks served by Pods: the API server dials the Service's endpoint (the Pod IP).
+            extra_flags: vec!["--enable-aggregator-routing=true".into()],
+        })?;
+        // SAFETY: registers a plain `extern "C" fn` with no arguments. Registered after the
+        // control plane's hook, so it runs first (atexit runs in reverse): the node stops while
+        // its API server is still there.
+        unsafe {
+            libc::atexit(stop_node);
+        }
+        let name = node_name();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(grant_node_roles(&plane))?;
+
+        let socket = dir.join("containerd.sock");
+        Self::start_containerd(&dir, &socket)?;
+        let node = Self { plane, name, dir, containerd_socket: socket };
+        node.import(&images::pause(&node.dir)?)?;
+        node.start_kubelet(&assets)?;
+        node.start_scheduler(&assets)?;
+        node.start_proxy(&assets)?;
+        runtime.block_on(node.wait_ready())?;
+        Ok(node)
+    }
+
+    fn start_containerd(dir: &Path, socket: &Path) -> Result<(), NodeError> {
+        let cni = dir.join("cni");
+        std::fs::create_dir_all(&cni)?;
+        std::fs::write(
+            cni.join("10-slim-e2e.conflist"),
+            format!(
+                r#"{{"cniVersion": "0.4.0", "name": "slim-e2e", "plugins": [
+  {{"type": "bridge", "bridge": "{BRIDGE}", "isGateway": true, "isDefaultGateway": true, "ipMasq": false, "hairpinMode": true,
+    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{POD_SUBNET}", "gateway": "{GATEWAY}"}}]],
+              "dataDir": "{}"}}}},
+  {{"type": "portmap", "capabilities": {{"portMappings": true}}}}
+]}}"#,
+                dir.join("cni-ipam").display()
+            ),
+        )?;
+        let config = dir.join("containerd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{socket}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  # Root here lacks CAP_SYS_RESOURCE: runc cannot lower oom_score_adj, only keep it.
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+"#,
+                root = dir.join("containerd").display(),
+                state = dir.join("containerd-state").display(),
+                socket = socket.display(),
+                cni = cni.display(),
+            ),
+        )?;
+        let containerd = which("containerd").ok_or_else(|| NodeError::Missing("containerd".into()))?;
+        let log = dir.join("containerd.log");
+        spawn("containerd", &containerd, &[format!("--config={}", config.display())], &log)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if Instant::now() > deadline {
+                return Err(NodeError::Timeout {
+                    what: "containerd's socket".into(),
+                    timeout: Duration::from_secs(20),
+                    detail: tail(&log),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn kubeconfig(&self, file: &str, user: &str, groups: &[&str]) -> Result<PathBuf, NodeError> {
+        let path = self.dir.join(file);
+        self.plane.write_kubeconfig(&path, user, &Credentials::Certificate(self.plane.client_cert(user, groups)?))?;
+        Ok(path)
+    }
+
+    fn start_kubelet(&self, assets: &Path) -> Result<(), NodeError> {
+        let kubeconfig = self.kubeconfig("kubelet.kubeconfig", &format!("system:node:{}", self.name), &["system:nodes"])?;
+        let [port, healthz] = free_ports()?;
+        let config = self.dir.join("kubelet.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+failCgroupV1: false
+cgroupDriver: cgroupfs
+failSwapOn: false
+containerRuntimeEndpoint: unix://{socket}
+address: 127.0.0.1
+port: {port}
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: {healthz}
+podLogsDir: {logs}
+authentication:
+  anonymous: {{enabled: false}}
+  webhook: {{enabled: false}}
+  x509: {{clientCAFile: {ca}}}
+authorization: {{mode: AlwaysAllow}}
+# A test machine's disk is what it is: never evict, never collect images.
+evictionHard: {{memory.available: "0%", nodefs.available: "0%", imagefs.available: "0%"}}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+syncFrequency: 5s
+fileCheckFrequency: 5s
+nodeStatusUpdateFrequency: 5s
+serializeImagePulls: false
+"#,
+                socket = self.containerd_socket.display(),
+                logs = self.dir.join("pod-logs").display(),
+                ca = self.plane.dir.join("pki/ca.crt").display(),
+            ),
+        )?;
+        spawn(
+            "kubelet",
+            &assets.join("kubelet"),
+            &[
+                format!("--config={}", config.display()),
+                format!("--kubeconfig={}", kubeconfig.display()),
+                format!("--root-dir={}", self.dir.join("kubelet").display()),
+                format!("--cert-dir={}", self.dir.join("kubelet-pki").display()),
+                format!("--hostname-override={}", self.name),
+                "--v=1".into(),
+            ],
+            &self.dir.join("kubelet.log"),
+        )
+    }
+
+    fn start_scheduler(&self, assets: &Path) -> Result<(), NodeError> {
+        let kubeconfig = self.kubeconfig("scheduler.kubeconfig", "system:kube-scheduler", &[])?;
+        let [port] = free_ports()?;
+        let k = kubeconfig.display();
+        spawn(
+            "kube-scheduler",
+            &assets.join("kube-scheduler"),
+            &[
+                format!("--kubeconfig={k}"),
+                format!("--authentication-kubeconfig={k}"),
+                format!("--authorization-kubeconfig={k}"),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={port}"),
+                "--leader-elect=false".into(),
+            ],
+            &self.dir.join("kube-scheduler.log"),
+        )
+    }
+
+    fn start_proxy(&self, assets: &Path) -> Result<(), NodeError> {
+        let kubeconfig = self.kubeconfig("proxy.kubeconfig", "system:kube-proxy", &[])?;
+        let [metrics, healthz] = free_ports()?;
+        spawn(
+            "kube-proxy",
+            &assets.join("kube-proxy"),
+            &[
+                format!("--kubeconfig={}", kubeconfig.display()),
+                format!("--hostname-override={}", self.name),
+                "--proxy-mode=iptables".into(),
+                format!("--cluster-cidr={POD_SUBNET}"),
+                // Leave the machine's conntrack sysctls alone.
+                "--conntrack-max-per-core=0".into(),
+                "--conntrack-tcp-timeout-established=0".into(),
+                "--conntrack-tcp-timeout-close-wait=0".into(),
+                format!("--metrics-bind-address=127.0.0.1:{metrics}"),
+                format!("--healthz-bind-address=127.0.0.1:{healthz}"),
+            ],
+            &self.dir.join("kube-proxy.log"),
+        )
+    }
+
+    /// Waits for the Node to be Ready, then lifts the `not-ready` taint the (disabled) node
+    /// lifecycle controller would have lifted.
+    async fn wait_ready(&self) -> Result<(), NodeError> {
+        let client = self.plane.client().await?;
+        let nodes: Api<NodeObject> = Api::all(client);
+        let timeout = Duration::from_secs(90);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(node) = nodes.get_opt(&self.name).await? {
+                let ready = node
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                if ready {
+                    let taints: Vec<_> = node
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.taints.clone())
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|t| !t.key.starts_with("node.kubernetes.io/not-ready"))
+                        .collect();
+                    let patch = serde_json::json!({"spec": {"taints": taints}});
+                    nodes.patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(NodeError::Timeout {
+                    what: format!("Node {} Ready", self.name),
+                    timeout,
+                    detail: tail(&self.dir.join("kubelet.log")),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Imports an OCI image archive into the node's containerd (`k8s.io`, the CRI's namespace).
+    pub fn import(&self, archive: &Path) -> Result<(), NodeError> {
+        let socket = self.containerd_socket.display().to_string();
+        run("ctr", &["--address", &socket, "--namespace", "k8s.io", "images", "import", &archive.display().to_string()])?;
+        Ok(())
+    }
+
+    /// Prepares a namespace for Pods: this API server (OpenShift's tree) adds a ConfigMap
+    /// `openshift-service-ca.crt` to every service-account token volume; without it Pods stay in
+    /// `ContainerCreating`.
+    pub async fn prepare_namespace(&self, client: &Client, namespace: &str) -> Result<(), NodeError> {
+        let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+        let map = ConfigMap {
+            metadata: ObjectMeta { name: Some("openshift-service-ca.crt".into()), ..Default::default() },
+            data: Some([("service-ca.crt".to_owned(), self.plane.ca_pem.clone())].into()),
+            ..Default::default()
+        };
+        match maps.create(&PostParams::default(), &map).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// A fresh namespace ready for Pods.
+    pub async fn namespace(&self, client: &Client, prefix: &str) -> Result<String, NodeError> {
+        let name = self.plane.namespace(client, prefix).await?;
+        self.prepare_namespace(client, &name).await?;
+        Ok(name)
+    }
+
+    /// The kubelet's log (what it said about Pods that would not start).
+    pub fn kubelet_log(&self) -> String {
+        tail(&self.dir.join("kubelet.log"))
+    }
+}
+
+/// Lets the node's components do their jobs on an RBAC-only API server (no Node authorizer).
+async fn grant_node_roles(plane: &ControlPlane) -> Result<(), NodeError> {
+    let client = plane.client().await?;
+    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client);
+    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "slim-e2e:nodes"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:node"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:nodes"}],
+    }))
+    .map_err(|e| NodeError::Command { command: "ClusterRoleBinding".into(), output: e.to_string() })?;
+    bindings.patch("slim-e2e:nodes", &PatchParams::apply("slim-e2e").force(), &Patch::Apply(&binding)).await?;
+    Ok(())
+}
+
+fn free_ports<const N: usize>() -> Result<[u16; N], NodeError> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..N).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
+/// Waits until `pod` satisfies `done`, or says what it is doing.
+pub async fn wait_pod(
+    pods: &Api<Pod>,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&Pod) -> bool,
+) -> Result<Pod, NodeError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let pod = pods.get_opt(name).await?;
+        if let Some(pod) = &pod
+            && done(pod)
+        {
+            return Ok(pod.clone());
+        }
+        if Instant::now() > deadline {
+            let detail = pod
+                .map(|p| serde_json::to_string(&p.status).unwrap_or_default())
+                .unwrap_or_else(|| "no such Pod".into());
+            return Err(NodeError::Timeout { what: format!("Pod {name}: {what}"), timeout, detail });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether every container of the Pod is ready.
+pub fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The Pod's IP once it has one.
+pub fn pod_ip(pod: &Pod) -> Option<Ipv4Addr> {
+    pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()
+}
+
+/// The images of our binaries, built once per test binary.
+pub mod images {
+    use super::*;
+
+    /// The repository the chart's images are renamed to in the tests (never pulled).
+    pub const OPERATOR: &str = "slim.test/slim-operator:e2e";
+    pub const AGENT: &str = "slim.test/slim-identity-agent:e2e";
+    /// busybox and the agent binary: an app whose first line verifies its token.
+    pub const APP: &str = "slim.test/app:e2e";
+
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/oci-image.sh")
+    }
+
+    fn release_binary(name: &str) -> Result<PathBuf, NodeError> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release").join(name);
+        if !path.is_file() {
+            return Err(NodeError::Missing(format!(
+                "{} (build it first: cargo build --release -p slim-operator --bin slim-operator && \
+                 cargo build --release -p slim-identity-agent --no-default-features)",
+                path.display()
+            )));
+        }
+        Ok(path)
+    }
+
+    fn build(dir: &Path, file: &str, args: &[String]) -> Result<PathBuf, NodeError> {
+        let out = dir.join(file);
+        let mut all: Vec<String> = vec!["--out".into(), out.display().to_string()];
+        all.extend(args.iter().cloned());
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        run(&script().display().to_string(), &refs)?;
+        Ok(out)
+    }
+
+    /// The sandbox image: busybox's shell sleeping until TERM.
+    pub fn pause(dir: &Path) -> Result<PathBuf, NodeError> {
+        let busybox = which("busybox").ok_or_else(|| NodeError::Missing("busybox (busybox-static)".into()))?;
+        build(
+            dir,
+            "pause.oci.tar",
+            &[
+                "--name".into(),
+                PAUSE_IMAGE.into(),
+                "--entrypoint".into(),
+                "/bin/busybox".into(),
+                "--cmd".into(),
+                "sh".into(),
+                "--cmd".into(),
+                "-c".into(),
+                "--cmd".into(),
+                "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done".into(),
+                format!("{}=/bin/busybox", busybox.display()),
+            ],
+        )
+    }
+
+    /// Builds and imports the operator, agent and app images (once per test binary).
+    pub fn ensure(node: &Node) -> Result<(), String> {
+        static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+        DONE.get_or_init(|| build_all(node).map_err(|e| e.to_string())).clone()
+    }
+
+    fn build_all(node: &Node) -> Result<(), NodeError> {
+        let operator = release_binary("slim-operator")?;
+        let agent = release_binary("slim-identity-agent")?;
+        let busybox = which("busybox").ok_or_else(|| NodeError::Missing("busybox (busybox-static)".into()))?;
+        let archives = [
+            build(
+                &node.dir,
+                "operator.oci.tar",
+                &[
+                    "--name".into(),
+                    OPERATOR.into(),
+                    "--entrypoint".into(),
+                    "/slim-operator".into(),
+                    "--cmd".into(),
+                    "run".into(),
+                    "--user".into(),
+                    "65532:65532".into(),
+                    format!("{}=/slim-operator", operator.display()),
+                ],
+            )?,
+            build(
+                &node.dir,
+                "agent.oci.tar",
+                &[
+                    "--name".into(),
+                    AGENT.into(),
+                    "--entrypoint".into(),
+                    "/slim-identity-agent".into(),
+                    "--user".into(),
+                    "65532:65532".into(),
+                    format!("{}=/slim-identity-agent", agent.display()),
+                ],
+            )?,
+            build(
+                &node.dir,
+                "app.oci.tar",
+                &[
+                    "--name".into(),
+                    APP.into(),
+                    "--entrypoint".into(),
+                    "/bin/sh".into(),
+                    format!("{}=/bin/busybox", busybox.display()),
+                    format!("{}=/bin/sh", busybox.display()),
+                    format!("{}=/usr/bin/slim-identity-agent", agent.display()),
+                ],
+            )?,
+        ];
+        for archive in archives {
+            node.import(&archive)?;
+        }
+        Ok(())
+    }
+}
+
+/// The name of a Pod's owner-independent identity, for logs.
+pub fn describe(pod: &Pod) -> String {
+    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+}

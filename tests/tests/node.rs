@@ -1,0 +1,307 @@
+//! The node tier: what users meet on a node, proven in running Pods on a real kubelet (containerd,
+//! CNI bridge, kube-proxy, kube-scheduler; see `slim_e2e::node`). The chart is installed with
+//! `helm install` from images of our release binaries (OCI archives, no registry), and the API
+//! server calls the webhook served by the operator's Pods.
+//!
+//! The tests share one install and take turns ([`SERIAL`]): one deletes the leader Pod, which
+//! would otherwise race another's Pod creation through the webhook.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+use kube::{Client, ResourceExt};
+use slim_e2e::node::{self, Node, images};
+use slim_e2e::{helm, repo_path};
+use slim_identity_agent::workload::fake::{AgentState, FakeAgent};
+
+const RELEASE_NAMESPACE: &str = "slim-system";
+const RELEASE: &str = "slim";
+const OPERATOR_SELECTOR: &str = "app.kubernetes.io/name=slim-operator";
+const TRUST_DOMAIN: &str = "cluster.test";
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Where the injected agents find "SPIRE" (the fake Workload API a test serves): the chart's
+/// `spire.socketMode: host-path`.
+fn spire_dir(node: &Node) -> PathBuf {
+    node.dir.join("spire-agent")
+}
+
+/// `helm install` of the chart with the test images, two replicas, once per test binary; waits
+/// until the operator's Pods are Ready.
+async fn installed() -> (&'static Node, Client) {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    let node = node::shared();
+    let client = node.plane.client().await.expect("admin client");
+    let result = INSTALLED.get_or_init(|| {
+        images::ensure(node)?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+                    runtime.block_on(install(node))
+                })
+                .join()
+                .map_err(|_| "the install panicked".to_owned())?
+        })
+    });
+    if let Err(error) = result {
+        panic!("helm install on the node: {error}");
+    }
+    (node, client)
+}
+
+async fn install(node: &Node) -> Result<(), String> {
+    let client = node.plane.client().await.map_err(|e| e.to_string())?;
+    node.plane.create_namespace(&client, RELEASE_NAMESPACE).await.map_err(|e| e.to_string())?;
+    node.prepare_namespace(&client, RELEASE_NAMESPACE).await.map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(spire_dir(node)).map_err(|e| e.to_string())?;
+    let (operator_repo, operator_tag) = images::OPERATOR.rsplit_once(':').unwrap_or_default();
+    let (agent_repo, agent_tag) = images::AGENT.rsplit_once(':').unwrap_or_default();
+    let values = node.dir.join("values.yaml");
+    std::fs::write(
+        &values,
+        format!(
+            "replicaCount: 2\n\
+             image: {{repository: {operator_repo}, tag: {operator_tag}, pullPolicy: Never}}\n\
+             sidecar:\n  image: {{repository: {agent_repo}, tag: {agent_tag}, pullPolicy: Never}}\n\
+             spire: {{socketMode: host-path, hostPath: {}}}\n\
+             webhook: {{failurePolicy: Fail}}\n\
+             operator: {{logFormat: text}}\n",
+            spire_dir(node).display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let chart = repo_path("charts/slim-operator").display().to_string();
+    let kubeconfig = node.plane.admin_kubeconfig.clone();
+    let started = Instant::now();
+    helm(
+        &[
+            "install",
+            RELEASE,
+            &chart,
+            "--namespace",
+            RELEASE_NAMESPACE,
+            "--values",
+            &values.display().to_string(),
+            "--wait",
+            "--timeout",
+            "180s",
+        ],
+        &[("KUBECONFIG", kubeconfig.as_path())],
+    )
+    .map_err(|e| format!("{e}\nkubelet: {}", node.kubelet_log()))?;
+    println!("helm install --wait: the operator's 2 Pods Ready in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+async fn operator_pods(client: &Client) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let list = pods.list(&ListParams::default().labels(OPERATOR_SELECTOR)).await.expect("list operator pods");
+    list.items.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect()
+}
+
+/// GET `http://<ip>:<port><path>` from the host (Pod IPs are on the bridge).
+fn http_get(ip: std::net::Ipv4Addr, port: u16, path: &str) -> (u16, String) {
+    slim_e2e::operator::http_get((ip, port).into(), path).unwrap_or_else(|e| panic!("GET {ip}:{port}{path}: {e}"))
+}
+
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn webhook_reviews(client: &Client) -> f64 {
+    let mut total = 0.0;
+    for pod in operator_pods(client).await {
+        if let Some(ip) = node::pod_ip(&pod) {
+            total += metric_sum(&http_get(ip, 8080, "/metrics").1, "slim_operator_webhook_reviews_total");
+        }
+    }
+    total
+}
+
+fn app_pod(name: &str, annotations: serde_json::Value, script: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "app", "image": images::APP, "imagePullPolicy": "Never", "args": ["-c", script]}]
+        }
+    }))
+    .expect("pod")
+}
+
+#[tokio::test]
+async fn the_chart_runs_in_pods_and_the_api_server_calls_its_webhook() {
+    let (node, client) = installed().await;
+    let _turn = SERIAL.lock().await;
+
+    let operators = operator_pods(&client).await;
+    assert_eq!(operators.len(), 2, "two replicas");
+    for pod in &operators {
+        assert!(node::pod_ready(pod), "{} Ready", pod.name_any());
+        let ip = node::pod_ip(pod).expect("pod IP");
+        let (code, body) = http_get(ip, 8080, "/metrics");
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("slim_operator_"), "{body}");
+        // In-cluster config, the chart's RBAC: the operator reads and writes through its ServiceAccount.
+        let (code, body) = http_get(ip, 8080, "/readyz");
+        assert_eq!(code, 200, "{body}");
+    }
+
+    // The operator published its CA in the webhook configuration the chart created.
+    let webhooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let config = webhooks.get("slim-slim-operator").await.expect("webhook configuration");
+    let ca = config.webhooks.as_ref().and_then(|w| w.first()).and_then(|w| w.client_config.ca_bundle.clone());
+    assert!(ca.is_some_and(|ca| !ca.0.is_empty()), "caBundle published");
+
+    // The API server calls it for a new Pod that asks for identity.
+    let ns = node.namespace(&client, "webhook").await.expect("namespace");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let before = webhook_reviews(&client).await;
+    let pod = app_pod("asks", serde_json::json!({"slim.agntcy.org/inject-identity": "true"}), "sleep 1");
+    let created = pods.create(&PostParams::default(), &pod).await.expect("create through the webhook");
+    let init = created.spec.as_ref().and_then(|s| s.init_containers.clone()).unwrap_or_default();
+    assert!(
+        init.iter().any(|c| c.name == "slim-identity-agent" && c.restart_policy.as_deref() == Some("Always")),
+        "the agent injected as a native sidecar: {init:?}"
+    );
+    let after = webhook_reviews(&client).await;
+    assert!(after >= before + 1.0, "the operator Pods counted the review: {before} -> {after}");
+    pods.delete("asks", &DeleteParams::default()).await.expect("delete");
+}
+
+#[tokio::test]
+async fn the_injected_agent_holds_the_app_until_its_identity_is_written() {
+    let (node, client) = installed().await;
+    let _turn = SERIAL.lock().await;
+    let ns = node.namespace(&client, "identity").await.expect("namespace");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+
+    // "SPIRE" on the node, with nothing registered yet: the Workload API says PermissionDenied.
+    let socket = spire_dir(node).join("api.sock");
+    let agent = FakeAgent::start(&socket, AgentState::new(TRUST_DOMAIN)).await.expect("fake Workload API");
+    make_world_writable(&socket);
+
+    // The app's first line reads its token and verifies it against the bundle.
+    let script = "slim-identity-agent verify --bundle /svids/key.jwt --audience slim /svids/jwt_svid.token \
+                  && echo app-started && sleep 3600";
+    let pod = app_pod(
+        "app",
+        serde_json::json!({"slim.agntcy.org/inject-identity": "true", "slim.agntcy.org/jwt-audiences": "slim"}),
+        script,
+    );
+    pods.create(&PostParams::default(), &pod).await.expect("create");
+
+    // The agent runs but cannot start (its startup probe waits on /svids): the app stays waiting.
+    let agent_running = |pod: &Pod| {
+        container_status(pod, "slim-identity-agent", true).is_some_and(|s| s.state.as_ref().and_then(|s| s.running.as_ref()).is_some())
+    };
+    node::wait_pod(&pods, "app", Duration::from_secs(60), "the agent running", agent_running).await.expect("agent");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pod = pods.get("app").await.expect("pod");
+    let agent_status = container_status(&pod, "slim-identity-agent", true).expect("agent status");
+    assert_eq!(agent_status.started, Some(false), "the agent's startup probe holds: {agent_status:?}");
+    let app_waiting = container_status(&pod, "app", false)
+        .and_then(|s| s.state.as_ref()?.waiting.as_ref()?.reason.clone())
+        .unwrap_or_default();
+    assert_eq!(app_waiting, "PodInitializing", "the app has not started");
+    let log = container_log(&pods, "app", "slim-identity-agent").await;
+    println!("agent without an identity:\n{}", log.lines().take(4).collect::<Vec<_>>().join("\n"));
+    assert!(log.contains("PermissionDenied") || log.contains("permission denied") || log.contains("no identity"), "the agent says why: {log}");
+
+    // Registered: the agent writes the files, its probe passes, the app starts and verifies them.
+    let registered = Instant::now();
+    let spiffe_id = format!("spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/default");
+    agent.update(|state| state.issue(&spiffe_id, ""));
+    let pod = node::wait_pod(&pods, "app", Duration::from_secs(60), "Ready", node::pod_ready).await.expect("ready");
+    println!("identity registered -> app Ready in {:.1}s", registered.elapsed().as_secs_f64());
+    let agent_started = started_at(&pod, "slim-identity-agent", true);
+    let app_started = started_at(&pod, "app", false);
+    assert!(app_started >= agent_started, "the app started after the agent: {agent_started:?} / {app_started:?}");
+    let log = wait_log(&pods, "app", "app", "app-started").await;
+    println!("app log:\n{log}");
+    assert!(log.lines().next().is_some_and(|first| first.contains(&spiffe_id)), "the first line is the verified identity: {log}");
+    pods.delete("app", &DeleteParams::default()).await.expect("delete");
+}
+
+#[tokio::test]
+async fn a_second_replica_takes_over_when_the_leader_pod_is_deleted() {
+    let (_node, client) = installed().await;
+    let _turn = SERIAL.lock().await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let holder = |lease: &Lease| lease.spec.as_ref().and_then(|s| s.holder_identity.clone()).unwrap_or_default();
+    let leader = wait_until(Duration::from_secs(30), "a leader", || async {
+        leases.get_opt("slim-operator-leader").await.ok().flatten().map(|l| holder(&l)).filter(|h| !h.is_empty())
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let deleted = Instant::now();
+    pods.delete(&leader, &DeleteParams::default()).await.expect("delete the leader");
+    let successor = wait_until(Duration::from_secs(20), "a new leader", || async {
+        leases.get_opt("slim-operator-leader").await.ok().flatten().map(|l| holder(&l)).filter(|h| !h.is_empty() && *h != leader)
+    })
+    .await;
+    let took = deleted.elapsed();
+    println!("leader {leader} deleted -> {successor} leads after {:.1}s", took.as_secs_f64());
+    assert!(took < Duration::from_secs(15), "within the lease duration (15 s): {took:?}");
+}
+
+fn make_world_writable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    // The injected agent runs as 65532; SPIRE's socket is open to every workload too.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+}
+
+fn container_status(pod: &Pod, name: &str, init: bool) -> Option<k8s_openapi::api::core::v1::ContainerStatus> {
+    let status = pod.status.as_ref()?;
+    let list = if init { status.init_container_statuses.as_ref() } else { status.container_statuses.as_ref() }?;
+    list.iter().find(|s| s.name == name).cloned()
+}
+
+fn started_at(pod: &Pod, name: &str, init: bool) -> k8s_openapi::jiff::Timestamp {
+    container_status(pod, name, init)
+        .and_then(|s| s.state?.running?.started_at)
+        .map(|t| t.0)
+        .unwrap_or_else(|| panic!("{name} running in {pod:?}"))
+}
+
+async fn container_log(pods: &Api<Pod>, pod: &str, container: &str) -> String {
+    let params = LogParams { container: Some(container.into()), ..Default::default() };
+    pods.logs(pod, &params).await.unwrap_or_else(|e| format!("(no log: {e})"))
+}
+
+async fn wait_log(pods: &Api<Pod>, pod: &str, container: &str, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = container_log(pods, pod, container).await;
+        if log.contains(needle) || Instant::now() > deadline {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
