@@ -7,7 +7,8 @@
 #       --entrypoint /slim-operator --cmd run  target/release/slim-operator=/slim-operator
 #
 # Arguments after the options are SOURCE[=TARGET] (TARGET defaults to SOURCE; a directory is copied
-# whole). --entrypoint and --cmd may repeat (one argv word each). Import and use:
+# whole, less what --exclude PATTERN names, as tar's --exclude). --entrypoint, --cmd, --env and
+# --exclude may repeat (one argv word each). Import and use:
 #
 #   ctr -n k8s.io images import slim-operator.oci.tar      # containerd, the node's CRI namespace
 #   docker load < slim-operator.oci.tar  /  podman load -i slim-operator.oci.tar
@@ -16,7 +17,7 @@
 # The archive is reproducible: the same inputs give the same digests.
 set -euo pipefail
 
-name="" out="" user="" entrypoint=() cmd=() files=() env=()
+name="" out="" user="" entrypoint=() cmd=() files=() env=() excludes=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --name) name=$2; shift 2 ;;
@@ -25,6 +26,7 @@ while [ $# -gt 0 ]; do
     --cmd) cmd+=("$2"); shift 2 ;;
     --user) user=$2; shift 2 ;;
     --env) env+=("$2"); shift 2 ;;
+    --exclude) excludes+=("--exclude=$2"); shift 2 ;;
     -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     --*) echo "oci-image: unknown option $1" >&2; exit 2 ;;
     *) files+=("$1"); shift ;;
@@ -48,7 +50,12 @@ copy() { # SOURCE TARGET: the file (or tree) and, for ELF files, the libraries i
   local source=$1 target=$2
   if [ ! -e "$source" ]; then echo "oci-image: $source does not exist" >&2; exit 1; fi
   mkdir -p "$root$(dirname "$target")"
-  cp -a --dereference "$source" "$root$target" 2>/dev/null || cp -a "$source" "$root$target"
+  if [ -d "$source" ]; then
+    mkdir -p "$root$target"
+    tar -C "$source" "${excludes[@]}" -cf - . | tar -C "$root$target" -xf -
+  else
+    cp --dereference "$source" "$root$target"
+  fi
   local file
   while IFS= read -r file; do
     if head -c 4 "$file" 2>/dev/null | grep -q 'ELF'; then
@@ -58,7 +65,7 @@ copy() { # SOURCE TARGET: the file (or tree) and, for ELF files, the libraries i
         cp --dereference "$lib" "$root$lib"
       done
     fi
-  done < <(find "$source" -type f)
+  done < <(find "$root$target" -type f)
 }
 for spec in "${files[@]}"; do
   source=${spec%%=*}

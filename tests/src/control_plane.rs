@@ -463,11 +463,7 @@ impl ControlPlane {
 
     /// A client from a kubeconfig file written by [`ControlPlane::write_kubeconfig`].
     pub async fn client_from(&self, kubeconfig: &Path) -> Result<Client, ControlPlaneError> {
-        let kubeconfig = Kubeconfig::read_from(kubeconfig).map_err(|e| ControlPlaneError::Kubeconfig(e.to_string()))?;
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .map_err(|e| ControlPlaneError::Kubeconfig(e.to_string()))?;
-        Ok(Client::try_from(config)?)
+        client_from_file(kubeconfig).await
     }
 
     /// A client authenticated as `user` in `groups` (no rights beyond what RBAC grants them).
@@ -514,6 +510,15 @@ impl ControlPlane {
         }
         Ok(())
     }
+}
+
+/// A client from a kubeconfig file (outside any [`ControlPlane`] value, for helper threads).
+pub(crate) async fn client_from_file(kubeconfig: &Path) -> Result<Client, ControlPlaneError> {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig).map_err(|e| ControlPlaneError::Kubeconfig(e.to_string()))?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| ControlPlaneError::Kubeconfig(e.to_string()))?;
+    Ok(Client::try_from(config)?)
 }
 
 /// How a kubeconfig authenticates.

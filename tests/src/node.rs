@@ -29,6 +29,7 @@ pub const POD_SUBNET: &str = "10.88.0.0/16";
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
 /// The sandbox image every Pod starts with (a shell that sleeps until told to stop).
 pub const PAUSE_IMAGE: &str = "slim.test/pause:1";
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -271,6 +272,7 @@ impl Node {
         Self::start_containerd(&dir, &socket)?;
         let node = Self { plane, name, dir, containerd_socket: socket };
         node.import(&images::pause(&node.dir)?)?;
+        node.start_dns()?;
         node.start_kubelet(&assets)?;
         node.start_scheduler(&assets)?;
         node.start_proxy(&assets)?;
@@ -359,6 +361,8 @@ failCgroupV1: false
 cgroupDriver: cgroupfs
 failSwapOn: false
 containerRuntimeEndpoint: unix://{socket}
+clusterDNS: [{GATEWAY}]
+clusterDomain: {CLUSTER_DOMAIN}
 address: 127.0.0.1
 port: {port}
 readOnlyPort: 0
@@ -428,6 +432,10 @@ serializeImagePulls: false
                 format!("--kubeconfig={}", kubeconfig.display()),
                 format!("--hostname-override={}", self.name),
                 "--proxy-mode=iptables".into(),
+                // Without br_netfilter a Pod reaching a Service backed by a Pod on the same bridge
+                // would get the reply straight from that Pod's IP: masquerade makes it come back
+                // through the host, where the NAT is undone.
+                "--masquerade-all".into(),
                 format!("--cluster-cidr={POD_SUBNET}"),
                 // Leave the machine's conntrack sysctls alone.
                 "--conntrack-max-per-core=0".into(),
@@ -438,6 +446,59 @@ serializeImagePulls: false
             ],
             &self.dir.join("kube-proxy.log"),
         )
+    }
+
+    /// Cluster DNS, standing in for CoreDNS: dnsmasq on the gateway answers from a hosts file
+    /// that a thread keeps in step with Services and Pods (`<svc>.<ns>.svc.cluster.local`, and
+    /// `<hostname>.<subdomain>.<ns>.svc.cluster.local` for StatefulSet Pods).
+    fn start_dns(&self) -> Result<(), NodeError> {
+        let dnsmasq = which("dnsmasq").ok_or_else(|| NodeError::Missing("dnsmasq (dnsmasq-base)".into()))?;
+        let hosts = self.dir.join("dns");
+        std::fs::create_dir_all(&hosts)?;
+        spawn(
+            "dnsmasq",
+            &dnsmasq,
+            &[
+                "--keep-in-foreground".into(),
+                "--no-resolv".into(),
+                "--no-hosts".into(),
+                format!("--hostsdir={}", hosts.display()),
+                format!("--listen-address={GATEWAY}"),
+                "--bind-interfaces".into(),
+                format!("--local=/{CLUSTER_DOMAIN}/"),
+                "--log-facility=-".into(),
+                "--user=root".into(),
+                "--pid-file=".into(),
+            ],
+            &self.dir.join("dnsmasq.log"),
+        )?;
+        let plane_kubeconfig = self.plane.admin_kubeconfig.clone();
+        let server = self.plane.server.clone();
+        let scratch = self.dir.join("dns.tmp");
+        std::thread::Builder::new().name("cluster-dns".into()).spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            runtime.block_on(async move {
+                let client = loop {
+                    match crate::control_plane::client_from_file(&plane_kubeconfig).await {
+                        Ok(client) => break client,
+                        Err(error) => tracing::warn!(%server, %error, "cluster DNS: no client yet"),
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                };
+                let mut written = String::new();
+                loop {
+                    if let Ok(records) = dns_records(&client).await
+                        && records != written
+                        && std::fs::write(&scratch, &records).is_ok()
+                        && std::fs::rename(&scratch, hosts.join("cluster")).is_ok()
+                    {
+                        written = records;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            });
+        })?;
+        Ok(())
     }
 
     /// Waits for the Node to be Ready, then lifts the `not-ready` taint the (disabled) node
@@ -516,6 +577,59 @@ serializeImagePulls: false
     }
 }
 
+/// The cluster's DNS records as a hosts file.
+async fn dns_records(client: &Client) -> Result<String, kube::Error> {
+    use k8s_openapi::api::core::v1::Service;
+    let services = Api::<Service>::all(client.clone()).list(&Default::default()).await?.items;
+    let pods = Api::<Pod>::all(client.clone()).list(&Default::default()).await?.items;
+    Ok(hosts_file(&services, &pods))
+}
+
+/// What kube-dns would answer, as `IP name` lines (sorted, so an unchanged cluster writes nothing).
+pub fn hosts_file(services: &[k8s_openapi::api::core::v1::Service], pods: &[Pod]) -> String {
+    let mut lines = std::collections::BTreeSet::new();
+    let running: Vec<(&Pod, String)> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| Some((p, p.status.as_ref()?.pod_ip.clone()?)))
+        .collect();
+    for service in services {
+        let (Some(name), Some(ns), Some(spec)) = (&service.metadata.name, &service.metadata.namespace, &service.spec)
+        else {
+            continue;
+        };
+        let fqdn = format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}");
+        match spec.cluster_ip.as_deref() {
+            Some("None") => {
+                // Headless: the ready Pods it selects.
+                let Some(selector) = &spec.selector else { continue };
+                for (pod, ip) in &running {
+                    let labels = pod.metadata.labels.clone().unwrap_or_default();
+                    if pod.metadata.namespace.as_ref() == Some(ns)
+                        && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+                        && pod_ready(pod)
+                    {
+                        lines.insert(format!("{ip} {fqdn}"));
+                    }
+                }
+            }
+            Some(ip) if !ip.is_empty() => {
+                lines.insert(format!("{ip} {fqdn}"));
+            }
+            _ => {}
+        }
+    }
+    for (pod, ip) in &running {
+        let spec = pod.spec.as_ref();
+        if let (Some(host), Some(sub), Some(ns)) =
+            (spec.and_then(|s| s.hostname.as_ref()), spec.and_then(|s| s.subdomain.as_ref()), &pod.metadata.namespace)
+        {
+            lines.insert(format!("{ip} {host}.{sub}.{ns}.svc.{CLUSTER_DOMAIN}"));
+        }
+    }
+    lines.into_iter().map(|line| line + "\n").collect()
+}
+
 /// Lets the node's components do their jobs on an RBAC-only API server (no Node authorizer).
 async fn grant_node_roles(plane: &ControlPlane) -> Result<(), NodeError> {
     let client = plane.client().await?;
@@ -588,6 +702,13 @@ pub mod images {
     pub const AGENT: &str = "slim.test/slim-identity-agent:e2e";
     /// busybox and the agent binary: an app whose first line verifies its token.
     pub const APP: &str = "slim.test/app:e2e";
+    /// A SLIM node: the `slim` binary of crates.io's agntcy-slim 3.4.6, the release the examples
+    /// name (so the quickstart runs with its own image names).
+    pub const SLIM: &str = "ghcr.io/agntcy/slim:3.4.6";
+    /// The SLIM channel manager 3.4.6 (crates.io's agntcy-slim-channel-manager).
+    pub const CHANNEL_MANAGER: &str = "ghcr.io/agntcy/slim/channel-manager:3.4.6";
+    /// Python with slim-bindings and the harness apps (`/harness/*.py`): SLIM apps in Pods.
+    pub const SLIM_APP: &str = "slim.test/slim-app:e2e";
 
     fn script() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/oci-image.sh")
@@ -639,10 +760,61 @@ pub mod images {
     /// Builds and imports the operator, agent and app images (once per test binary).
     pub fn ensure(node: &Node) -> Result<(), String> {
         static DONE: OnceLock<Result<(), String>> = OnceLock::new();
-        DONE.get_or_init(|| build_all(node).map_err(|e| e.to_string())).clone()
+        DONE.get_or_init(|| build_ours(node).map_err(|e| e.to_string())).clone()
     }
 
-    fn build_all(node: &Node) -> Result<(), NodeError> {
+    /// Builds and imports SLIM's images: the node, the channel manager, Python apps.
+    pub fn ensure_slim(node: &Node) -> Result<(), String> {
+        static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+        DONE.get_or_init(|| build_slim(node).map_err(|e| e.to_string())).clone()
+    }
+
+    /// A binary the test script installs into the cache (`$SLIM_CACHE/<dir>/bin/<name>`).
+    fn cached_binary(dir: &str, name: &str) -> Result<PathBuf, NodeError> {
+        let path = crate::cache_dir().join(dir).join("bin").join(name);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(NodeError::Missing(format!("{} (scripts/setup.sh installs it)", path.display())))
+        }
+    }
+
+    /// The Python of the test venv (with slim-bindings), its standard library and the harness
+    /// apps, under /opt/python (the interpreter finds its library next to itself).
+    fn slim_app_args() -> Result<Vec<String>, NodeError> {
+        let venv_python = crate::python().map_err(|e| NodeError::Missing(e.to_string()))?;
+        let python = std::fs::canonicalize(&venv_python)?;
+        let prefix = python.parent().and_then(Path::parent).ok_or_else(|| NodeError::Missing("a Python prefix".into()))?;
+        let stdlib = prefix.join("lib/python3.11");
+        let site = venv_python
+            .parent()
+            .and_then(Path::parent)
+            .map(|venv| venv.join("lib/python3.11/site-packages/slim_bindings"))
+            .filter(|p| p.is_dir())
+            .ok_or_else(|| NodeError::Missing("slim_bindings in the test venv".into()))?;
+        let busybox = which("busybox").ok_or_else(|| NodeError::Missing("busybox (busybox-static)".into()))?;
+        let mut args: Vec<String> = ["--name", SLIM_APP, "--entrypoint", "/opt/python/bin/python3"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        for skip in [
+            "./site-packages", "./test", "*/__pycache__", "./idlelib", "./tkinter", "./ensurepip", "./lib2to3",
+            "./config-3.11-*",
+        ] {
+            args.extend(["--exclude".into(), skip.into()]);
+        }
+        args.extend([
+            format!("{}=/opt/python/bin/python3", python.display()),
+            format!("{}=/opt/python/lib/python3.11", stdlib.display()),
+            format!("{}=/opt/python/lib/python3.11/site-packages/slim_bindings", site.display()),
+            format!("{}=/harness", Path::new(env!("CARGO_MANIFEST_DIR")).join("harness").display()),
+            format!("{}=/bin/sh", busybox.display()),
+            format!("{}=/bin/busybox", busybox.display()),
+        ]);
+        Ok(args)
+    }
+
+    fn build_ours(node: &Node) -> Result<(), NodeError> {
         let operator = release_binary("slim-operator")?;
         let agent = release_binary("slim-identity-agent")?;
         let busybox = which("busybox").ok_or_else(|| NodeError::Missing("busybox (busybox-static)".into()))?;
@@ -688,6 +860,38 @@ pub mod images {
                     format!("{}=/usr/bin/slim-identity-agent", agent.display()),
                 ],
             )?,
+        ];
+        for archive in archives {
+            node.import(&archive)?;
+        }
+        Ok(())
+    }
+
+    fn build_slim(node: &Node) -> Result<(), NodeError> {
+        let archives = [
+            build(
+                &node.dir,
+                "slim.oci.tar",
+                &[
+                    "--name".into(),
+                    SLIM.into(),
+                    "--entrypoint".into(),
+                    "/slim".into(),
+                    format!("{}=/slim", cached_binary("slim", "slim")?.display()),
+                ],
+            )?,
+            build(
+                &node.dir,
+                "channel-manager.oci.tar",
+                &[
+                    "--name".into(),
+                    CHANNEL_MANAGER.into(),
+                    "--entrypoint".into(),
+                    "/channel-manager".into(),
+                    format!("{}=/channel-manager", cached_binary("cm", "channel-manager")?.display()),
+                ],
+            )?,
+            build(&node.dir, "slim-app.oci.tar", &slim_app_args()?)?,
         ];
         for archive in archives {
             node.import(&archive)?;

@@ -234,26 +234,83 @@ async fn the_injected_agent_holds_the_app_until_its_identity_is_written() {
     pods.delete("app", &DeleteParams::default()).await.expect("delete");
 }
 
+fn unreachable_subscription(ns: &str, name: &str) -> slim_operator::api::Subscription {
+    // A node nobody serves: the leader keeps writing (finalizer, status, events) as it retries.
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"name": "org/ns/nobody", "nodes": {"endpoints": ["http://10.88.255.254:46358"]},
+                 "link": {"endpoint": "http://10.88.255.253:46357", "tls": {"insecure": true}}}
+    }))
+    .expect("subscription")
+}
+
 #[tokio::test]
 async fn a_second_replica_takes_over_when_the_leader_pod_is_deleted() {
-    let (_node, client) = installed().await;
+    let (node, client) = installed().await;
     let _turn = SERIAL.lock().await;
+    let ns = node.namespace(&client, "leader").await.expect("namespace");
+    let subscriptions: Api<slim_operator::api::Subscription> = Api::namespaced(client.clone(), &ns);
+    subscriptions.create(&PostParams::default(), &unreachable_subscription(&ns, "before")).await.expect("create");
     let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
     let holder = |lease: &Lease| lease.spec.as_ref().and_then(|s| s.holder_identity.clone()).unwrap_or_default();
     let leader = wait_until(Duration::from_secs(30), "a leader", || async {
         leases.get_opt("slim-operator-leader").await.ok().flatten().map(|l| holder(&l)).filter(|h| !h.is_empty())
     })
     .await;
+    // The leader has written the first object (its finalizer at least).
+    wait_until(Duration::from_secs(30), "the finalizer", || async {
+        subscriptions.get("before").await.ok().filter(|s| !s.finalizers().is_empty())
+    })
+    .await;
+
     let pods: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
     let deleted = Instant::now();
     pods.delete(&leader, &DeleteParams::default()).await.expect("delete the leader");
-    let successor = wait_until(Duration::from_secs(20), "a new leader", || async {
-        leases.get_opt("slim-operator-leader").await.ok().flatten().map(|l| holder(&l)).filter(|h| !h.is_empty() && *h != leader)
+    let lease = wait_until(Duration::from_secs(20), "a new leader", || async {
+        leases.get_opt("slim-operator-leader").await.ok().flatten().filter(|l| !holder(l).is_empty() && holder(l) != leader)
     })
     .await;
     let took = deleted.elapsed();
+    let successor = holder(&lease);
     println!("leader {leader} deleted -> {successor} leads after {:.1}s", took.as_secs_f64());
     assert!(took < Duration::from_secs(15), "within the lease duration (15 s): {took:?}");
+
+    // The new leader reconciles: a new object gets its finalizer.
+    subscriptions.create(&PostParams::default(), &unreachable_subscription(&ns, "after")).await.expect("create");
+    wait_until(Duration::from_secs(30), "the new leader's finalizer", || async {
+        subscriptions.get("after").await.ok().filter(|s| !s.finalizers().is_empty())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Who wrote what, from the API server's audit log (bound tokens name their Pod): the old
+    // leader only before the new one acquired the Lease, the new one only after.
+    let acquired = lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.acquire_time.as_ref())
+        .map(|t| t.0.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+        .expect("acquireTime");
+    let writes: Vec<_> = node
+        .plane
+        .audited()
+        .expect("audit log")
+        .into_iter()
+        .filter(|w| w.namespace == ns && w.resource == "subscriptions" && !w.pod.is_empty())
+        .filter(|w| matches!(w.verb.as_str(), "create" | "update" | "patch" | "delete"))
+        .collect();
+    let by = |pod: &str| writes.iter().filter(|w| w.pod == pod).collect::<Vec<_>>();
+    let (old, new) = (by(&leader), by(&successor));
+    assert!(!old.is_empty() && !new.is_empty(), "both leaders wrote in turn: {writes:?}");
+    assert_eq!(old.len() + new.len(), writes.len(), "no third writer: {writes:?}");
+    assert!(old.iter().all(|w| w.at <= acquired), "the old leader stopped writing before the takeover ({acquired}): {old:?}");
+    assert!(new.iter().all(|w| w.at >= acquired), "the new leader wrote nothing before it led ({acquired}): {new:?}");
+    println!("writes to Subscriptions: {} by {leader} before {acquired}, {} by {successor} after", old.len(), new.len());
+
+    for name in ["before", "after"] {
+        subscriptions.delete(name, &DeleteParams::default()).await.expect("delete");
+    }
 }
 
 fn make_world_writable(path: &Path) {
@@ -304,4 +361,193 @@ where
         assert!(Instant::now() < deadline, "{what} within {timeout:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+
+/// Two SLIM nodes as a StatefulSet (the `slim` binary, the quickstart's config), reached by the
+/// operator through a Subscription's `nodes.selector` (Pod IPs) and by each other and the apps
+/// through cluster DNS.
+fn slim_nodes(ns: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: ConfigMap
+metadata: {{name: slim-node-config, namespace: {ns}}}
+data:
+  config.yaml: |
+    runtime: {{n_cores: 1, drain_timeout: 2s}}
+    tracing: {{log_level: info}}
+    services:
+      slim/0:
+        node_id: ${{env:SLIM_NODE_ID}}
+        dataplane:
+          servers: [{{endpoint: "0.0.0.0:46357", tls: {{insecure: true}}}}]
+          clients: []
+        controller:
+          servers: [{{endpoint: "0.0.0.0:46358", tls: {{insecure: true}}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: slim, namespace: {ns}}}
+spec:
+  clusterIP: None
+  selector: {{app.kubernetes.io/name: slim}}
+  ports: [{{name: data-plane-0, port: 46357}}, {{name: controller-0, port: 46358}}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: slim, namespace: {ns}}}
+spec:
+  serviceName: slim
+  replicas: 2
+  podManagementPolicy: Parallel
+  selector: {{matchLabels: {{app.kubernetes.io/name: slim}}}}
+  template:
+    metadata:
+      labels: {{app.kubernetes.io/name: slim, slim.agntcy.org/inject-identity: "false"}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+        - name: slim
+          image: {image}
+          imagePullPolicy: Never
+          args: ["--config", "/etc/slim/config.yaml"]
+          env: [{{name: SLIM_NODE_ID, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
+          ports: [{{name: data-plane-0, containerPort: 46357}}, {{name: controller-0, containerPort: 46358}}]
+          readinessProbe: {{tcpSocket: {{port: 46357}}, periodSeconds: 1}}
+          volumeMounts: [{{name: config, mountPath: /etc/slim}}]
+      volumes: [{{name: config, configMap: {{name: slim-node-config}}}}]
+"#,
+        image = images::SLIM
+    )
+}
+
+/// A Subscription installing `name` on the node Pod `on` (by selector), over a link to `to`'s
+/// data plane (by its DNS name).
+fn subscription_between(ns: &str, object: &str, name: &str, on: &str, to: &str) -> String {
+    format!(
+        r#"apiVersion: slim.agntcy.org/v1alpha1
+kind: Subscription
+metadata: {{name: {object}, namespace: {ns}}}
+spec:
+  name: {name}
+  nodes:
+    selector:
+      matchLabels: {{app.kubernetes.io/name: slim, statefulset.kubernetes.io/pod-name: {on}}}
+  link:
+    endpoint: http://{to}.slim.{ns}.svc.cluster.local:46357
+    tls: {{insecure: true}}
+"#
+    )
+}
+
+fn slim_app(name: &str, script: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"slim.agntcy.org/inject-identity": "false"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "app", "image": images::SLIM_APP, "imagePullPolicy": "Never",
+                            "command": ["/bin/sh", "-c", script]}]
+        }
+    }))
+    .expect("pod")
+}
+
+fn kubectl_apply(node: &Node, yaml: &str) {
+    let file = node.dir.join(format!("apply-{:08x}.yaml", rand::random::<u32>()));
+    std::fs::write(&file, yaml).expect("write manifest");
+    let kubeconfig = node.plane.admin_kubeconfig.clone();
+    slim_e2e::kubectl(&["apply", "-f", &file.display().to_string()], &[("KUBECONFIG", kubeconfig.as_path())])
+        .unwrap_or_else(|e| panic!("kubectl apply: {e}"));
+}
+
+/// Whether the node Pod's own route list (its controller API, read from the host over the
+/// bridge) routes `name`.
+async fn node_routes(pod: &Pod, name: &str) -> bool {
+    let Some(ip) = node::pod_ip(pod) else { return false };
+    let pool = slim_operator::slim::NodePool::default();
+    let key = slim_operator::slim::SlimName::parse(name).expect("name").key();
+    match pool.node(&format!("http://{ip}:46358")).snapshot(Duration::ZERO).await {
+        Ok(observed) => observed.routes.iter().any(|(routed, _)| *routed == key),
+        Err(_) => false,
+    }
+}
+
+async fn subscription_ready(client: &Client, ns: &str, name: &str) -> bool {
+    let subscriptions: Api<slim_operator::api::Subscription> = Api::namespaced(client.clone(), ns);
+    subscriptions.get_opt(name).await.ok().flatten().is_some_and(|s| {
+        s.status.is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
+}
+
+#[tokio::test]
+async fn slim_node_pods_get_routes_by_selector_and_get_them_back_when_recreated() {
+    let (node, client) = installed().await;
+    images::ensure_slim(node).expect("SLIM images");
+    let _turn = SERIAL.lock().await;
+    let ns = node.namespace(&client, "slim").await.expect("namespace");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    kubectl_apply(node, &slim_nodes(&ns));
+    for pod in ["slim-0", "slim-1"] {
+        node::wait_pod(&pods, pod, Duration::from_secs(90), "Ready", node::pod_ready).await.expect("SLIM node Ready");
+    }
+    kubectl_apply(
+        node,
+        &[
+            subscription_between(&ns, "bob-via-slim-1", "org/ns/bob", "slim-0", "slim-1"),
+            subscription_between(&ns, "alice-via-slim-0", "org/ns/alice", "slim-1", "slim-0"),
+        ]
+        .join("---\n"),
+    );
+    let started = Instant::now();
+    for name in ["bob-via-slim-1", "alice-via-slim-0"] {
+        slim_e2e::wait_for(&format!("Subscription {name} Ready"), Duration::from_secs(60), async || {
+            subscription_ready(&client, &ns, name).await.then_some(())
+        })
+        .await;
+    }
+    println!("2 Subscriptions Ready on node Pods picked by selector in {:.1}s", started.elapsed().as_secs_f64());
+    let slim0 = pods.get("slim-0").await.expect("slim-0");
+    assert!(node_routes(&slim0, "org/ns/bob").await, "slim-0 lists the route to bob");
+
+    // Apps on different nodes, reaching them by DNS name: bob listens on slim-1; alice, on slim-0,
+    // sends until the route carries her message and bob's echo comes back.
+    let endpoint = |pod: &str| format!("http://{pod}.slim.{ns}.svc.cluster.local:46357");
+    let bob = format!("/opt/python/bin/python3 /harness/slim_app.py listen {} org/ns/bob", endpoint("slim-1"));
+    let alice = |message: &str| {
+        format!(
+            "for i in $(seq 60); do echo go | /opt/python/bin/python3 /harness/slim_app.py send {} org/ns/alice \
+             org/ns/bob {message} && exit 0; sleep 1; done; exit 1",
+            endpoint("slim-0")
+        )
+    };
+    pods.create(&PostParams::default(), &slim_app("bob", &bob)).await.expect("bob");
+    pods.create(&PostParams::default(), &slim_app("alice", &alice("hello-1"))).await.expect("alice");
+    let done = |pod: &Pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
+    let alice_pod = node::wait_pod(&pods, "alice", Duration::from_secs(90), "done", done).await.expect("alice done");
+    let log = container_log(&pods, "alice", "app").await;
+    assert_eq!(alice_pod.status.and_then(|s| s.phase).as_deref(), Some("Succeeded"), "alice's exchange: {log}");
+    assert!(log.contains("reply hello-1"), "bob's echo came back through the nodes: {log}");
+
+    // slim-0 deleted: its StatefulSet recreates it (a new process, no routes), the operator
+    // sees the new Pod and installs the route again.
+    let old_uid = slim0.uid();
+    let deleted = Instant::now();
+    pods.delete("slim-0", &DeleteParams::default()).await.expect("delete slim-0");
+    let recreated = node::wait_pod(&pods, "slim-0", Duration::from_secs(90), "recreated and Ready", |p| {
+        p.uid() != old_uid && node::pod_ready(p)
+    })
+    .await
+    .expect("slim-0 back");
+    slim_e2e::wait_for("the route back on the new slim-0", Duration::from_secs(60), async || {
+        node_routes(&recreated, "org/ns/bob").await.then_some(())
+    })
+    .await;
+    println!("slim-0 deleted -> recreated with its route in {:.1}s", deleted.elapsed().as_secs_f64());
+    pods.delete("alice", &DeleteParams::default()).await.expect("delete alice");
+    pods.create(&PostParams::default(), &slim_app("alice-again", &alice("hello-2"))).await.expect("alice again");
+    let again = node::wait_pod(&pods, "alice-again", Duration::from_secs(90), "done", done).await.expect("done");
+    let log = container_log(&pods, "alice-again", "app").await;
+    assert_eq!(again.status.and_then(|s| s.phase).as_deref(), Some("Succeeded"), "after the restart: {log}");
+    assert!(log.contains("reply hello-2"), "{log}");
 }
