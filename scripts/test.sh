@@ -25,8 +25,8 @@ fi
 # The release binaries the node tier packs into images (the agent without its dev mode, as the
 # Dockerfile builds it).
 log "cargo build --release (the node tier's images)"
-cargo build --release --locked --quiet -p slim-operator --bin slim-operator
-cargo build --release --locked --quiet -p slim-identity-agent --no-default-features
+# One invocation: one dependency graph for both (the operator has no default features).
+cargo build --release --locked --quiet -p slim-operator -p slim-identity-agent --no-default-features --bins
 
 # Unit, integration and doc tests (benchmarks compile under clippy; run them with cargo bench).
 log "cargo test"

@@ -13,7 +13,7 @@ import threading
 from slim_app import connect
 
 
-def main(endpoint: str, local: str) -> None:
+def main(endpoint: str, local: str, commands=None) -> None:
     app, _ = connect(endpoint, local)
     sessions = []
 
@@ -34,7 +34,7 @@ def main(endpoint: str, local: str) -> None:
             threading.Thread(target=receive, args=(session,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
-    for line in sys.stdin:
+    for line in sys.stdin if commands is None else commands:
         command, _, text = line.strip().partition(" ")
         if command == "publish" and sessions:
             try:

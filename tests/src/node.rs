@@ -95,10 +95,10 @@ fn node_dir() -> PathBuf {
 }
 
 fn run(command: &str, args: &[&str]) -> Result<String, NodeError> {
-    let output = Command::new(command).args(args).output().map_err(|e| NodeError::Command {
-        command: format!("{command} {}", args.join(" ")),
-        output: e.to_string(),
-    })?;
+    let output = Command::new(command)
+        .args(args)
+        .output()
+        .map_err(|e| NodeError::Command { command: format!("{command} {}", args.join(" ")), output: e.to_string() })?;
     if !output.status.success() {
         return Err(NodeError::Command {
             command: format!("{command} {}", args.join(" ")),
@@ -349,7 +349,8 @@ state = "{state}"
     }
 
     fn start_kubelet(&self, assets: &Path) -> Result<(), NodeError> {
-        let kubeconfig = self.kubeconfig("kubelet.kubeconfig", &format!("system:node:{}", self.name), &["system:nodes"])?;
+        let kubeconfig =
+            self.kubeconfig("kubelet.kubeconfig", &format!("system:node:{}", self.name), &["system:nodes"])?;
         let [port, healthz] = free_ports()?;
         let config = self.dir.join("kubelet.yaml");
         std::fs::write(
@@ -543,7 +544,10 @@ serializeImagePulls: false
     /// Imports an OCI image archive into the node's containerd (`k8s.io`, the CRI's namespace).
     pub fn import(&self, archive: &Path) -> Result<(), NodeError> {
         let socket = self.containerd_socket.display().to_string();
-        run("ctr", &["--address", &socket, "--namespace", "k8s.io", "images", "import", &archive.display().to_string()])?;
+        run(
+            "ctr",
+            &["--address", &socket, "--namespace", "k8s.io", "images", "import", &archive.display().to_string()],
+        )?;
         Ok(())
     }
 
@@ -585,7 +589,7 @@ async fn dns_records(client: &Client) -> Result<String, kube::Error> {
     Ok(hosts_file(&services, &pods))
 }
 
-/// What kube-dns would answer, as `IP name` lines (sorted, so an unchanged cluster writes nothing).
+/// What kube-dns would answer (ready Pods only), as `IP name` lines (sorted, so an unchanged cluster writes nothing).
 pub fn hosts_file(services: &[k8s_openapi::api::core::v1::Service], pods: &[Pod]) -> String {
     let mut lines = std::collections::BTreeSet::new();
     let running: Vec<(&Pod, String)> = pods
@@ -623,6 +627,7 @@ pub fn hosts_file(services: &[k8s_openapi::api::core::v1::Service], pods: &[Pod]
         let spec = pod.spec.as_ref();
         if let (Some(host), Some(sub), Some(ns)) =
             (spec.and_then(|s| s.hostname.as_ref()), spec.and_then(|s| s.subdomain.as_ref()), &pod.metadata.namespace)
+            && pod_ready(pod)
         {
             lines.insert(format!("{ip} {host}.{sub}.{ns}.svc.{CLUSTER_DOMAIN}"));
         }
@@ -718,8 +723,8 @@ pub mod images {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release").join(name);
         if !path.is_file() {
             return Err(NodeError::Missing(format!(
-                "{} (build it first: cargo build --release -p slim-operator --bin slim-operator && \
-                 cargo build --release -p slim-identity-agent --no-default-features)",
+                "{} (build it first: cargo build --release -p slim-operator \
+                 -p slim-identity-agent --no-default-features --bins)",
                 path.display()
             )));
         }
@@ -784,7 +789,8 @@ pub mod images {
     fn slim_app_args() -> Result<Vec<String>, NodeError> {
         let venv_python = crate::python().map_err(|e| NodeError::Missing(e.to_string()))?;
         let python = std::fs::canonicalize(&venv_python)?;
-        let prefix = python.parent().and_then(Path::parent).ok_or_else(|| NodeError::Missing("a Python prefix".into()))?;
+        let prefix =
+            python.parent().and_then(Path::parent).ok_or_else(|| NodeError::Missing("a Python prefix".into()))?;
         let stdlib = prefix.join("lib/python3.11");
         let site = venv_python
             .parent()
@@ -793,12 +799,20 @@ pub mod images {
             .filter(|p| p.is_dir())
             .ok_or_else(|| NodeError::Missing("slim_bindings in the test venv".into()))?;
         let busybox = which("busybox").ok_or_else(|| NodeError::Missing("busybox (busybox-static)".into()))?;
-        let mut args: Vec<String> = ["--name", SLIM_APP, "--entrypoint", "/opt/python/bin/python3"]
-            .into_iter()
-            .map(String::from)
-            .collect();
+        // By default the quickstart's app (examples/05-app.yaml); tests give other commands.
+        let mut args: Vec<String> =
+            ["--name", SLIM_APP, "--entrypoint", "/opt/python/bin/python3", "--cmd", "/harness/quickstart_app.py"]
+                .into_iter()
+                .map(String::from)
+                .collect();
         for skip in [
-            "./site-packages", "./test", "*/__pycache__", "./idlelib", "./tkinter", "./ensurepip", "./lib2to3",
+            "./site-packages",
+            "./test",
+            "*/__pycache__",
+            "./idlelib",
+            "./tkinter",
+            "./ensurepip",
+            "./lib2to3",
             "./config-3.11-*",
         ] {
             args.extend(["--exclude".into(), skip.into()]);
@@ -814,15 +828,30 @@ pub mod images {
         Ok(args)
     }
 
+    /// Builds the archives side by side, then imports them.
+    fn build_and_import<const N: usize>(node: &Node, specs: [(&str, Vec<String>); N]) -> Result<(), NodeError> {
+        let built: Vec<Result<PathBuf, NodeError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> =
+                specs.iter().map(|(file, args)| scope.spawn(move || build(&node.dir, file, args))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(NodeError::Missing("an image build panicked".into()))))
+                .collect()
+        });
+        for archive in built {
+            node.import(&archive?)?;
+        }
+        Ok(())
+    }
+
     fn build_ours(node: &Node) -> Result<(), NodeError> {
         let operator = release_binary("slim-operator")?;
         let agent = release_binary("slim-identity-agent")?;
         let busybox = which("busybox").ok_or_else(|| NodeError::Missing("busybox (busybox-static)".into()))?;
         let archives = [
-            build(
-                &node.dir,
+            (
                 "operator.oci.tar",
-                &[
+                vec![
                     "--name".into(),
                     OPERATOR.into(),
                     "--entrypoint".into(),
@@ -833,11 +862,10 @@ pub mod images {
                     "65532:65532".into(),
                     format!("{}=/slim-operator", operator.display()),
                 ],
-            )?,
-            build(
-                &node.dir,
+            ),
+            (
                 "agent.oci.tar",
-                &[
+                vec![
                     "--name".into(),
                     AGENT.into(),
                     "--entrypoint".into(),
@@ -846,11 +874,10 @@ pub mod images {
                     "65532:65532".into(),
                     format!("{}=/slim-identity-agent", agent.display()),
                 ],
-            )?,
-            build(
-                &node.dir,
+            ),
+            (
                 "app.oci.tar",
-                &[
+                vec![
                     "--name".into(),
                     APP.into(),
                     "--entrypoint".into(),
@@ -859,48 +886,73 @@ pub mod images {
                     format!("{}=/bin/sh", busybox.display()),
                     format!("{}=/usr/bin/slim-identity-agent", agent.display()),
                 ],
-            )?,
+            ),
         ];
-        for archive in archives {
-            node.import(&archive)?;
-        }
-        Ok(())
+        build_and_import(node, archives)
     }
 
     fn build_slim(node: &Node) -> Result<(), NodeError> {
         let archives = [
-            build(
-                &node.dir,
+            (
                 "slim.oci.tar",
-                &[
+                vec![
                     "--name".into(),
                     SLIM.into(),
                     "--entrypoint".into(),
                     "/slim".into(),
                     format!("{}=/slim", cached_binary("slim", "slim")?.display()),
                 ],
-            )?,
-            build(
-                &node.dir,
+            ),
+            (
                 "channel-manager.oci.tar",
-                &[
+                vec![
                     "--name".into(),
                     CHANNEL_MANAGER.into(),
                     "--entrypoint".into(),
                     "/channel-manager".into(),
                     format!("{}=/channel-manager", cached_binary("cm", "channel-manager")?.display()),
                 ],
-            )?,
-            build(&node.dir, "slim-app.oci.tar", &slim_app_args()?)?,
+            ),
+            ("slim-app.oci.tar", slim_app_args()?),
         ];
-        for archive in archives {
-            node.import(&archive)?;
-        }
-        Ok(())
+        build_and_import(node, archives)
     }
 }
 
 /// The name of a Pod's owner-independent identity, for logs.
 pub fn describe(pod: &Pod) -> String {
     format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_file_answers_like_kube_dns() {
+        let services: Vec<k8s_openapi::api::core::v1::Service> = serde_json::from_value(serde_json::json!([
+            {"metadata": {"name": "api", "namespace": "a"}, "spec": {"clusterIP": "10.0.0.7"}},
+            {"metadata": {"name": "slim", "namespace": "a"}, "spec": {"clusterIP": "None", "selector": {"app": "slim"}}},
+            {"metadata": {"name": "pending", "namespace": "a"}, "spec": {}}
+        ]))
+        .expect("services");
+        let ready = serde_json::json!({"conditions": [{"type": "Ready", "status": "True"}]});
+        let pods: Vec<Pod> = serde_json::from_value(serde_json::json!([
+            {"metadata": {"name": "slim-0", "namespace": "a", "labels": {"app": "slim"}},
+             "spec": {"containers": [], "hostname": "slim-0", "subdomain": "slim"},
+             "status": {"podIP": "10.88.0.5", "conditions": ready["conditions"]}},
+            {"metadata": {"name": "slim-1", "namespace": "a", "labels": {"app": "slim"}},
+             "spec": {"containers": [], "hostname": "slim-1", "subdomain": "slim"},
+             "status": {"podIP": "10.88.0.6"}},
+            {"metadata": {"name": "other", "namespace": "b", "labels": {"app": "slim"}},
+             "spec": {"containers": []}, "status": {"podIP": "10.88.0.9", "conditions": ready["conditions"]}}
+        ]))
+        .expect("pods");
+        assert_eq!(
+            hosts_file(&services, &pods),
+            "10.0.0.7 api.a.svc.cluster.local\n\
+             10.88.0.5 slim-0.slim.a.svc.cluster.local\n\
+             10.88.0.5 slim.a.svc.cluster.local\n"
+        );
+    }
 }

@@ -43,7 +43,10 @@ async fn installed() -> (&'static Node, Client) {
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| e.to_string())?;
                     runtime.block_on(install(node))
                 })
                 .join()
@@ -204,7 +207,8 @@ async fn the_injected_agent_holds_the_app_until_its_identity_is_written() {
 
     // The agent runs but cannot start (its startup probe waits on /svids): the app stays waiting.
     let agent_running = |pod: &Pod| {
-        container_status(pod, "slim-identity-agent", true).is_some_and(|s| s.state.as_ref().and_then(|s| s.running.as_ref()).is_some())
+        container_status(pod, "slim-identity-agent", true)
+            .is_some_and(|s| s.state.as_ref().and_then(|s| s.running.as_ref()).is_some())
     };
     node::wait_pod(&pods, "app", Duration::from_secs(60), "the agent running", agent_running).await.expect("agent");
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -215,9 +219,14 @@ async fn the_injected_agent_holds_the_app_until_its_identity_is_written() {
         .and_then(|s| s.state.as_ref()?.waiting.as_ref()?.reason.clone())
         .unwrap_or_default();
     assert_eq!(app_waiting, "PodInitializing", "the app has not started");
+    let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+    assert_eq!(phase, "Pending", "the Pod stays in Init (kubectl: Init:0/1)");
     let log = container_log(&pods, "app", "slim-identity-agent").await;
     println!("agent without an identity:\n{}", log.lines().take(4).collect::<Vec<_>>().join("\n"));
-    assert!(log.contains("PermissionDenied") || log.contains("permission denied") || log.contains("no identity"), "the agent says why: {log}");
+    assert!(
+        log.contains("PermissionDenied") || log.contains("permission denied") || log.contains("no identity"),
+        "the agent says why: {log}"
+    );
 
     // Registered: the agent writes the files, its probe passes, the app starts and verifies them.
     let registered = Instant::now();
@@ -230,7 +239,10 @@ async fn the_injected_agent_holds_the_app_until_its_identity_is_written() {
     assert!(app_started >= agent_started, "the app started after the agent: {agent_started:?} / {app_started:?}");
     let log = wait_log(&pods, "app", "app", "app-started").await;
     println!("app log:\n{log}");
-    assert!(log.lines().next().is_some_and(|first| first.contains(&spiffe_id)), "the first line is the verified identity: {log}");
+    assert!(
+        log.lines().next().is_some_and(|first| first.contains(&spiffe_id)),
+        "the first line is the verified identity: {log}"
+    );
     pods.delete("app", &DeleteParams::default()).await.expect("delete");
 }
 
@@ -268,7 +280,12 @@ async fn a_second_replica_takes_over_when_the_leader_pod_is_deleted() {
     let deleted = Instant::now();
     pods.delete(&leader, &DeleteParams::default()).await.expect("delete the leader");
     let lease = wait_until(Duration::from_secs(20), "a new leader", || async {
-        leases.get_opt("slim-operator-leader").await.ok().flatten().filter(|l| !holder(l).is_empty() && holder(l) != leader)
+        leases
+            .get_opt("slim-operator-leader")
+            .await
+            .ok()
+            .flatten()
+            .filter(|l| !holder(l).is_empty() && holder(l) != leader)
     })
     .await;
     let took = deleted.elapsed();
@@ -304,9 +321,16 @@ async fn a_second_replica_takes_over_when_the_leader_pod_is_deleted() {
     let (old, new) = (by(&leader), by(&successor));
     assert!(!old.is_empty() && !new.is_empty(), "both leaders wrote in turn: {writes:?}");
     assert_eq!(old.len() + new.len(), writes.len(), "no third writer: {writes:?}");
-    assert!(old.iter().all(|w| w.at <= acquired), "the old leader stopped writing before the takeover ({acquired}): {old:?}");
+    assert!(
+        old.iter().all(|w| w.at <= acquired),
+        "the old leader stopped writing before the takeover ({acquired}): {old:?}"
+    );
     assert!(new.iter().all(|w| w.at >= acquired), "the new leader wrote nothing before it led ({acquired}): {new:?}");
-    println!("writes to Subscriptions: {} by {leader} before {acquired}, {} by {successor} after", old.len(), new.len());
+    println!(
+        "writes to Subscriptions: {} by {leader} before {acquired}, {} by {successor} after",
+        old.len(),
+        new.len()
+    );
 
     for name in ["before", "after"] {
         subscriptions.delete(name, &DeleteParams::default()).await.expect("delete");
@@ -362,7 +386,6 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
-
 
 /// Two SLIM nodes as a StatefulSet (the `slim` binary, the quickstart's config), reached by the
 /// operator through a Subscription's `nodes.selector` (Pod IPs) and by each other and the apps
@@ -421,9 +444,11 @@ spec:
     )
 }
 
-/// A Subscription installing `name` on the node Pod `on` (by selector), over a link to `to`'s
-/// data plane (by its DNS name).
-fn subscription_between(ns: &str, object: &str, name: &str, on: &str, to: &str) -> String {
+/// A Subscription installing `name` on the node Pod `on` (by selector), over a link to `to`'s data
+/// plane (by its DNS name). A `peer` link syncs the apps' own subscriptions both ways, which sessions
+/// across nodes need: their traffic goes to `org/ns/app/<instance>`, which a route for the bare
+/// name does not match (slim-control-api.md, gotchas).
+fn subscription_between(ns: &str, object: &str, name: &str, on: &str, to: &str, connection: &str) -> String {
     format!(
         r#"apiVersion: slim.agntcy.org/v1alpha1
 kind: Subscription
@@ -435,6 +460,7 @@ spec:
       matchLabels: {{app.kubernetes.io/name: slim, statefulset.kubernetes.io/pod-name: {on}}}
   link:
     endpoint: http://{to}.slim.{ns}.svc.cluster.local:46357
+    connectionType: {connection}
     tls: {{insecure: true}}
 "#
     )
@@ -494,8 +520,8 @@ async fn slim_node_pods_get_routes_by_selector_and_get_them_back_when_recreated(
     kubectl_apply(
         node,
         &[
-            subscription_between(&ns, "bob-via-slim-1", "org/ns/bob", "slim-0", "slim-1"),
-            subscription_between(&ns, "alice-via-slim-0", "org/ns/alice", "slim-1", "slim-0"),
+            subscription_between(&ns, "bob-via-slim-1", "org/ns/bob", "slim-0", "slim-1", "peer"),
+            subscription_between(&ns, "alice-via-slim-0", "org/ns/alice", "slim-1", "slim-0", "remote"),
         ]
         .join("---\n"),
     );
@@ -523,11 +549,13 @@ async fn slim_node_pods_get_routes_by_selector_and_get_them_back_when_recreated(
     };
     pods.create(&PostParams::default(), &slim_app("bob", &bob)).await.expect("bob");
     pods.create(&PostParams::default(), &slim_app("alice", &alice("hello-1"))).await.expect("alice");
-    let done = |pod: &Pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
+    let done = |pod: &Pod| {
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed")
+    };
     let alice_pod = node::wait_pod(&pods, "alice", Duration::from_secs(90), "done", done).await.expect("alice done");
     let log = container_log(&pods, "alice", "app").await;
     assert_eq!(alice_pod.status.and_then(|s| s.phase).as_deref(), Some("Succeeded"), "alice's exchange: {log}");
-    assert!(log.contains("reply hello-1"), "bob's echo came back through the nodes: {log}");
+    assert!(log.contains("reply echo:hello-1"), "bob's echo came back through the nodes: {log}");
 
     // slim-0 deleted: its StatefulSet recreates it (a new process, no routes), the operator
     // sees the new Pod and installs the route again.
@@ -549,5 +577,109 @@ async fn slim_node_pods_get_routes_by_selector_and_get_them_back_when_recreated(
     let again = node::wait_pod(&pods, "alice-again", Duration::from_secs(90), "done", done).await.expect("done");
     let log = container_log(&pods, "alice-again", "app").await;
     assert_eq!(again.status.and_then(|s| s.phase).as_deref(), Some("Succeeded"), "after the restart: {log}");
-    assert!(log.contains("reply hello-2"), "{log}");
+    assert!(log.contains("reply echo:hello-2"), "{log}");
+}
+
+/// The quickstart (`examples/00`–`05`) applied as a user would, only the app's image name changed
+/// (`registry.example/your-slim-app:1.0` stands for the user's own app; here a real SLIM app that
+/// reads the example's environment). SLIM's images carry the examples' own names.
+#[tokio::test]
+async fn the_quickstart_runs_as_written() {
+    let (node, client) = installed().await;
+    images::ensure_slim(node).expect("SLIM images");
+    let _turn = SERIAL.lock().await;
+    // "SPIRE" registers the quickstart's workloads.
+    let socket = spire_dir(node).join("api.sock");
+    let mut state = AgentState::new(TRUST_DOMAIN);
+    state.issue(&format!("spiffe://{TRUST_DOMAIN}/ns/slim/sa/default"), "");
+    let _agent = FakeAgent::start(&socket, state).await.expect("fake Workload API");
+    make_world_writable(&socket);
+
+    let example = |file: &str| std::fs::read_to_string(repo_path("examples").join(file)).expect("example");
+    let started = Instant::now();
+    kubectl_apply(node, &example("00-namespace.yaml"));
+    node.prepare_namespace(&client, "slim").await.expect("namespace ready for Pods");
+    // The channel manager's Secret, as the example's header says to create it (the apps' shared
+    // secret, so the channel manager and the members trust each other).
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "slim-channel-manager"},
+        "stringData": {"auth-secret": "slim-operator-e2e-shared-secret-0123456789abcdef",
+                       "passphrase": "quickstart-passphrase-0123456789"}
+    }))
+    .expect("secret");
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), "slim")
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("channel manager secret");
+    for file in ["01-slim-nodes.yaml", "02-channel-manager.yaml", "03-subscriptions.yaml", "04-slimchannel.yaml"] {
+        kubectl_apply(node, &example(file));
+    }
+    kubectl_apply(node, &example("05-app.yaml").replace("registry.example/your-slim-app:1.0", images::SLIM_APP));
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "slim");
+    for pod in ["slim-0", "slim-1"] {
+        node::wait_pod(&pods, pod, Duration::from_secs(90), "Ready", node::pod_ready).await.expect("SLIM node");
+    }
+    for name in ["bob-via-slim-1", "alice-via-slim-0", "gateway-everywhere"] {
+        slim_e2e::wait_for(&format!("Subscription {name} Ready"), Duration::from_secs(90), async || {
+            subscription_ready(&client, "slim", name).await.then_some(())
+        })
+        .await;
+    }
+    println!("quickstart: nodes and Subscriptions Ready {:.1}s after the first apply", started.elapsed().as_secs_f64());
+
+    // The routes of 03 carry a session between apps on the two nodes (by the examples' DNS names).
+    let bob = "/opt/python/bin/python3 /harness/slim_app.py listen http://slim-1.slim.slim.svc:46357 org/ns/bob";
+    let alice = "for i in $(seq 60); do echo go | /opt/python/bin/python3 /harness/slim_app.py send \
+                 http://slim-0.slim.slim.svc:46357 org/ns/alice org/ns/bob hello && exit 0; sleep 1; done; exit 1";
+    pods.create(&PostParams::default(), &slim_app("bob", bob)).await.expect("bob");
+    pods.create(&PostParams::default(), &slim_app("alice", alice)).await.expect("alice");
+    let done = |pod: &Pod| {
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed")
+    };
+    let alice_pod = node::wait_pod(&pods, "alice", Duration::from_secs(90), "done", done).await.expect("alice done");
+    let log = container_log(&pods, "alice", "app").await;
+    assert_eq!(alice_pod.status.and_then(|s| s.phase).as_deref(), Some("Succeeded"), "alice's exchange: {log}");
+    assert!(log.contains("reply echo:hello"), "{log}");
+
+    // dave: injected (the namespace's label), its identity written before its first line, then
+    // invited into team-chat by the channel manager the SlimChannel names.
+    let dave = wait_until(Duration::from_secs(90), "dave's Pod Ready", || async {
+        let list = pods.list(&ListParams::default().labels("app=dave")).await.ok()?;
+        list.items.into_iter().find(node::pod_ready)
+    })
+    .await;
+    let injected = dave
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.name == "slim-identity-agent"));
+    assert!(injected, "dave got the agent");
+    let dave_name = dave.name_any();
+    let log = wait_log(&pods, &dave_name, "app", "joined").await;
+    assert!(
+        log.lines()
+            .next()
+            .is_some_and(|l| l.starts_with(&format!("identity spiffe://{TRUST_DOMAIN}/ns/slim/sa/default"))),
+        "dave's first line reads the injected identity: {log}"
+    );
+    assert!(log.contains("joined"), "dave invited into team-chat: {log}");
+    let channels: Api<slim_operator::api::SlimChannel> = Api::namespaced(client.clone(), "slim");
+    let channel = wait_until(Duration::from_secs(30), "team-chat's status with dave and bob joined", || async {
+        let channel = channels.get("team-chat").await.ok()?;
+        let status = channel.status.as_ref()?;
+        let joined = |name: &str| status.participants.iter().any(|p| p.name == name && p.joined);
+        (joined("org/ns/dave") && joined("org/ns/bob")).then_some(channel)
+    })
+    .await;
+    let status = channel.status.as_ref().expect("status");
+    let dave_status = status.participants.iter().find(|p| p.name == "org/ns/dave").expect("dave listed");
+    assert_eq!(dave_status.pod.as_deref(), Some(dave_name.as_str()), "dave joined as his Pod");
+    let carol = status.participants.iter().find(|p| p.name == "org/ns/carol").expect("carol listed");
+    assert!(!carol.joined && carol.message.as_deref().is_some_and(|m| m.starts_with("offline")), "{carol:?}");
+    println!(
+        "quickstart: dave joined team-chat {:.1}s after the first apply; status {:?}",
+        started.elapsed().as_secs_f64(),
+        channel.status
+    );
 }
