@@ -580,7 +580,7 @@ async fn slim_node_pods_get_routes_by_selector_and_get_them_back_when_recreated(
     assert!(log.contains("reply echo:hello-2"), "{log}");
 }
 
-/// The quickstart (`examples/00`–`05`) applied as a user would, only the app's image name changed
+/// The quickstart (`examples/00`–`05`, then `07`) applied as a user would, only the app's image name changed
 /// (`registry.example/your-slim-app:1.0` stands for the user's own app; here a real SLIM app that
 /// reads the example's environment). SLIM's images carry the examples' own names.
 #[tokio::test]
@@ -677,8 +677,30 @@ async fn the_quickstart_runs_as_written() {
     assert_eq!(dave_status.pod.as_deref(), Some(dave_name.as_str()), "dave joined as his Pod");
     let carol = status.participants.iter().find(|p| p.name == "org/ns/carol").expect("carol listed");
     assert!(!carol.joined && carol.message.as_deref().is_some_and(|m| m.starts_with("offline")), "{carol:?}");
+    println!("quickstart: dave joined team-chat {:.1}s after the first apply", started.elapsed().as_secs_f64());
+
+    // Identity without SPIRE (examples/07): the real kubelet projects the audience-bound token,
+    // the agent checks it against the cluster's keys (fetched through the `kubernetes` Service
+    // with the Pod's own token) before the app's first line reads it.
+    let erin_app =
+        example("07-app-kubernetes-identity.yaml").replace("registry.example/your-slim-app:1.0", images::SLIM_APP);
+    kubectl_apply(node, &erin_app);
+    let erin = wait_until(Duration::from_secs(90), "erin's Pod Ready", || async {
+        let list = pods.list(&ListParams::default().labels("app=erin")).await.ok()?;
+        list.items.into_iter().find(node::pod_ready)
+    })
+    .await;
+    let volumes = erin.spec.as_ref().and_then(|s| s.volumes.clone()).unwrap_or_default();
+    assert!(volumes.iter().all(|v| v.host_path.is_none() && v.csi.is_none()), "no SPIRE socket: {volumes:?}");
+    let log = wait_log(&pods, &erin.name_any(), "app", "instance").await;
+    assert!(
+        log.lines().next().is_some_and(|l| l.starts_with("identity system:serviceaccount:slim:erin keys")),
+        "erin's first line reads the kubelet-projected token the agent checked: {log}"
+    );
+    let agent_log = container_log(&pods, &erin.name_any(), "slim-identity-agent").await;
+    assert!(!agent_log.contains("not written"), "the agent took the kubelet's token: {agent_log}");
     println!(
-        "quickstart: dave joined team-chat {:.1}s after the first apply; status {:?}",
+        "quickstart: erin (no SPIRE) Ready {:.1}s after the first apply; team-chat status {:?}",
         started.elapsed().as_secs_f64(),
         channel.status
     );
