@@ -705,3 +705,163 @@ async fn the_quickstart_runs_as_written() {
         channel.status
     );
 }
+
+/// SLIM node Pods whose controller requires mTLS, picked by `nodes.selector`: the operator reaches
+/// them at `https://<Pod IP>:46358` and checks the certificate against `serverName` (node
+/// certificates rarely name Pod IPs), with its client certificate from a Secret.
+fn tls_nodes(ns: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: ConfigMap
+metadata: {{name: slim-tls-config, namespace: {ns}}}
+data:
+  config.yaml: |
+    runtime: {{n_cores: 1, drain_timeout: 2s}}
+    tracing: {{log_level: info}}
+    services:
+      slim/0:
+        node_id: ${{env:SLIM_NODE_ID}}
+        dataplane:
+          servers: [{{endpoint: "0.0.0.0:46357", tls: {{insecure: true}}}}]
+          clients: []
+        controller:
+          servers:
+            - endpoint: "0.0.0.0:46358"
+              tls:
+                insecure: false
+                source: {{type: file, cert: /etc/slim-tls/tls.crt, key: /etc/slim-tls/tls.key}}
+                client_ca: {{type: file, path: /etc/slim-client-ca/ca.crt}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: slim-tls, namespace: {ns}}}
+spec:
+  clusterIP: None
+  selector: {{app.kubernetes.io/name: slim-tls}}
+  ports: [{{name: data-plane-0, port: 46357}}, {{name: controller-0, port: 46358}}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: slim-tls, namespace: {ns}}}
+spec:
+  serviceName: slim-tls
+  replicas: 2
+  podManagementPolicy: Parallel
+  selector: {{matchLabels: {{app.kubernetes.io/name: slim-tls}}}}
+  template:
+    metadata:
+      labels: {{app.kubernetes.io/name: slim-tls, slim.agntcy.org/inject-identity: "false"}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+        - name: slim
+          image: {image}
+          imagePullPolicy: Never
+          args: ["--config", "/etc/slim/config.yaml"]
+          env: [{{name: SLIM_NODE_ID, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
+          ports: [{{name: data-plane-0, containerPort: 46357}}, {{name: controller-0, containerPort: 46358}}]
+          readinessProbe: {{tcpSocket: {{port: 46358}}, periodSeconds: 1}}
+          volumeMounts:
+            - {{name: config, mountPath: /etc/slim}}
+            - {{name: tls, mountPath: /etc/slim-tls}}
+            - {{name: client-ca, mountPath: /etc/slim-client-ca}}
+      volumes:
+        - {{name: config, configMap: {{name: slim-tls-config}}}}
+        - {{name: tls, secret: {{secretName: node-tls}}}}
+        - {{name: client-ca, secret: {{secretName: operator-ca}}}}
+"#,
+        image = images::SLIM
+    )
+}
+
+fn tls_subscription(ns: &str, object: &str, tls: serde_json::Value) -> slim_operator::api::Subscription {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription",
+        "metadata": {"name": object, "namespace": ns},
+        "spec": {
+            "name": format!("org/ns/{object}"),
+            "nodes": {"selector": {"matchLabels": {"app.kubernetes.io/name": "slim-tls",
+                                                   "statefulset.kubernetes.io/pod-name": "slim-tls-0"}},
+                      "tls": tls},
+            "link": {"endpoint": format!("http://slim-tls-1.slim-tls.{ns}.svc.cluster.local:46357"), "tls": {"insecure": true}}
+        }
+    }))
+    .expect("subscription")
+}
+
+async fn ready_condition(client: &Client, ns: &str, name: &str) -> Option<(String, String, String)> {
+    let subscriptions: Api<slim_operator::api::Subscription> = Api::namespaced(client.clone(), ns);
+    let status = subscriptions.get_opt(name).await.ok().flatten()?.status?;
+    let ready = status.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+    Some((ready.status, ready.reason, ready.message))
+}
+
+#[tokio::test]
+async fn slim_node_pods_over_mtls_by_selector_with_a_server_name() {
+    let (node, client) = installed().await;
+    images::ensure_slim(node).expect("SLIM images");
+    let _turn = SERIAL.lock().await;
+    let ns = node.namespace(&client, "slim-tls").await.expect("namespace");
+    let nodes_ca = slim_e2e::pki::Ca::new("slim nodes");
+    let operator_ca = slim_e2e::pki::Ca::new("slim operator clients");
+    let other_ca = slim_e2e::pki::Ca::new("someone else");
+    let server_name = format!("slim-tls.{ns}.svc");
+    let (node_cert, node_key) = nodes_ca.leaf(&[&server_name], 1);
+    let (client_cert, client_key) = operator_ca.leaf(&["slim-operator"], 1);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    for (name, data) in [
+        ("node-tls", serde_json::json!({"tls.crt": node_cert, "tls.key": node_key})),
+        ("operator-ca", serde_json::json!({"ca.crt": operator_ca.pem})),
+        ("node-ca", serde_json::json!({"ca.crt": nodes_ca.pem})),
+        ("wrong-ca", serde_json::json!({"ca.crt": other_ca.pem})),
+        ("operator-client", serde_json::json!({"tls.crt": client_cert, "tls.key": client_key})),
+    ] {
+        let secret = serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "stringData": data}))
+            .expect("secret");
+        secrets.create(&PostParams::default(), &secret).await.expect("secret");
+    }
+    kubectl_apply(node, &tls_nodes(&ns));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for pod in ["slim-tls-0", "slim-tls-1"] {
+        node::wait_pod(&pods, pod, Duration::from_secs(90), "Ready", node::pod_ready).await.expect("TLS node Ready");
+    }
+
+    let subscriptions: Api<slim_operator::api::Subscription> = Api::namespaced(client.clone(), &ns);
+    let good = serde_json::json!({"caSecretRef": {"name": "node-ca"}, "clientCertSecretRef": {"name": "operator-client"},
+                                  "serverName": server_name});
+    let cases = [
+        ("good", good.clone(), "True", "RoutesInstalled"),
+        (
+            "no-server-name",
+            serde_json::json!({"caSecretRef": {"name": "node-ca"}, "clientCertSecretRef": {"name": "operator-client"}}),
+            "False",
+            "TlsUnexpectedServerIdentity",
+        ),
+        (
+            "wrong-ca",
+            serde_json::json!({"caSecretRef": {"name": "wrong-ca"}, "clientCertSecretRef": {"name": "operator-client"},
+                                        "serverName": server_name}),
+            "False",
+            "TlsUntrustedServer",
+        ),
+        (
+            "no-client-cert",
+            serde_json::json!({"caSecretRef": {"name": "node-ca"}, "serverName": server_name}),
+            "False",
+            "TlsClientCertificateRefused",
+        ),
+    ];
+    for (name, tls, _, _) in &cases {
+        subscriptions.create(&PostParams::default(), &tls_subscription(&ns, name, tls.clone())).await.expect("create");
+    }
+    for (name, _, status, reason) in cases {
+        let got = wait_until(Duration::from_secs(60), &format!("{name}: Ready={status} {reason}"), || async {
+            ready_condition(&client, &ns, name).await.filter(|(s, r, _)| s == status && r == reason)
+        })
+        .await;
+        println!("{name}: Ready={} {}: {}", got.0, got.1, got.2);
+        if status == "False" {
+            assert!(got.2.contains("https://10.88."), "the message names the node Pod reached by IP: {}", got.2);
+        }
+    }
+}
