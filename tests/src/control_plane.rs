@@ -104,19 +104,7 @@ static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
 /// The test binary's control plane, started on first use.
 pub fn shared() -> &'static ControlPlane {
     let started = SHARED.get_or_init(|| {
-        // The processes die with the thread that forked them (PR_SET_PDEATHSIG), so they are
-        // started from a thread that lives as long as the test binary.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("control-plane".into())
-            .spawn(move || {
-                let _ = tx.send(ControlPlane::start(&Options::default()).map_err(|e| e.to_string()));
-                loop {
-                    std::thread::park();
-                }
-            })
-            .map_err(|e| e.to_string())
-            .and_then(|_| rx.recv().map_err(|e| e.to_string())?)
+        start_on_lasting_thread("control-plane", || ControlPlane::start(&Options::default()).map_err(|e| e.to_string()))
     });
     match started {
         Ok(plane) => plane,
@@ -157,8 +145,16 @@ pub fn assets() -> Result<PathBuf, ControlPlaneError> {
 }
 
 extern "C" fn stop_everything() {
-    let mut children = PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
-    // The API server first, then etcd: reverse start order.
+    stop_children(&mut PROCESSES.lock().unwrap_or_else(|p| p.into_inner()));
+    if let Some(dir) = DATA_DIR.lock().unwrap_or_else(|p| p.into_inner()).take()
+        && std::env::var_os("SLIM_KEEP_CONTROL_PLANE").is_none()
+    {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Stops `children` in reverse start order: SIGTERM to all, up to 5 s to exit, then SIGKILL.
+pub(crate) fn stop_children(children: &mut Vec<Child>) {
     for child in children.iter_mut().rev() {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM);
     }
@@ -171,14 +167,28 @@ extern "C" fn stop_everything() {
         let _ = child.wait();
     }
     children.clear();
-    if let Some(dir) = DATA_DIR.lock().unwrap_or_else(|p| p.into_inner()).take()
-        && std::env::var_os("SLIM_KEEP_CONTROL_PLANE").is_none()
-    {
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }
 
-fn free_ports<const N: usize>() -> Result<[u16; N], ControlPlaneError> {
+/// Runs `start` on a thread that lives as long as the test binary and returns what it made: the
+/// processes it forks die with the thread that forked them (PR_SET_PDEATHSIG).
+pub(crate) fn start_on_lasting_thread<T: Send + 'static>(
+    name: &str,
+    start: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = tx.send(start());
+            loop {
+                std::thread::park();
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    rx.recv().map_err(|e| e.to_string())?
+}
+
+pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N], ControlPlaneError> {
     // Every listener is held until all are chosen, so the ports differ.
     let listeners: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
     let mut ports = [0; N];

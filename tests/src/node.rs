@@ -21,7 +21,10 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node as NodeObject, Pod};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 
-use crate::control_plane::{self, ControlPlane, ControlPlaneError, Credentials, Options, spawn_child, tail};
+use crate::control_plane::{
+    self, ControlPlane, ControlPlaneError, Credentials, Options, free_ports, spawn_child, start_on_lasting_thread,
+    stop_children, tail,
+};
 
 /// The bridge Pods are attached to; its gateway address is where they reach the host.
 pub const BRIDGE: &str = "slimk8s0";
@@ -68,21 +71,7 @@ static SHARED: OnceLock<Result<Node, String>> = OnceLock::new();
 
 /// The test binary's node, started on first use.
 pub fn shared() -> &'static Node {
-    let started = SHARED.get_or_init(|| {
-        // Processes die with the thread that started them (PR_SET_PDEATHSIG): a thread that lives
-        // as long as the test binary starts them.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("node".into())
-            .spawn(move || {
-                let _ = tx.send(Node::start().map_err(|e| e.to_string()));
-                loop {
-                    std::thread::park();
-                }
-            })
-            .map_err(|e| e.to_string())
-            .and_then(|_| rx.recv().map_err(|e| e.to_string())?)
-    });
+    let started = SHARED.get_or_init(|| start_on_lasting_thread("node", || Node::start().map_err(|e| e.to_string())));
     match started {
         Ok(node) => node,
         Err(error) => panic!("node: {error}"),
@@ -129,20 +118,8 @@ fn node_name() -> String {
 }
 
 extern "C" fn stop_node() {
-    let mut children = CHILDREN.lock().unwrap_or_else(|p| p.into_inner());
-    // kube-proxy, the scheduler and the kubelet first (nothing restarts what is killed next).
-    for child in children.iter_mut().rev() {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for child in children.iter_mut().rev() {
-        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    children.clear();
+    // kube-proxy, the scheduler, the kubelet first (nothing restarts what is killed next).
+    stop_children(&mut CHILDREN.lock().unwrap_or_else(|p| p.into_inner()));
     clean_leftovers(&node_dir());
 }
 
@@ -647,16 +624,6 @@ async fn grant_node_roles(plane: &ControlPlane) -> Result<(), NodeError> {
     .map_err(|e| NodeError::Command { command: "ClusterRoleBinding".into(), output: e.to_string() })?;
     bindings.patch("slim-e2e:nodes", &PatchParams::apply("slim-e2e").force(), &Patch::Apply(&binding)).await?;
     Ok(())
-}
-
-fn free_ports<const N: usize>() -> Result<[u16; N], NodeError> {
-    let listeners: Vec<std::net::TcpListener> =
-        (0..N).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
-    let mut ports = [0; N];
-    for (port, listener) in ports.iter_mut().zip(&listeners) {
-        *port = listener.local_addr()?.port();
-    }
-    Ok(ports)
 }
 
 /// Waits until `pod` satisfies `done`, or says what it is doing.

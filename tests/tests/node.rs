@@ -387,14 +387,27 @@ where
     }
 }
 
-/// Two SLIM nodes as a StatefulSet (the `slim` binary, the quickstart's config), reached by the
-/// operator through a Subscription's `nodes.selector` (Pod IPs) and by each other and the apps
-/// through cluster DNS.
-fn slim_nodes(ns: &str) -> String {
+/// Two SLIM nodes as a StatefulSet `name` (the `slim` binary, the quickstart's config), reached by
+/// the operator through a Subscription's `nodes.selector` (Pod IPs) and by each other and the apps
+/// through cluster DNS. With `mtls` the controller requires mTLS: its certificate from the Secret
+/// `node-tls`, its clients' CA from `operator-ca` (node certificates rarely name Pod IPs, so the
+/// operator needs `serverName`).
+fn slim_nodes(ns: &str, name: &str, mtls: bool) -> String {
+    let (controller, mounts, volumes) = if mtls {
+        (
+            "\n            - endpoint: \"0.0.0.0:46358\"\n              tls:\n                insecure: false\n\
+             \x20               source: {type: file, cert: /etc/slim-tls/tls.crt, key: /etc/slim-tls/tls.key}\n\
+             \x20               client_ca: {type: file, path: /etc/slim-client-ca/ca.crt}",
+            "\n            - {name: tls, mountPath: /etc/slim-tls}\n            - {name: client-ca, mountPath: /etc/slim-client-ca}",
+            "\n        - {name: tls, secret: {secretName: node-tls}}\n        - {name: client-ca, secret: {secretName: operator-ca}}",
+        )
+    } else {
+        (" [{endpoint: \"0.0.0.0:46358\", tls: {insecure: true}}]", "", "")
+    };
     format!(
         r#"apiVersion: v1
 kind: ConfigMap
-metadata: {{name: slim-node-config, namespace: {ns}}}
+metadata: {{name: {name}-config, namespace: {ns}}}
 data:
   config.yaml: |
     runtime: {{n_cores: 1, drain_timeout: 2s}}
@@ -406,27 +419,27 @@ data:
           servers: [{{endpoint: "0.0.0.0:46357", tls: {{insecure: true}}}}]
           clients: []
         controller:
-          servers: [{{endpoint: "0.0.0.0:46358", tls: {{insecure: true}}}}]
+          servers:{controller}
 ---
 apiVersion: v1
 kind: Service
-metadata: {{name: slim, namespace: {ns}}}
+metadata: {{name: {name}, namespace: {ns}}}
 spec:
   clusterIP: None
-  selector: {{app.kubernetes.io/name: slim}}
+  selector: {{app.kubernetes.io/name: {name}}}
   ports: [{{name: data-plane-0, port: 46357}}, {{name: controller-0, port: 46358}}]
 ---
 apiVersion: apps/v1
 kind: StatefulSet
-metadata: {{name: slim, namespace: {ns}}}
+metadata: {{name: {name}, namespace: {ns}}}
 spec:
-  serviceName: slim
+  serviceName: {name}
   replicas: 2
   podManagementPolicy: Parallel
-  selector: {{matchLabels: {{app.kubernetes.io/name: slim}}}}
+  selector: {{matchLabels: {{app.kubernetes.io/name: {name}}}}}
   template:
     metadata:
-      labels: {{app.kubernetes.io/name: slim, slim.agntcy.org/inject-identity: "false"}}
+      labels: {{app.kubernetes.io/name: {name}, slim.agntcy.org/inject-identity: "false"}}
     spec:
       terminationGracePeriodSeconds: 2
       containers:
@@ -436,9 +449,11 @@ spec:
           args: ["--config", "/etc/slim/config.yaml"]
           env: [{{name: SLIM_NODE_ID, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
           ports: [{{name: data-plane-0, containerPort: 46357}}, {{name: controller-0, containerPort: 46358}}]
-          readinessProbe: {{tcpSocket: {{port: 46357}}, periodSeconds: 1}}
-          volumeMounts: [{{name: config, mountPath: /etc/slim}}]
-      volumes: [{{name: config, configMap: {{name: slim-node-config}}}}]
+          readinessProbe: {{tcpSocket: {{port: 46358}}, periodSeconds: 1}}
+          volumeMounts:
+            - {{name: config, mountPath: /etc/slim}}{mounts}
+      volumes:
+        - {{name: config, configMap: {{name: {name}-config}}}}{volumes}
 "#,
         image = images::SLIM
     )
@@ -479,6 +494,29 @@ fn slim_app(name: &str, script: &str) -> Pod {
     .expect("pod")
 }
 
+/// An app Pod `bob` listening as `org/ns/bob` on the node at `endpoint`, echoing what it gets.
+async fn listen_as_bob(pods: &Api<Pod>, endpoint: &str) {
+    let script = format!("/opt/python/bin/python3 /harness/slim_app.py listen {endpoint} org/ns/bob");
+    pods.create(&PostParams::default(), &slim_app("bob", &script)).await.expect("bob");
+}
+
+/// An app Pod `name` (as `org/ns/alice`, on the node at `endpoint`) that sends `message` to bob
+/// until his echo comes back (a minute at most); asserts it succeeded and returns its log.
+async fn send_to_bob(pods: &Api<Pod>, name: &str, endpoint: &str, message: &str) -> String {
+    let script = format!(
+        "for i in $(seq 60); do echo go | /opt/python/bin/python3 /harness/slim_app.py send {endpoint} org/ns/alice \
+         org/ns/bob {message} && exit 0; sleep 1; done; exit 1"
+    );
+    pods.create(&PostParams::default(), &slim_app(name, &script)).await.expect("sender");
+    let done = |pod: &Pod| {
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed")
+    };
+    let pod = node::wait_pod(pods, name, Duration::from_secs(90), "done", done).await.expect("sender done");
+    let log = container_log(pods, name, "app").await;
+    assert_eq!(pod.status.and_then(|s| s.phase).as_deref(), Some("Succeeded"), "{name}'s exchange: {log}");
+    log
+}
+
 fn kubectl_apply(node: &Node, yaml: &str) {
     let file = node.dir.join(format!("apply-{:08x}.yaml", rand::random::<u32>()));
     std::fs::write(&file, yaml).expect("write manifest");
@@ -513,7 +551,7 @@ async fn slim_node_pods_get_routes_by_selector_and_get_them_back_when_recreated(
     let _turn = SERIAL.lock().await;
     let ns = node.namespace(&client, "slim").await.expect("namespace");
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    kubectl_apply(node, &slim_nodes(&ns));
+    kubectl_apply(node, &slim_nodes(&ns, "slim", false));
     for pod in ["slim-0", "slim-1"] {
         node::wait_pod(&pods, pod, Duration::from_secs(90), "Ready", node::pod_ready).await.expect("SLIM node Ready");
     }
@@ -539,22 +577,8 @@ async fn slim_node_pods_get_routes_by_selector_and_get_them_back_when_recreated(
     // Apps on different nodes, reaching them by DNS name: bob listens on slim-1; alice, on slim-0,
     // sends until the route carries her message and bob's echo comes back.
     let endpoint = |pod: &str| format!("http://{pod}.slim.{ns}.svc.cluster.local:46357");
-    let bob = format!("/opt/python/bin/python3 /harness/slim_app.py listen {} org/ns/bob", endpoint("slim-1"));
-    let alice = |message: &str| {
-        format!(
-            "for i in $(seq 60); do echo go | /opt/python/bin/python3 /harness/slim_app.py send {} org/ns/alice \
-             org/ns/bob {message} && exit 0; sleep 1; done; exit 1",
-            endpoint("slim-0")
-        )
-    };
-    pods.create(&PostParams::default(), &slim_app("bob", &bob)).await.expect("bob");
-    pods.create(&PostParams::default(), &slim_app("alice", &alice("hello-1"))).await.expect("alice");
-    let done = |pod: &Pod| {
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed")
-    };
-    let alice_pod = node::wait_pod(&pods, "alice", Duration::from_secs(90), "done", done).await.expect("alice done");
-    let log = container_log(&pods, "alice", "app").await;
-    assert_eq!(alice_pod.status.and_then(|s| s.phase).as_deref(), Some("Succeeded"), "alice's exchange: {log}");
+    listen_as_bob(&pods, &endpoint("slim-1")).await;
+    let log = send_to_bob(&pods, "alice", &endpoint("slim-0"), "hello-1").await;
     assert!(log.contains("reply echo:hello-1"), "bob's echo came back through the nodes: {log}");
 
     // slim-0 deleted: its StatefulSet recreates it (a new process, no routes), the operator
@@ -572,12 +596,8 @@ async fn slim_node_pods_get_routes_by_selector_and_get_them_back_when_recreated(
     })
     .await;
     println!("slim-0 deleted -> recreated with its route in {:.1}s", deleted.elapsed().as_secs_f64());
-    pods.delete("alice", &DeleteParams::default()).await.expect("delete alice");
-    pods.create(&PostParams::default(), &slim_app("alice-again", &alice("hello-2"))).await.expect("alice again");
-    let again = node::wait_pod(&pods, "alice-again", Duration::from_secs(90), "done", done).await.expect("done");
-    let log = container_log(&pods, "alice-again", "app").await;
-    assert_eq!(again.status.and_then(|s| s.phase).as_deref(), Some("Succeeded"), "after the restart: {log}");
-    assert!(log.contains("reply echo:hello-2"), "{log}");
+    let log = send_to_bob(&pods, "alice-again", &endpoint("slim-0"), "hello-2").await;
+    assert!(log.contains("reply echo:hello-2"), "after the restart: {log}");
 }
 
 /// The quickstart (`examples/00`–`05`, then `07`) applied as a user would, only the app's image name changed
@@ -629,17 +649,8 @@ async fn the_quickstart_runs_as_written() {
     println!("quickstart: nodes and Subscriptions Ready {:.1}s after the first apply", started.elapsed().as_secs_f64());
 
     // The routes of 03 carry a session between apps on the two nodes (by the examples' DNS names).
-    let bob = "/opt/python/bin/python3 /harness/slim_app.py listen http://slim-1.slim.slim.svc:46357 org/ns/bob";
-    let alice = "for i in $(seq 60); do echo go | /opt/python/bin/python3 /harness/slim_app.py send \
-                 http://slim-0.slim.slim.svc:46357 org/ns/alice org/ns/bob hello && exit 0; sleep 1; done; exit 1";
-    pods.create(&PostParams::default(), &slim_app("bob", bob)).await.expect("bob");
-    pods.create(&PostParams::default(), &slim_app("alice", alice)).await.expect("alice");
-    let done = |pod: &Pod| {
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed")
-    };
-    let alice_pod = node::wait_pod(&pods, "alice", Duration::from_secs(90), "done", done).await.expect("alice done");
-    let log = container_log(&pods, "alice", "app").await;
-    assert_eq!(alice_pod.status.and_then(|s| s.phase).as_deref(), Some("Succeeded"), "alice's exchange: {log}");
+    listen_as_bob(&pods, "http://slim-1.slim.slim.svc:46357").await;
+    let log = send_to_bob(&pods, "alice", "http://slim-0.slim.slim.svc:46357", "hello").await;
     assert!(log.contains("reply echo:hello"), "{log}");
 
     // dave: injected (the namespace's label), its identity written before its first line, then
@@ -706,74 +717,6 @@ async fn the_quickstart_runs_as_written() {
     );
 }
 
-/// SLIM node Pods whose controller requires mTLS, picked by `nodes.selector`: the operator reaches
-/// them at `https://<Pod IP>:46358` and checks the certificate against `serverName` (node
-/// certificates rarely name Pod IPs), with its client certificate from a Secret.
-fn tls_nodes(ns: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: ConfigMap
-metadata: {{name: slim-tls-config, namespace: {ns}}}
-data:
-  config.yaml: |
-    runtime: {{n_cores: 1, drain_timeout: 2s}}
-    tracing: {{log_level: info}}
-    services:
-      slim/0:
-        node_id: ${{env:SLIM_NODE_ID}}
-        dataplane:
-          servers: [{{endpoint: "0.0.0.0:46357", tls: {{insecure: true}}}}]
-          clients: []
-        controller:
-          servers:
-            - endpoint: "0.0.0.0:46358"
-              tls:
-                insecure: false
-                source: {{type: file, cert: /etc/slim-tls/tls.crt, key: /etc/slim-tls/tls.key}}
-                client_ca: {{type: file, path: /etc/slim-client-ca/ca.crt}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: slim-tls, namespace: {ns}}}
-spec:
-  clusterIP: None
-  selector: {{app.kubernetes.io/name: slim-tls}}
-  ports: [{{name: data-plane-0, port: 46357}}, {{name: controller-0, port: 46358}}]
----
-apiVersion: apps/v1
-kind: StatefulSet
-metadata: {{name: slim-tls, namespace: {ns}}}
-spec:
-  serviceName: slim-tls
-  replicas: 2
-  podManagementPolicy: Parallel
-  selector: {{matchLabels: {{app.kubernetes.io/name: slim-tls}}}}
-  template:
-    metadata:
-      labels: {{app.kubernetes.io/name: slim-tls, slim.agntcy.org/inject-identity: "false"}}
-    spec:
-      terminationGracePeriodSeconds: 2
-      containers:
-        - name: slim
-          image: {image}
-          imagePullPolicy: Never
-          args: ["--config", "/etc/slim/config.yaml"]
-          env: [{{name: SLIM_NODE_ID, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
-          ports: [{{name: data-plane-0, containerPort: 46357}}, {{name: controller-0, containerPort: 46358}}]
-          readinessProbe: {{tcpSocket: {{port: 46358}}, periodSeconds: 1}}
-          volumeMounts:
-            - {{name: config, mountPath: /etc/slim}}
-            - {{name: tls, mountPath: /etc/slim-tls}}
-            - {{name: client-ca, mountPath: /etc/slim-client-ca}}
-      volumes:
-        - {{name: config, configMap: {{name: slim-tls-config}}}}
-        - {{name: tls, secret: {{secretName: node-tls}}}}
-        - {{name: client-ca, secret: {{secretName: operator-ca}}}}
-"#,
-        image = images::SLIM
-    )
-}
-
 fn tls_subscription(ns: &str, object: &str, tls: serde_json::Value) -> slim_operator::api::Subscription {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription",
@@ -820,7 +763,7 @@ async fn slim_node_pods_over_mtls_by_selector_with_a_server_name() {
             .expect("secret");
         secrets.create(&PostParams::default(), &secret).await.expect("secret");
     }
-    kubectl_apply(node, &tls_nodes(&ns));
+    kubectl_apply(node, &slim_nodes(&ns, "slim-tls", true));
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     for pod in ["slim-tls-0", "slim-tls-1"] {
         node::wait_pod(&pods, pod, Duration::from_secs(90), "Ready", node::pod_ready).await.expect("TLS node Ready");
