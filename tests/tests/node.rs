@@ -387,22 +387,42 @@ where
     }
 }
 
+/// How a SLIM node serves its controller API.
+#[derive(Clone, Copy)]
+enum Controller {
+    Plain,
+    /// mTLS: its certificate from the Secret `node-tls`, its clients' CA from `operator-ca` (node
+    /// certificates rarely name Pod IPs, so the operator needs `serverName`).
+    Mtls,
+    /// mTLS with its X.509-SVID and its clients' bundle from the Workload API socket `node.sock` on
+    /// the node's SPIRE hostPath (SLIM's own `spire` TLS source).
+    Spiffe,
+}
+
 /// Two SLIM nodes as a StatefulSet `name` (the `slim` binary, the quickstart's config), reached by
 /// the operator through a Subscription's `nodes.selector` (Pod IPs) and by each other and the apps
-/// through cluster DNS. With `mtls` the controller requires mTLS: its certificate from the Secret
-/// `node-tls`, its clients' CA from `operator-ca` (node certificates rarely name Pod IPs, so the
-/// operator needs `serverName`).
-fn slim_nodes(ns: &str, name: &str, mtls: bool) -> String {
-    let (controller, mounts, volumes) = if mtls {
-        (
+/// through cluster DNS.
+fn slim_nodes(ns: &str, name: &str, controller: Controller, spire_dir: &Path) -> String {
+    let tls = |source: &str, client_ca: &str| {
+        format!(
             "\n            - endpoint: \"0.0.0.0:46358\"\n              tls:\n                insecure: false\n\
-             \x20               source: {type: file, cert: /etc/slim-tls/tls.crt, key: /etc/slim-tls/tls.key}\n\
-             \x20               client_ca: {type: file, path: /etc/slim-client-ca/ca.crt}",
-            "\n            - {name: tls, mountPath: /etc/slim-tls}\n            - {name: client-ca, mountPath: /etc/slim-client-ca}",
-            "\n        - {name: tls, secret: {secretName: node-tls}}\n        - {name: client-ca, secret: {secretName: operator-ca}}",
+             \x20               source: {source}\n                client_ca: {client_ca}"
         )
-    } else {
-        (" [{endpoint: \"0.0.0.0:46358\", tls: {insecure: true}}]", "", "")
+    };
+    let spire =
+        "{type: spire, socket_path: \"unix:///run/spire/agent-sockets/node.sock\", trust_domains: [cluster.test]}";
+    let (controller, mounts, volumes) = match controller {
+        Controller::Plain => (" [{endpoint: \"0.0.0.0:46358\", tls: {insecure: true}}]".to_owned(), String::new(), String::new()),
+        Controller::Mtls => (
+            tls("{type: file, cert: /etc/slim-tls/tls.crt, key: /etc/slim-tls/tls.key}", "{type: file, path: /etc/slim-client-ca/ca.crt}"),
+            "\n            - {name: tls, mountPath: /etc/slim-tls}\n            - {name: client-ca, mountPath: /etc/slim-client-ca}".to_owned(),
+            "\n        - {name: tls, secret: {secretName: node-tls}}\n        - {name: client-ca, secret: {secretName: operator-ca}}".to_owned(),
+        ),
+        Controller::Spiffe => (
+            tls(spire, spire),
+            "\n            - {name: spire, mountPath: /run/spire/agent-sockets}".to_owned(),
+            format!("\n        - {{name: spire, hostPath: {{path: {}, type: Directory}}}}", spire_dir.display()),
+        ),
     };
     format!(
         r#"apiVersion: v1
@@ -551,7 +571,7 @@ async fn slim_node_pods_get_routes_by_selector_and_get_them_back_when_recreated(
     let _turn = SERIAL.lock().await;
     let ns = node.namespace(&client, "slim").await.expect("namespace");
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    kubectl_apply(node, &slim_nodes(&ns, "slim", false));
+    kubectl_apply(node, &slim_nodes(&ns, "slim", Controller::Plain, &spire_dir(node)));
     for pod in ["slim-0", "slim-1"] {
         node::wait_pod(&pods, pod, Duration::from_secs(90), "Ready", node::pod_ready).await.expect("SLIM node Ready");
     }
@@ -717,16 +737,16 @@ async fn the_quickstart_runs_as_written() {
     );
 }
 
-fn tls_subscription(ns: &str, object: &str, tls: serde_json::Value) -> slim_operator::api::Subscription {
+fn tls_subscription(ns: &str, nodes: &str, object: &str, tls: serde_json::Value) -> slim_operator::api::Subscription {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription",
         "metadata": {"name": object, "namespace": ns},
         "spec": {
             "name": format!("org/ns/{object}"),
-            "nodes": {"selector": {"matchLabels": {"app.kubernetes.io/name": "slim-tls",
-                                                   "statefulset.kubernetes.io/pod-name": "slim-tls-0"}},
+            "nodes": {"selector": {"matchLabels": {"app.kubernetes.io/name": nodes,
+                                                   "statefulset.kubernetes.io/pod-name": format!("{nodes}-0")}},
                       "tls": tls},
-            "link": {"endpoint": format!("http://slim-tls-1.slim-tls.{ns}.svc.cluster.local:46357"), "tls": {"insecure": true}}
+            "link": {"endpoint": format!("http://{nodes}-1.{nodes}.{ns}.svc.cluster.local:46357"), "tls": {"insecure": true}}
         }
     }))
     .expect("subscription")
@@ -763,7 +783,7 @@ async fn slim_node_pods_over_mtls_by_selector_with_a_server_name() {
             .expect("secret");
         secrets.create(&PostParams::default(), &secret).await.expect("secret");
     }
-    kubectl_apply(node, &slim_nodes(&ns, "slim-tls", true));
+    kubectl_apply(node, &slim_nodes(&ns, "slim-tls", Controller::Mtls, &spire_dir(node)));
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     for pod in ["slim-tls-0", "slim-tls-1"] {
         node::wait_pod(&pods, pod, Duration::from_secs(90), "Ready", node::pod_ready).await.expect("TLS node Ready");
@@ -795,7 +815,10 @@ async fn slim_node_pods_over_mtls_by_selector_with_a_server_name() {
         ),
     ];
     for (name, tls, _, _) in &cases {
-        subscriptions.create(&PostParams::default(), &tls_subscription(&ns, name, tls.clone())).await.expect("create");
+        subscriptions
+            .create(&PostParams::default(), &tls_subscription(&ns, "slim-tls", name, tls.clone()))
+            .await
+            .expect("create");
     }
     for (name, _, status, reason) in cases {
         let got = wait_until(Duration::from_secs(60), &format!("{name}: Ready={status} {reason}"), || async {
@@ -806,5 +829,105 @@ async fn slim_node_pods_over_mtls_by_selector_with_a_server_name() {
         if status == "False" {
             assert!(got.2.contains("https://10.88."), "the message names the node Pod reached by IP: {}", got.2);
         }
+    }
+}
+
+/// The chart switched to SPIFFE control TLS (`controlTls.spiffe`, the SPIRE socket on the node's
+/// hostPath mounted into the operator) for as long as it lives; switched back when dropped, so the
+/// other tests find the install as they expect even when this one fails.
+struct SpiffeOperator<'a>(&'a Node);
+
+impl<'a> SpiffeOperator<'a> {
+    fn enable(node: &'a Node) -> Self {
+        upgrade(
+            node,
+            &[
+                "--set",
+                "controlTls.spiffe.enabled=true",
+                "--set",
+                &format!("controlTls.spiffe.trustDomain={TRUST_DOMAIN}"),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("helm upgrade to SPIFFE mode: {e}"));
+        Self(node)
+    }
+}
+
+impl Drop for SpiffeOperator<'_> {
+    fn drop(&mut self) {
+        if let Err(error) = upgrade(self.0, &["--set", "controlTls.spiffe.enabled=false"]) {
+            eprintln!("helm upgrade back from SPIFFE mode: {error}");
+        }
+    }
+}
+
+fn upgrade(node: &Node, set: &[&str]) -> Result<String, slim_e2e::HarnessError> {
+    let chart = repo_path("charts/slim-operator").display().to_string();
+    let kubeconfig = node.plane.admin_kubeconfig.clone();
+    let mut args = vec![
+        "upgrade",
+        RELEASE,
+        &chart,
+        "--namespace",
+        RELEASE_NAMESPACE,
+        "--reuse-values",
+        "--wait",
+        "--timeout",
+        "180s",
+    ];
+    args.extend_from_slice(set);
+    helm(&args, &[("KUBECONFIG", kubeconfig.as_path())])
+}
+
+/// The operator as a Pod in SPIFFE mode: its X.509-SVID from the SPIRE socket the chart mounts,
+/// node Pods picked by selector whose controllers take their SVIDs from SLIM's own `spire` source.
+#[tokio::test]
+async fn the_operator_pod_reaches_nodes_with_its_x509_svid() {
+    let (node, client) = installed().await;
+    images::ensure_slim(node).expect("SLIM images");
+    let _turn = SERIAL.lock().await;
+    let ns = node.namespace(&client, "slim-spiffe").await.expect("namespace");
+
+    // One trust domain: the operator's SVID on the chart's socket, the nodes' on another.
+    let mut node_state = AgentState::new(TRUST_DOMAIN);
+    let mut operator_state = AgentState::new(TRUST_DOMAIN);
+    operator_state.authority = node_state.authority.clone();
+    let node_id = format!("spiffe://{TRUST_DOMAIN}/slim-node");
+    node_state.issue(&node_id, "");
+    operator_state.issue(&format!("spiffe://{TRUST_DOMAIN}/ns/{RELEASE_NAMESPACE}/sa/slim-slim-operator"), "");
+    let sockets = [spire_dir(node).join("node.sock"), spire_dir(node).join("api.sock")];
+    let _node_agent = FakeAgent::start(&sockets[0], node_state).await.expect("the nodes' Workload API");
+    let _operator_agent = FakeAgent::start(&sockets[1], operator_state).await.expect("the operator's Workload API");
+    sockets.iter().for_each(|s| make_world_writable(s));
+
+    let started = Instant::now();
+    let _spiffe = SpiffeOperator::enable(node);
+    println!("helm upgrade to SPIFFE mode, operator Pods rolled and Ready in {:.1}s", started.elapsed().as_secs_f64());
+    kubectl_apply(node, &slim_nodes(&ns, "slim-spiffe", Controller::Spiffe, &spire_dir(node)));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for pod in ["slim-spiffe-0", "slim-spiffe-1"] {
+        node::wait_pod(&pods, pod, Duration::from_secs(90), "Ready", node::pod_ready).await.expect("SPIFFE node Ready");
+    }
+    let subscriptions: Api<slim_operator::api::Subscription> = Api::namespaced(client.clone(), &ns);
+    let cases = [
+        ("by-trust-domain", serde_json::json!({"spiffe": {"trustDomain": TRUST_DOMAIN}}), "True", "RoutesInstalled"),
+        ("by-id", serde_json::json!({"spiffe": {"id": node_id}}), "True", "RoutesInstalled"),
+        (
+            "impostor",
+            serde_json::json!({"spiffe": {"id": format!("spiffe://{TRUST_DOMAIN}/impostor")}}),
+            "False",
+            "TlsUnexpectedServerIdentity",
+        ),
+    ];
+    for (name, tls, _, _) in &cases {
+        let subscription = tls_subscription(&ns, "slim-spiffe", name, tls.clone());
+        subscriptions.create(&PostParams::default(), &subscription).await.expect("create");
+    }
+    for (name, _, status, reason) in cases {
+        let got = wait_until(Duration::from_secs(60), &format!("{name}: Ready={status} {reason}"), || async {
+            ready_condition(&client, &ns, name).await.filter(|(s, r, _)| s == status && r == reason)
+        })
+        .await;
+        println!("{name}: Ready={} {}: {}", got.0, got.1, got.2);
     }
 }
