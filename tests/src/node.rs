@@ -64,6 +64,8 @@ pub struct Node {
     /// containerd's, kubelet's and the images' files.
     pub dir: PathBuf,
     pub containerd_socket: PathBuf,
+    /// From nothing (no control plane, no containerd) to a Ready node.
+    pub ready_after: Duration,
 }
 
 static CHILDREN: Mutex<Vec<Child>> = Mutex::new(Vec::new());
@@ -220,6 +222,7 @@ impl Node {
                 return Err(NodeError::Missing(format!("{binary} in KUBEBUILDER_ASSETS")));
             }
         }
+        let started = Instant::now();
         let dir = node_dir();
         clean_leftovers(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -247,13 +250,14 @@ impl Node {
 
         let socket = dir.join("containerd.sock");
         Self::start_containerd(&dir, &socket)?;
-        let node = Self { plane, name, dir, containerd_socket: socket };
+        let mut node = Self { plane, name, dir, containerd_socket: socket, ready_after: Duration::ZERO };
         node.import(&images::pause(&node.dir)?)?;
         node.start_dns()?;
         node.start_kubelet(&assets)?;
         node.start_scheduler(&assets)?;
         node.start_proxy(&assets)?;
         runtime.block_on(node.wait_ready())?;
+        node.ready_after = started.elapsed();
         Ok(node)
     }
 

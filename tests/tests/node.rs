@@ -148,6 +148,10 @@ async fn the_chart_runs_in_pods_and_the_api_server_calls_its_webhook() {
     let (node, client) = installed().await;
     let _turn = SERIAL.lock().await;
 
+    println!(
+        "the node (control plane, containerd, kubelet, scheduler, kube-proxy, DNS) Ready in {:.1}s",
+        node.ready_after.as_secs_f64()
+    );
     let operators = operator_pods(&client).await;
     assert_eq!(operators.len(), 2, "two replicas");
     for pod in &operators {
