@@ -160,9 +160,39 @@ fn clean_leftovers(dir: &Path) {
     if let Some(proxy) = control_plane::assets().ok().map(|a| a.join("kube-proxy")).filter(|p| p.is_file()) {
         let _ = Command::new(proxy).arg("--cleanup").output();
     }
+    // What the kubelet adds and kube-proxy --cleanup leaves (canaries, KUBE-FIREWALL's jumps).
+    for iptables in ["iptables", "ip6tables"] {
+        for table in ["nat", "mangle", "filter"] {
+            remove_kube_chains(iptables, table);
+        }
+    }
     let _ = Command::new("ip").args(["link", "delete", BRIDGE]).output();
     if std::env::var_os("SLIM_KEEP_NODE").is_none() {
         let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Deletes every rule that jumps to a `KUBE-*` chain from a built-in chain, then those chains.
+fn remove_kube_chains(iptables: &str, table: &str) {
+    let Ok(output) = Command::new(iptables).args(["-t", table, "-S"]).output() else { return };
+    let rules = String::from_utf8_lossy(&output.stdout).into_owned();
+    for rule in rules.lines().filter(|r| r.starts_with("-A ") && r.contains(" -j KUBE-")) {
+        let words: Vec<&str> = rule.split_whitespace().collect();
+        if words.get(1).is_some_and(|chain| !chain.starts_with("KUBE-")) {
+            // Comments hold spaces inside quotes; split by hand they would not round-trip, and
+            // the kubelet's jumps carry none.
+            if !rule.contains('"') {
+                let mut args = vec!["-t", table, "-D"];
+                args.extend(&words[1..]);
+                let _ = Command::new(iptables).args(&args).output();
+            }
+        }
+    }
+    for chain in rules.lines().filter_map(|r| r.strip_prefix("-N ")).filter(|c| c.starts_with("KUBE-")) {
+        let _ = Command::new(iptables).args(["-t", table, "-F", chain]).output();
+    }
+    for chain in rules.lines().filter_map(|r| r.strip_prefix("-N ")).filter(|c| c.starts_with("KUBE-")) {
+        let _ = Command::new(iptables).args(["-t", table, "-X", chain]).output();
     }
 }
 
