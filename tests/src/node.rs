@@ -18,8 +18,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node as NodeObject, Pod};
+use kube::Client;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 
 use crate::control_plane::{
     self, ControlPlane, ControlPlaneError, Credentials, Options, free_ports, spawn_child, start_on_lasting_thread,
@@ -918,11 +918,6 @@ pub mod images {
         ];
         build_and_import(node, archives)
     }
-}
-
-/// The name of a Pod's owner-independent identity, for logs.
-pub fn describe(pod: &Pod) -> String {
-    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
 }
 
 #[cfg(test)]
