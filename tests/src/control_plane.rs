@@ -575,9 +575,10 @@ fn serving_cert(issuer: &Issuer<'_, KeyPair>, bind: std::net::Ipv4Addr) -> Resul
         "kubernetes.default.svc".to_owned(),
         "kubernetes.default.svc.cluster.local".to_owned(),
     ])?;
-    for ip in [[127, 0, 0, 1], [10, 0, 0, 1], bind.octets()] {
-        params.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from(ip)));
-    }
+    let mut ips = vec![std::net::Ipv4Addr::LOCALHOST, std::net::Ipv4Addr::new(10, 0, 0, 1), bind];
+    ips.sort();
+    ips.dedup();
+    params.subject_alt_names.extend(ips.into_iter().map(|ip| SanType::IpAddress(ip.into())));
     params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

@@ -484,29 +484,14 @@ serializeImagePulls: false
             ],
             &self.dir.join("dnsmasq.log"),
         )?;
-        let plane_kubeconfig = self.plane.admin_kubeconfig.clone();
-        let server = self.plane.server.clone();
+        let kubeconfig = self.plane.admin_kubeconfig.clone();
         let scratch = self.dir.join("dns.tmp");
         std::thread::Builder::new().name("cluster-dns".into()).spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
             runtime.block_on(async move {
-                let client = loop {
-                    match crate::control_plane::client_from_file(&plane_kubeconfig).await {
-                        Ok(client) => break client,
-                        Err(error) => tracing::warn!(%server, %error, "cluster DNS: no client yet"),
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                };
-                let mut written = String::new();
-                loop {
-                    if let Ok(records) = dns_records(&client).await
-                        && records != written
-                        && std::fs::write(&scratch, &records).is_ok()
-                        && std::fs::rename(&scratch, hosts.join("cluster")).is_ok()
-                    {
-                        written = records;
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                match crate::control_plane::client_from_file(&kubeconfig).await {
+                    Ok(client) => follow_dns_records(client, &scratch, &hosts.join("cluster")).await,
+                    Err(error) => tracing::warn!(%error, "cluster DNS: no client"),
                 }
             });
         })?;
@@ -592,19 +577,41 @@ serializeImagePulls: false
     }
 }
 
-/// The cluster's DNS records as a hosts file.
-async fn dns_records(client: &Client) -> Result<String, kube::Error> {
+/// Keeps `target` holding the cluster's DNS records: Services and Pods are watched (reflector
+/// stores), and the file is rewritten (through `scratch`, atomically) whenever what it says changes.
+async fn follow_dns_records(client: Client, scratch: &Path, target: &Path) {
+    use futures::StreamExt;
     use k8s_openapi::api::core::v1::Service;
-    let services = Api::<Service>::all(client.clone()).list(&Default::default()).await?.items;
-    let pods = Api::<Pod>::all(client.clone()).list(&Default::default()).await?.items;
-    Ok(hosts_file(&services, &pods))
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    let (services, services_writer) = reflector::store::<Service>();
+    let (pods, pods_writer) = reflector::store::<Pod>();
+    let service_events = reflector(services_writer, watcher(Api::<Service>::all(client.clone()), Default::default()))
+        .default_backoff()
+        .map(|_| ());
+    let pod_events =
+        reflector(pods_writer, watcher(Api::<Pod>::all(client), Default::default())).default_backoff().map(|_| ());
+    let mut events = std::pin::pin!(futures::stream::select(service_events, pod_events));
+    let mut written = String::new();
+    while events.next().await.is_some() {
+        let records = hosts_file(
+            services.state().iter().map(AsRef::as_ref),
+            &pods.state().iter().map(AsRef::as_ref).collect::<Vec<_>>(),
+        );
+        if records != written && std::fs::write(scratch, &records).is_ok() && std::fs::rename(scratch, target).is_ok() {
+            written = records;
+        }
+    }
 }
 
 /// What kube-dns would answer (ready Pods only), as `IP name` lines (sorted, so an unchanged cluster writes nothing).
-pub fn hosts_file(services: &[k8s_openapi::api::core::v1::Service], pods: &[Pod]) -> String {
+pub fn hosts_file<'a>(
+    services: impl IntoIterator<Item = &'a k8s_openapi::api::core::v1::Service>,
+    pods: &[&Pod],
+) -> String {
     let mut lines = std::collections::BTreeSet::new();
     let running: Vec<(&Pod, String)> = pods
         .iter()
+        .copied()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| Some((p, p.status.as_ref()?.pod_ip.clone()?)))
         .collect();
@@ -945,7 +952,7 @@ mod tests {
         ]))
         .expect("pods");
         assert_eq!(
-            hosts_file(&services, &pods),
+            hosts_file(&services, &pods.iter().collect::<Vec<_>>()),
             "10.0.0.7 api.a.svc.cluster.local\n\
              10.88.0.5 slim-0.slim.a.svc.cluster.local\n\
              10.88.0.5 slim.a.svc.cluster.local\n"

@@ -270,12 +270,12 @@ async fn a_second_replica_takes_over_when_the_leader_pod_is_deleted() {
     subscriptions.create(&PostParams::default(), &unreachable_subscription(&ns, "before")).await.expect("create");
     let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
     let holder = |lease: &Lease| lease.spec.as_ref().and_then(|s| s.holder_identity.clone()).unwrap_or_default();
-    let leader = wait_until(Duration::from_secs(30), "a leader", || async {
+    let leader = slim_e2e::wait_for("a leader", Duration::from_secs(30), async || {
         leases.get_opt("slim-operator-leader").await.ok().flatten().map(|l| holder(&l)).filter(|h| !h.is_empty())
     })
     .await;
     // The leader has written the first object (its finalizer at least).
-    wait_until(Duration::from_secs(30), "the finalizer", || async {
+    slim_e2e::wait_for("the finalizer", Duration::from_secs(30), async || {
         subscriptions.get("before").await.ok().filter(|s| !s.finalizers().is_empty())
     })
     .await;
@@ -283,7 +283,7 @@ async fn a_second_replica_takes_over_when_the_leader_pod_is_deleted() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
     let deleted = Instant::now();
     pods.delete(&leader, &DeleteParams::default()).await.expect("delete the leader");
-    let lease = wait_until(Duration::from_secs(20), "a new leader", || async {
+    let lease = slim_e2e::wait_for("a new leader", Duration::from_secs(20), async || {
         leases
             .get_opt("slim-operator-leader")
             .await
@@ -299,7 +299,7 @@ async fn a_second_replica_takes_over_when_the_leader_pod_is_deleted() {
 
     // The new leader reconciles: a new object gets its finalizer.
     subscriptions.create(&PostParams::default(), &unreachable_subscription(&ns, "after")).await.expect("create");
-    wait_until(Duration::from_secs(30), "the new leader's finalizer", || async {
+    slim_e2e::wait_for("the new leader's finalizer", Duration::from_secs(30), async || {
         subscriptions.get("after").await.ok().filter(|s| !s.finalizers().is_empty())
     })
     .await;
@@ -373,21 +373,6 @@ async fn wait_log(pods: &Api<Pod>, pod: &str, container: &str, needle: &str) -> 
             return log;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -483,6 +468,19 @@ spec:
     )
 }
 
+/// Applies the node set `name` in the namespace of `pods` and waits until both Pods are Ready.
+async fn start_slim_nodes(node: &Node, pods: &Api<Pod>, name: &str, controller: Controller) {
+    let ns = pods.namespace().expect("a namespaced Api").to_owned();
+    kubectl_apply(node, &slim_nodes(&ns, name, controller, &spire_dir(node)));
+    wait_slim_nodes(pods, name).await;
+}
+
+async fn wait_slim_nodes(pods: &Api<Pod>, name: &str) {
+    for pod in [format!("{name}-0"), format!("{name}-1")] {
+        node::wait_pod(pods, &pod, Duration::from_secs(90), "Ready", node::pod_ready).await.expect("SLIM node Ready");
+    }
+}
+
 /// A Subscription installing `name` on the node Pod `on` (by selector), over a link to `to`'s data
 /// plane (by its DNS name). A `peer` link syncs the apps' own subscriptions both ways, which sessions
 /// across nodes need: their traffic goes to `org/ns/app/<instance>`, which a route for the bare
@@ -562,10 +560,7 @@ async fn node_routes(pod: &Pod, name: &str) -> bool {
 }
 
 async fn subscription_ready(client: &Client, ns: &str, name: &str) -> bool {
-    let subscriptions: Api<slim_operator::api::Subscription> = Api::namespaced(client.clone(), ns);
-    subscriptions.get_opt(name).await.ok().flatten().is_some_and(|s| {
-        s.status.is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-    })
+    ready_condition(client, ns, name).await.is_some_and(|(status, _, _)| status == "True")
 }
 
 #[tokio::test]
@@ -575,10 +570,7 @@ async fn slim_node_pods_get_routes_by_selector_and_get_them_back_when_recreated(
     let _turn = SERIAL.lock().await;
     let ns = node.namespace(&client, "slim").await.expect("namespace");
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    kubectl_apply(node, &slim_nodes(&ns, "slim", Controller::Plain, &spire_dir(node)));
-    for pod in ["slim-0", "slim-1"] {
-        node::wait_pod(&pods, pod, Duration::from_secs(90), "Ready", node::pod_ready).await.expect("SLIM node Ready");
-    }
+    start_slim_nodes(node, &pods, "slim", Controller::Plain).await;
     kubectl_apply(
         node,
         &[
@@ -661,9 +653,7 @@ async fn the_quickstart_runs_as_written() {
     kubectl_apply(node, &example("05-app.yaml").replace("registry.example/your-slim-app:1.0", images::SLIM_APP));
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), "slim");
-    for pod in ["slim-0", "slim-1"] {
-        node::wait_pod(&pods, pod, Duration::from_secs(90), "Ready", node::pod_ready).await.expect("SLIM node");
-    }
+    wait_slim_nodes(&pods, "slim").await;
     for name in ["bob-via-slim-1", "alice-via-slim-0", "gateway-everywhere"] {
         slim_e2e::wait_for(&format!("Subscription {name} Ready"), Duration::from_secs(90), async || {
             subscription_ready(&client, "slim", name).await.then_some(())
@@ -679,7 +669,7 @@ async fn the_quickstart_runs_as_written() {
 
     // dave: injected (the namespace's label), its identity written before its first line, then
     // invited into team-chat by the channel manager the SlimChannel names.
-    let dave = wait_until(Duration::from_secs(90), "dave's Pod Ready", || async {
+    let dave = slim_e2e::wait_for("dave's Pod Ready", Duration::from_secs(90), async || {
         let list = pods.list(&ListParams::default().labels("app=dave")).await.ok()?;
         list.items.into_iter().find(node::pod_ready)
     })
@@ -700,13 +690,14 @@ async fn the_quickstart_runs_as_written() {
     );
     assert!(log.contains("joined"), "dave invited into team-chat: {log}");
     let channels: Api<slim_operator::api::SlimChannel> = Api::namespaced(client.clone(), "slim");
-    let channel = wait_until(Duration::from_secs(30), "team-chat's status with dave and bob joined", || async {
-        let channel = channels.get("team-chat").await.ok()?;
-        let status = channel.status.as_ref()?;
-        let joined = |name: &str| status.participants.iter().any(|p| p.name == name && p.joined);
-        (joined("org/ns/dave") && joined("org/ns/bob")).then_some(channel)
-    })
-    .await;
+    let channel =
+        slim_e2e::wait_for("team-chat's status with dave and bob joined", Duration::from_secs(30), async || {
+            let channel = channels.get("team-chat").await.ok()?;
+            let status = channel.status.as_ref()?;
+            let joined = |name: &str| status.participants.iter().any(|p| p.name == name && p.joined);
+            (joined("org/ns/dave") && joined("org/ns/bob")).then_some(channel)
+        })
+        .await;
     let status = channel.status.as_ref().expect("status");
     let dave_status = status.participants.iter().find(|p| p.name == "org/ns/dave").expect("dave listed");
     assert_eq!(dave_status.pod.as_deref(), Some(dave_name.as_str()), "dave joined as his Pod");
@@ -720,7 +711,7 @@ async fn the_quickstart_runs_as_written() {
     let erin_app =
         example("07-app-kubernetes-identity.yaml").replace("registry.example/your-slim-app:1.0", images::SLIM_APP);
     kubectl_apply(node, &erin_app);
-    let erin = wait_until(Duration::from_secs(90), "erin's Pod Ready", || async {
+    let erin = slim_e2e::wait_for("erin's Pod Ready", Duration::from_secs(90), async || {
         let list = pods.list(&ListParams::default().labels("app=erin")).await.ok()?;
         list.items.into_iter().find(node::pod_ready)
     })
@@ -756,6 +747,32 @@ fn tls_subscription(ns: &str, nodes: &str, object: &str, tls: serde_json::Value)
     .expect("subscription")
 }
 
+/// Creates one Subscription per case (name, `tls`, expected Ready status and reason) on the node
+/// set `nodes` and waits for each to reach its Ready condition; returns each one's message.
+async fn expect_ready(
+    client: &Client,
+    ns: &str,
+    nodes: &str,
+    cases: &[(&str, serde_json::Value, &str, &str)],
+) -> Vec<(String, String)> {
+    let subscriptions: Api<slim_operator::api::Subscription> = Api::namespaced(client.clone(), ns);
+    for (name, tls, _, _) in cases {
+        let subscription = tls_subscription(ns, nodes, name, tls.clone());
+        subscriptions.create(&PostParams::default(), &subscription).await.expect("create");
+    }
+    let mut messages = Vec::new();
+    for (name, _, status, reason) in cases {
+        let got =
+            slim_e2e::wait_for(&format!("{name}: Ready={status} {reason}"), Duration::from_secs(60), async || {
+                ready_condition(client, ns, name).await.filter(|(s, r, _)| s == status && r == reason)
+            })
+            .await;
+        println!("{name}: Ready={} {}: {}", got.0, got.1, got.2);
+        messages.push((name.to_string(), got.2));
+    }
+    messages
+}
+
 async fn ready_condition(client: &Client, ns: &str, name: &str) -> Option<(String, String, String)> {
     let subscriptions: Api<slim_operator::api::Subscription> = Api::namespaced(client.clone(), ns);
     let status = subscriptions.get_opt(name).await.ok().flatten()?.status?;
@@ -787,13 +804,9 @@ async fn slim_node_pods_over_mtls_by_selector_with_a_server_name() {
             .expect("secret");
         secrets.create(&PostParams::default(), &secret).await.expect("secret");
     }
-    kubectl_apply(node, &slim_nodes(&ns, "slim-tls", Controller::Mtls, &spire_dir(node)));
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    for pod in ["slim-tls-0", "slim-tls-1"] {
-        node::wait_pod(&pods, pod, Duration::from_secs(90), "Ready", node::pod_ready).await.expect("TLS node Ready");
-    }
+    start_slim_nodes(node, &pods, "slim-tls", Controller::Mtls).await;
 
-    let subscriptions: Api<slim_operator::api::Subscription> = Api::namespaced(client.clone(), &ns);
     let good = serde_json::json!({"caSecretRef": {"name": "node-ca"}, "clientCertSecretRef": {"name": "operator-client"},
                                   "serverName": server_name});
     let cases = [
@@ -818,20 +831,13 @@ async fn slim_node_pods_over_mtls_by_selector_with_a_server_name() {
             "TlsClientCertificateRefused",
         ),
     ];
-    for (name, tls, _, _) in &cases {
-        subscriptions
-            .create(&PostParams::default(), &tls_subscription(&ns, "slim-tls", name, tls.clone()))
-            .await
-            .expect("create");
-    }
-    for (name, _, status, reason) in cases {
-        let got = wait_until(Duration::from_secs(60), &format!("{name}: Ready={status} {reason}"), || async {
-            ready_condition(&client, &ns, name).await.filter(|(s, r, _)| s == status && r == reason)
-        })
-        .await;
-        println!("{name}: Ready={} {}: {}", got.0, got.1, got.2);
-        if status == "False" {
-            assert!(got.2.contains("https://10.88."), "the message names the node Pod reached by IP: {}", got.2);
+    let messages = expect_ready(&client, &ns, "slim-tls", &cases).await;
+    for ((_, _, status, _), (name, message)) in cases.iter().zip(messages) {
+        if *status == "False" {
+            assert!(
+                message.contains("https://10.88."),
+                "{name}: the message names the node Pod reached by IP: {message}"
+            );
         }
     }
 }
@@ -907,12 +913,8 @@ async fn the_operator_pod_reaches_nodes_with_its_x509_svid() {
     let started = Instant::now();
     let _spiffe = SpiffeOperator::enable(node);
     println!("helm upgrade to SPIFFE mode, operator Pods rolled and Ready in {:.1}s", started.elapsed().as_secs_f64());
-    kubectl_apply(node, &slim_nodes(&ns, "slim-spiffe", Controller::Spiffe, &spire_dir(node)));
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    for pod in ["slim-spiffe-0", "slim-spiffe-1"] {
-        node::wait_pod(&pods, pod, Duration::from_secs(90), "Ready", node::pod_ready).await.expect("SPIFFE node Ready");
-    }
-    let subscriptions: Api<slim_operator::api::Subscription> = Api::namespaced(client.clone(), &ns);
+    start_slim_nodes(node, &pods, "slim-spiffe", Controller::Spiffe).await;
     let cases = [
         ("by-trust-domain", serde_json::json!({"spiffe": {"trustDomain": TRUST_DOMAIN}}), "True", "RoutesInstalled"),
         ("by-id", serde_json::json!({"spiffe": {"id": node_id}}), "True", "RoutesInstalled"),
@@ -923,15 +925,5 @@ async fn the_operator_pod_reaches_nodes_with_its_x509_svid() {
             "TlsUnexpectedServerIdentity",
         ),
     ];
-    for (name, tls, _, _) in &cases {
-        let subscription = tls_subscription(&ns, "slim-spiffe", name, tls.clone());
-        subscriptions.create(&PostParams::default(), &subscription).await.expect("create");
-    }
-    for (name, _, status, reason) in cases {
-        let got = wait_until(Duration::from_secs(60), &format!("{name}: Ready={status} {reason}"), || async {
-            ready_condition(&client, &ns, name).await.filter(|(s, r, _)| s == status && r == reason)
-        })
-        .await;
-        println!("{name}: Ready={} {}: {}", got.0, got.1, got.2);
-    }
+    expect_ready(&client, &ns, "slim-spiffe", &cases).await;
 }
