@@ -56,12 +56,16 @@ slim_build_tools() {
   fi
 }
 
+# SLIM's channel manager and node share most of their crates: one target directory for both
+# builds, so the second compiles only what the first did not (kept in the cache).
+SLIM_TARGET="$CACHE/slim-target"
+
 # The SLIM channel manager (built once; about 15 minutes on 2 cores).
 if [ ! -x "$CACHE/cm/bin/channel-manager" ] \
    || ! grep -q "agntcy-slim-channel-manager $CHANNEL_MANAGER_VERSION " "$CACHE/cm/.crates.toml" 2>/dev/null; then
   log "building agntcy-slim-channel-manager $CHANNEL_MANAGER_VERSION (cached afterwards)"
   slim_build_tools
-  cargo install --quiet --locked agntcy-slim-channel-manager --version "$CHANNEL_MANAGER_VERSION" --root "$CACHE/cm"
+  CARGO_TARGET_DIR="$SLIM_TARGET" cargo install --quiet --locked agntcy-slim-channel-manager --version "$CHANNEL_MANAGER_VERSION" --root "$CACHE/cm"
 fi
 
 # The SLIM node binary, for the node tier's SLIM images (the release the examples name).
@@ -69,7 +73,7 @@ if [ ! -x "$CACHE/slim/bin/slim" ] \
    || ! grep -q "agntcy-slim $SLIM_VERSION " "$CACHE/slim/.crates.toml" 2>/dev/null; then
   log "building agntcy-slim $SLIM_VERSION (cached afterwards)"
   slim_build_tools
-  cargo install --quiet --locked agntcy-slim --version "$SLIM_VERSION" --root "$CACHE/slim"
+  CARGO_TARGET_DIR="$SLIM_TARGET" cargo install --quiet --locked agntcy-slim --version "$SLIM_VERSION" --root "$CACHE/slim"
 fi
 
 # A real node (tests/tests/node.rs): Debian's containerd and runc, the CNI plugins, iptables and

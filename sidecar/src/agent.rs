@@ -19,6 +19,7 @@ use crate::output::{FileContent, OutputDir, OutputError};
 use crate::svid::jwt::{self, JwtBundles, JwtError};
 use crate::svid::x509::{self, X509Files, X509Options};
 use crate::workload::pb;
+use crate::workload::server::{self, Served, Upstream};
 use crate::workload::{WorkloadClient, WorkloadError};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,8 @@ pub enum AgentError {
     NoJwt(String),
     #[error("health listener on port {port}: {source}")]
     Health { port: u16, source: std::io::Error },
+    #[error("serving the Workload API on {socket}: {source}")]
+    Serve { socket: PathBuf, source: std::io::Error },
     /// A stream loop, the file watcher or the health listener stopped: the agent must not look
     /// alive without it.
     #[error("{0}")]
@@ -211,7 +214,11 @@ fn x509_options(config: &Config) -> X509Options {
 /// Daemon mode: runs until `shutdown` (returns `Ok`), or a fatal error.
 pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     let out = OutputDir::new(&config.cert_dir)?;
-    let health = health_for(&config);
+    let served = config.workload_api_socket.as_ref().map(|_| Served::new(&config.hint));
+    let mut health = health_for(&config);
+    if let (Some(socket), Some(served)) = (&config.workload_api_socket, &served) {
+        health = health.serving(socket, served.clone());
+    }
     // Every long-lived task: the first one to end (a panic, say) ends the agent with its name.
     let mut tasks = Supervisor::new();
     if config.health_checks.listener_enabled {
@@ -237,7 +244,7 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
     let (tx, mut rx) = mpsc::channel::<Update>(64);
     let own_trust_domain = match &config.identity_source {
         IdentitySource::Spiffe => {
-            spawn_spiffe_sources(&config, &tx, &health, &mut tasks)?;
+            spawn_spiffe_sources(&config, served.as_ref(), &tx, &health, &mut tasks)?;
             None
         }
         IdentitySource::Kubernetes(source) => {
@@ -291,9 +298,11 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
     }
 }
 
-/// The Workload API streams and one refresh loop per JWT-SVID.
+/// The Workload API streams, one refresh loop per JWT-SVID, and the Workload API served to the
+/// pod (from what the streams bring, JWT-SVIDs forwarded upstream).
 fn spawn_spiffe_sources(
     config: &Config,
+    served: Option<&Served>,
     tx: &mpsc::Sender<Update>,
     health: &Health,
     tasks: &mut Supervisor,
@@ -301,14 +310,25 @@ fn spawn_spiffe_sources(
     let socket = config.socket_path()?;
     info!(socket = %socket.display(), dir = %config.cert_dir.display(), "starting");
     let (bundles_tx, bundles_rx) = watch::channel::<Option<JwtBundles>>(None);
-    if config.x509.is_some() {
+    if config.x509.is_some() || served.is_some() {
+        let files = config.x509.is_some().then(|| (config.hint.clone(), x509_options(config)));
+        tasks.spawn("X.509-SVID stream", x509_loop(socket.clone(), files, served.cloned(), tx.clone(), health.clone()));
+    }
+    if !config.jwt_svids.is_empty() || !config.jwt_bundle_file_name.is_empty() || served.is_some() {
         tasks.spawn(
-            "X.509-SVID stream",
-            x509_loop(socket.clone(), config.hint.clone(), x509_options(config), tx.clone(), health.clone()),
+            "JWT bundle stream",
+            bundle_loop(socket.clone(), served.cloned(), tx.clone(), bundles_tx, health.clone()),
         );
     }
-    if !config.jwt_svids.is_empty() || !config.jwt_bundle_file_name.is_empty() {
-        tasks.spawn("JWT bundle stream", bundle_loop(socket.clone(), tx.clone(), bundles_tx, health.clone()));
+    if let (Some(path), Some(served)) = (&config.workload_api_socket, served) {
+        let issuer = std::sync::Arc::new(Upstream { socket: socket.clone(), hint: config.hint.clone() });
+        let server = server::bind(path, served.clone(), issuer)
+            .map_err(|source| AgentError::Serve { socket: path.clone(), source })?;
+        tasks.spawn("Workload API server", async move {
+            if let Err(error) = server.await {
+                warn!(error = %slim_k8s_common::error_chain(&error), "the Workload API server stopped");
+            }
+        });
     }
     for (index, entry) in config.jwt_svids.iter().enumerate() {
         tasks.spawn(
@@ -370,34 +390,56 @@ fn watch_dir(dir: &Path, tx: mpsc::Sender<Update>, tasks: &mut Supervisor) -> Op
     Some(watcher)
 }
 
-/// Follows the X.509 stream forever.
-async fn x509_loop(socket: PathBuf, hint: String, options: X509Options, tx: mpsc::Sender<Update>, health: Health) {
+/// Follows the X.509 stream forever: what it brings is served to the pod (when it is) and
+/// rendered as files (when `files` names the hint and options).
+async fn x509_loop(
+    socket: PathBuf,
+    files: Option<(String, X509Options)>,
+    served: Option<Served>,
+    tx: mpsc::Sender<Update>,
+    health: Health,
+) {
     let failed = health.clone();
+    let withdrawn = served.clone();
     follow(
         socket,
         "X.509-SVID stream",
         tx,
         health,
         |client| async move { client.x509_svids().await },
-        move |response| match x509::render(&response, &hint, options, unix_now()) {
-            Ok(files) => Some(Update::X509(files)),
-            Err(error) => {
-                warn!(%error, "X.509-SVID update skipped");
-                failed.x509(WriteStatus::Failed, None);
-                None
+        move |response| {
+            if let Some(served) = &served {
+                served.set_x509(Some(response.clone()));
+            }
+            let (hint, options) = files.as_ref()?;
+            match x509::render(&response, hint, *options, unix_now()) {
+                Ok(files) => Some(Update::X509(files)),
+                Err(error) => {
+                    warn!(%error, "X.509-SVID update skipped");
+                    failed.x509(WriteStatus::Failed, None);
+                    None
+                }
+            }
+        },
+        move || {
+            if let Some(served) = &withdrawn {
+                served.set_x509(None);
             }
         },
     )
     .await
 }
 
-/// Follows the JWT bundle stream forever; the JWT-SVID loops validate against what it brings.
+/// Follows the JWT bundle stream forever; the JWT-SVID loops validate against what it brings,
+/// and it is served to the pod (when it is).
 async fn bundle_loop(
     socket: PathBuf,
+    served: Option<Served>,
     tx: mpsc::Sender<Update>,
     bundles_tx: watch::Sender<Option<JwtBundles>>,
     health: Health,
 ) {
+    let withdrawn = served.clone();
     follow(
         socket,
         "JWT bundle stream",
@@ -405,9 +447,17 @@ async fn bundle_loop(
         health,
         |client| async move { client.jwt_bundles().await },
         move |response| {
+            if let Some(served) = &served {
+                served.set_bundles(Some(response.clone()));
+            }
             let bundles = bundles_of(response);
             bundles_tx.send_replace(Some(bundles.clone()));
             Some(Update::Bundles(bundles))
+        },
+        move || {
+            if let Some(served) = &withdrawn {
+                served.set_bundles(None);
+            }
         },
     )
     .await
@@ -415,6 +465,8 @@ async fn bundle_loop(
 
 /// Keeps a Workload API stream open forever: every message becomes (at most) one update; a
 /// broken stream is reopened with backoff (reset by each message); only InvalidArgument ends it.
+/// `on_denied` runs when upstream says PermissionDenied (the identity is withdrawn); an
+/// unreachable upstream changes nothing held.
 async fn follow<T, Open, Opened>(
     socket: PathBuf,
     what: &'static str,
@@ -422,6 +474,7 @@ async fn follow<T, Open, Opened>(
     health: Health,
     open: Open,
     mut on_message: impl FnMut(T) -> Option<Update>,
+    mut on_denied: impl FnMut(),
 ) where
     Open: Fn(WorkloadClient) -> Opened,
     Opened: std::future::Future<Output = Result<tonic::Streaming<T>, WorkloadError>>,
@@ -459,6 +512,9 @@ async fn follow<T, Open, Opened>(
                 return;
             }
             Err(error) => {
+                if matches!(error, WorkloadError::PermissionDenied(_)) {
+                    on_denied();
+                }
                 health.disconnected();
                 let delay = backoff.next_delay();
                 warn!(%error, retry_in = ?delay, "{what}");

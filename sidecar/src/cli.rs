@@ -18,6 +18,7 @@ usage:
   slim-identity-agent verify --bundle FILE --audience AUD [--audience AUD...] TOKEN_FILE
                      (a JWT-SVID, or a Kubernetes service-account token against the cluster's JWKS)
   slim-identity-agent dev [--dir DIR] [--ttl SECONDS] [--trust-domain TD] [--spiffe-id ID] [--audience AUD] [--health-port PORT]
+                     [--workload-api-socket PATH]   (serve the Workload API there, for SLIM's spire identity)
 
   -config FILE       spiffe-helper config (HCL), or YAML when FILE ends in .yaml/.yml (default helper.conf)
   -config-env NAME   read the YAML config from environment variable NAME (the injector's way)
@@ -45,6 +46,7 @@ pub struct DevArgs {
     pub spiffe_id: Option<String>,
     pub audience: String,
     pub health_port: u16,
+    pub workload_api_socket: Option<PathBuf>,
 }
 
 /// Go `flag` style: `-name value`, `-name=value`, `--name` works too; booleans take `=false`.
@@ -125,6 +127,7 @@ fn parse_dev(args: &[(String, Option<String>)]) -> Result<Command, String> {
         spiffe_id: None,
         audience: defaults.audience,
         health_port: defaults.health_port,
+        workload_api_socket: None,
     };
     let mut items = args.iter().cloned();
     while let Some((arg, inline)) = items.next() {
@@ -142,6 +145,7 @@ fn parse_dev(args: &[(String, Option<String>)]) -> Result<Command, String> {
             "-health-port" => {
                 dev.health_port = value()?.parse().map_err(|_| "--health-port takes a port".to_owned())?
             }
+            "-workload-api-socket" => dev.workload_api_socket = Some(PathBuf::from(value()?)),
             other => return Err(format!("dev: unexpected {other}")),
         }
     }
@@ -187,6 +191,7 @@ pub async fn execute(command: Command) -> i32 {
                 audience: args.audience,
                 ttl: std::time::Duration::from_secs(args.ttl_seconds),
                 health_port: args.health_port,
+                workload_api_socket: args.workload_api_socket,
             };
             report(dev::run(options, shutdown_signal()).await)
         }
@@ -285,6 +290,8 @@ mod tests {
         );
         assert!(parse(&args(&["verify", "jwt.token"])).is_err());
         let Ok(Command::Dev(dev)) = parse(&args(&["dev", "--dir", "/tmp/s", "--ttl", "30"])) else { panic!("dev") };
-        assert_eq!((dev.dir, dev.ttl_seconds), (PathBuf::from("/tmp/s"), 30));
+        assert_eq!((dev.dir, dev.ttl_seconds, dev.workload_api_socket), (PathBuf::from("/tmp/s"), 30, None));
+        let Ok(Command::Dev(dev)) = parse(&args(&["dev", "--workload-api-socket=/run/a.sock"])) else { panic!("dev") };
+        assert_eq!(dev.workload_api_socket, Some(PathBuf::from("/run/a.sock")));
     }
 }

@@ -18,6 +18,8 @@ pub struct DevOptions {
     pub audience: String,
     pub ttl: Duration,
     pub health_port: u16,
+    /// Serve the Workload API to local apps on this socket (SLIM's `spire` identity).
+    pub workload_api_socket: Option<PathBuf>,
 }
 
 impl Default for DevOptions {
@@ -29,6 +31,7 @@ impl Default for DevOptions {
             audience: "slim".into(),
             ttl: Duration::from_secs(60),
             health_port: 8081,
+            workload_api_socket: None,
         }
     }
 }
@@ -66,6 +69,13 @@ impl DevOptions {
         if self.ttl < Duration::from_secs(2) {
             return Err(AgentError::Dev(format!("ttl {:?}: at least 2 s", self.ttl)));
         }
+        // SLIM's spire provider refreshes its token first at a fixed 30 s.
+        if self.workload_api_socket.is_some() && self.ttl < Duration::from_secs(45) {
+            return Err(AgentError::Dev(format!(
+                "ttl {:?}: at least 45 s with --workload-api-socket (SLIM apps refresh their first token after 30 s)",
+                self.ttl
+            )));
+        }
         Ok(())
     }
 }
@@ -90,6 +100,7 @@ pub fn dev_config(options: &DevOptions, socket: &std::path::Path) -> Config {
         },
         jwt_bundle_format: JwtBundleFormat::Jwks,
         jwt_svid_write_mode: crate::output::WriteMode::InPlace,
+        workload_api_socket: options.workload_api_socket.clone(),
         ..Config::default()
     }
 }
@@ -149,6 +160,14 @@ mod tests {
             (DevOptions { spiffe_id: "spiffe://example.org/a b".into(), ..Default::default() }, "SPIFFE ID"),
             (DevOptions { audience: " ".into(), ..Default::default() }, "audience"),
             (DevOptions { ttl: Duration::from_millis(500), ..Default::default() }, "ttl"),
+            (
+                DevOptions {
+                    ttl: Duration::from_secs(20),
+                    workload_api_socket: Some("/tmp/never.sock".into()),
+                    ..Default::default()
+                },
+                "at least 45 s",
+            ),
         ];
         for (options, says) in cases {
             let dir = tempfile::tempdir().expect("dir");

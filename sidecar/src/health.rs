@@ -14,6 +14,8 @@ use axum::routing::get;
 use serde_json::json;
 use tokio::time::Instant;
 
+use crate::workload::server::Served;
+
 /// A file's state, as spiffe-helper names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteStatus {
@@ -44,9 +46,11 @@ struct Inner {
 }
 
 /// Shared health state.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Health {
     inner: Arc<Mutex<Inner>>,
+    /// The Workload API served to the pod (its socket), when it is: ready needs it complete.
+    served: Option<(String, Served)>,
     /// Not live after this long without the Workload API.
     pub liveness_grace: Duration,
 }
@@ -62,8 +66,16 @@ impl Health {
                 last_contact: None,
                 down_since: Some(Instant::now()),
             })),
+            served: None,
             liveness_grace: Duration::from_secs(120),
         }
+    }
+
+    /// Readiness also waits for the Workload API served on `socket` to hold an X.509-SVID and
+    /// JWT bundles (what an app's SPIFFE client asks for first).
+    pub fn serving(mut self, socket: &std::path::Path, served: Served) -> Self {
+        self.served = Some((socket.display().to_string(), served));
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -102,8 +114,11 @@ impl Health {
 
     /// Every configured output written, and nothing written has expired (`now` in Unix seconds).
     pub fn ready(&self, now: i64) -> bool {
+        if self.served.as_ref().is_some_and(|(_, served)| !served.complete()) {
+            return false;
+        }
         let inner = self.lock();
-        let configured = inner.x509.is_some() || !inner.jwt.is_empty();
+        let configured = inner.x509.is_some() || !inner.jwt.is_empty() || self.served.is_some();
         let x509_ok = inner.x509.is_none_or(|s| s == WriteStatus::Written) && inner.x509_expiry.is_none_or(|e| e > now);
         let jwt_ok = inner.jwt.values().all(|(s, e)| *s == WriteStatus::Written && e.is_none_or(|e| e > now));
         configured && x509_ok && jwt_ok
@@ -130,10 +145,14 @@ impl Health {
                 inner.jwt.iter().map(|(path, (s, _))| (path.clone(), json!(s.as_str()))).collect();
             statuses.insert("jwt_write_status".into(), serde_json::Value::Object(jwt));
         }
-        json!({
-            "status": if ok { "OK" } else { "Service Unavailable" },
-            "health": {"file_write_statuses": statuses},
-        })
+        let mut health = json!({"file_write_statuses": statuses});
+        if let Some((socket, served)) = &self.served {
+            health["workload_api"] = json!({
+                "socket": socket,
+                "status": if served.complete() { "serving" } else { "waiting for an X.509-SVID and JWT bundles" },
+            });
+        }
+        json!({"status": if ok { "OK" } else { "Service Unavailable" }, "health": health})
     }
 }
 

@@ -346,6 +346,21 @@ impl slim_identity_agent::workload::pb::spiffe_workload_api_server::SpiffeWorklo
     type FetchJWTBundlesStream = tokio_stream::wrappers::ReceiverStream<
         Result<slim_identity_agent::workload::pb::JwtBundlesResponse, tonic::Status>,
     >;
+    type FetchX509BundlesStream = tokio_stream::wrappers::ReceiverStream<
+        Result<slim_identity_agent::workload::pb::X509BundlesResponse, tonic::Status>,
+    >;
+    async fn fetch_x509_bundles(
+        &self,
+        _: tonic::Request<slim_identity_agent::workload::pb::X509BundlesRequest>,
+    ) -> Result<tonic::Response<Self::FetchX509BundlesStream>, tonic::Status> {
+        Err(tonic::Status::invalid_argument("malformed request"))
+    }
+    async fn validate_jwtsvid(
+        &self,
+        _: tonic::Request<slim_identity_agent::workload::pb::ValidateJwtsvidRequest>,
+    ) -> Result<tonic::Response<slim_identity_agent::workload::pb::ValidateJwtsvidResponse>, tonic::Status> {
+        Err(tonic::Status::invalid_argument("malformed request"))
+    }
     async fn fetch_x509svid(
         &self,
         _: tonic::Request<slim_identity_agent::workload::pb::X509svidRequest>,
@@ -364,4 +379,88 @@ impl slim_identity_agent::workload::pb::spiffe_workload_api_server::SpiffeWorklo
     ) -> Result<tonic::Response<Self::FetchJWTBundlesStream>, tonic::Status> {
         Err(tonic::Status::invalid_argument("malformed request"))
     }
+}
+
+/// The daemon serves the Workload API on its socket from what upstream streams: ready only once
+/// it holds an X.509-SVID and bundles, and an upstream restart leaves what the app holds in place.
+#[tokio::test]
+async fn the_daemon_serves_its_pod_and_keeps_serving_while_upstream_restarts() {
+    let mut s = setup(false).await;
+    let served_socket = s.out.join("run/agent.sock");
+    let health_port = free_port();
+    let mut config = config(
+        &s,
+        &format!(
+            "workload_api_socket: {}\nhealth_checks: {{listener_enabled: true, bind_port: {health_port}}}\n",
+            served_socket.display()
+        ),
+    );
+    config.x509 = None;
+    config.jwt_svids.clear();
+    config.jwt_bundle_file_name.clear();
+    let (stop, handle) = spawn_daemon(config);
+    let ready = || async move {
+        let url = format!("http://127.0.0.1:{health_port}/ready");
+        http_get(&url).await
+    };
+    wait_until_async("the socket", || async { served_socket.exists() }).await;
+    assert_eq!(ready().await.0, 503, "nothing held: not ready");
+    assert!(ready().await.1.contains("waiting for an X.509-SVID"), "{}", ready().await.1);
+
+    s.agent.update(|state| state.issue(ID, ""));
+    wait_until_async("ready", || async { ready().await.0 == 200 }).await;
+    assert!(ready().await.1.contains("\"serving\""));
+    let app = spiffe::WorkloadApiClient::connect_to(format!("unix://{}", served_socket.display()))
+        .await
+        .expect("the app connects");
+    assert_eq!(app.fetch_x509_svid().await.expect("svid").spiffe_id().to_string(), ID);
+
+    // Upstream gone: the streams' state stays, JWT-SVIDs are refused with the reason.
+    s.agent.pause();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.fetch_x509_svid().await.expect("held").spiffe_id().to_string(), ID);
+    assert!(app.fetch_jwt_bundles().await.is_ok(), "bundles held");
+    let error = app.fetch_jwt_svid(["slim"], None).await.expect_err("no upstream").to_string();
+    assert!(error.contains("cannot issue JWT-SVIDs now"), "{error}");
+    assert_eq!(ready().await.0, 200, "what the app needs is still served");
+    s.agent.resume().expect("resume");
+    wait_until_async("JWT-SVIDs again", || async { app.fetch_jwt_svid(["slim"], None).await.is_ok() }).await;
+
+    // Withdrawn upstream (PermissionDenied): nothing is served any more.
+    s.agent.update(|state| state.identities.clear());
+    s.agent.drop_streams();
+    wait_until_async("withdrawn", || async { app.fetch_x509_svid().await.is_err() }).await;
+    let _ = stop.send(());
+    handle.await.expect("joined").expect("clean stop");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
+}
+
+async fn wait_until_async<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    for _ in 0..500 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// (status, body) of a plain HTTP GET on loopback.
+async fn http_get(url: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let Ok(mut stream) = tokio::net::TcpStream::connect(host).await else { return (0, String::new()) };
+    let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
 }

@@ -523,10 +523,11 @@ impl SlimApp {
         Self::spawn_script("slim_member.py", &[&node.data_endpoint(), name])
     }
 
-    /// An app whose identity is the agent's files in `svids` (`harness/slim_jwt_app.py`): SLIM's
-    /// static-JWT provider over `jwt_svid.token`, SLIM's JWKS verifier over `key.jwt`; it echoes.
+    /// An app whose identity is the agent's files in `svids` (`harness/slim_identity_app.py`):
+    /// SLIM's static-JWT provider over `jwt_svid.token`, SLIM's JWKS verifier over `key.jwt`; it
+    /// echoes.
     pub fn jwt_listener(node: &SlimNode, name: &str, svids: &Path) -> Result<Self, HarnessError> {
-        Self::spawn_script("slim_jwt_app.py", &["listen", &node.data_endpoint(), name, &svids.display().to_string()])
+        Self::identity_listener(node, name, &svids.display().to_string())
     }
 
     /// The same identity, opening a new session to `remote` about once a second for `seconds`.
@@ -537,9 +538,48 @@ impl SlimApp {
         remote: &str,
         seconds: u32,
     ) -> Result<Self, HarnessError> {
-        let svids = svids.display().to_string();
+        Self::identity_sender(node, name, &svids.display().to_string(), remote, seconds)
+    }
+
+    /// An app with `identity` ([`spire_identity`], or a files directory) that accepts sessions
+    /// (point-to-point and group) and echoes every message.
+    pub fn identity_listener(node: &SlimNode, name: &str, identity: &str) -> Result<Self, HarnessError> {
+        Self::spawn_script("slim_identity_app.py", &["listen", &node.data_endpoint(), name, identity])
+    }
+
+    /// An app with `identity` opening a new point-to-point session to `remote` about once a second
+    /// for `seconds` (`reply <n> …` / `error <n> …` lines, then `done <n>`).
+    pub fn identity_sender(
+        node: &SlimNode,
+        name: &str,
+        identity: &str,
+        remote: &str,
+        seconds: u32,
+    ) -> Result<Self, HarnessError> {
         let seconds = seconds.to_string();
-        Self::spawn_script("slim_jwt_app.py", &["send", &node.data_endpoint(), name, &svids, remote, &seconds])
+        Self::spawn_script("slim_identity_app.py", &["send", &node.data_endpoint(), name, identity, remote, &seconds])
+    }
+
+    /// An app with `identity` moderating group sessions named `channel…` with `members`:
+    /// `Groups::New` opens a new one every 2 s (`group <n> ok|error …`), `Groups::One` keeps one
+    /// and publishes every second (`message <n> echoes <k>`); `done <n>` at the end.
+    pub fn identity_moderator(
+        node: &SlimNode,
+        name: &str,
+        identity: &str,
+        groups: Groups,
+        members: &[&str],
+        seconds: u32,
+    ) -> Result<Self, HarnessError> {
+        let (mode, channel, mls) = match groups {
+            Groups::New { channel, mls } => ("groups", channel, mls),
+            Groups::One { channel, mls } => ("channel", channel, mls),
+        };
+        let members = members.join(",");
+        let seconds = seconds.to_string();
+        let mls = if mls { "mls" } else { "plain" };
+        let args = [mode, &node.data_endpoint(), name, identity, channel, &members, &seconds, mls];
+        Self::spawn_script("slim_identity_app.py", &args)
     }
 
     /// Publishes `text` on the channel a member joined.
@@ -680,6 +720,21 @@ impl Drop for SlimApp {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// How [`SlimApp::identity_moderator`] runs its groups.
+#[derive(Clone, Copy, Debug)]
+pub enum Groups<'a> {
+    /// A new group session every 2 s.
+    New { channel: &'a str, mls: bool },
+    /// One group session for the whole run.
+    One { channel: &'a str, mls: bool },
+}
+
+/// The identity argument of `slim_identity_app.py` for SLIM's `spire` provider and verifier on a
+/// Workload API socket.
+pub fn spire_identity(socket: &Path) -> String {
+    format!("spire:{}", socket.display())
 }
 
 /// A child process killed when this is dropped (also when a test panics).

@@ -126,6 +126,9 @@ pub struct Config {
     pub jwt_svid_write_mode: WriteMode,
     /// `identity_source`: `spiffe` (default) or `kubernetes` (with the `kubernetes_*` keys).
     pub identity_source: IdentitySource,
+    /// `workload_api_socket`: serve the Workload API to the pod on this Unix socket (SLIM's
+    /// `spire` identity provider connects there); empty: not served.
+    pub workload_api_socket: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -162,6 +165,7 @@ impl Default for Config {
             renew_on_jwt_update: false,
             jwt_svid_write_mode: WriteMode::Swap,
             identity_source: IdentitySource::Spiffe,
+            workload_api_socket: None,
         }
     }
 }
@@ -251,6 +255,7 @@ impl Config {
                 WriteMode::Swap => "atomic",
                 WriteMode::InPlace => "in-place",
             },
+            "workload_api_socket": self.workload_api_socket.as_ref().map(|p| p.to_string_lossy()).unwrap_or_default(),
         });
         if let (Some((svid, key, bundle)), Some(map)) = (&self.x509, doc.as_object_mut()) {
             map.insert("svid_file_name".into(), svid.as_str().into());
@@ -325,6 +330,10 @@ impl Config {
                 other => return invalid(format!("jwt_svid_write_mode {other:?} is not \"atomic\" or \"in-place\"")),
             },
             identity_source,
+            workload_api_socket: match top.string("workload_api_socket")?.as_str() {
+                "" => None,
+                raw => Some(socket_path_of(raw)?),
+            },
         };
         // A service-account token has no trust domain: its bundle is the cluster's plain JWKS.
         if matches!(config.identity_source, IdentitySource::Kubernetes(_)) && bundle_format.is_empty() {
@@ -414,11 +423,28 @@ impl Config {
                     "identity_source kubernetes writes the cluster's JWKS: jwt_bundle_format must be \"jwks\"",
                 );
             }
+            if self.workload_api_socket.is_some() {
+                return invalid(
+                    "workload_api_socket serves SPIFFE identities: identity_source kubernetes has none to serve",
+                );
+            }
         }
-        if self.x509.is_none() && self.jwt_svids.is_empty() && self.jwt_bundle_file_name.is_empty() {
+        if self.x509.is_none()
+            && self.jwt_svids.is_empty()
+            && self.jwt_bundle_file_name.is_empty()
+            && self.workload_api_socket.is_none()
+        {
             return invalid(
-                "at least one of 'svid_file_name' (with its key and bundle), 'jwt_svids' or 'jwt_bundle_file_name' must be specified",
+                "at least one of 'svid_file_name' (with its key and bundle), 'jwt_svids', 'jwt_bundle_file_name' or 'workload_api_socket' must be specified",
             );
+        }
+        if let Some(socket) = &self.workload_api_socket
+            && Some(socket.as_path()) == self.socket_path().ok().as_deref()
+        {
+            return invalid(format!(
+                "workload_api_socket {} is the upstream agent's socket: serve the pod on another path",
+                socket.display()
+            ));
         }
         if !self.pid_file_name.is_empty() {
             if !self.daemon_mode {

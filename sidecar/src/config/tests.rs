@@ -182,6 +182,7 @@ fn a_typed_config_reads_back_as_itself() {
         jwt_svid_refresh_percent: 30,
         renew_on_jwt_update: true,
         jwt_svid_write_mode: WriteMode::InPlace,
+        workload_api_socket: Some(PathBuf::from("/run/slim-identity/agent.sock")),
         ..defaults.clone()
     };
     for config in [defaults, full] {
@@ -237,4 +238,24 @@ fn kubernetes_source_keys_defaults_and_contradictions() {
     )
     .expect("hcl");
     assert!(matches!(hcl.identity_source, IdentitySource::Kubernetes(ref k) if k.token_file == Path::new("/t")));
+}
+
+#[test]
+fn the_workload_api_socket_in_yaml_and_hcl() {
+    let yaml = Config::from_yaml("workload_api_socket: unix:///run/slim-identity/agent.sock\n").expect("yaml");
+    assert_eq!(yaml.workload_api_socket, Some(PathBuf::from("/run/slim-identity/agent.sock")), "alone is enough");
+    let hcl =
+        Config::from_hcl("workload_api_socket = \"/run/s/agent.sock\"\njwt_bundle_file_name = \"k\"\n").expect("hcl");
+    assert_eq!(hcl.workload_api_socket, Some(PathBuf::from("/run/s/agent.sock")));
+    for (text, message) in [
+        ("workload_api_socket: tcp:127.0.0.1:1\n", "TCP Workload API endpoints are not supported"),
+        ("workload_api_socket: /a.sock\nagent_address: /a.sock\n", "is the upstream agent's socket"),
+        (
+            "workload_api_socket: /a.sock\nidentity_source: kubernetes\njwt_svids: [{jwt_audience: s, jwt_svid_file_name: t}]\n",
+            "identity_source kubernetes has none to serve",
+        ),
+    ] {
+        let error = Config::from_yaml(text).expect_err(text).to_string();
+        assert!(error.contains(message), "{text}: {error}");
+    }
 }

@@ -113,8 +113,13 @@ impl WorkloadClient {
     }
 
     pub async fn jwt_svids(&self, audiences: &[String]) -> Result<Vec<pb::Jwtsvid>, WorkloadError> {
+        self.jwt_svids_of(audiences, "").await
+    }
+
+    /// JWT-SVIDs for `audiences`, of `spiffe_id` only when it is not empty.
+    pub async fn jwt_svids_of(&self, audiences: &[String], spiffe_id: &str) -> Result<Vec<pb::Jwtsvid>, WorkloadError> {
         let mut inner = self.inner.clone();
-        let request = pb::JwtsvidRequest { audience: audiences.to_vec(), spiffe_id: String::new() };
+        let request = pb::JwtsvidRequest { audience: audiences.to_vec(), spiffe_id: spiffe_id.to_owned() };
         inner
             .fetch_jwtsvid(request)
             .await

@@ -158,6 +158,11 @@ pub struct AgentState {
     /// Calls to FetchJWTSVID so far, and when (tokio time, so paused-clock tests can read it).
     pub jwt_fetches: u64,
     pub jwt_fetched_at: Vec<tokio::time::Instant>,
+    /// The audiences of every FetchJWTSVID so far.
+    pub jwt_audiences: Vec<Vec<String>>,
+    /// When set, the JWT bundle stream keeps sending this JWKS whatever the keys are (a negative
+    /// control: a key rotation the stream withholds).
+    pub frozen_jwks: Option<Vec<u8>>,
 }
 
 impl AgentState {
@@ -172,6 +177,8 @@ impl AgentState {
             x509_ttl: Duration::from_secs(3600),
             jwt_fetches: 0,
             jwt_fetched_at: Vec::new(),
+            jwt_audiences: Vec::new(),
+            frozen_jwks: None,
         }
     }
 
@@ -224,7 +231,8 @@ impl AgentState {
     }
 
     fn jwt_bundles_response(&self) -> pb::JwtBundlesResponse {
-        let mut bundles = BTreeMap::from([(format!("spiffe://{}", self.authority.trust_domain), self.jwks())]);
+        let jwks = self.frozen_jwks.clone().unwrap_or_else(|| self.jwks());
+        let mut bundles = BTreeMap::from([(format!("spiffe://{}", self.authority.trust_domain), jwks)]);
         for td in self.federated.keys() {
             bundles.insert(format!("spiffe://{td}"), br#"{"keys":[]}"#.to_vec());
         }
@@ -258,14 +266,24 @@ pub struct FakeAgent {
 impl FakeAgent {
     /// Serves `state` on a Unix socket at `socket`.
     pub async fn start(socket: &Path, state: AgentState) -> std::io::Result<Self> {
-        let _ = std::fs::remove_file(socket);
-        let listener = tokio::net::UnixListener::bind(socket)?;
-        let state = Arc::new(Mutex::new(state));
         let (changes, _) = watch::channel(0u64);
         let (drops, _) = watch::channel(0u64);
         let (opened, _) = watch::channel(0u64);
-        let service =
-            Service { state: state.clone(), changes: changes.clone(), drops: drops.clone(), opened: opened.clone() };
+        let mut agent =
+            Self { socket: socket.to_owned(), state: Arc::new(Mutex::new(state)), changes, drops, opened, stop: None };
+        agent.serve()?;
+        Ok(agent)
+    }
+
+    fn serve(&mut self) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(&self.socket);
+        let listener = tokio::net::UnixListener::bind(&self.socket)?;
+        let service = Service {
+            state: self.state.clone(),
+            changes: self.changes.clone(),
+            drops: self.drops.clone(),
+            opened: self.opened.clone(),
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
@@ -276,7 +294,23 @@ impl FakeAgent {
                 })
                 .await;
         });
-        Ok(Self { socket: socket.to_owned(), state, changes, drops, opened, stop: Some(stop) })
+        self.stop = Some(stop);
+        Ok(())
+    }
+
+    /// Stops serving as a SPIRE agent does when it restarts: open streams end (`Unavailable`),
+    /// the socket is gone until [`FakeAgent::resume`].
+    pub fn pause(&mut self) {
+        self.drop_streams();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Serves again, with the same state, on the same socket.
+    pub fn resume(&mut self) -> std::io::Result<()> {
+        self.serve()
     }
 
     /// Changes the state and pushes the new full state on every open stream.
@@ -383,6 +417,7 @@ impl Service {
 impl SpiffeWorkloadApi for Service {
     type FetchX509SVIDStream = Pushes<pb::X509svidResponse>;
     type FetchJWTBundlesStream = Pushes<pb::JwtBundlesResponse>;
+    type FetchX509BundlesStream = Pushes<pb::X509BundlesResponse>;
 
     async fn fetch_x509svid(
         &self,
@@ -410,6 +445,7 @@ impl SpiffeWorkloadApi for Service {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.jwt_fetches += 1;
         state.jwt_fetched_at.push(tokio::time::Instant::now());
+        state.jwt_audiences.push(request.audience.clone());
         if state.identities.is_empty() {
             return Err(Status::permission_denied("no identity issued"));
         }
@@ -438,5 +474,35 @@ impl SpiffeWorkloadApi for Service {
                 Ok(state.jwt_bundles_response())
             }
         })))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(&request)?;
+        Ok(Response::new(self.pushes(|state| {
+            if state.identities.is_empty() {
+                Err(Status::permission_denied("no identity issued"))
+            } else {
+                Ok(super::server::x509_bundles(&state.x509_response()))
+            }
+        })))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        check_header(&request)?;
+        let request = request.into_inner();
+        let bundles = {
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            crate::agent::bundles_of(state.jwt_bundles_response())
+        };
+        let now = crate::agent::unix_now();
+        let valid = crate::svid::jwt::validate(&request.svid, &bundles, &[request.audience], now, 0)
+            .map_err(|error| Status::invalid_argument(error.to_string()))?;
+        Ok(Response::new(pb::ValidateJwtsvidResponse { spiffe_id: valid.spiffe_id, claims: None }))
     }
 }
