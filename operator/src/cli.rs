@@ -191,6 +191,11 @@ pub struct WebhookArgs {
     /// `kubernetes` (a projected service-account token; no SPIRE needed).
     #[arg(long, env = "SLIM_OPERATOR_DEFAULT_IDENTITY_SOURCE", default_value = "spiffe")]
     pub default_identity_source: crate::webhook::inject::Source,
+
+    /// With identity source `spiffe`, whether injected agents serve the SPIFFE Workload API to
+    /// the app containers when the pod's `slim.agntcy.org/workload-api` annotation does not say.
+    #[arg(long, env = "SLIM_OPERATOR_DEFAULT_WORKLOAD_API", default_value_t = true, action = clap::ArgAction::Set)]
+    pub default_workload_api: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -223,6 +228,7 @@ impl RunArgs {
             audiences: w.default_audiences.clone(),
             jwt_bundle_format: w.default_jwt_bundle_format.clone(),
             identity_source: w.default_identity_source,
+            workload_api: w.default_workload_api,
             ..Default::default()
         };
         injector.excluded_namespaces.push(self.namespace.clone());

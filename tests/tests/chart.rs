@@ -171,6 +171,7 @@ fn custom_render_follows_the_values() {
     assert_eq!(env("SLIM_OPERATOR_DEFAULT_AUDIENCES"), "slim,gateway");
     assert_eq!(env("SLIM_OPERATOR_CHANNEL_MANAGER"), "http://slim-channel-manager.slim.svc:10356");
     assert_eq!(env("SLIM_OPERATOR_DEFAULT_IDENTITY_SOURCE"), "kubernetes");
+    assert_eq!(env("SLIM_OPERATOR_DEFAULT_WORKLOAD_API"), "false");
     // Control TLS: the CA and client Secrets and the SPIRE socket mounted, the operator told where.
     assert_eq!(env("SLIM_OPERATOR_CONTROL_TLS_CA_FILE"), "/etc/slim-operator/control-ca/ca.crt");
     assert_eq!(env("SLIM_OPERATOR_CONTROL_TLS_CLIENT_KEY_FILE"), "/etc/slim-operator/control-client/tls.key");
@@ -206,6 +207,7 @@ fn schema_rejects_typos_and_bad_types() {
         ("sidecar.jwtBundleFormat=pem", "jwtBundleFormat"),
         ("operator.resyncInterval=often", "resyncInterval"),
         ("sidecar.identitySource=vault", "identitySource"),
+        ("sidecar.workloadApi=maybe", "workloadApi"),
     ] {
         let error = run_helm(&["template", "slim", &chart(), "--set", set]).expect_err(set);
         assert!(error.contains(expected), "{set}: {error}");

@@ -57,7 +57,17 @@ pub mod annotation {
     /// `kubernetes` source: the token's lifetime in seconds (600 to 86400; default 3600); the
     /// kubelet renews it at 80 % of that.
     pub const TOKEN_EXPIRATION_SECONDS: &str = "slim.agntcy.org/token-expiration-seconds";
+    /// `"true"`: the agent serves the SPIFFE Workload API to the app containers (SLIM's `spire`
+    /// identity); the default for the `spiffe` source. `"false"`: files only.
+    pub const WORKLOAD_API: &str = "slim.agntcy.org/workload-api";
 }
+
+/// Where the agent's Workload API socket directory is mounted, in the agent and the apps.
+pub const WORKLOAD_API_DIR: &str = "/run/slim-identity";
+/// The socket in it (`slim_identity_agent::workload::server::DEFAULT_SOCKET`).
+pub const WORKLOAD_API_SOCKET: &str = slim_identity_agent::workload::server::DEFAULT_SOCKET;
+/// The variable SPIFFE clients (SLIM's `spire` provider among them) find the socket by.
+pub const SPIFFE_ENDPOINT_SOCKET: &str = "SPIFFE_ENDPOINT_SOCKET";
 
 /// How the SPIRE agent socket reaches the pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,6 +100,8 @@ pub struct InjectorConfig {
     pub excluded_namespaces: Vec<String>,
     /// Where identities come from when neither the pod nor its namespace says.
     pub identity_source: Source,
+    /// Serve the Workload API to the apps (identity source `spiffe`) when the pod does not say.
+    pub workload_api: bool,
 }
 
 /// Where the agent gets the pod's identity.
@@ -139,6 +151,7 @@ impl Default for InjectorConfig {
             run_as_user: 65532,
             excluded_namespaces: vec!["kube-system".into(), "kube-public".into(), "kube-node-lease".into()],
             identity_source: Source::Spiffe,
+            workload_api: true,
         }
     }
 }
@@ -207,6 +220,8 @@ struct Settings {
     containers: Vec<usize>,
     resources: ResourceRequirements,
     health_port: u16,
+    /// Serve the Workload API to the app containers.
+    workload_api: bool,
 }
 
 impl Settings {
@@ -389,6 +404,18 @@ impl Settings {
                 .ok_or_else(|| format!("{}: {port:?} is not a port", annotation::HEALTH_PORT))?,
             None => free_port(pod, config.health_port),
         };
+        let workload_api = match (get(annotation::WORKLOAD_API), &token) {
+            (None, None) => config.workload_api,
+            (Some("true"), None) => true,
+            (None, Some(_)) | (Some("false"), _) => false,
+            (Some("true"), Some(_)) => {
+                return Err(format!(
+                    "{}: the Workload API serves SPIFFE identities; identity source kubernetes has none",
+                    annotation::WORKLOAD_API
+                ));
+            }
+            (Some(other), _) => return Err(format!("{}: {other:?} is not true or false", annotation::WORKLOAD_API)),
+        };
         Ok(Self {
             token,
             jwt: audiences.into_iter().zip(files).collect(),
@@ -401,6 +428,7 @@ impl Settings {
             containers: selected,
             resources,
             health_port,
+            workload_api,
         })
     }
 }
@@ -469,23 +497,57 @@ fn agent_config(settings: &Settings, config: &InjectorConfig) -> Result<String, 
             liveness_path: "/live".into(),
             readiness_path: "/ready".into(),
         },
+        workload_api_socket: settings.workload_api.then(|| WORKLOAD_API_SOCKET.into()),
         ..Default::default()
     };
     agent.to_yaml().map_err(|error| format!("rendering the agent config: {error}"))
 }
 
-fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Result<Patch, String> {
+/// The volumes injected and how each container mounts them.
+struct Volumes {
+    all: Vec<Volume>,
+    /// The agent's: the output directory, its identity source, the socket directory.
+    agent_mounts: Vec<VolumeMount>,
+    /// The agent's environment for its identity source.
+    agent_env: Vec<EnvVar>,
+    /// Each app container's: the output directory (read-only), the socket directory.
+    app_mounts: Vec<VolumeMount>,
+}
+
+fn volumes(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Volumes {
     let svids = unique_volume_name(pod, "slim-svids");
-    let svids_volume = Volume {
-        name: svids.clone(),
+    let in_memory = |name: &str, size: &str| Volume {
+        name: name.to_owned(),
         empty_dir: Some(EmptyDirVolumeSource {
             medium: Some("Memory".into()),
-            size_limit: Some(Quantity("16Mi".into())),
+            size_limit: Some(Quantity(size.into())),
         }),
         ..Default::default()
     };
-    // What the agent reads its identity from: SPIRE's socket, or a projected token.
-    let (identity_volume, identity_mount, identity_env) = match &settings.token {
+    let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: read_only.then_some(true),
+        ..Default::default()
+    };
+    let (identity_volume, identity_mount, agent_env) = identity_source(pod, settings, config);
+    let mut all = vec![in_memory(&svids, "16Mi"), identity_volume];
+    let mut agent_mounts = vec![mount(&svids, &settings.mount_path, false), identity_mount];
+    let mut app_mounts = vec![mount(&svids, &settings.mount_path, true)];
+    if settings.workload_api {
+        // Pod-local: the socket is reachable from this pod's containers only.
+        let socket = unique_volume_name(pod, "slim-identity-socket");
+        all.push(in_memory(&socket, "1Mi"));
+        agent_mounts.push(mount(&socket, WORKLOAD_API_DIR, false));
+        app_mounts.push(mount(&socket, WORKLOAD_API_DIR, true));
+    }
+    Volumes { all, agent_mounts, agent_env, app_mounts }
+}
+
+/// What the agent reads its identity from: SPIRE's socket, or a projected token (with the pod's
+/// own name, namespace and UID, since it accepts only a token bound to its pod).
+fn identity_source(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> (Volume, VolumeMount, Vec<EnvVar>) {
+    match &settings.token {
         None => {
             let name = unique_volume_name(pod, "slim-spire-agent-socket");
             let volume = match &config.socket {
@@ -506,12 +568,8 @@ fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Resul
                 read_only: Some(true),
                 ..Default::default()
             };
-            let env = vec![EnvVar {
-                name: "SPIFFE_ENDPOINT_SOCKET".to_owned(),
-                value: Some(format!("unix://{}/{}", config.socket_dir, config.socket_file)),
-                ..Default::default()
-            }];
-            (volume, mount, env)
+            let socket = format!("unix://{}/{}", config.socket_dir, config.socket_file);
+            (volume, mount, vec![env(SPIFFE_ENDPOINT_SOCKET, &socket)])
         }
         Some(token) => {
             let name = unique_volume_name(pod, "slim-service-account-token");
@@ -522,7 +580,6 @@ fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Resul
                 read_only: Some(true),
                 ..Default::default()
             };
-            // The agent accepts only a token bound to its own pod.
             let field = |name: &str, path: &str| EnvVar {
                 name: name.to_owned(),
                 value_from: Some(EnvVarSource {
@@ -538,9 +595,21 @@ fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Resul
             ];
             (volume, mount, env)
         }
-    };
-    let volumes = vec![svids_volume, identity_volume];
-    let agent_config = agent_config(settings, config)?;
+    }
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar { name: name.to_owned(), value: Some(value.to_owned()), ..Default::default() }
+}
+
+/// The agent as a native sidecar: started before the app containers, which wait for its startup
+/// probe (every output file written, and the Workload API socket serving when there is one).
+fn agent_container(
+    pod: &Pod,
+    settings: &Settings,
+    config: &InjectorConfig,
+    volumes: &Volumes,
+) -> Result<Container, String> {
     let pod_sets_user =
         pod.spec.as_ref().and_then(|s| s.security_context.as_ref()).and_then(|c| c.run_as_user).is_some();
     let probe = |path: &str, period: i32, failures: i32| Probe {
@@ -553,24 +622,19 @@ fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Resul
         failure_threshold: Some(failures),
         ..Default::default()
     };
-    let sidecar = Container {
+    let agent_config = env(CONFIG_ENV, &agent_config(settings, config)?);
+    Ok(Container {
         name: CONTAINER_NAME.to_owned(),
         image: Some(config.image.clone()),
         image_pull_policy: config.image_pull_policy.clone(),
-        // A native sidecar: started before the app containers, which wait for its startup probe.
         restart_policy: Some("Always".to_owned()),
         args: Some(vec![CONFIG_ENV_FLAG.to_owned(), CONFIG_ENV.to_owned()]),
-        env: Some(
-            std::iter::once(EnvVar { name: CONFIG_ENV.to_owned(), value: Some(agent_config), ..Default::default() })
-                .chain(identity_env)
-                .collect(),
-        ),
+        env: Some(std::iter::once(agent_config).chain(volumes.agent_env.iter().cloned()).collect()),
         ports: Some(vec![ContainerPort {
             name: Some("identity-health".to_owned()),
             container_port: i32::from(settings.health_port),
             ..Default::default()
         }]),
-        // Passes only once every output file is written, so the app starts with its identity.
         startup_probe: Some(probe("/ready", 1, 300)),
         liveness_probe: Some(probe("/live", 10, 3)),
         readiness_probe: Some(probe("/ready", 5, 2)),
@@ -584,66 +648,71 @@ fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Resul
             seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".to_owned(), ..Default::default() }),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount { name: svids.clone(), mount_path: settings.mount_path.clone(), ..Default::default() },
-            identity_mount,
-        ]),
+        volume_mounts: Some(volumes.agent_mounts.clone()),
         ..Default::default()
-    };
-    let app_mount = VolumeMount {
-        name: svids,
-        mount_path: settings.mount_path.clone(),
-        read_only: Some(true),
-        ..Default::default()
-    };
+    })
+}
 
+/// Appends `items` to the list at `path`, or creates the list when `exists` is false.
+fn append(ops: &mut Vec<PatchOperation>, path: &[&str], exists: bool, items: &[Value]) {
+    let mut add = |tokens: Vec<&str>, value: Value| {
+        ops.push(PatchOperation::Add(AddOperation { path: PointerBuf::from_tokens(tokens), value }));
+    };
+    if exists {
+        for item in items {
+            add(path.iter().copied().chain(["-"]).collect(), item.clone());
+        }
+    } else {
+        add(path.to_vec(), Value::Array(items.to_vec()));
+    }
+}
+
+/// Each selected app container mounts the outputs (and the socket directory) and, with the
+/// Workload API, finds the socket by `SPIFFE_ENDPOINT_SOCKET` (unless it sets its own).
+fn app_patches(pod: &Pod, settings: &Settings, volumes: &Volumes, ops: &mut Vec<PatchOperation>) -> Result<(), String> {
+    let mounts = volumes.app_mounts.iter().map(to_value).collect::<Result<Vec<_>, _>>()?;
+    let socket_env = to_value(&env(SPIFFE_ENDPOINT_SOCKET, &format!("unix://{WORKLOAD_API_SOCKET}")))?;
+    let containers = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
+    for &i in &settings.containers {
+        let Some(container) = containers.get(i) else { continue };
+        let index = i.to_string();
+        append(ops, &["spec", "containers", &index, "volumeMounts"], container.volume_mounts.is_some(), &mounts);
+        let sets_its_own = container.env.iter().flatten().any(|e| e.name == SPIFFE_ENDPOINT_SOCKET);
+        if settings.workload_api && !sets_its_own {
+            append(
+                ops,
+                &["spec", "containers", &index, "env"],
+                container.env.is_some(),
+                std::slice::from_ref(&socket_env),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Result<Patch, String> {
+    let volumes = volumes(pod, settings, config);
+    let sidecar = agent_container(pod, settings, config, &volumes)?;
     let spec = pod.spec.as_ref();
     let mut ops = Vec::new();
-    let add = |ops: &mut Vec<PatchOperation>, path: PointerBuf, value: Value| {
-        ops.push(PatchOperation::Add(AddOperation { path, value }));
+    let version = json!(env!("CARGO_PKG_VERSION"));
+    let annotation = match &pod.metadata.annotations {
+        Some(_) => (PointerBuf::from_tokens(["metadata", "annotations", INJECTED]), version),
+        None => (PointerBuf::from_tokens(["metadata", "annotations"]), json!({INJECTED: version})),
     };
-    match &pod.metadata.annotations {
-        Some(_) => add(
-            &mut ops,
-            PointerBuf::from_tokens(["metadata", "annotations", INJECTED]),
-            json!(env!("CARGO_PKG_VERSION")),
-        ),
-        None => add(
-            &mut ops,
-            PointerBuf::from_tokens(["metadata", "annotations"]),
-            json!({INJECTED: env!("CARGO_PKG_VERSION")}),
-        ),
-    }
-    match spec.and_then(|s| s.volumes.as_ref()) {
-        Some(_) => {
-            for volume in &volumes {
-                add(&mut ops, PointerBuf::from_tokens(["spec", "volumes", "-"]), to_value(volume)?);
-            }
-        }
-        None => add(&mut ops, PointerBuf::from_tokens(["spec", "volumes"]), to_value(&volumes)?),
-    }
+    ops.push(PatchOperation::Add(AddOperation { path: annotation.0, value: annotation.1 }));
+    let volume_values = volumes.all.iter().map(to_value).collect::<Result<Vec<_>, _>>()?;
+    append(&mut ops, &["spec", "volumes"], spec.and_then(|s| s.volumes.as_ref()).is_some(), &volume_values);
     // First among the init containers, so later init containers have the identity too.
+    let sidecar = to_value(&sidecar)?;
     match spec.and_then(|s| s.init_containers.as_ref()) {
-        Some(_) => add(&mut ops, PointerBuf::from_tokens(["spec", "initContainers", "0"]), to_value(&sidecar)?),
-        None => add(&mut ops, PointerBuf::from_tokens(["spec", "initContainers"]), to_value(&vec![sidecar])?),
+        Some(_) => ops.push(PatchOperation::Add(AddOperation {
+            path: PointerBuf::from_tokens(["spec", "initContainers", "0"]),
+            value: sidecar,
+        })),
+        None => append(&mut ops, &["spec", "initContainers"], false, &[sidecar]),
     }
-    for &i in &settings.containers {
-        let index = i.to_string();
-        let has_mounts = spec.and_then(|s| s.containers.get(i)).is_some_and(|c| c.volume_mounts.is_some());
-        if has_mounts {
-            add(
-                &mut ops,
-                PointerBuf::from_tokens(["spec", "containers", &index, "volumeMounts", "-"]),
-                to_value(&app_mount)?,
-            );
-        } else {
-            add(
-                &mut ops,
-                PointerBuf::from_tokens(["spec", "containers", &index, "volumeMounts"]),
-                to_value(&vec![app_mount.clone()])?,
-            );
-        }
-    }
+    app_patches(pod, settings, &volumes, &mut ops)?;
     Ok(Patch(ops))
 }
 

@@ -247,19 +247,70 @@ async fn existing_volumes_init_containers_clashes_and_generate_name_are_handled(
         ("add", "/metadata/annotations"),
         ("add", "/spec/volumes/-"),
         ("add", "/spec/volumes/-"),
+        ("add", "/spec/volumes/-"),
         ("add", "/spec/initContainers/0"),
         ("add", "/spec/containers/0/volumeMounts/-"),
+        ("add", "/spec/containers/0/volumeMounts/-"),
+        ("add", "/spec/containers/0/env"),
         ("add", "/spec/containers/1/volumeMounts"),
+        ("add", "/spec/containers/1/env"),
     ];
     assert_eq!(ops, expected.map(|(a, b)| (a.to_owned(), b.to_owned())));
     let spec = pod.spec.as_ref().expect("spec");
     let init: Vec<&str> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
     assert_eq!(init, vec![CONTAINER_NAME, "migrate"], "the sidecar runs before other init containers");
     let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
-    assert_eq!(volumes, vec!["data", "slim-svids", "slim-svids-1", "slim-spire-agent-socket"]);
+    assert_eq!(volumes, vec!["data", "slim-svids", "slim-svids-1", "slim-spire-agent-socket", "slim-identity-socket"]);
     let mounted = spec.containers[1].volume_mounts.as_ref().expect("mounts")[0].name.clone();
     assert_eq!(mounted, "slim-svids-1", "the clash got a fresh name");
     assert_eq!(agent_config(&pod)["health_checks"]["bind_port"], 8082, "8081 is taken by the app");
+}
+
+/// The agent serves the Workload API to the app containers by default with SPIRE: a pod-local
+/// socket directory, `SPIFFE_ENDPOINT_SOCKET` in the apps, no SPIRE volume in any app container.
+#[tokio::test]
+async fn apps_get_the_agents_workload_api_socket_and_no_spire_volume() {
+    let mut pod = app_pod(json!({"slim.agntcy.org/inject-identity": "true"}));
+    pod["spec"]["containers"].as_array_mut().expect("containers").push(
+        json!({"name": "own", "image": "x", "env": [{"name": "SPIFFE_ENDPOINT_SOCKET", "value": "unix:///mine"}]}),
+    );
+    let (_, _, pod) = mutate(state(BTreeMap::new()), "apps", pod).await;
+    assert_eq!(agent_config(&pod)["workload_api_socket"], "/run/slim-identity/agent.sock");
+    let spec = pod.spec.as_ref().expect("spec");
+    let socket = spec.volumes.iter().flatten().find(|v| v.name == "slim-identity-socket").expect("socket volume");
+    assert!(socket.empty_dir.is_some(), "pod-local: {socket:?}");
+    let agent = sidecar(&pod);
+    assert!(
+        agent.volume_mounts.iter().flatten().any(|m| m.mount_path == "/run/slim-identity" && m.read_only.is_none())
+    );
+    let env_of = |c: &k8s_openapi::api::core::v1::Container| -> Vec<(String, String)> {
+        c.env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect()
+    };
+    let app = &spec.containers[0];
+    assert_eq!(env_of(app), [("SPIFFE_ENDPOINT_SOCKET".to_owned(), "unix:///run/slim-identity/agent.sock".to_owned())]);
+    assert_eq!(env_of(&spec.containers[1]), [("SPIFFE_ENDPOINT_SOCKET".to_owned(), "unix:///mine".to_owned())], "kept");
+    for container in &spec.containers {
+        let mounts: Vec<&str> = container.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+        assert_eq!(mounts, ["/svids", "/run/slim-identity"], "no SPIRE volume in {}", container.name);
+    }
+
+    // Files only, by annotation; and refused where there is no SPIFFE identity to serve.
+    let files_only =
+        app_pod(json!({"slim.agntcy.org/inject-identity": "true", "slim.agntcy.org/workload-api": "false"}));
+    let (_, _, pod) = mutate(state(BTreeMap::new()), "apps", files_only).await;
+    assert_eq!(agent_config(&pod)["workload_api_socket"], "");
+    assert!(pod.spec.as_ref().expect("spec").containers[0].env.is_none());
+    let refused = app_pod(json!({
+        "slim.agntcy.org/inject-identity": "true",
+        "slim.agntcy.org/identity-source": "kubernetes",
+        "slim.agntcy.org/workload-api": "true",
+    }));
+    let (answer, _, _) = mutate(state(BTreeMap::new()), "apps", refused).await;
+    assert_eq!(answer["allowed"], false);
+    assert!(
+        answer["status"]["message"].as_str().unwrap_or("").contains("identity source kubernetes has none"),
+        "{answer}"
+    );
 }
 
 #[tokio::test]
