@@ -9,7 +9,8 @@ IDENTITY is either
 
   python slim_identity_app.py listen NODE org/ns/name IDENTITY
       prints "instance <uuid>"; accepts sessions (point-to-point and group), prints
-      "joined <n>" for each, "received <payload>" for each message and echoes it back.
+      "joined <n>" for each, "received <payload>" for each message and echoes it back (not an
+      echo); "publish <text>" on stdin publishes on the last session joined.
   python slim_identity_app.py send NODE org/ns/name IDENTITY org/ns/remote SECONDS
       for SECONDS, opens a new point-to-point session about once a second, sends one message and
       prints "reply <n> <payload>" or "error <n> <text>"; then "done <n>".
@@ -75,7 +76,7 @@ def one_line(error) -> str:
 
 def listen(endpoint: str, local: str, spec: str) -> None:
     app, _ = connect(endpoint, local, spec)
-    joined = 0
+    sessions = []
 
     def serve(session) -> None:
         while True:
@@ -83,17 +84,32 @@ def listen(endpoint: str, local: str, spec: str) -> None:
                 msg = session.get_message(datetime.timedelta(seconds=600))
             except Exception:  # session closed
                 return
-            print("received", msg.payload.decode(), flush=True)
+            payload = msg.payload.decode()
+            print("received", payload, flush=True)
+            if payload.startswith("echo:"):
+                continue
             try:
                 session.publish_to(msg.context, b"echo:" + msg.payload, None, None)
             except Exception as error:  # noqa: BLE001 - a refused reply is the test's to see
                 print("echo-error", one_line(error), flush=True)
 
-    while True:
-        session = app.listen_for_session(None)
-        joined += 1
-        print("joined", joined, flush=True)
-        threading.Thread(target=serve, args=(session,), daemon=True).start()
+    def accept() -> None:
+        while True:
+            session = app.listen_for_session(None)
+            sessions.append(session)
+            print("joined", len(sessions), flush=True)
+            threading.Thread(target=serve, args=(session,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    for line in sys.stdin:
+        command, _, text = line.strip().partition(" ")
+        if command == "publish" and sessions:
+            try:
+                sessions[-1].publish_and_wait(text.encode(), None, None)
+                print("published", text, flush=True)
+            except Exception as error:  # noqa: BLE001
+                print("error", one_line(error), flush=True)
+    threading.Event().wait()
 
 
 def send(endpoint: str, local: str, spec: str, remote: str, seconds: float) -> int:
@@ -141,10 +157,15 @@ def open_group(app, conn, channel: str, members, mls: bool):
 
 
 def echoes(session, text: str, expected: int, timeout: float) -> int:
-    """Publishes `text` and counts the members' echoes of it within `timeout` seconds."""
-    session.publish_and_wait(text.encode(), None, None)
-    got = 0
+    """Publishes `text` and counts the members' echoes of it within `timeout` seconds (a publish
+    that never completes counts as none)."""
     deadline = time.monotonic() + timeout
+    publish = threading.Thread(target=session.publish_and_wait, args=(text.encode(), None, None), daemon=True)
+    publish.start()
+    publish.join(timeout)
+    if publish.is_alive():
+        return 0
+    got = 0
     while got < expected and time.monotonic() < deadline:
         try:
             msg = session.get_message(datetime.timedelta(seconds=max(0.05, deadline - time.monotonic())))

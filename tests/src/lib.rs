@@ -438,6 +438,16 @@ impl ChannelManager {
     /// A manager whose API server has `tls` (SLIM's server `tls` config as a YAML flow mapping,
     /// as a node's controller takes it); its [`ChannelManager::endpoint`] is then `https://`.
     pub fn start_with_api_tls(node: &SlimNode, tls: &str) -> Result<Self, HarnessError> {
+        Self::start_with(node, tls, &format!("{{type: shared_secret, secret: \"{APP_SECRET}\"}}"))
+    }
+
+    /// A manager whose own SLIM identity is `auth` (its `auth` config as a YAML flow mapping,
+    /// e.g. `{type: spire, socket_path: …}`).
+    pub fn start_with_auth(node: &SlimNode, auth: &str) -> Result<Self, HarnessError> {
+        Self::start_with(node, "", auth)
+    }
+
+    fn start_with(node: &SlimNode, tls: &str, auth: &str) -> Result<Self, HarnessError> {
         let api_tls = if tls.is_empty() { "{insecure: true}" } else { tls };
         let dir = tempfile::tempdir()?;
         let local_name = "org/ns/channel-manager".to_owned();
@@ -448,7 +458,7 @@ impl ChannelManager {
             format!(
                 "channel-manager:\n  slim-connection:\n    endpoint: \"{}\"\n    tls: {{insecure: true}}\n  \
                  api-server:\n    endpoint: \"127.0.0.1:0\"\n    tls: {api_tls}\n  \
-                 local-name: \"{local_name}\"\n  auth:\n    type: shared_secret\n    secret: \"{APP_SECRET}\"\n  \
+                 local-name: \"{local_name}\"\n  auth: {auth}\n  \
                  channels: []\n  persistence:\n    path: {}\n    insecure: true\n    delete-sessions-on-shutdown: false\n",
                 node.data_endpoint(),
                 state.display()

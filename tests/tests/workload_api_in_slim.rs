@@ -65,11 +65,15 @@ async fn serves(socket: &Path) -> Option<()> {
 
 /// The fake SPIRE agent with alice and bob, 40 s JWT-SVIDs (SLIM refreshes first at 30 s).
 async fn upstream(dir: &Path) -> FakeAgent {
+    upstream_of(dir, &["alice", "bob"]).await
+}
+
+async fn upstream_of(dir: &Path, names: &[&str]) -> FakeAgent {
     let mut state = AgentState::new(TD);
     state.jwt_ttl = Duration::from_secs(40);
     // As a SPIRE server with `jwt_issuer` (SLIM's JWT verifier, in the negative control, needs it).
     state.jwt_issuer = Some(format!("https://oidc.{TD}"));
-    for name in ["alice", "bob"] {
+    for name in names {
         state.issue(&format!("spiffe://{TD}/ns/apps/sa/{name}"), name);
     }
     FakeAgent::start(&dir.join("spire-agent.sock"), state).await.expect("fake Workload API")
@@ -278,4 +282,78 @@ async fn a_long_lived_mls_group_stops_when_the_join_time_token_expires() {
         "SLIM 3.4.6 stops delivering once a join-time token expires; if this now delivers, SLIM refreshes MLS \
          credentials: update the README. {messages:?}"
     );
+}
+
+/// The mission's group case: a `SlimChannel` with `mlsEnabled: true` on the real API server,
+/// whose channel manager (3.4.6) and members all take SLIM's `spire` identity from their agents'
+/// sockets: the operator creates the channel, members join, messages cross.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mls_slim_channel_whose_manager_and_members_use_agent_sockets() {
+    use kube::api::{Api, DeleteParams, PostParams};
+    use slim_operator::api::SlimChannel;
+    slim_e2e::init_logging();
+    let plane = slim_e2e::control_plane::shared();
+    let client = plane.client().await.expect("admin client");
+    slim_e2e::control_plane::install_crds(&client).await.expect("CRDs");
+    let namespace = plane.namespace(&client, "spire-channel").await.expect("namespace");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spire = upstream_of(dir.path(), &["manager", "bob", "carol"]).await;
+    spire.update(|s| s.jwt_ttl = Duration::from_secs(300));
+    let manager_agent = start_agent(&spire.socket, dir.path(), "manager").await;
+    let bob_agent = start_agent(&spire.socket, dir.path(), "bob").await;
+    let carol_agent = start_agent(&spire.socket, dir.path(), "carol").await;
+    let node = SlimNode::start("node-spire-channel").expect("node");
+    let auth = format!("{{type: spire, socket_path: \"{}\", jwt_audiences: [slim]}}", manager_agent.socket.display());
+    let manager = slim_e2e::ChannelManager::start_with_auth(&node, &auth).expect("channel manager on its agent");
+    let mut bob = SlimApp::identity_listener(&node, "org/ns/bob", &spire_identity(&bob_agent.socket)).expect("bob");
+    let mut carol =
+        SlimApp::identity_listener(&node, "org/ns/carol", &spire_identity(&carol_agent.socket)).expect("carol");
+
+    let config = slim_operator::controller::ControllerConfig {
+        resync_interval: Duration::from_secs(5),
+        channel_manager: Some(manager.endpoint()),
+        ..Default::default()
+    };
+    let (stop, controllers) = slim_e2e::operator::run_in_process(
+        &client,
+        slim_operator::slim::NodePool::default(),
+        Default::default(),
+        config,
+        "spire-channel",
+    );
+    let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
+    let channel: SlimChannel = serde_json::from_value(serde_json::json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel",
+        "metadata": {"name": "team"},
+        "spec": {
+            "name": "org/ns/team", "mlsEnabled": true,
+            "participants": ["org/ns/bob", "org/ns/carol"],
+            "nodes": {"endpoints": [node.controller_endpoint()]},
+        }
+    }))
+    .expect("channel");
+    let started = Instant::now();
+    channels.create(&PostParams::default(), &channel).await.expect("create");
+    wait_for("both members joined", Duration::from_secs(90), async || {
+        let status = channels.get("team").await.ok()?.status?;
+        (status.joined == 2 && status.desired == 2).then_some(())
+    })
+    .await;
+    println!("MLS SlimChannel on spire identities: both joined {:?} after the apply", started.elapsed());
+    tokio::task::block_in_place(|| {
+        bob.wait_for("joined", Duration::from_secs(10)).expect("bob invited");
+        carol.wait_for("joined", Duration::from_secs(10)).expect("carol invited");
+        bob.publish("hello over MLS").expect("publish");
+        carol.wait_for("received hello over MLS", Duration::from_secs(15)).expect("carol received bob's message");
+        bob.wait_for("received echo:hello over MLS", Duration::from_secs(15)).expect("and bob carol's reply");
+    });
+
+    channels.delete("team", &DeleteParams::default()).await.expect("delete");
+    wait_for("SlimChannel gone", Duration::from_secs(60), async || {
+        channels.get_opt("team").await.ok().filter(Option::is_none)
+    })
+    .await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controllers).await;
 }
