@@ -3,14 +3,17 @@ Nothing here reads or checks the identity: SLIM's own providers and verifiers do
 
 IDENTITY is either
   spire:SOCKET  SLIM's `spire` provider and verifier on the agent's Workload API socket (its key
-                travels in a `slim-claims:` audience of the JWT-SVIDs it asks for), or
+                travels in a `slim-claims:` audience of the JWT-SVIDs it asks for); `spire:`
+                alone: the socket SPIFFE_ENDPOINT_SOCKET names (what the injector sets), or
   SVIDS_DIR     SLIM's static-JWT provider over SVIDS_DIR/jwt_svid.token and its JWT verifier
                 over SVIDS_DIR/key.jwt (the agent's files).
 
   python slim_identity_app.py listen NODE org/ns/name IDENTITY
       prints "instance <uuid>"; accepts sessions (point-to-point and group), prints
       "joined <n>" for each, "received <payload>" for each message and echoes it back (not an
-      echo); "publish <text>" on stdin publishes on the last session joined.
+      echo); "publish <text>" on stdin publishes on the last session joined; with
+      SLIM_APP_GREETING set, publishes it on every session it joins, every 2 s for a minute (so
+      members that join later hear it too).
   python slim_identity_app.py send NODE org/ns/name IDENTITY org/ns/remote SECONDS
       for SECONDS, opens a new point-to-point session about once a second, sends one message and
       prints "reply <n> <payload>" or "error <n> <text>"; then "done <n>".
@@ -35,7 +38,7 @@ from slim_app import point_to_point
 def identity(spec: str):
     if spec.startswith("spire:"):
         config = slim.SpireConfig(
-            socket_path=spec[len("spire:"):], target_spiffe_id=None, jwt_audiences=["slim"], trust_domains=[]
+            socket_path=spec[len("spire:"):] or None, target_spiffe_id=None, jwt_audiences=["slim"], trust_domains=[]
         )
         return slim.IdentityProviderConfig.SPIRE(config), slim.IdentityVerifierConfig.SPIRE(config)
     provider = slim.IdentityProviderConfig.STATIC_JWT(
@@ -74,6 +77,16 @@ def one_line(error) -> str:
     return str(error).replace("\n", " ")
 
 
+def greet(session, text: str) -> None:
+    for _ in range(30):
+        time.sleep(2.0)
+        try:
+            session.publish_and_wait(text.encode(), None, None)
+            print("published", text, flush=True)
+        except Exception as error:  # noqa: BLE001
+            print("error", one_line(error), flush=True)
+
+
 def listen(endpoint: str, local: str, spec: str) -> None:
     app, _ = connect(endpoint, local, spec)
     sessions = []
@@ -93,12 +106,16 @@ def listen(endpoint: str, local: str, spec: str) -> None:
             except Exception as error:  # noqa: BLE001 - a refused reply is the test's to see
                 print("echo-error", one_line(error), flush=True)
 
+    greeting = os.environ.get("SLIM_APP_GREETING")
+
     def accept() -> None:
         while True:
             session = app.listen_for_session(None)
             sessions.append(session)
             print("joined", len(sessions), flush=True)
             threading.Thread(target=serve, args=(session,), daemon=True).start()
+            if greeting:
+                threading.Thread(target=greet, args=(session, greeting), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
     for line in sys.stdin:

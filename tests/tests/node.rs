@@ -366,7 +366,11 @@ async fn container_log(pods: &Api<Pod>, pod: &str, container: &str) -> String {
 }
 
 async fn wait_log(pods: &Api<Pod>, pod: &str, container: &str, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_log_for(pods, pod, container, needle, Duration::from_secs(30)).await
+}
+
+async fn wait_log_for(pods: &Api<Pod>, pod: &str, container: &str, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
     loop {
         let log = container_log(pods, pod, container).await;
         if log.contains(needle) || Instant::now() > deadline {
@@ -516,6 +520,14 @@ fn slim_app(name: &str, script: &str) -> Pod {
     .expect("pod")
 }
 
+/// An app Pod `name` with the injected agent (its namespace opts in), running `script`.
+fn injected_app(name: &str, script: &str) -> Pod {
+    let mut pod = slim_app(name, script);
+    pod.metadata.labels = Some([("app".to_owned(), name.to_owned())].into());
+    pod.spec.as_mut().expect("spec").restart_policy = Some("Always".to_owned());
+    pod
+}
+
 /// An app Pod `bob` listening as `org/ns/bob` on the node at `endpoint`, echoing what it gets.
 async fn listen_as_bob(pods: &Api<Pod>, endpoint: &str) {
     let script = format!("/opt/python/bin/python3 /harness/slim_app.py listen {endpoint} org/ns/bob");
@@ -635,12 +647,10 @@ async fn the_quickstart_runs_as_written() {
     let started = Instant::now();
     kubectl_apply(node, &example("00-namespace.yaml"));
     node.prepare_namespace(&client, "slim").await.expect("namespace ready for Pods");
-    // The channel manager's Secret, as the example's header says to create it (the apps' shared
-    // secret, so the channel manager and the members trust each other).
+    // The channel manager's Secret, as the example's header says to create it.
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "slim-channel-manager"},
-        "stringData": {"auth-secret": "slim-operator-e2e-shared-secret-0123456789abcdef",
-                       "passphrase": "quickstart-passphrase-0123456789"}
+        "stringData": {"passphrase": "quickstart-passphrase-0123456789"}
     }))
     .expect("secret");
     Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), "slim")
@@ -662,10 +672,28 @@ async fn the_quickstart_runs_as_written() {
     }
     println!("quickstart: nodes and Subscriptions Ready {:.1}s after the first apply", started.elapsed().as_secs_f64());
 
-    // The routes of 03 carry a session between apps on the two nodes (by the examples' DNS names).
-    listen_as_bob(&pods, "http://slim-1.slim.slim.svc:46357").await;
-    let log = send_to_bob(&pods, "alice", "http://slim-0.slim.slim.svc:46357", "hello").await;
-    assert!(log.contains("reply echo:hello"), "{log}");
+    // Two injected app Pods with SLIM's `spire` identity on the socket the webhook mounted: bob on
+    // slim-1 (also a team-chat member), alice on slim-0 opening sessions to him over 03's routes.
+    let identity_app = "/opt/python/bin/python3 /harness/slim_identity_app.py";
+    let bob =
+        injected_app("bob", &format!("{identity_app} listen http://slim-1.slim.slim.svc:46357 org/ns/bob spire:"));
+    pods.create(&PostParams::default(), &bob).await.expect("bob");
+    let alice =
+        format!("{identity_app} send http://slim-0.slim.slim.svc:46357 org/ns/alice spire: org/ns/bob 20; sleep 3600");
+    pods.create(&PostParams::default(), &injected_app("alice", &alice)).await.expect("alice");
+    let log = wait_log_for(&pods, "alice", "app", "done ", Duration::from_secs(120)).await;
+    let replies = log.lines().filter(|l| l.starts_with("reply ")).count();
+    let first = log.lines().position(|l| l.starts_with("reply ")).unwrap_or(usize::MAX);
+    let failed_after_first = log.lines().skip(first).filter(|l| l.starts_with("error ")).collect::<Vec<_>>();
+    println!("quickstart: alice -> bob (injected, spire identity on the agent's socket): {replies} sessions");
+    assert!(replies >= 10 && failed_after_first.is_empty(), "sessions between injected apps: {log}");
+    for name in ["alice", "bob"] {
+        let pod = pods.get(name).await.expect("app pod");
+        let app = &pod.spec.as_ref().expect("spec").containers[0];
+        let mounts: Vec<&str> = app.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+        assert!(!mounts.iter().any(|m| m.contains("spire")), "no SPIRE volume in {name}'s app: {mounts:?}");
+        assert!(mounts.contains(&"/run/slim-identity"), "{name} mounts the agent's socket: {mounts:?}");
+    }
 
     // dave: injected (the namespace's label), its identity written before its first line, then
     // invited into team-chat by the channel manager the SlimChannel names.
@@ -689,6 +717,11 @@ async fn the_quickstart_runs_as_written() {
         "dave's first line reads the injected identity: {log}"
     );
     assert!(log.contains("joined"), "dave invited into team-chat: {log}");
+    let bob_log = wait_log(&pods, "bob", "app", "received hello from org/ns/dave").await;
+    assert!(
+        bob_log.contains("received hello from org/ns/dave"),
+        "dave's message crossed the MLS channel (manager and members on agent sockets): {bob_log}"
+    );
     let channels: Api<slim_operator::api::SlimChannel> = Api::namespaced(client.clone(), "slim");
     let channel =
         slim_e2e::wait_for("team-chat's status with dave and bob joined", Duration::from_secs(30), async || {
