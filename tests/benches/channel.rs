@@ -65,7 +65,7 @@ async fn main() {
     let joined = |r: &ChannelReport| r.members.iter().filter(|m| m.joined).count();
     while start.elapsed() < Duration::from_secs(120) {
         let observed = node_client.snapshot(Duration::from_secs(2)).await.expect("listing");
-        let live = live_instances(&desired, [observed.as_ref()]);
+        let live = live_instances(&desired, [observed.as_ref()], None);
         let notify = done.clone();
         report = engine
             .sync(ChannelSync {

@@ -27,11 +27,20 @@ fn subscriptions(count: usize, a: &SlimNode, b: &SlimNode) -> Vec<Sub> {
         .map(|i| {
             // Even ones on node a over a link to b, odd ones on b over a link to a.
             let (on, to) = if i % 2 == 0 { (a, b) } else { (b, a) };
-            let spec = LinkSpec { endpoint: to.data_endpoint(), connection_type: ConnectionType::Remote, tls: None };
+            let spec = LinkSpec {
+                endpoint: to.data_endpoint(),
+                connection_type: ConnectionType::Remote,
+                tls: None,
+                controller: None,
+            };
             let link = render_link(&spec, &ResolvedTls::default());
             let name = SlimName::parse(&format!("org/bench/app-{i}")).expect("name");
             Sub {
-                desired: DesiredRoute { route: RouteRef { name, link_id: link.link_id.clone() }, link },
+                desired: DesiredRoute {
+                    route: RouteRef { name, link_id: link.link_id.clone() },
+                    link,
+                    instances: Vec::new(),
+                },
                 target: NodeTarget { endpoint: on.controller_endpoint(), pod: None },
             }
         })
@@ -53,6 +62,7 @@ async fn reconcile_all(
             desired: Some(&sub.desired),
             targets: &targets,
             previous: installed.then_some(&sub.desired.route),
+            previous_instances: &Default::default(),
             previous_nodes: &previous_nodes,
             users: &NoOtherUsers,
             max_snapshot_age: Duration::from_secs(2),

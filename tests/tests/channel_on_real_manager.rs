@@ -21,7 +21,7 @@ fn names(list: &[&str]) -> BTreeSet<String> {
 /// Live instances of `desired` on `node`, as the controller reads them.
 async fn live(pool: &NodePool, node: &SlimNode, desired: &BTreeSet<String>) -> LiveInstances {
     let observed = pool.node(&node.controller_endpoint()).snapshot(Duration::ZERO).await.expect("node listing");
-    live_instances(desired, [observed.as_ref()])
+    live_instances(desired, [observed.as_ref()], None)
 }
 
 struct Harness {

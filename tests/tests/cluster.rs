@@ -549,6 +549,7 @@ async fn subscriptions_reach_mtls_nodes_with_certificates_from_secrets() {
             endpoint: target.data_endpoint(),
             connection_type: Default::default(),
             tls: None,
+            controller: None,
         },
         &ResolvedTls::default(),
     );

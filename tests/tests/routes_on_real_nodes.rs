@@ -10,10 +10,11 @@ use slim_operator::plan::{DesiredRoute, NoOtherUsers, NodeTarget, ResolvedTls, U
 use slim_operator::slim::{NodeEvent, NodePool, Observed, RouteRef, SlimName};
 
 fn desired(name: &str, to: &SlimNode) -> DesiredRoute {
-    let spec = LinkSpec { endpoint: to.data_endpoint(), connection_type: ConnectionType::Remote, tls: None };
+    let spec =
+        LinkSpec { endpoint: to.data_endpoint(), connection_type: ConnectionType::Remote, tls: None, controller: None };
     let link = render_link(&spec, &ResolvedTls::default());
     let name = SlimName::parse(name).expect("valid name");
-    DesiredRoute { route: RouteRef { name, link_id: link.link_id.clone() }, link }
+    DesiredRoute { route: RouteRef { name, link_id: link.link_id.clone() }, link, instances: Vec::new() }
 }
 
 fn target(node: &SlimNode) -> NodeTarget {
@@ -32,6 +33,7 @@ async fn install(
         desired: Some(want),
         targets: &targets,
         previous,
+        previous_instances: &Default::default(),
         previous_nodes: &previous_nodes,
         users: &NoOtherUsers,
         max_snapshot_age: Duration::ZERO,
@@ -45,6 +47,7 @@ async fn remove(pool: &NodePool, route: &RouteRef, node: &SlimNode, users: &(dyn
         desired: None,
         targets: &[],
         previous: Some(route),
+        previous_instances: &Default::default(),
         previous_nodes: &[node.controller_endpoint()],
         users,
         max_snapshot_age: Duration::ZERO,
@@ -169,6 +172,7 @@ async fn unreachable_node_is_reported_not_fatal() {
         desired: Some(&bob),
         targets: &targets,
         previous: None,
+        previous_instances: &Default::default(),
         previous_nodes: &[],
         users: &NoOtherUsers,
         max_snapshot_age: Duration::ZERO,

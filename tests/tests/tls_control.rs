@@ -22,7 +22,8 @@ fn material(trust: ServerTrust, identity: Option<Arc<ClientIdentity>>) -> TlsMat
 
 /// A link from the node under test to `to`, a plain node.
 fn link_to(to: &SlimNode) -> LinkConfig {
-    let spec = LinkSpec { endpoint: to.data_endpoint(), connection_type: ConnectionType::Remote, tls: None };
+    let spec =
+        LinkSpec { endpoint: to.data_endpoint(), connection_type: ConnectionType::Remote, tls: None, controller: None };
     render_link(&spec, &ResolvedTls::default())
 }
 

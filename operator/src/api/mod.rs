@@ -11,8 +11,8 @@ use kube::CustomResourceExt;
 
 pub use channel::{ChannelManagerRef, ParticipantStatus, SlimChannel, SlimChannelSpec, SlimChannelStatus};
 pub use subscription::{
-    ConnectionType, LinkSpec, LinkTls, NodeSet, NodeStatus, SecretKeyRef, SecretRef, Subscription, SubscriptionSpec,
-    SubscriptionStatus,
+    ConnectionType, InstanceRouting, LinkSpec, LinkTls, NodeSet, NodeStatus, SecretKeyRef, SecretRef, Subscription,
+    SubscriptionSpec, SubscriptionStatus,
 };
 pub use tls::{ConfigMapKeyRef, ControlTls, SpiffeServer};
 

@@ -44,6 +44,20 @@ pub struct SubscriptionSpec {
 
     /// The connection the route is sent over.
     pub link: LinkSpec,
+
+    /// `Follow` (default): for a name without an instance, also route every live instance of it
+    /// (`org/ns/name/<instance>`, what sessions address after their first message) over the same
+    /// link, as the node at the far end of the link lists them. `None`: the bare name only.
+    #[serde(default)]
+    pub instances: InstanceRouting,
+}
+
+/// Whether a Subscription routes the live instances of its name too.
+#[derive(schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InstanceRouting {
+    #[default]
+    Follow,
+    None,
 }
 
 /// Where a route is installed. At least one of `endpoints` and `selector` must be set.
@@ -99,6 +113,15 @@ pub struct LinkSpec {
     /// Connection type: `remote` (default), `peer` (subscriptions sync both ways) or `edge`.
     #[serde(default)]
     pub connection_type: ConnectionType,
+
+    /// Controller API of the node at the far end (`http://host:port`), whose route list says which
+    /// instances of the name are live. Optional: a node Pod whose IP or DNS name and data port the
+    /// endpoint names is found without it. Reached with the TLS of `spec.nodes`.
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^/\\\\s]+:[0-9]+/?$')")
+        .message("controller must be http://host:port or https://host:port (the far node's controller API)"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub controller: Option<String>,
 
     /// TLS of the link. Omitted: plain for http:// endpoints, TLS with system roots for https://.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -197,6 +220,10 @@ pub struct SubscriptionStatus {
     /// One entry per node the route is (or was, until removed) installed on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<NodeStatus>,
+
+    /// The far node whose live instances of the name are followed (`spec.instances: Follow`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub far_node: Option<String>,
 }
 
 /// The route's state on one node.
@@ -220,6 +247,9 @@ pub struct NodeStatus {
     /// retried until the operator's cleanup timeout, then abandoned with a Warning event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removing_since: Option<Time>,
+    /// Instances of the name (UUIDs) routed on this node over the link, besides the name itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<String>,
 }
 
 impl super::condition::ReadyStatus for SubscriptionStatus {

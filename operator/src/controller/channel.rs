@@ -223,7 +223,7 @@ async fn live_participants(
     )
     .await;
     match listings.into_iter().collect::<Result<Vec<_>, _>>() {
-        Ok(observed) => (Some(live_instances(desired, observed.iter().map(|o| o.as_ref()))), endpoints, pool),
+        Ok(observed) => (Some(live_instances(desired, observed.iter().map(|o| o.as_ref()), None)), endpoints, pool),
         Err(error) => {
             warn!(%error, "a node of the channel could not be listed; members' live instances unknown");
             (None, endpoints, pool)

@@ -90,7 +90,9 @@ pub struct Context {
     pub channel_managers: ChannelManagerPool,
     /// Asks for a SlimChannel's reconcile (a background invite finished, a member restarted).
     pub channel_trigger: mpsc::UnboundedSender<ObjectRef<SlimChannel>>,
-    /// Channels whose members' live instances are watched on their nodes.
+    /// Asks for a Subscription's reconcile (an instance of its name came or went).
+    pub subscription_trigger: mpsc::UnboundedSender<ObjectRef<Subscription>>,
+    /// Channels' members and Subscriptions' names whose live instances are watched on nodes.
     pub member_watch: member_watch::MemberWatch,
     /// This replica's leadership; nothing is written once it has lapsed.
     pub(crate) leadership: watch::Receiver<Leadership>,
@@ -101,11 +103,7 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(
-        runtime: &Runtime,
-        stores: Stores,
-        channel_trigger: mpsc::UnboundedSender<ObjectRef<SlimChannel>>,
-    ) -> Self {
+    pub fn new(runtime: &Runtime, stores: Stores, triggers: member_watch::Triggers) -> Self {
         Self {
             recorder: Recorder::new(runtime.client.clone(), runtime.reporter.clone()),
             client: runtime.client.clone(),
@@ -117,7 +115,8 @@ impl Context {
             pods: stores.pods,
             channel_engine: ChannelEngine::default(),
             channel_managers: runtime.channel_managers.clone(),
-            channel_trigger,
+            channel_trigger: triggers.channels,
+            subscription_trigger: triggers.subscriptions,
             member_watch: Default::default(),
             leadership: runtime.leadership.clone(),
             control_tls: runtime.control_tls.clone(),

@@ -1,6 +1,7 @@
-//! Noticing channel members that restarted, at a cost that does not grow with the number of
-//! channels: every period, one route-list read per consulted node, shared by all channels; a
-//! channel whose members' live instances changed since its last reconcile is reconciled at once.
+//! Noticing live instances that come and go (channel members that restarted, instances a
+//! Subscription routes), at a cost that does not grow with the number of objects: every period,
+//! one route-list read per consulted node, shared by all of them; an object whose names' live
+//! instances changed since its last reconcile is reconciled at once.
 //!
 //! Polling, because the node pushes nothing: measured on SLIM 3.4.6, a client of the node's
 //! controller server gets no unsolicited message while apps connect, leave and come back
@@ -14,19 +15,46 @@ use std::time::Duration;
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::mpsc;
 
-use crate::api::SlimChannel;
+use crate::api::{SlimChannel, Subscription};
 use crate::plan::channel::{LiveInstances, live_instances};
-use crate::slim::{NodePool, Observed};
+use crate::slim::{NodePool, Observed, SlimName};
+
+/// An object whose names' instances are watched.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Watcher {
+    /// A channel's members, on the nodes it consults.
+    Channel(ObjectRef<SlimChannel>),
+    /// A Subscription's name, on the node at the far end of its link.
+    Subscription(ObjectRef<Subscription>),
+}
+
+/// Where a change is announced: the reconcile triggers of both controllers.
+#[derive(Clone)]
+pub struct Triggers {
+    pub channels: mpsc::UnboundedSender<ObjectRef<SlimChannel>>,
+    pub subscriptions: mpsc::UnboundedSender<ObjectRef<Subscription>>,
+}
+
+impl Triggers {
+    fn send(&self, watcher: Watcher) -> bool {
+        match watcher {
+            Watcher::Channel(channel) => self.channels.send(channel).is_ok(),
+            Watcher::Subscription(subscription) => self.subscriptions.send(subscription).is_ok(),
+        }
+    }
+}
 
 /// A node as read: its endpoint and the TLS source of the client (0: plain).
 type NodeKey = (String, u64);
 
-/// What a channel's last reconcile saw, and the clients (with the channel's TLS) it used.
+/// What an object's last reconcile saw, and the clients (with the object's TLS) it used.
 #[derive(Clone)]
 struct Watched {
     endpoints: Vec<String>,
     pool: NodePool,
     participants: BTreeSet<String>,
+    /// Instances reached only back over this link are not counted (a Subscription's own link).
+    except_link: Option<String>,
     live: LiveInstances,
 }
 
@@ -36,10 +64,10 @@ impl Watched {
     }
 }
 
-/// The channels whose members are watched, and what their last reconcile saw.
+/// The objects whose names are watched, and what their last reconcile saw.
 #[derive(Default)]
 pub struct MemberWatch {
-    channels: Mutex<HashMap<ObjectRef<SlimChannel>, Watched>>,
+    channels: Mutex<HashMap<Watcher, Watched>>,
 }
 
 impl MemberWatch {
@@ -52,12 +80,40 @@ impl MemberWatch {
         participants: BTreeSet<String>,
         live: LiveInstances,
     ) {
-        self.lock().insert(channel, Watched { endpoints, pool, participants, live });
+        let watched = Watched { endpoints, pool, participants, except_link: None, live };
+        self.lock().insert(Watcher::Channel(channel), watched);
+    }
+
+    /// Records the instances of `name` a reconcile of `subscription` routed, as the far node
+    /// `endpoint` (read through `pool`) reaches them other than over `link_id`.
+    pub fn record_subscription(
+        &self,
+        subscription: ObjectRef<Subscription>,
+        endpoint: &str,
+        pool: NodePool,
+        name: &SlimName,
+        link_id: &str,
+        instances: BTreeSet<String>,
+    ) {
+        let name = name.to_string();
+        let watched = Watched {
+            endpoints: vec![endpoint.to_owned()],
+            pool,
+            participants: BTreeSet::from([name.clone()]),
+            except_link: Some(link_id.to_owned()),
+            live: LiveInstances::from([(name, instances)]),
+        };
+        self.lock().insert(Watcher::Subscription(subscription), watched);
     }
 
     /// Stops watching `channel` (deleted, or no node to consult).
     pub fn forget(&self, channel: &ObjectRef<SlimChannel>) {
-        self.lock().remove(channel);
+        self.lock().remove(&Watcher::Channel(channel.clone()));
+    }
+
+    /// Stops watching `subscription` (deleted, or nothing to follow).
+    pub fn forget_subscription(&self, subscription: &ObjectRef<Subscription>) {
+        self.lock().remove(&Watcher::Subscription(subscription.clone()));
     }
 
     /// Every node some channel consults, with a client to read it.
@@ -66,10 +122,10 @@ impl MemberWatch {
         channels.values().flat_map(|w| w.keys().map(|key| (key, w.pool.clone()))).collect()
     }
 
-    /// The channels whose live members differ from what their last reconcile saw, given one
-    /// listing per node (a node that could not be listed leaves its channels alone). The new view
+    /// The objects whose live instances differ from what their last reconcile saw, given one
+    /// listing per node (a node that could not be listed leaves its objects alone). The new view
     /// is kept, so a change triggers once.
-    fn changed(&self, listed: &HashMap<NodeKey, Arc<Observed>>) -> Vec<ObjectRef<SlimChannel>> {
+    fn changed(&self, listed: &HashMap<NodeKey, Arc<Observed>>) -> Vec<Watcher> {
         let mut channels = self.lock();
         let mut changed = Vec::new();
         for (channel, watched) in channels.iter_mut() {
@@ -77,7 +133,7 @@ impl MemberWatch {
             else {
                 continue;
             };
-            let live = live_instances(&watched.participants, observed);
+            let live = live_instances(&watched.participants, observed, watched.except_link.as_deref());
             if live != watched.live {
                 watched.live = live;
                 changed.push(channel.clone());
@@ -86,9 +142,9 @@ impl MemberWatch {
         changed
     }
 
-    /// Reads every consulted node each `period` and asks for the reconcile of each channel whose
-    /// members changed. Runs until `trigger`'s receiver is gone.
-    pub async fn run(&self, period: Duration, trigger: mpsc::UnboundedSender<ObjectRef<SlimChannel>>) {
+    /// Reads every consulted node each `period` and asks for the reconcile of each object whose
+    /// instances changed. Runs until a trigger's receiver is gone.
+    pub async fn run(&self, period: Duration, triggers: Triggers) {
         let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -103,16 +159,16 @@ impl MemberWatch {
                 .into_iter()
                 .filter_map(|(key, listing)| listing.ok().map(|observed| (key, observed)))
                 .collect();
-            for channel in self.changed(&listed) {
-                tracing::info!(channel = %channel.name, namespace = ?channel.namespace, "member instances changed; reconciling");
-                if trigger.send(channel).is_err() {
+            for watcher in self.changed(&listed) {
+                tracing::info!(?watcher, "live instances changed; reconciling");
+                if !triggers.send(watcher) {
                     return;
                 }
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<SlimChannel>, Watched>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Watcher, Watched>> {
         self.channels.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -148,10 +204,29 @@ mod tests {
         let same = HashMap::from([(("http://n:1".to_owned(), 0), node_with(&[&format!("org/ns/bob/{OLD}")]))]);
         assert!(watch.changed(&same).is_empty(), "nothing changed");
         let restarted = HashMap::from([(("http://n:1".to_owned(), 0), node_with(&[&format!("org/ns/bob/{NEW}")]))]);
-        assert_eq!(watch.changed(&restarted), vec![channel.clone()]);
+        assert_eq!(watch.changed(&restarted), vec![Watcher::Channel(channel.clone())]);
         assert!(watch.changed(&restarted).is_empty(), "the same change triggers once");
         let gone = HashMap::from([(("http://n:1".to_owned(), 0), node_with(&[]))]);
-        assert_eq!(watch.changed(&gone), vec![channel], "a member going offline is news too");
+        assert_eq!(watch.changed(&gone), vec![Watcher::Channel(channel)], "a member going offline is news too");
+    }
+
+    #[test]
+    fn a_subscription_is_triggered_by_its_far_nodes_instances_not_by_its_own_link() {
+        let watch = MemberWatch::default();
+        let sub = ObjectRef::new("bob").within("apps");
+        let bob = SlimName::parse("org/ns/bob").expect("name");
+        let old = BTreeSet::from([OLD.to_owned()]);
+        watch.record_subscription(sub.clone(), "http://far:1", NodePool::default(), &bob, "ours", old);
+        let listed = |observed: Arc<Observed>| HashMap::from([(("http://far:1".to_owned(), 0), observed)]);
+        assert!(watch.changed(&listed(node_with(&[&format!("org/ns/bob/{OLD}")]))).is_empty());
+        let mut looped = (*node_with(&[&format!("org/ns/bob/{OLD}"), &format!("org/ns/bob/{NEW}")])).clone();
+        let new_key = SlimName::parse(&format!("org/ns/bob/{NEW}")).expect("name").key();
+        looped.routes.insert((new_key, "ours".to_owned()));
+        assert!(watch.changed(&listed(Arc::new(looped))).is_empty(), "reached back over our own link: not news");
+        let restarted = listed(node_with(&[&format!("org/ns/bob/{NEW}")]));
+        assert_eq!(watch.changed(&restarted), vec![Watcher::Subscription(sub.clone())]);
+        watch.forget_subscription(&sub);
+        assert!(watch.nodes().is_empty());
     }
 
     #[test]

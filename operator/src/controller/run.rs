@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use super::context::{Context, ControllerConfig, error_policy};
 use super::leader::Leadership;
 use super::stores::{Pods, StoreSlot, Stores};
-use super::{Error, channel, subscription};
+use super::{Error, channel, member_watch, subscription};
 use crate::admin::Gate;
 use crate::api::{SlimChannel, Subscription};
 use crate::metrics::Metrics;
@@ -85,8 +85,10 @@ pub async fn run(
         pods: Pods(pod_store.clone()),
     };
     let (trigger, triggered) = mpsc::unbounded_channel();
+    let (sub_trigger, sub_triggered) = mpsc::unbounded_channel();
     *runtime.slot.write().unwrap_or_else(|p| p.into_inner()) = Some(stores.clone());
-    let ctx = Arc::new(Context::new(&runtime, stores, trigger));
+    let triggers = member_watch::Triggers { channels: trigger, subscriptions: sub_trigger };
+    let ctx = Arc::new(Context::new(&runtime, stores, triggers));
     let _stop_engine = ctx.channel_engine.stop_on_drop();
 
     let config = &runtime.config;
@@ -95,6 +97,7 @@ pub async fn run(
     let sub_index = ctx.subscriptions.clone();
     let subscriptions = sub_controller
         .watches_shared_stream(sub_pods, move |pod| subscriptions_selecting(&sub_index, &pod))
+        .reconcile_on(UnboundedReceiverStream::new(sub_triggered))
         .reconcile_all_on(BroadcastStream::new(runtime.nodes.events()).map(|_| ()))
         .with_config(controller_config.clone())
         .graceful_shutdown_on(shutdown.clone())
@@ -109,7 +112,11 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(channel::reconcile, error_policy, ctx.clone())
         .for_each(log_outcome::<SlimChannel, _>);
-    let members = ctx.member_watch.run(config.member_poll_interval, ctx.channel_trigger.clone());
+    let triggers = member_watch::Triggers {
+        channels: ctx.channel_trigger.clone(),
+        subscriptions: ctx.subscription_trigger.clone(),
+    };
+    let members = ctx.member_watch.run(config.member_poll_interval, triggers);
     let reports = report_invalid(invalid_rx, Recorder::new(client, runtime.reporter.clone()));
     // Rotated Secrets, files and SVIDs reach the next control connection within this period.
     let tls_refresh = runtime.control_tls.clone().refresh_every(Duration::from_secs(5));

@@ -28,6 +28,11 @@ pub struct Stores {
 pub struct Pods(pub Store<Pod>);
 
 impl Pods {
+    /// The Pods in `namespace`.
+    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<Pod>> {
+        self.0.state().into_iter().filter(|pod| pod.metadata.namespace.as_deref() == Some(namespace)).collect()
+    }
+
     /// The Pods in `namespace` whose labels `selector` matches.
     pub fn matching(&self, namespace: &str, selector: &LabelSelector) -> Vec<Arc<Pod>> {
         self.0
@@ -53,7 +58,9 @@ pub fn keep_what_is_read(pod: &mut Pod) {
             .into_iter()
             .map(|c| Container { name: c.name, ports: c.ports, ..Default::default() })
             .collect();
-        pod.spec = Some(PodSpec { containers, ..Default::default() });
+        // Hostname and subdomain: a link's DNS name tells the node Pod at its far end.
+        pod.spec =
+            Some(PodSpec { containers, hostname: spec.hostname, subdomain: spec.subdomain, ..Default::default() });
     }
     if let Some(status) = pod.status.take() {
         let container_statuses = status.container_statuses.map(|statuses| {

@@ -1,5 +1,6 @@
 //! Reconciling a `Subscription`: resolve its desired route, sync every node, write status.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::jiff::Timestamp;
@@ -9,12 +10,16 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::info;
 
-use super::subscription_status::{Notices, StatusInput, next_status};
+use super::subscription_status::{Followed, Notices, StatusInput, next_status};
 use super::{Context, Error};
 use crate::api::condition::failed;
 use crate::api::{LinkTls, Subscription, SubscriptionStatus};
 use crate::engine::{NodeReport, NodeResult, RouteSync};
-use crate::plan::{DesiredRoute, NodeTarget, ResolvedTls, Users, node_targets, render_link, selector_query};
+use crate::plan::instances::reason as follow_reason;
+use crate::plan::{
+    DesiredRoute, Following, NodeTarget, ResolvedTls, Users, following, instance_routes, node_targets, render_link,
+    selector_query,
+};
 use crate::slim::{RouteRef, SlimName};
 
 /// Finalizer that keeps a Subscription until its routes are removed from the nodes.
@@ -36,7 +41,7 @@ pub async fn reconcile(sub: Arc<Subscription>, ctx: Arc<Context>) -> Result<Acti
 async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     let old = sub.status.clone().unwrap_or_default();
     let generation = sub.meta().generation;
-    let desired = match resolve_desired(sub, ctx).await {
+    let mut desired = match resolve_desired(sub, ctx).await {
         Ok(desired) => desired,
         Err(error) => {
             let status = failed(&old, generation, error.reason(), error.to_string(), Timestamp::now());
@@ -52,7 +57,9 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
             return Err(error);
         }
     };
+    let followed = follow_instances(sub, ctx, &mut desired, &old).await;
     let previous = previous_route(&old);
+    let previous_instances = previous_instances(&old);
     let previous_nodes: Vec<String> = old.nodes.iter().map(|n| n.endpoint.clone()).collect();
     let namespace = sub.namespace().unwrap_or_default();
     let endpoints: Vec<String> =
@@ -70,6 +77,7 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
         desired: Some(&desired),
         targets: &targets,
         previous: previous.as_ref(),
+        previous_instances: &previous_instances,
         previous_nodes: &previous_nodes,
         users: &users,
         max_snapshot_age: ctx.config.snapshot_max_age,
@@ -78,12 +86,15 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     .await;
 
     let route_name = desired.route.name.to_string();
+    let instances = instance_ids(&desired.instances);
     let input = StatusInput {
         generation,
         route_name: &route_name,
         link_id: &desired.link.link_id,
         now: Timestamp::now(),
         removal_timeout: ctx.config.cleanup_timeout,
+        instances: &instances,
+        following: Some(&followed),
     };
     let (status, notices) = next_status(&old, &input, &reports);
     super::patch_status(sub, ctx, &status).await?;
@@ -98,7 +109,9 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
 
 /// Deletion: remove the route (and unused links) from every node it may be on.
 async fn cleanup(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
+    ctx.member_watch.forget_subscription(&ObjectRef::from_obj(sub));
     let old = sub.status.clone().unwrap_or_default();
+    let instances = previous_instances(&old);
     let mut previous: Vec<RouteRef> = previous_route(&old).into_iter().collect();
     let mut endpoints: Vec<String> = old.nodes.iter().map(|n| n.endpoint.clone()).collect();
     // The spec's route may be installed on nodes the status did not record yet.
@@ -122,11 +135,14 @@ async fn cleanup(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     let expired = Timestamp::now().duration_since(deleting_since).unsigned_abs() >= ctx.config.cleanup_timeout;
     // Each recorded route is removed in its own pass; passes share the node listings.
     let mut failures: Vec<NodeReport> = Vec::new();
-    for route in &previous {
+    let no_instances = BTreeMap::new();
+    for (pass, route) in previous.iter().enumerate() {
         let reports = RouteSync {
             desired: None,
             targets: &[],
             previous: Some(route),
+            // The instance routes the status recorded, once.
+            previous_instances: if pass == 0 { &instances } else { &no_instances },
             previous_nodes: &endpoints,
             users: &users,
             max_snapshot_age: ctx.config.snapshot_max_age,
@@ -168,6 +184,8 @@ async fn cleanup(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
         link_id: old.link_id.as_deref().unwrap_or_default(),
         now: Timestamp::now(),
         removal_timeout: ctx.config.cleanup_timeout,
+        instances: &[],
+        following: None,
     };
     let (mut status, _) = next_status(&old, &input, &reports);
     status.route_name = old.route_name.clone();
@@ -185,7 +203,103 @@ async fn resolve_desired(sub: &Subscription, ctx: &Context) -> Result<DesiredRou
         _ => ResolvedTls::default(),
     };
     let link = render_link(&sub.spec.link, &tls);
-    Ok(DesiredRoute { route: RouteRef { name, link_id: link.link_id.clone() }, link })
+    Ok(DesiredRoute { route: RouteRef { name, link_id: link.link_id.clone() }, link, instances: Vec::new() })
+}
+
+/// Adds to `desired` the routes of its name's live instances, as the far node of the link lists
+/// them (one listing per node, shared: the member watch's poll reads it too and triggers this
+/// reconcile when they change). An unreachable far node keeps what was routed before.
+async fn follow_instances(
+    sub: &Subscription,
+    ctx: &Context,
+    desired: &mut DesiredRoute,
+    old: &SubscriptionStatus,
+) -> Followed {
+    let key = ObjectRef::from_obj(sub);
+    let namespace = sub.namespace().unwrap_or_default();
+    let pods = ctx.pods.in_namespace(&namespace);
+    let pods: Vec<&k8s_openapi::api::core::v1::Pod> = pods.iter().map(AsRef::as_ref).collect();
+    let tls = sub.spec.nodes.tls.as_ref().is_some_and(|t| !t.insecure);
+    let name = desired.route.name.clone();
+    let link_id = desired.link.link_id.clone();
+    let (endpoint, pod) = match following(&sub.spec, &name, &namespace, &pods, tls) {
+        Following::Off { reason, message } => {
+            ctx.member_watch.forget_subscription(&key);
+            return Followed { ok: true, reason, message, far_node: None };
+        }
+        Following::Unknown(message) => {
+            ctx.member_watch.forget_subscription(&key);
+            let message = format!("instances of {name} cannot be followed: {message}");
+            return Followed { ok: false, reason: follow_reason::FAR_NODE_UNKNOWN, message, far_node: None };
+        }
+        Following::Far { endpoint, pod } => (endpoint, pod),
+    };
+    let far = pod.map_or_else(|| endpoint.clone(), |pod| format!("{endpoint} (Pod {pod})"));
+    let pool = match ctx.node_pool(&namespace, &sub.spec.nodes, std::slice::from_ref(&endpoint)).await {
+        Ok(pool) => pool,
+        Err(error) => {
+            let message = format!("the far node {far} cannot be reached: {error}");
+            return keep_previous(desired, old, message, endpoint);
+        }
+    };
+    let listing = pool.node(&endpoint).snapshot(ctx.config.snapshot_max_age).await;
+    let (routes, followed) = match listing {
+        Ok(observed) => {
+            let routes = instance_routes(&name, &link_id, &observed);
+            let message = format!("{} live instance(s) of {name} on the far node {far}", routes.len());
+            (routes, Followed { ok: true, reason: follow_reason::FOLLOWING, message, far_node: Some(endpoint.clone()) })
+        }
+        Err(error) => {
+            let followed =
+                keep_previous(desired, old, format!("the far node {far} cannot be listed: {error}"), endpoint.clone());
+            (desired.instances.clone(), followed)
+        }
+    };
+    let ids = instance_ids(&routes).into_iter().collect();
+    ctx.member_watch.record_subscription(key, &endpoint, pool, &name, &link_id, ids);
+    desired.instances = routes;
+    followed
+}
+
+/// Keeps routing the instances routed before (an unreachable far node proves none gone).
+fn keep_previous(desired: &mut DesiredRoute, old: &SubscriptionStatus, reason: String, endpoint: String) -> Followed {
+    let mut ids: Vec<&String> = old.nodes.iter().flat_map(|n| &n.instances).collect();
+    ids.sort();
+    ids.dedup();
+    desired.instances = ids
+        .into_iter()
+        .filter_map(|id| uuid::Uuid::try_parse(id).ok())
+        .map(|id| RouteRef {
+            name: desired.route.name.with_instance(id.as_u128()),
+            link_id: desired.link.link_id.clone(),
+        })
+        .collect();
+    let message = format!("{reason}; the {} instance route(s) routed before are kept", desired.instances.len());
+    Followed { ok: false, reason: follow_reason::FAR_NODE_UNREACHABLE, message, far_node: Some(endpoint) }
+}
+
+/// The instances of instance routes, as UUID strings.
+fn instance_ids(routes: &[RouteRef]) -> Vec<String> {
+    routes.iter().filter_map(|r| r.name.instance()).map(|id| uuid::Uuid::from_u128(id).to_string()).collect()
+}
+
+/// The instance routes the status says are on each node (over the recorded link).
+fn previous_instances(status: &SubscriptionStatus) -> BTreeMap<String, Vec<RouteRef>> {
+    let Some(route) = previous_route(status) else { return BTreeMap::new() };
+    let base = route.name.without_instance();
+    status
+        .nodes
+        .iter()
+        .map(|node| {
+            let routes = node
+                .instances
+                .iter()
+                .filter_map(|id| uuid::Uuid::try_parse(id).ok())
+                .map(|id| RouteRef { name: base.with_instance(id.as_u128()), link_id: route.link_id.clone() })
+                .collect();
+            (node.endpoint.clone(), routes)
+        })
+        .collect()
 }
 
 async fn resolve_tls(ctx: &Context, namespace: &str, tls: &LinkTls) -> Result<ResolvedTls, Error> {
@@ -306,6 +420,10 @@ impl Users for StoreUsers<'_> {
     }
 
     fn route_in_use(&self, node: &str, route: &RouteRef) -> bool {
-        self.others_on(node).any(|s| s.status.as_ref().and_then(previous_route).as_ref() == Some(route))
+        self.others_on(node).any(|s| {
+            let Some(status) = s.status.as_ref() else { return false };
+            previous_route(status).as_ref() == Some(route)
+                || previous_instances(status).get(node).is_some_and(|routes| routes.contains(route))
+        })
     }
 }

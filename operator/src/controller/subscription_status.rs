@@ -18,6 +18,9 @@ pub mod reason {
     pub const ROUTE_REJECTED: &str = "RouteRejected";
 }
 
+/// The `InstancesFollowed` condition's type.
+pub const INSTANCES_FOLLOWED: &str = "InstancesFollowed";
+
 /// Inputs besides the reports.
 pub struct StatusInput<'a> {
     pub generation: Option<i64>,
@@ -26,6 +29,20 @@ pub struct StatusInput<'a> {
     pub now: Timestamp,
     /// How long removal from a node that left the Subscription is retried before it is abandoned.
     pub removal_timeout: Duration,
+    /// The instances (UUIDs) routed on every target besides the name.
+    pub instances: &'a [String],
+    /// How instances are followed; `None` leaves the condition as it was (deletion).
+    pub following: Option<&'a Followed>,
+}
+
+/// The outcome of following the name's instances, for status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Followed {
+    /// Instances are routed as the far node lists them (or need not be).
+    pub ok: bool,
+    pub reason: &'static str,
+    pub message: String,
+    pub far_node: Option<String>,
 }
 
 /// Things the controller should tell the world about (events, metrics).
@@ -68,6 +85,14 @@ pub fn next_status(
             }
             let last_sync_time =
                 if report.wrote() { Some(Time(input.now)) } else { before.and_then(|b| b.last_sync_time.clone()) };
+            // A node not in sync may hold what it had and part of what was sent: both are
+            // remembered, so a later sync can remove what is no longer wanted.
+            let mut instances = input.instances.to_vec();
+            if !installed {
+                instances.extend(before.iter().flat_map(|b| b.instances.iter().cloned()));
+                instances.sort();
+                instances.dedup();
+            }
             nodes.push(NodeStatus {
                 endpoint: report.endpoint.clone(),
                 pod: report.pod.clone(),
@@ -75,6 +100,7 @@ pub fn next_status(
                 last_sync_time,
                 message,
                 removing_since: None,
+                instances,
             });
             continue;
         }
@@ -97,6 +123,7 @@ pub fn next_status(
             last_sync_time: before.and_then(|b| b.last_sync_time.clone()),
             message: Some(format!("removing: {message}")),
             removing_since: Some(since),
+            instances: before.map(|b| b.instances.clone()).unwrap_or_default(),
         });
     }
     nodes.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
@@ -110,10 +137,19 @@ pub fn next_status(
             "no SLIM node selected: no endpoints, and the selector matches no Running Pod with an IP".to_owned(),
         )
     } else if failed.is_empty() {
+        let instances = match input.instances.len() {
+            0 => String::new(),
+            n => format!(" with {n} instance route(s)"),
+        };
         (
             true,
             reason::ROUTES_INSTALLED,
-            format!("route {} via {} installed on {} node(s)", input.route_name, input.link_id, targets.len()),
+            format!(
+                "route {} via {}{instances} installed on {} node(s)",
+                input.route_name,
+                input.link_id,
+                targets.len()
+            ),
         )
     } else {
         let rejected = failed.iter().any(|r| matches!(r.result, NodeResult::Rejected(_)));
@@ -149,11 +185,23 @@ pub fn next_status(
         route_name: if settled { Some(input.route_name.to_owned()) } else { old.route_name.clone() },
         link_id: if settled { Some(input.link_id.to_owned()) } else { old.link_id.clone() },
         nodes,
+        far_node: input.following.map_or_else(|| old.far_node.clone(), |f| f.far_node.clone()),
     };
     condition::upsert(
         &mut status.conditions,
         condition::condition(READY, ok, reason_text, message, input.generation, input.now),
     );
+    if let Some(followed) = input.following {
+        let followed = condition::condition(
+            INSTANCES_FOLLOWED,
+            followed.ok,
+            followed.reason,
+            followed.message.clone(),
+            input.generation,
+            input.now,
+        );
+        condition::upsert(&mut status.conditions, followed);
+    }
     (status, notices)
 }
 
@@ -172,6 +220,8 @@ mod tests {
             link_id: "slimop-1",
             now: at(now),
             removal_timeout: Duration::from_secs(60),
+            instances: &[],
+            following: None,
         }
     }
 
@@ -292,6 +342,38 @@ mod tests {
         let (gave_up, notices) = next_status(&still, &input(161), &[target, failing]);
         assert!(gave_up.nodes.iter().all(|n| n.endpoint != "http://gone"));
         assert_eq!(notices.abandoned, vec!["http://gone".to_string()]);
+    }
+
+    #[test]
+    fn instances_routed_are_listed_per_node_and_kept_where_a_node_failed() {
+        const OLD: &str = "0b3c5a8e-1111-4222-8333-944455556666";
+        const NEW: &str = "d165bd17-d238-547c-ad69-4d19eb78171a";
+        let old = SubscriptionStatus {
+            route_name: Some("o/n/a".into()),
+            link_id: Some("slimop-1".into()),
+            nodes: ["http://a", "http://b"]
+                .map(|e| NodeStatus { endpoint: e.into(), instances: vec![OLD.into()], ..Default::default() })
+                .to_vec(),
+            ..Default::default()
+        };
+        let instances = [NEW.to_owned()];
+        let followed = Followed {
+            ok: true,
+            reason: "Following",
+            message: "1 instance on http://far".into(),
+            far_node: Some("http://far".into()),
+        };
+        let input = StatusInput { instances: &instances, following: Some(&followed), ..input(100) };
+        let reports = [
+            report("http://a", true, NodeResult::InSync { wrote: true }),
+            report("http://b", true, NodeResult::Unreachable("down".into())),
+        ];
+        let (status, _) = next_status(&old, &input, &reports);
+        assert_eq!(status.nodes[0].instances, [NEW], "a: what is routed now");
+        assert_eq!(status.nodes[1].instances, [OLD, NEW], "b: may hold either");
+        assert_eq!(status.far_node.as_deref(), Some("http://far"));
+        let condition = condition::find(&status.conditions, INSTANCES_FOLLOWED).expect("condition");
+        assert_eq!((condition.status.as_str(), condition.reason.as_str()), ("True", "Following"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Realises one Subscription's route on its nodes through their controller APIs. IO against SLIM,
 //! nothing of Kubernetes: the controller feeds it resolved inputs and turns its report into status.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -16,6 +17,8 @@ pub struct RouteSync<'a> {
     pub targets: &'a [NodeTarget],
     /// The route installed before (from status), to remove where it is no longer wanted.
     pub previous: Option<&'a RouteRef>,
+    /// The instance routes installed before on each node (from status), likewise.
+    pub previous_instances: &'a BTreeMap<String, Vec<RouteRef>>,
     /// Nodes the route was installed on before (from status).
     pub previous_nodes: &'a [String],
     /// Who else uses links and routes on each node.
@@ -78,8 +81,14 @@ impl RouteSync<'_> {
         };
         let was_here = self.previous_nodes.iter().any(|e| e == endpoint);
         let desired = self.desired.filter(|_| target);
-        let previous = self.previous.filter(|_| was_here);
-        let change = plan_node(endpoint, desired, previous, &observed, self.users);
+        let previous: Vec<RouteRef> = self
+            .previous
+            .filter(|_| was_here)
+            .into_iter()
+            .chain(self.previous_instances.get(endpoint).into_iter().flatten())
+            .cloned()
+            .collect();
+        let change = plan_node(endpoint, desired, &previous, &observed, self.users);
         if change.is_empty() {
             return NodeResult::InSync { wrote: false };
         }

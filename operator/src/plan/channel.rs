@@ -12,6 +12,7 @@ pub type LiveInstances = BTreeMap<String, BTreeSet<String>>;
 pub fn live_instances<'a>(
     desired: &BTreeSet<String>,
     nodes: impl IntoIterator<Item = &'a Observed> + Clone,
+    except_link: Option<&str>,
 ) -> LiveInstances {
     desired
         .iter()
@@ -20,7 +21,10 @@ pub fn live_instances<'a>(
                 Ok(parsed) => nodes
                     .clone()
                     .into_iter()
-                    .flat_map(|observed| observed.instances_of(&parsed).collect::<Vec<_>>())
+                    .flat_map(|observed| match except_link {
+                        None => observed.instances_of(&parsed).collect::<Vec<_>>(),
+                        Some(link) => observed.instances_reachable(&parsed, link).collect(),
+                    })
                     .map(|id| uuid::Uuid::from_u128(id).to_string())
                     .collect(),
                 Err(_) => BTreeSet::new(),

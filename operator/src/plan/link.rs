@@ -96,7 +96,7 @@ mod tests {
     use crate::api::{ConnectionType, LinkTls};
 
     fn spec(endpoint: &str) -> LinkSpec {
-        LinkSpec { endpoint: endpoint.into(), connection_type: ConnectionType::Remote, tls: None }
+        LinkSpec { endpoint: endpoint.into(), connection_type: ConnectionType::Remote, tls: None, controller: None }
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Pure planning: desired state against observed state, into actions. No IO.
 
 pub mod channel;
+pub mod instances;
 pub mod link;
 pub mod nodes;
 pub mod routes;
 
+pub use instances::{Following, following, instance_routes};
 pub use link::{LINK_ID_PREFIX, ResolvedTls, render_link};
 pub use nodes::{
     NodeTarget, SelectorError, node_targets, parse_equality_selector, pod_targets, selector_matches, selector_query,

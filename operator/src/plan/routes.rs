@@ -2,11 +2,21 @@
 
 use crate::slim::{LinkConfig, NodeChange, Observed, RouteRef};
 
-/// What a Subscription wants on a node: its route and the link it goes over.
+/// What a Subscription wants on a node: its route, the routes of the name's live instances, and
+/// the link they go over.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredRoute {
     pub route: RouteRef,
     pub link: LinkConfig,
+    /// `org/ns/name/<instance>` over the same link (see `plan::instances`).
+    pub instances: Vec<RouteRef>,
+}
+
+impl DesiredRoute {
+    /// The route and the instance routes.
+    pub fn routes(&self) -> impl Iterator<Item = &RouteRef> {
+        std::iter::once(&self.route).chain(&self.instances)
+    }
 }
 
 /// Whether other Subscriptions still need something on a node (so it must not be deleted).
@@ -28,16 +38,16 @@ impl Users for NoOtherUsers {
 }
 
 /// Plans one node.
-/// - `desired`: the route that must be there (`None` when removing).
-/// - `previous`: the route this Subscription installed before, if it may still be there.
+/// - `desired`: the routes that must be there (`None` when removing).
+/// - `previous`: the routes this Subscription installed before and may still be there.
 ///
-/// Creates the link only when the node lacks it, sets the route only when missing, removes the
-/// previous route when it is no longer wanted by anyone, and its link when nobody uses it any
-/// more. An empty change means the node is in sync.
+/// Creates the link only when the node lacks it, sets each route only when missing, removes each
+/// previous route no longer wanted by anyone, and a previous link when nobody uses it any more.
+/// An empty change means the node is in sync.
 pub fn plan_node(
     node: &str,
     desired: Option<&DesiredRoute>,
-    previous: Option<&RouteRef>,
+    previous: &[RouteRef],
     observed: &Observed,
     users: &(dyn Users + Sync),
 ) -> NodeChange {
@@ -46,20 +56,21 @@ pub fn plan_node(
         if !observed.links.contains(&desired.link.link_id) {
             change.create_links.push(desired.link.clone());
         }
-        if !observed.has_route(&desired.route) {
-            change.set_routes.push(desired.route.clone());
+        change.set_routes.extend(desired.routes().filter(|r| !observed.has_route(r)).cloned());
+    }
+    let wanted = |route: &RouteRef| desired.is_some_and(|d| d.routes().any(|r| r == route));
+    for old in previous.iter().filter(|r| !wanted(r)) {
+        if observed.has_route(old) && !users.route_in_use(node, old) && !change.delete_routes.contains(old) {
+            change.delete_routes.push(old.clone());
         }
     }
-    if let Some(previous) = previous.filter(|p| desired.is_none_or(|d| &d.route != *p)) {
-        if observed.has_route(previous) && !users.route_in_use(node, previous) {
-            change.delete_routes.push(previous.clone());
-        }
-        let link_still_wanted = desired.is_some_and(|d| d.link.link_id == previous.link_id);
-        if !link_still_wanted
-            && observed.links.contains(&previous.link_id)
-            && !users.link_in_use(node, &previous.link_id)
-        {
-            change.delete_links.push(previous.link_id.clone());
+    let mut old_links: Vec<&String> = previous.iter().map(|r| &r.link_id).collect();
+    old_links.sort();
+    old_links.dedup();
+    for link in old_links {
+        let still_wanted = desired.is_some_and(|d| &d.link.link_id == link);
+        if !still_wanted && observed.links.contains(link) && !users.link_in_use(node, link) {
+            change.delete_links.push(link.clone());
         }
     }
     change
@@ -75,7 +86,11 @@ mod tests {
     }
 
     fn desired(name: &str, link: &str) -> DesiredRoute {
-        DesiredRoute { route: route(name, link), link: LinkConfig { link_id: link.into(), config_data: "{}".into() } }
+        DesiredRoute {
+            route: route(name, link),
+            link: LinkConfig { link_id: link.into(), config_data: "{}".into() },
+            instances: Vec::new(),
+        }
     }
 
     fn observed(links: &[&str], routes: &[RouteRef]) -> Observed {
@@ -99,7 +114,7 @@ mod tests {
     #[test]
     fn empty_node_gets_link_and_route() {
         let want = desired("o/n/a", "l1");
-        let change = plan_node("n", Some(&want), None, &Observed::default(), &NoOtherUsers);
+        let change = plan_node("n", Some(&want), &[], &Observed::default(), &NoOtherUsers);
         assert_eq!(change.create_links, vec![want.link.clone()]);
         assert_eq!(change.set_routes, vec![want.route.clone()]);
         assert!(change.delete_routes.is_empty() && change.delete_links.is_empty());
@@ -109,14 +124,14 @@ mod tests {
     fn in_sync_node_needs_nothing() {
         let want = desired("o/n/a", "l1");
         let seen = observed(&["l1"], std::slice::from_ref(&want.route));
-        assert!(plan_node("n", Some(&want), Some(&want.route), &seen, &NoOtherUsers).is_empty());
+        assert!(plan_node("n", Some(&want), std::slice::from_ref(&want.route), &seen, &NoOtherUsers).is_empty());
     }
 
     #[test]
     fn shared_link_present_only_route_is_set() {
         let want = desired("o/n/a", "l1");
         let seen = observed(&["l1"], &[route("o/n/other", "l1")]);
-        let change = plan_node("n", Some(&want), None, &seen, &NoOtherUsers);
+        let change = plan_node("n", Some(&want), &[], &seen, &NoOtherUsers);
         assert!(change.create_links.is_empty());
         assert_eq!(change.set_routes, vec![want.route]);
     }
@@ -126,7 +141,7 @@ mod tests {
         let want = desired("o/n/new", "l1");
         let old = route("o/n/old", "l1");
         let seen = observed(&["l1"], std::slice::from_ref(&old));
-        let change = plan_node("n", Some(&want), Some(&old), &seen, &NoOtherUsers);
+        let change = plan_node("n", Some(&want), std::slice::from_ref(&old), &seen, &NoOtherUsers);
         assert_eq!(change.set_routes, vec![want.route]);
         assert_eq!(change.delete_routes, vec![old]);
         assert!(change.delete_links.is_empty(), "the link is still wanted");
@@ -137,9 +152,9 @@ mod tests {
         let want = desired("o/n/a", "l2");
         let old = route("o/n/a", "l1");
         let seen = observed(&["l1"], std::slice::from_ref(&old));
-        let change = plan_node("n", Some(&want), Some(&old), &seen, &NoOtherUsers);
+        let change = plan_node("n", Some(&want), std::slice::from_ref(&old), &seen, &NoOtherUsers);
         assert_eq!(change.delete_links, vec!["l1".to_string()]);
-        let shared = plan_node("n", Some(&want), Some(&old), &seen, &LinkUsedElsewhere);
+        let shared = plan_node("n", Some(&want), std::slice::from_ref(&old), &seen, &LinkUsedElsewhere);
         assert!(shared.delete_links.is_empty(), "another Subscription still uses l1");
         assert_eq!(shared.delete_routes, vec![old]);
     }
@@ -147,17 +162,37 @@ mod tests {
     #[test]
     fn removal_is_a_no_op_when_already_gone() {
         let old = route("o/n/a", "l1");
-        assert!(plan_node("n", None, Some(&old), &Observed::default(), &NoOtherUsers).is_empty());
+        assert!(plan_node("n", None, std::slice::from_ref(&old), &Observed::default(), &NoOtherUsers).is_empty());
         let seen = observed(&["l1"], std::slice::from_ref(&old));
-        let change = plan_node("n", None, Some(&old), &seen, &NoOtherUsers);
+        let change = plan_node("n", None, std::slice::from_ref(&old), &seen, &NoOtherUsers);
         assert_eq!(change.delete_routes, vec![old]);
         assert_eq!(change.delete_links, vec!["l1".to_string()]);
     }
 
     #[test]
+    fn instance_routes_come_and_go_with_their_instances() {
+        const OLD: &str = "0b3c5a8e-1111-4222-8333-944455556666";
+        const NEW: &str = "d165bd17-d238-547c-ad69-4d19eb78171a";
+        let mut want = desired("o/n/a", "l1");
+        want.instances = vec![route(&format!("o/n/a/{NEW}"), "l1")];
+        let old = route(&format!("o/n/a/{OLD}"), "l1");
+        let seen = observed(&["l1"], &[want.route.clone(), old.clone()]);
+        let change = plan_node("n", Some(&want), &[want.route.clone(), old.clone()], &seen, &NoOtherUsers);
+        assert_eq!(change.set_routes, want.instances, "the new instance is routed");
+        assert_eq!(change.delete_routes, vec![old], "the gone one is removed");
+        assert!(change.create_links.is_empty() && change.delete_links.is_empty(), "the link stays");
+        // Deletion removes the name, every instance and the link.
+        let routes: Vec<RouteRef> = want.routes().cloned().collect();
+        let seen = observed(&["l1"], &routes);
+        let change = plan_node("n", None, &routes, &seen, &NoOtherUsers);
+        assert_eq!((change.delete_routes.len(), change.delete_links.len()), (2, 1));
+    }
+
+    #[test]
     fn node_that_lost_everything_is_repaired_in_full() {
         let want = desired("o/n/a", "l1");
-        let change = plan_node("n", Some(&want), Some(&want.route), &Observed::default(), &NoOtherUsers);
+        let change =
+            plan_node("n", Some(&want), std::slice::from_ref(&want.route), &Observed::default(), &NoOtherUsers);
         assert_eq!(change.create_links.len(), 1);
         assert_eq!(change.set_routes.len(), 1);
         assert!(change.delete_routes.is_empty());

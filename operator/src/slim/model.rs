@@ -111,6 +111,18 @@ impl Observed {
             .filter(|instance| *instance != super::name::NO_INSTANCE)
     }
 
+    /// Instance ids of `name` the node reaches other than over `link_id` (its own apps, and
+    /// routes over other links): where traffic for them sent over `link_id` can go on to.
+    pub fn instances_reachable<'a>(&'a self, name: &SlimName, link_id: &'a str) -> impl Iterator<Item = u128> + 'a {
+        let components = name.key().components;
+        self.instances_of(name).filter(move |instance| {
+            let key = NameKey { components, instance: *instance };
+            let mut links = self.routes.range((key, String::new())..).take_while(|(k, _)| *k == key).map(|(_, l)| l);
+            // A name with no route over a link is the node's own app's.
+            links.next().is_none_or(|first| first != link_id || links.any(|l| l != link_id))
+        })
+    }
+
     /// Applies a change the node acknowledged (minus the items it refused).
     pub(super) fn apply(&mut self, change: &NodeChange, outcome: &ChangeOutcome) {
         for link in &change.create_links {

@@ -59,6 +59,11 @@ impl SlimName {
         Self { components: self.components.clone(), instance: None }
     }
 
+    /// The same name with `instance` (`org/ns/app/<uuid>`).
+    pub fn with_instance(&self, instance: u128) -> Self {
+        Self { components: self.components.clone(), instance: Some(instance) }
+    }
+
     pub fn components(&self) -> &[String; 3] {
         &self.components
     }

@@ -43,7 +43,7 @@ pub(super) fn context_with_triggers(
     let client = Client::new(service, "default");
     let (subscriptions, _) = reflector::store::<Subscription>();
     let (channels, _) = reflector::store::<SlimChannel>();
-    let (trigger, triggers) = mpsc::unbounded_channel();
+    let (trigger, triggered) = mpsc::unbounded_channel();
     let (pods, _) = reflector::store::<k8s_openapi::api::core::v1::Pod>();
     let runtime = Runtime {
         client: client.clone(),
@@ -57,8 +57,9 @@ pub(super) fn context_with_triggers(
         leadership: super::sole_leader(),
         control_tls: Arc::new(super::ControlTlsRegistry::new(client.clone(), Default::default(), None)),
     };
-    let ctx = Context::new(&runtime, Stores { subscriptions, channels, pods: Pods(pods) }, trigger);
-    (Arc::new(ctx), handle, triggers)
+    let triggers = super::member_watch::Triggers { channels: trigger, subscriptions: mpsc::unbounded_channel().0 };
+    let ctx = Context::new(&runtime, Stores { subscriptions, channels, pods: Pods(pods) }, triggers);
+    (Arc::new(ctx), handle, triggered)
 }
 
 /// One expected API call: method, path (and query) prefix, and the JSON the server answers.
