@@ -83,8 +83,21 @@ fn the_injected_app_opts_in_and_joins_the_channel() {
         serde_yaml::from_str(&std::fs::read_to_string(repo_path("examples/04-slimchannel.yaml")).expect("read"))
             .expect("channel");
     let selector = channel.spec.participant_selector.expect("selector");
-    let labels = template.metadata.and_then(|m| m.labels);
+    let labels = template.metadata.as_ref().and_then(|m| m.labels.clone());
     assert!(slim_operator::plan::selector_matches(&selector, labels.as_ref()), "the app is selected by the channel");
+    // The app gets the agent's Workload API socket (SLIM's spire identity), not SPIRE's.
+    let pod = k8s_openapi::api::core::v1::Pod {
+        metadata: template.metadata.unwrap_or_default(),
+        spec: template.spec,
+        ..Default::default()
+    };
+    let slim_operator::webhook::Decision::Inject(patch) =
+        slim_operator::webhook::decide(&pod, "slim", None, &Default::default())
+    else {
+        panic!("the example is not injected")
+    };
+    let patch = serde_json::to_string(&patch).expect("json");
+    assert!(patch.contains("unix:///run/slim-identity/agent.sock"), "{patch}");
 }
 
 #[test]
