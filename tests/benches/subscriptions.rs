@@ -40,6 +40,7 @@ fn subscriptions(count: usize, a: &SlimNode, b: &SlimNode) -> Vec<Sub> {
                     route: RouteRef { name, link_id: link.link_id.clone() },
                     link,
                     instances: Vec::new(),
+                    peer_links: Vec::new(),
                 },
                 target: NodeTarget { endpoint: on.controller_endpoint(), pod: None },
             }

@@ -665,10 +665,12 @@ async fn the_quickstart_runs_as_written() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "slim");
     wait_slim_nodes(&pods, "slim").await;
     for name in ["bob-via-slim-1", "alice-via-slim-0", "gateway-everywhere"] {
-        slim_e2e::wait_for(&format!("Subscription {name} Ready"), Duration::from_secs(90), async || {
-            subscription_ready(&client, "slim", name).await.then_some(())
-        })
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !subscription_ready(&client, "slim", name).await {
+            let condition = ready_condition(&client, "slim", name).await;
+            assert!(Instant::now() < deadline, "Subscription {name} not Ready after 90 s: {condition:?}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
     println!("quickstart: nodes and Subscriptions Ready {:.1}s after the first apply", started.elapsed().as_secs_f64());
 

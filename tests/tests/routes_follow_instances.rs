@@ -312,3 +312,85 @@ async fn what_each_link_type_carries() {
         }
     }
 }
+
+/// The quickstart's topology (03): a peer link one way, a remote Subscription back. The peer link
+/// syncs alice's instance to b as well; an instance route of ours beside it broke every session
+/// after the first (found by the node tier), so a node that reaches an instance over another link
+/// gets none. A new session every second from one process: every one completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_link_and_a_remote_subscription_back_carry_repeated_sessions() {
+    init_logging();
+    let (client, namespace) = setup().await;
+    let a = SlimNode::start("mixed-a").expect("node a");
+    let b = SlimNode::start("mixed-b").expect("node b");
+    let dir = tempfile::tempdir().expect("dir");
+    let socket = dir.path().join("agent.sock");
+    let binary = slim_e2e::workspace_binary("slim-identity-agent", "SLIM_IDENTITY_AGENT_BIN").expect("agent");
+    let agent = std::process::Command::new(binary)
+        .args(["dev", "--health-port", "0", "--dir"])
+        .arg(dir.path().join("svids"))
+        .arg("--workload-api-socket")
+        .arg(&socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("dev agent");
+    let _agent = slim_e2e::KillOnDrop(agent);
+    wait_for("the dev agent's socket", Duration::from_secs(30), async || socket.exists().then_some(())).await;
+    let config = ControllerConfig { resync_interval: Duration::from_secs(30), ..Default::default() };
+    let pool = NodePool::default();
+    let (stop, controllers) =
+        slim_e2e::operator::run_in_process(&client, pool.clone(), Default::default(), config, "mixed");
+    let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
+    for sub in [
+        subscription("bob-via-b", "org/ns/bob", &a, &b, "peer"),
+        subscription("alice-via-a", "org/ns/alice", &b, &a, "remote"),
+    ] {
+        subs.create(&PostParams::default(), &sub).await.expect("create");
+    }
+    for name in ["bob-via-b", "alice-via-a"] {
+        wait_for(&format!("{name} Ready"), Duration::from_secs(60), async || {
+            (condition(&subs.get(name).await.ok()?, "Ready")?.0 == "True").then_some(())
+        })
+        .await;
+    }
+    let identity = slim_e2e::spire_identity(&socket);
+    let bob = SlimApp::identity_listener(&b, "org/ns/bob", &identity).expect("bob");
+    let bob_on_a = SlimName::parse(&format!("org/ns/bob/{}", bob.instance)).expect("name").key();
+    wait_for("bob's instance synced to a", Duration::from_secs(30), async || {
+        let observed = pool.node(&a.controller_endpoint()).snapshot(Duration::ZERO).await.ok()?;
+        observed.names.contains(&bob_on_a).then_some(())
+    })
+    .await;
+    let mut alice = SlimApp::identity_sender(&a, "org/ns/alice", &identity, "org/ns/bob", 10).expect("alice");
+    tokio::task::block_in_place(|| alice.wait_for("done ", Duration::from_secs(120))).expect("alice finishes");
+    let output = alice.output();
+    let lines: Vec<&str> = output.lines().filter(|l| l.starts_with("reply ") || l.starts_with("error ")).collect();
+    let first = lines.iter().position(|l| l.starts_with("reply ")).unwrap_or(lines.len());
+    let failed_after: Vec<&&str> = lines[first..].iter().filter(|l| l.starts_with("error ")).collect();
+    println!(
+        "peer one way, remote back: {} sessions, the first after {first} tries, {} failed after it",
+        lines.len() - first - failed_after.len(),
+        failed_after.len()
+    );
+    if !failed_after.is_empty() {
+        for (label, node) in [("a", &a), ("b", &b)] {
+            let observed = pool.node(&node.controller_endpoint()).snapshot(Duration::ZERO).await.expect("list");
+            for name in ["org/ns/alice", "org/ns/bob"] {
+                let key = SlimName::parse(name).expect("n").key();
+                for (k, link) in observed.routes.iter().filter(|(k, _)| k.components == key.components) {
+                    println!(
+                        "{label}: route {name}/{:x} via {link} (node link: {})",
+                        k.instance,
+                        observed.links.contains(link)
+                    );
+                }
+            }
+        }
+        let status = subs.get("alice-via-a").await.ok().and_then(|s| s.status);
+        println!("alice-via-a: {status:?}");
+    }
+    assert!(lines.len() - first >= 7 && failed_after.is_empty(), "every session after the first works: {output}");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controllers).await;
+}

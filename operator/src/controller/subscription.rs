@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
@@ -73,6 +74,10 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
         }
     };
     let users = StoreUsers { ctx, me: ObjectRef::from_obj(sub) };
+    // New instances are planned against fresh listings of the targets: whether a target shares a
+    // peer link with the far node (and so needs no instance route) must not be read from a
+    // listing older than that link.
+    let new_instances = desired.instances.iter().any(|r| !previous_instances.values().flatten().any(|p| p == r));
     let reports = RouteSync {
         desired: Some(&desired),
         targets: &targets,
@@ -80,7 +85,7 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
         previous_instances: &previous_instances,
         previous_nodes: &previous_nodes,
         users: &users,
-        max_snapshot_age: ctx.config.snapshot_max_age,
+        max_snapshot_age: if new_instances { Duration::ZERO } else { ctx.config.snapshot_max_age },
     }
     .run(&pool)
     .await;
@@ -203,7 +208,12 @@ async fn resolve_desired(sub: &Subscription, ctx: &Context) -> Result<DesiredRou
         _ => ResolvedTls::default(),
     };
     let link = render_link(&sub.spec.link, &tls);
-    Ok(DesiredRoute { route: RouteRef { name, link_id: link.link_id.clone() }, link, instances: Vec::new() })
+    Ok(DesiredRoute {
+        route: RouteRef { name, link_id: link.link_id.clone() },
+        link,
+        instances: Vec::new(),
+        peer_links: Vec::new(),
+    })
 }
 
 /// Adds to `desired` the routes of its name's live instances, as the far node of the link lists
@@ -245,6 +255,7 @@ async fn follow_instances(
     let listing = pool.node(&endpoint).snapshot(ctx.config.snapshot_max_age).await;
     let (routes, followed) = match listing {
         Ok(observed) => {
+            desired.peer_links = peer_links(ctx).filter(|l| observed.links.contains(l)).collect();
             let routes = instance_routes(&name, &link_id, &observed);
             let message = format!("{} live instance(s) of {name} on the far node {far}", routes.len());
             (routes, Followed { ok: true, reason: follow_reason::FOLLOWING, message, far_node: Some(endpoint.clone()) })
@@ -259,6 +270,15 @@ async fn follow_instances(
     ctx.member_watch.record_subscription(key, &endpoint, pool, &name, &link_id, ids);
     desired.instances = routes;
     followed
+}
+
+/// The links of peer Subscriptions (as their status records them).
+fn peer_links(ctx: &Context) -> impl Iterator<Item = String> {
+    ctx.subscriptions
+        .state()
+        .into_iter()
+        .filter(|s| s.spec.link.connection_type == crate::api::ConnectionType::Peer)
+        .filter_map(|s| s.status.as_ref()?.link_id.clone())
 }
 
 /// Keeps routing the instances routed before (an unreachable far node proves none gone).

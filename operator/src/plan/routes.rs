@@ -10,6 +10,9 @@ pub struct DesiredRoute {
     pub link: LinkConfig,
     /// `org/ns/name/<instance>` over the same link (see `plan::instances`).
     pub instances: Vec<RouteRef>,
+    /// Peer links the far node holds: a target holding one of them too syncs subscriptions with
+    /// the far node, so it needs no instance routes.
+    pub peer_links: Vec<String>,
 }
 
 impl DesiredRoute {
@@ -43,7 +46,9 @@ impl Users for NoOtherUsers {
 ///
 /// Creates the link only when the node lacks it, sets each route only when missing, removes each
 /// previous route no longer wanted by anyone, and a previous link when nobody uses it any more.
-/// An empty change means the node is in sync.
+/// A node that shares a peer link with the far node gets no instance routes: the peer link syncs
+/// the instances, and two paths to one instance break SLIM sessions after their first one. An
+/// empty change means the node is in sync.
 pub fn plan_node(
     node: &str,
     desired: Option<&DesiredRoute>,
@@ -52,13 +57,16 @@ pub fn plan_node(
     users: &(dyn Users + Sync),
 ) -> NodeChange {
     let mut change = NodeChange::default();
+    let peered = desired.is_some_and(|d| d.peer_links.iter().any(|l| observed.links.contains(l)));
+    let wanted_here =
+        |route: &RouteRef| desired.is_some_and(|d| route == &d.route || (!peered && d.instances.contains(route)));
     if let Some(desired) = desired {
         if !observed.links.contains(&desired.link.link_id) {
             change.create_links.push(desired.link.clone());
         }
-        change.set_routes.extend(desired.routes().filter(|r| !observed.has_route(r)).cloned());
+        change.set_routes.extend(desired.routes().filter(|r| wanted_here(r) && !observed.has_route(r)).cloned());
     }
-    let wanted = |route: &RouteRef| desired.is_some_and(|d| d.routes().any(|r| r == route));
+    let wanted = wanted_here;
     for old in previous.iter().filter(|r| !wanted(r)) {
         if observed.has_route(old) && !users.route_in_use(node, old) && !change.delete_routes.contains(old) {
             change.delete_routes.push(old.clone());
@@ -90,6 +98,7 @@ mod tests {
             route: route(name, link),
             link: LinkConfig { link_id: link.into(), config_data: "{}".into() },
             instances: Vec::new(),
+            peer_links: Vec::new(),
         }
     }
 
@@ -186,6 +195,25 @@ mod tests {
         let seen = observed(&["l1"], &routes);
         let change = plan_node("n", None, &routes, &seen, &NoOtherUsers);
         assert_eq!((change.delete_routes.len(), change.delete_links.len()), (2, 1));
+    }
+
+    #[test]
+    fn a_node_peered_with_the_far_node_gets_no_instance_routes() {
+        const ID: &str = "0b3c5a8e-1111-4222-8333-944455556666";
+        let mut want = desired("o/n/a", "l1");
+        let ours = route(&format!("o/n/a/{ID}"), "l1");
+        want.instances = vec![ours.clone()];
+        want.peer_links = vec!["peer-link".into()];
+        let synced = route(&format!("o/n/a/{ID}"), "peer-link");
+        let seen = observed(&["l1", "peer-link"], &[want.route.clone(), synced.clone()]);
+        assert!(plan_node("n", Some(&want), &[], &seen, &NoOtherUsers).is_empty(), "the peer link syncs it");
+        // Ours was there before the peer link: it goes.
+        let seen = observed(&["l1", "peer-link"], &[want.route.clone(), synced, ours.clone()]);
+        let change = plan_node("n", Some(&want), std::slice::from_ref(&ours), &seen, &NoOtherUsers);
+        assert_eq!(change.delete_routes, vec![ours.clone()]);
+        // A node without that peer link gets the instance route.
+        let seen = observed(&["l1"], std::slice::from_ref(&want.route));
+        assert_eq!(plan_node("n", Some(&want), &[], &seen, &NoOtherUsers).set_routes, vec![ours]);
     }
 
     #[test]
