@@ -132,3 +132,22 @@ pub fn node_jwt_auth(jwks: &Path, audience: &str, issuer: &str) -> String {
 pub fn node_rejections(node: &SlimNode) -> usize {
     node.log().matches("ValidateJwt: async get_claims also failed").count()
 }
+
+/// `slim-identity-agent dev` serving its Workload API on `dir/agent.sock` (its files in
+/// `dir/svids`), once the socket exists; killed on drop.
+pub async fn dev_agent(dir: &Path) -> (crate::KillOnDrop, std::path::PathBuf) {
+    let socket = dir.join("agent.sock");
+    let binary = crate::workspace_binary("slim-identity-agent", "SLIM_IDENTITY_AGENT_BIN").expect("agent binary");
+    let child = std::process::Command::new(binary)
+        .args(["dev", "--health-port", "0", "--dir"])
+        .arg(dir.join("svids"))
+        .arg("--workload-api-socket")
+        .arg(&socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("dev agent");
+    let agent = crate::KillOnDrop(child);
+    crate::wait_for("the dev agent's socket", Duration::from_secs(30), async || socket.exists().then_some(())).await;
+    (agent, socket)
+}

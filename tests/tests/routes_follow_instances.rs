@@ -324,19 +324,7 @@ async fn a_peer_link_and_a_remote_subscription_back_carry_repeated_sessions() {
     let a = SlimNode::start("mixed-a").expect("node a");
     let b = SlimNode::start("mixed-b").expect("node b");
     let dir = tempfile::tempdir().expect("dir");
-    let socket = dir.path().join("agent.sock");
-    let binary = slim_e2e::workspace_binary("slim-identity-agent", "SLIM_IDENTITY_AGENT_BIN").expect("agent");
-    let agent = std::process::Command::new(binary)
-        .args(["dev", "--health-port", "0", "--dir"])
-        .arg(dir.path().join("svids"))
-        .arg("--workload-api-socket")
-        .arg(&socket)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("dev agent");
-    let _agent = slim_e2e::KillOnDrop(agent);
-    wait_for("the dev agent's socket", Duration::from_secs(30), async || socket.exists().then_some(())).await;
+    let (_agent, socket) = slim_e2e::identity::dev_agent(dir.path()).await;
     let config = ControllerConfig { resync_interval: Duration::from_secs(30), ..Default::default() };
     let pool = NodePool::default();
     let (stop, controllers) =

@@ -223,19 +223,8 @@ async fn negative_controls_fail_as_they_must() {
 async fn the_dev_mode_serves_slim_apps_without_spire() {
     slim_e2e::init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("run/agent.sock");
-    let agent =
-        std::process::Command::new(workspace_binary("slim-identity-agent", "SLIM_IDENTITY_AGENT_BIN").expect("agent"))
-            .args(["dev", "--health-port", "0", "--dir"])
-            .arg(dir.path().join("svids"))
-            .arg("--workload-api-socket")
-            .arg(&socket)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("dev agent");
-    let _agent = KillOnDrop(agent);
-    wait_for("the dev agent's socket", Duration::from_secs(30), async || serves(&socket).await).await;
+    let (_agent, socket) = slim_e2e::identity::dev_agent(dir.path()).await;
+    wait_for("the dev agent's socket to serve", Duration::from_secs(30), async || serves(&socket).await).await;
     let node = SlimNode::start("node-dev").expect("node");
     let identity = spire_identity(&socket);
     let _bob = SlimApp::identity_listener(&node, "org/ns/bob", &identity).expect("bob");

@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 
 use super::pb;
 use super::pb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
+use super::server::check_header;
 
 /// A JWT signing key of the trust domain.
 pub struct SigningKey {
@@ -362,13 +363,6 @@ struct Service {
 }
 
 type Pushes<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
-    match request.metadata().get("workload.spiffe.io").and_then(|v| v.to_str().ok()) {
-        Some("true") => Ok(()),
-        _ => Err(Status::invalid_argument("security header missing from request")),
-    }
-}
 
 impl Service {
     /// A stream of full states: the current one at once, then one per change (only when it differs,

@@ -136,7 +136,8 @@ struct Service {
 
 type Pushes<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
+/// The specification's security header: `InvalidArgument` without it.
+pub(crate) fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
     match request.metadata().get("workload.spiffe.io").and_then(|v| v.to_str().ok()) {
         Some("true") => Ok(()),
         _ => Err(Status::invalid_argument("security header missing from request")),
