@@ -75,7 +75,10 @@ fn every_example_parses_into_its_type() {
 #[test]
 fn the_injected_app_opts_in_and_joins_the_channel() {
     let text = std::fs::read_to_string(repo_path("examples/05-app.yaml")).expect("read");
-    let deployment: Deployment = serde_yaml::from_str(&text).expect("deployment");
+    let deployment = serde_yaml::Deserializer::from_str(&text)
+        .filter_map(|d| Deployment::deserialize(d).ok())
+        .find(|d| d.metadata.name.as_deref() == Some("dave"))
+        .expect("the dave Deployment");
     let template = deployment.spec.expect("spec").template;
     let annotations = template.metadata.as_ref().and_then(|m| m.annotations.clone()).unwrap_or_default();
     assert_eq!(annotations.get("slim.agntcy.org/inject-identity").map(String::as_str), Some("true"));

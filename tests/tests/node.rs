@@ -6,8 +6,9 @@
 //! The tests share one install and take turns ([`SERIAL`]): one deletes the leader Pod, which
 //! would otherwise race another's Pod creation through the webhook.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -520,6 +521,36 @@ fn slim_app(name: &str, script: &str) -> Pod {
     .expect("pod")
 }
 
+/// Pod name -> service account of the Pods in `namespace`, kept current every 250 ms.
+fn pod_accounts(client: &Client, namespace: &str) -> Arc<Mutex<HashMap<String, String>>> {
+    let accounts = Arc::new(Mutex::new(HashMap::new()));
+    let (pods, map): (Api<Pod>, _) = (Api::namespaced(client.clone(), namespace), accounts.clone());
+    tokio::spawn(async move {
+        loop {
+            if let Ok(list) = pods.list(&ListParams::default()).await {
+                let current = list.items.iter().map(|p| {
+                    let account =
+                        p.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or("default".into());
+                    (p.name_any(), account)
+                });
+                *map.lock().unwrap_or_else(|p| p.into_inner()) = current.collect();
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    accounts
+}
+
+/// The Pod a process on this node runs in: its container's hostname is the Pod's name.
+fn pod_of_process(pid: u32) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let from_env = environ.split(|b| *b == 0).find_map(|v| v.strip_prefix(b"HOSTNAME="));
+    match from_env {
+        Some(name) => String::from_utf8(name.to_vec()).ok(),
+        None => std::fs::read_to_string(format!("/proc/{pid}/root/etc/hostname")).ok().map(|h| h.trim().to_owned()),
+    }
+}
+
 /// An app Pod `name` with the injected agent (its namespace opts in), running `script`.
 fn injected_app(name: &str, script: &str) -> Pod {
     let mut pod = slim_app(name, script);
@@ -638,8 +669,19 @@ async fn the_quickstart_runs_as_written() {
     let _turn = SERIAL.lock().await;
     // "SPIRE" registers the quickstart's workloads.
     let socket = spire_dir(node).join("api.sock");
+    // One SPIFFE ID per service account, each caller attested by its Pod (as SPIRE's k8s
+    // workload attestor does, and as examples/06 registers them): SLIM derives an app's instance
+    // id from its identity, so the channel manager and its members need identities of their own.
     let mut state = AgentState::new(TRUST_DOMAIN);
-    state.issue(&format!("spiffe://{TRUST_DOMAIN}/ns/slim/sa/default"), "");
+    for account in ["default", "dave", "slim-channel-manager"] {
+        state.issue(&format!("spiffe://{TRUST_DOMAIN}/ns/slim/sa/{account}"), "");
+    }
+    let accounts = pod_accounts(&client, "slim");
+    state.attestor = Some(std::sync::Arc::new(move |pid| {
+        let pod = pod_of_process(pid)?;
+        let account = accounts.lock().unwrap_or_else(|p| p.into_inner()).get(&pod).cloned()?;
+        Some(format!("spiffe://{TRUST_DOMAIN}/ns/slim/sa/{account}"))
+    }));
     let _agent = FakeAgent::start(&socket, state).await.expect("fake Workload API");
     make_world_writable(&socket);
 
@@ -713,11 +755,25 @@ async fn the_quickstart_runs_as_written() {
     let dave_name = dave.name_any();
     let log = wait_log(&pods, &dave_name, "app", "joined").await;
     assert!(
-        log.lines()
-            .next()
-            .is_some_and(|l| l.starts_with(&format!("identity spiffe://{TRUST_DOMAIN}/ns/slim/sa/default"))),
+        log.lines().next().is_some_and(|l| l.starts_with(&format!("identity spiffe://{TRUST_DOMAIN}/ns/slim/sa/dave"))),
         "dave's first line reads the injected identity: {log}"
     );
+    let log = if log.contains("joined") {
+        log
+    } else {
+        wait_log_for(&pods, &dave_name, "app", "joined", Duration::from_secs(60)).await
+    };
+    if !log.contains("joined") {
+        let channels: Api<slim_operator::api::SlimChannel> = Api::namespaced(client.clone(), "slim");
+        let status = channels.get("team-chat").await.ok().and_then(|c| c.status);
+        let managers = pods.list(&ListParams::default().labels("app.kubernetes.io/name=slim-channel-manager")).await;
+        for manager in managers.map(|l| l.items).unwrap_or_default() {
+            let log = container_log(&pods, &manager.name_any(), "channel-manager").await;
+            let agent = container_log(&pods, &manager.name_any(), "slim-identity-agent").await;
+            println!("channel manager {}: {log}\nits agent: {agent}", manager.name_any());
+        }
+        println!("team-chat status: {status:?}");
+    }
     assert!(log.contains("joined"), "dave invited into team-chat: {log}");
     let bob_log = wait_log(&pods, "bob", "app", "received hello from org/ns/dave").await;
     assert!(

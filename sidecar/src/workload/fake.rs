@@ -143,8 +143,15 @@ pub struct Identity {
     pub key: Vec<u8>,
 }
 
+/// Tells which SPIFFE ID a caller may have, from its process id (as a SPIRE agent's workload
+/// attestor does): `None` for a workload it knows nothing of.
+pub type Attestor = std::sync::Arc<dyn Fn(u32) -> Option<String> + Send + Sync>;
+
 /// What the fake agent serves; change it through [`FakeAgent::update`].
 pub struct AgentState {
+    /// With an attestor, each caller gets only the identities of its attested SPIFFE ID; without
+    /// one, every caller gets every identity.
+    pub attestor: Option<Attestor>,
     pub authority: Authority,
     /// Empty: `PermissionDenied` (no identity issued yet).
     pub identities: Vec<Identity>,
@@ -169,6 +176,7 @@ pub struct AgentState {
 impl AgentState {
     pub fn new(trust_domain: &str) -> Self {
         Self {
+            attestor: None,
             authority: Authority::new(trust_domain),
             identities: Vec::new(),
             federated: BTreeMap::new(),
@@ -202,10 +210,18 @@ impl AgentState {
         }
     }
 
-    fn x509_response(&self) -> pb::X509svidResponse {
+    /// The identities `caller` (a process id) may have.
+    fn visible(&self, caller: Option<u32>) -> Vec<&Identity> {
+        let attested = match &self.attestor {
+            None => return self.identities.iter().collect(),
+            Some(attest) => caller.and_then(|pid| attest(pid)),
+        };
+        self.identities.iter().filter(|i| attested.as_deref() == Some(i.spiffe_id.as_str())).collect()
+    }
+
+    fn x509_response_of(&self, identities: &[&Identity]) -> pb::X509svidResponse {
         pb::X509svidResponse {
-            svids: self
-                .identities
+            svids: identities
                 .iter()
                 .map(|i| pb::X509svid {
                     spiffe_id: i.spiffe_id.clone(),
@@ -364,6 +380,12 @@ struct Service {
 
 type Pushes<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// The calling process, from the Unix socket's peer credentials.
+fn caller<T>(request: &Request<T>) -> Option<u32> {
+    let info = request.extensions().get::<tonic::transport::server::UdsConnectInfo>()?;
+    info.peer_cred?.pid().and_then(|pid| u32::try_from(pid).ok())
+}
+
 impl Service {
     /// A stream of full states: the current one at once, then one per change (only when it differs,
     /// as SPIRE does), until the stream is dropped.
@@ -418,11 +440,13 @@ impl SpiffeWorkloadApi for Service {
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&request)?;
-        Ok(Response::new(self.pushes(|state| {
-            if state.identities.is_empty() {
+        let caller = caller(&request);
+        Ok(Response::new(self.pushes(move |state| {
+            let visible = state.visible(caller);
+            if visible.is_empty() {
                 Err(Status::permission_denied("no identity issued"))
             } else {
-                Ok(state.x509_response())
+                Ok(state.x509_response_of(&visible))
             }
         })))
     }
@@ -432,6 +456,7 @@ impl SpiffeWorkloadApi for Service {
         request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
         check_header(&request)?;
+        let caller = caller(&request);
         let request = request.into_inner();
         if request.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
@@ -440,11 +465,11 @@ impl SpiffeWorkloadApi for Service {
         state.jwt_fetches += 1;
         state.jwt_fetched_at.push(tokio::time::Instant::now());
         state.jwt_audiences.push(request.audience.clone());
-        if state.identities.is_empty() {
+        let visible = state.visible(caller);
+        if visible.is_empty() {
             return Err(Status::permission_denied("no identity issued"));
         }
-        let svids = state
-            .identities
+        let svids = visible
             .iter()
             .filter(|i| request.spiffe_id.is_empty() || i.spiffe_id == request.spiffe_id)
             .map(|i| pb::Jwtsvid {
@@ -461,8 +486,9 @@ impl SpiffeWorkloadApi for Service {
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
-        Ok(Response::new(self.pushes(|state| {
-            if state.identities.is_empty() {
+        let caller = caller(&request);
+        Ok(Response::new(self.pushes(move |state| {
+            if state.visible(caller).is_empty() {
                 Err(Status::permission_denied("no identity issued"))
             } else {
                 Ok(state.jwt_bundles_response())
@@ -475,11 +501,13 @@ impl SpiffeWorkloadApi for Service {
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&request)?;
-        Ok(Response::new(self.pushes(|state| {
-            if state.identities.is_empty() {
+        let caller = caller(&request);
+        Ok(Response::new(self.pushes(move |state| {
+            let visible = state.visible(caller);
+            if visible.is_empty() {
                 Err(Status::permission_denied("no identity issued"))
             } else {
-                Ok(super::server::x509_bundles(&state.x509_response()))
+                Ok(super::server::x509_bundles(&state.x509_response_of(&visible)))
             }
         })))
     }
