@@ -387,6 +387,22 @@ fn caller<T>(request: &Request<T>) -> Option<u32> {
 }
 
 impl Service {
+    /// [`Service::pushes`] of what `caller` may see: `PermissionDenied` while that is nothing.
+    fn attested_pushes<T: Clone + PartialEq + Send + 'static>(
+        &self,
+        caller: Option<u32>,
+        render: fn(&AgentState, &[&Identity]) -> T,
+    ) -> Pushes<T> {
+        self.pushes(move |state| {
+            let visible = state.visible(caller);
+            if visible.is_empty() {
+                Err(Status::permission_denied("no identity issued"))
+            } else {
+                Ok(render(state, &visible))
+            }
+        })
+    }
+
     /// A stream of full states: the current one at once, then one per change (only when it differs,
     /// as SPIRE does), until the stream is dropped.
     fn pushes<T: Clone + PartialEq + Send + 'static>(
@@ -440,15 +456,7 @@ impl SpiffeWorkloadApi for Service {
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&request)?;
-        let caller = caller(&request);
-        Ok(Response::new(self.pushes(move |state| {
-            let visible = state.visible(caller);
-            if visible.is_empty() {
-                Err(Status::permission_denied("no identity issued"))
-            } else {
-                Ok(state.x509_response_of(&visible))
-            }
-        })))
+        Ok(Response::new(self.attested_pushes(caller(&request), |state, visible| state.x509_response_of(visible))))
     }
 
     async fn fetch_jwtsvid(
@@ -486,14 +494,7 @@ impl SpiffeWorkloadApi for Service {
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
-        let caller = caller(&request);
-        Ok(Response::new(self.pushes(move |state| {
-            if state.visible(caller).is_empty() {
-                Err(Status::permission_denied("no identity issued"))
-            } else {
-                Ok(state.jwt_bundles_response())
-            }
-        })))
+        Ok(Response::new(self.attested_pushes(caller(&request), |state, _| state.jwt_bundles_response())))
     }
 
     async fn fetch_x509_bundles(
@@ -501,15 +502,9 @@ impl SpiffeWorkloadApi for Service {
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&request)?;
-        let caller = caller(&request);
-        Ok(Response::new(self.pushes(move |state| {
-            let visible = state.visible(caller);
-            if visible.is_empty() {
-                Err(Status::permission_denied("no identity issued"))
-            } else {
-                Ok(super::server::x509_bundles(&state.x509_response_of(&visible)))
-            }
-        })))
+        let render =
+            |state: &AgentState, visible: &[&Identity]| super::server::x509_bundles(&state.x509_response_of(visible));
+        Ok(Response::new(self.attested_pushes(caller(&request), render)))
     }
 
     async fn validate_jwtsvid(
