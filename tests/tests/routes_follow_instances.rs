@@ -101,7 +101,7 @@ async fn remote_subscriptions_both_ways_carry_sessions_and_follow_a_restart() {
         (ready && following).then_some(sub.status?)
     })
     .await;
-    assert_eq!(status.nodes[0].instances, [bob.instance.clone()], "status lists bob's instance on a");
+    assert_eq!(status.nodes[0].instances, std::slice::from_ref(&bob.instance), "status lists bob's instance on a");
     assert_eq!(status.far_node.as_deref(), Some(b.controller_endpoint().as_str()));
 
     // No route by hand: a whole session alice -> bob and back.
