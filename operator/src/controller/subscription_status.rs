@@ -67,67 +67,116 @@ pub fn next_status(
     reports: &[NodeReport],
 ) -> (SubscriptionStatus, Notices) {
     let mut notices = Notices::default();
-    let mut nodes = Vec::new();
-    for report in reports {
-        let before = old.nodes.iter().find(|n| n.endpoint == report.endpoint);
-        if report.target {
-            let (installed, message) = match &report.result {
-                NodeResult::InSync { .. } => (true, None),
-                NodeResult::Unreachable(m) | NodeResult::Rejected(m) => (false, Some(m.clone())),
-            };
-            if report.wrote() {
-                match before {
-                    Some(b) if b.route_installed && old.route_name.as_deref() == Some(input.route_name) => {
-                        notices.repaired.push(report.endpoint.clone())
-                    }
-                    _ => notices.installed.push(report.endpoint.clone()),
-                }
+    let mut nodes: Vec<NodeStatus> = reports
+        .iter()
+        .filter_map(|report| {
+            let before = old.nodes.iter().find(|n| n.endpoint == report.endpoint);
+            if report.target {
+                Some(target_node(old, input, report, before, &mut notices))
+            } else {
+                leaving_node(input, report, before, &mut notices)
             }
-            let last_sync_time =
-                if report.wrote() { Some(Time(input.now)) } else { before.and_then(|b| b.last_sync_time.clone()) };
-            // A node not in sync may hold what it had and part of what was sent: both are
-            // remembered, so a later sync can remove what is no longer wanted.
-            let mut instances = input.instances.to_vec();
-            if !installed {
-                instances.extend(before.iter().flat_map(|b| b.instances.iter().cloned()));
-                instances.sort();
-                instances.dedup();
-            }
-            nodes.push(NodeStatus {
-                endpoint: report.endpoint.clone(),
-                pod: report.pod.clone(),
-                route_installed: installed,
-                last_sync_time,
-                message,
-                removing_since: None,
-                instances,
-            });
-            continue;
-        }
-        // A node that left the Subscription.
-        let (NodeResult::Unreachable(message) | NodeResult::Rejected(message)) = &report.result else {
-            notices.removed.push(report.endpoint.clone());
-            continue;
-        };
-        let since = before.and_then(|b| b.removing_since.clone()).unwrap_or(Time(input.now));
-        let expired = input.now.duration_since(since.0).unsigned_abs() >= input.removal_timeout;
-        let pod_gone = before.is_some_and(|b| b.pod.is_some());
-        if expired || pod_gone {
-            notices.abandoned.push(report.endpoint.clone());
-            continue;
-        }
-        nodes.push(NodeStatus {
-            endpoint: report.endpoint.clone(),
-            pod: before.and_then(|b| b.pod.clone()),
-            route_installed: before.is_some_and(|b| b.route_installed),
-            last_sync_time: before.and_then(|b| b.last_sync_time.clone()),
-            message: Some(format!("removing: {message}")),
-            removing_since: Some(since),
-            instances: before.map(|b| b.instances.clone()).unwrap_or_default(),
-        });
-    }
+        })
+        .collect();
     nodes.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
 
+    let settled = reports.iter().all(NodeReport::ok) || old.route_name.is_none();
+    let mut status = SubscriptionStatus {
+        observed_generation: input.generation,
+        conditions: old.conditions.clone(),
+        route_name: if settled { Some(input.route_name.to_owned()) } else { old.route_name.clone() },
+        link_id: if settled { Some(input.link_id.to_owned()) } else { old.link_id.clone() },
+        nodes,
+        far_node: input.following.map_or_else(|| old.far_node.clone(), |f| f.far_node.clone()),
+    };
+    condition::upsert(&mut status.conditions, ready(input, reports));
+    if let Some(followed) = input.following {
+        let followed = condition::condition(
+            INSTANCES_FOLLOWED,
+            followed.ok,
+            followed.reason,
+            followed.message.clone(),
+            input.generation,
+            input.now,
+        );
+        condition::upsert(&mut status.conditions, followed);
+    }
+    (status, notices)
+}
+
+/// A node the route must be on: installed, repaired or failing, and the instances it may hold.
+fn target_node(
+    old: &SubscriptionStatus,
+    input: &StatusInput<'_>,
+    report: &NodeReport,
+    before: Option<&NodeStatus>,
+    notices: &mut Notices,
+) -> NodeStatus {
+    let (installed, message) = match &report.result {
+        NodeResult::InSync { .. } => (true, None),
+        NodeResult::Unreachable(m) | NodeResult::Rejected(m) => (false, Some(m.clone())),
+    };
+    if report.wrote() {
+        match before {
+            Some(b) if b.route_installed && old.route_name.as_deref() == Some(input.route_name) => {
+                notices.repaired.push(report.endpoint.clone())
+            }
+            _ => notices.installed.push(report.endpoint.clone()),
+        }
+    }
+    let last_sync_time =
+        if report.wrote() { Some(Time(input.now)) } else { before.and_then(|b| b.last_sync_time.clone()) };
+    // A node not in sync may hold what it had and part of what was sent: both are remembered, so
+    // a later sync can remove what is no longer wanted.
+    let mut instances = input.instances.to_vec();
+    if !installed {
+        instances.extend(before.iter().flat_map(|b| b.instances.iter().cloned()));
+        instances.sort();
+        instances.dedup();
+    }
+    NodeStatus {
+        endpoint: report.endpoint.clone(),
+        pod: report.pod.clone(),
+        route_installed: installed,
+        last_sync_time,
+        message,
+        removing_since: None,
+        instances,
+    }
+}
+
+/// A node that left the Subscription: gone from status once removed, kept (with `removingSince`)
+/// while removal fails, abandoned after the timeout or when its Pod is gone.
+fn leaving_node(
+    input: &StatusInput<'_>,
+    report: &NodeReport,
+    before: Option<&NodeStatus>,
+    notices: &mut Notices,
+) -> Option<NodeStatus> {
+    let (NodeResult::Unreachable(message) | NodeResult::Rejected(message)) = &report.result else {
+        notices.removed.push(report.endpoint.clone());
+        return None;
+    };
+    let since = before.and_then(|b| b.removing_since.clone()).unwrap_or(Time(input.now));
+    let expired = input.now.duration_since(since.0).unsigned_abs() >= input.removal_timeout;
+    let pod_gone = before.is_some_and(|b| b.pod.is_some());
+    if expired || pod_gone {
+        notices.abandoned.push(report.endpoint.clone());
+        return None;
+    }
+    Some(NodeStatus {
+        endpoint: report.endpoint.clone(),
+        pod: before.and_then(|b| b.pod.clone()),
+        route_installed: before.is_some_and(|b| b.route_installed),
+        last_sync_time: before.and_then(|b| b.last_sync_time.clone()),
+        message: Some(format!("removing: {message}")),
+        removing_since: Some(since),
+        instances: before.map(|b| b.instances.clone()).unwrap_or_default(),
+    })
+}
+
+/// The Ready condition: every target in sync, or why not (a TLS failure named by its cause).
+fn ready(input: &StatusInput<'_>, reports: &[NodeReport]) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
     let targets: Vec<&NodeReport> = reports.iter().filter(|r| r.target).collect();
     let failed: Vec<&NodeReport> = targets.iter().copied().filter(|r| !r.ok()).collect();
     let (ok, reason_text, message) = if targets.is_empty() {
@@ -141,16 +190,13 @@ pub fn next_status(
             0 => String::new(),
             n => format!(" with {n} instance route(s)"),
         };
-        (
-            true,
-            reason::ROUTES_INSTALLED,
-            format!(
-                "route {} via {}{instances} installed on {} node(s)",
-                input.route_name,
-                input.link_id,
-                targets.len()
-            ),
-        )
+        let message = format!(
+            "route {} via {}{instances} installed on {} node(s)",
+            input.route_name,
+            input.link_id,
+            targets.len()
+        );
+        (true, reason::ROUTES_INSTALLED, message)
     } else {
         let rejected = failed.iter().any(|r| matches!(r.result, NodeResult::Rejected(_)));
         let detail: Vec<String> = failed
@@ -160,8 +206,6 @@ pub fn next_status(
                 NodeResult::InSync { .. } => String::new(),
             })
             .collect();
-        // A TLS failure is named by its cause (untrusted server, unexpected identity, refused or
-        // expired client certificate), not as a generic unreachable node.
         let tls = failed.iter().find_map(|r| match &r.result {
             NodeResult::Unreachable(m) => TlsFailure::classify(m),
             _ => None,
@@ -171,38 +215,10 @@ pub fn next_status(
             (false, Some(failure)) => failure.reason(),
             (false, None) => reason::NODE_UNREACHABLE,
         };
-        (
-            false,
-            reason_text,
-            format!("{} of {} node(s) not in sync: {}", failed.len(), targets.len(), detail.join("; ")),
-        )
+        let message = format!("{} of {} node(s) not in sync: {}", failed.len(), targets.len(), detail.join("; "));
+        (false, reason_text, message)
     };
-
-    let settled = reports.iter().all(NodeReport::ok) || old.route_name.is_none();
-    let mut status = SubscriptionStatus {
-        observed_generation: input.generation,
-        conditions: old.conditions.clone(),
-        route_name: if settled { Some(input.route_name.to_owned()) } else { old.route_name.clone() },
-        link_id: if settled { Some(input.link_id.to_owned()) } else { old.link_id.clone() },
-        nodes,
-        far_node: input.following.map_or_else(|| old.far_node.clone(), |f| f.far_node.clone()),
-    };
-    condition::upsert(
-        &mut status.conditions,
-        condition::condition(READY, ok, reason_text, message, input.generation, input.now),
-    );
-    if let Some(followed) = input.following {
-        let followed = condition::condition(
-            INSTANCES_FOLLOWED,
-            followed.ok,
-            followed.reason,
-            followed.message.clone(),
-            input.generation,
-            input.now,
-        );
-        condition::upsert(&mut status.conditions, followed);
-    }
-    (status, notices)
+    condition::condition(READY, ok, reason_text, message, input.generation, input.now)
 }
 
 #[cfg(test)]
