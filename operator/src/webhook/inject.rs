@@ -224,6 +224,29 @@ struct Settings {
     workload_api: bool,
 }
 
+/// A pod's `slim.agntcy.org/` annotations, trimmed; empty values count as unset.
+struct Annotations<'a>(&'a BTreeMap<String, String>);
+
+impl<'a> Annotations<'a> {
+    fn get(&self, key: &str) -> Option<&'a str> {
+        self.0.get(key).map(|v| v.trim()).filter(|v| !v.is_empty())
+    }
+
+    /// A comma-separated list.
+    fn list(&self, key: &str) -> Option<Vec<String>> {
+        self.get(key).map(|v| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>, String> {
+        match self.get(key) {
+            None => Ok(None),
+            Some("true") => Ok(Some(true)),
+            Some("false") => Ok(Some(false)),
+            Some(other) => Err(format!("{key}: {other:?} is not true or false")),
+        }
+    }
+}
+
 impl Settings {
     fn read(
         annotations: &BTreeMap<String, String>,
@@ -231,205 +254,225 @@ impl Settings {
         pod: &Pod,
         config: &InjectorConfig,
     ) -> Result<Self, String> {
-        let get = |key: &str| annotations.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
-        let list = |key: &str| {
-            get(key).map(|v| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect::<Vec<_>>())
-        };
-
-        let source = match get(annotation::IDENTITY_SOURCE).or(namespace_source) {
+        let a = Annotations(annotations);
+        let source = match a.get(annotation::IDENTITY_SOURCE).or(namespace_source) {
             None => config.identity_source,
             Some(value) => value.parse().map_err(|e| format!("{}: {e}", annotation::IDENTITY_SOURCE))?,
         };
-        let mut audiences = list(annotation::JWT_AUDIENCES).unwrap_or_else(|| config.audiences.clone());
+        let mut audiences = a.list(annotation::JWT_AUDIENCES).unwrap_or_else(|| config.audiences.clone());
         let token = match source {
             Source::Spiffe => None,
             Source::Kubernetes => {
-                let audience = match (get(annotation::TOKEN_AUDIENCE), audiences.as_slice()) {
-                    (Some(audience), _) => audience.to_owned(),
-                    (None, [one]) => one.clone(),
-                    (None, _) => {
-                        return Err(format!(
-                            "identity source kubernetes projects one token: name its audience with {}",
-                            annotation::TOKEN_AUDIENCE
-                        ));
-                    }
-                };
-                let expiration_seconds = match get(annotation::TOKEN_EXPIRATION_SECONDS) {
-                    None => 3600,
-                    // The API server's bounds for projected tokens.
-                    Some(value) => {
-                        value.parse::<i64>().ok().filter(|s| (600..=86_400).contains(s)).ok_or_else(|| {
-                            format!(
-                                "{}: {value:?} is not a number of seconds from 600 to 86400",
-                                annotation::TOKEN_EXPIRATION_SECONDS
-                            )
-                        })?
-                    }
-                };
-                audiences = vec![audience.clone()];
-                Some(ProjectedToken { audience, expiration_seconds })
+                let token = projected_token_settings(&a, &audiences)?;
+                audiences = vec![token.audience.clone()];
+                Some(token)
             }
         };
-        if audiences.is_empty() {
-            return Err(format!("{}: at least one audience is needed", annotation::JWT_AUDIENCES));
-        }
-        let files = match list(annotation::JWT_SVID_FILE_NAMES) {
-            Some(files) if files.len() != audiences.len() => {
-                return Err(format!(
-                    "{} has {} names for {} audiences in {}",
-                    annotation::JWT_SVID_FILE_NAMES,
-                    files.len(),
-                    audiences.len(),
-                    annotation::JWT_AUDIENCES
-                ));
-            }
-            Some(files) => files,
-            None if audiences.len() == 1 => vec!["jwt_svid.token".to_owned()],
-            None => audiences.iter().map(|a| format!("jwt_svid-{}.token", file_safe(a))).collect(),
-        };
-        for file in files.iter() {
-            check_file_name(annotation::JWT_SVID_FILE_NAMES, file)?;
-        }
-        // The cluster's keys have no trust domain to key a spiffe-helper map by.
-        let default_format = if token.is_some() { "jwks" } else { config.jwt_bundle_format.as_str() };
-        let jwt_bundle_format = match get(annotation::JWT_BUNDLE_FORMAT).unwrap_or(default_format) {
-            "jwks" => JwtBundleFormat::Jwks,
-            "spiffe-helper" if token.is_some() => {
-                return Err(format!(
-                    "{}: identity source kubernetes writes a plain JWKS",
-                    annotation::JWT_BUNDLE_FORMAT
-                ));
-            }
-            "spiffe-helper" => JwtBundleFormat::SpiffeHelper,
-            other => {
-                return Err(format!("{}: {other:?} is not jwks or spiffe-helper", annotation::JWT_BUNDLE_FORMAT));
-            }
-        };
-        // In place by default: SLIM's static_jwt provider only notices data writes to its token
-        // file, never the atomic swap (README, "Why JWT-SVID files are written in place").
-        let jwt_svid_write_mode = match get(annotation::JWT_SVID_WRITE_MODE).unwrap_or("in-place") {
-            "in-place" => WriteMode::InPlace,
-            "atomic" => WriteMode::Swap,
-            other => {
-                return Err(format!("{}: {other:?} is not in-place or atomic", annotation::JWT_SVID_WRITE_MODE));
-            }
-        };
-        let jwt_bundle_file = get(annotation::JWT_BUNDLE_FILE_NAME).unwrap_or("key.jwt").to_owned();
+        let files = jwt_file_names(&a, &audiences)?;
+        let jwt_bundle_file = a.get(annotation::JWT_BUNDLE_FILE_NAME).unwrap_or("key.jwt").to_owned();
         check_file_name(annotation::JWT_BUNDLE_FILE_NAME, &jwt_bundle_file)?;
-        let x509 = match get(annotation::X509) {
-            Some("true") if token.is_some() => {
-                return Err(format!(
-                    "{}: X.509-SVIDs need SPIRE; identity source kubernetes gives JWTs only",
-                    annotation::X509
-                ));
-            }
-            None if token.is_some() => None,
-            None | Some("true") => {
-                let names = (
-                    get(annotation::SVID_FILE_NAME).unwrap_or("tls.crt").to_owned(),
-                    get(annotation::SVID_KEY_FILE_NAME).unwrap_or("tls.key").to_owned(),
-                    get(annotation::SVID_BUNDLE_FILE_NAME).unwrap_or("svid_bundle.pem").to_owned(),
-                );
-                for name in [&names.0, &names.1, &names.2] {
-                    check_file_name("X.509 file names", name)?;
-                }
-                Some(names)
-            }
-            Some("false") => None,
-            Some(other) => return Err(format!("{}: {other:?} is not true or false", annotation::X509)),
-        };
-        let key_file_mode = get(annotation::KEY_FILE_MODE).unwrap_or("0644");
-        let key_file_mode = Some(key_file_mode)
-            .filter(|m| m.len() == 4 && m.starts_with('0'))
-            .and_then(|m| u32::from_str_radix(m, 8).ok())
-            .ok_or_else(|| {
-                format!("{}: {key_file_mode:?} is not an octal mode like 0640", annotation::KEY_FILE_MODE)
-            })?;
-        let mount_path = get(annotation::MOUNT_PATH).unwrap_or(&config.mount_path).trim_end_matches('/').to_owned();
-        if !mount_path.starts_with('/') || mount_path.len() < 2 {
-            return Err(format!("{}: {mount_path:?} is not an absolute path", annotation::MOUNT_PATH));
-        }
-
-        let containers = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
-        let selected: Vec<usize> = match list(annotation::CONTAINERS) {
-            None => (0..containers.len()).collect(),
-            Some(names) => {
-                let mut indexes = Vec::new();
-                for name in &names {
-                    match containers.iter().position(|c| &c.name == name) {
-                        Some(i) => indexes.push(i),
-                        None => return Err(format!("{}: the pod has no container {name:?}", annotation::CONTAINERS)),
-                    }
-                }
-                indexes
-            }
-        };
-        for &i in &selected {
-            let container = &containers[i];
-            if container.volume_mounts.iter().flatten().any(|m| m.mount_path.trim_end_matches('/') == mount_path) {
-                return Err(format!(
-                    "container {:?} already mounts {mount_path}; choose another path with {}",
-                    container.name,
-                    annotation::MOUNT_PATH
-                ));
-            }
-        }
-
-        let quantity = |key: &str, default: &str| -> Result<Quantity, String> {
-            let value = get(key).unwrap_or(default);
-            if value.chars().next().is_some_and(|c| c.is_ascii_digit())
-                && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
-            {
-                Ok(Quantity(value.to_owned()))
-            } else {
-                Err(format!("{key}: {value:?} is not a quantity like 10m or 64Mi"))
-            }
-        };
-        let resources = ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".to_owned(), quantity(annotation::CPU_REQUEST, &config.cpu_request)?),
-                ("memory".to_owned(), quantity(annotation::MEMORY_REQUEST, &config.memory_request)?),
-            ])),
-            limits: Some(BTreeMap::from([(
-                "memory".to_owned(),
-                quantity(annotation::MEMORY_LIMIT, &config.memory_limit)?,
-            )])),
-            ..Default::default()
-        };
-        let health_port = match get(annotation::HEALTH_PORT) {
-            Some(port) => port
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| format!("{}: {port:?} is not a port", annotation::HEALTH_PORT))?,
-            None => free_port(pod, config.health_port),
-        };
-        let workload_api = match (get(annotation::WORKLOAD_API), &token) {
-            (None, None) => config.workload_api,
-            (Some("true"), None) => true,
-            (None, Some(_)) | (Some("false"), _) => false,
-            (Some("true"), Some(_)) => {
-                return Err(format!(
-                    "{}: the Workload API serves SPIFFE identities; identity source kubernetes has none",
-                    annotation::WORKLOAD_API
-                ));
-            }
-            (Some(other), _) => return Err(format!("{}: {other:?} is not true or false", annotation::WORKLOAD_API)),
-        };
+        let mount_path = mount_path(&a, config)?;
         Ok(Self {
+            jwt_bundle_format: jwt_bundle_format(&a, token.is_some(), config)?,
+            jwt_svid_write_mode: jwt_svid_write_mode(&a)?,
+            x509: x509_file_names(&a, token.is_some())?,
+            key_file_mode: key_file_mode(&a)?,
+            containers: selected_containers(&a, pod, &mount_path)?,
+            resources: resources(&a, config)?,
+            health_port: health_port(&a, pod, config)?,
+            workload_api: workload_api(&a, token.is_some(), config)?,
             token,
             jwt: audiences.into_iter().zip(files).collect(),
             jwt_bundle_file,
-            jwt_bundle_format,
-            jwt_svid_write_mode,
-            x509,
-            key_file_mode,
             mount_path,
-            containers: selected,
-            resources,
-            health_port,
-            workload_api,
         })
+    }
+}
+
+/// The `kubernetes` source's projected token: one audience, a lifetime the API server accepts.
+fn projected_token_settings(a: &Annotations<'_>, audiences: &[String]) -> Result<ProjectedToken, String> {
+    let audience = match (a.get(annotation::TOKEN_AUDIENCE), audiences) {
+        (Some(audience), _) => audience.to_owned(),
+        (None, [one]) => one.clone(),
+        (None, _) => {
+            return Err(format!(
+                "identity source kubernetes projects one token: name its audience with {}",
+                annotation::TOKEN_AUDIENCE
+            ));
+        }
+    };
+    let expiration_seconds = match a.get(annotation::TOKEN_EXPIRATION_SECONDS) {
+        None => 3600,
+        // The API server's bounds for projected tokens.
+        Some(value) => value.parse::<i64>().ok().filter(|s| (600..=86_400).contains(s)).ok_or_else(|| {
+            format!("{}: {value:?} is not a number of seconds from 600 to 86400", annotation::TOKEN_EXPIRATION_SECONDS)
+        })?,
+    };
+    Ok(ProjectedToken { audience, expiration_seconds })
+}
+
+/// One JWT-SVID file per audience.
+fn jwt_file_names(a: &Annotations<'_>, audiences: &[String]) -> Result<Vec<String>, String> {
+    if audiences.is_empty() {
+        return Err(format!("{}: at least one audience is needed", annotation::JWT_AUDIENCES));
+    }
+    let files = match a.list(annotation::JWT_SVID_FILE_NAMES) {
+        Some(files) if files.len() != audiences.len() => {
+            return Err(format!(
+                "{} has {} names for {} audiences in {}",
+                annotation::JWT_SVID_FILE_NAMES,
+                files.len(),
+                audiences.len(),
+                annotation::JWT_AUDIENCES
+            ));
+        }
+        Some(files) => files,
+        None if audiences.len() == 1 => vec!["jwt_svid.token".to_owned()],
+        None => audiences.iter().map(|a| format!("jwt_svid-{}.token", file_safe(a))).collect(),
+    };
+    for file in &files {
+        check_file_name(annotation::JWT_SVID_FILE_NAMES, file)?;
+    }
+    Ok(files)
+}
+
+fn jwt_bundle_format(
+    a: &Annotations<'_>,
+    kubernetes: bool,
+    config: &InjectorConfig,
+) -> Result<JwtBundleFormat, String> {
+    // The cluster's keys have no trust domain to key a spiffe-helper map by.
+    let default_format = if kubernetes { "jwks" } else { config.jwt_bundle_format.as_str() };
+    match a.get(annotation::JWT_BUNDLE_FORMAT).unwrap_or(default_format) {
+        "jwks" => Ok(JwtBundleFormat::Jwks),
+        "spiffe-helper" if kubernetes => {
+            Err(format!("{}: identity source kubernetes writes a plain JWKS", annotation::JWT_BUNDLE_FORMAT))
+        }
+        "spiffe-helper" => Ok(JwtBundleFormat::SpiffeHelper),
+        other => Err(format!("{}: {other:?} is not jwks or spiffe-helper", annotation::JWT_BUNDLE_FORMAT)),
+    }
+}
+
+/// In place by default: SLIM's static_jwt provider only notices data writes to its token file,
+/// never the atomic swap (README, "Why JWT-SVID files are written in place").
+fn jwt_svid_write_mode(a: &Annotations<'_>) -> Result<WriteMode, String> {
+    match a.get(annotation::JWT_SVID_WRITE_MODE).unwrap_or("in-place") {
+        "in-place" => Ok(WriteMode::InPlace),
+        "atomic" => Ok(WriteMode::Swap),
+        other => Err(format!("{}: {other:?} is not in-place or atomic", annotation::JWT_SVID_WRITE_MODE)),
+    }
+}
+
+fn x509_file_names(a: &Annotations<'_>, kubernetes: bool) -> Result<Option<(String, String, String)>, String> {
+    match a.bool(annotation::X509)? {
+        Some(true) if kubernetes => {
+            Err(format!("{}: X.509-SVIDs need SPIRE; identity source kubernetes gives JWTs only", annotation::X509))
+        }
+        None if kubernetes => Ok(None),
+        Some(false) => Ok(None),
+        None | Some(true) => {
+            let names = (
+                a.get(annotation::SVID_FILE_NAME).unwrap_or("tls.crt").to_owned(),
+                a.get(annotation::SVID_KEY_FILE_NAME).unwrap_or("tls.key").to_owned(),
+                a.get(annotation::SVID_BUNDLE_FILE_NAME).unwrap_or("svid_bundle.pem").to_owned(),
+            );
+            for name in [&names.0, &names.1, &names.2] {
+                check_file_name("X.509 file names", name)?;
+            }
+            Ok(Some(names))
+        }
+    }
+}
+
+fn key_file_mode(a: &Annotations<'_>) -> Result<u32, String> {
+    let mode = a.get(annotation::KEY_FILE_MODE).unwrap_or("0644");
+    Some(mode)
+        .filter(|m| m.len() == 4 && m.starts_with('0'))
+        .and_then(|m| u32::from_str_radix(m, 8).ok())
+        .ok_or_else(|| format!("{}: {mode:?} is not an octal mode like 0640", annotation::KEY_FILE_MODE))
+}
+
+fn mount_path(a: &Annotations<'_>, config: &InjectorConfig) -> Result<String, String> {
+    let mount_path = a.get(annotation::MOUNT_PATH).unwrap_or(&config.mount_path).trim_end_matches('/').to_owned();
+    if !mount_path.starts_with('/') || mount_path.len() < 2 {
+        return Err(format!("{}: {mount_path:?} is not an absolute path", annotation::MOUNT_PATH));
+    }
+    Ok(mount_path)
+}
+
+/// The containers that get the outputs (all by default), none of which mounts `mount_path` yet.
+fn selected_containers(a: &Annotations<'_>, pod: &Pod, mount_path: &str) -> Result<Vec<usize>, String> {
+    let containers = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
+    let selected: Vec<usize> = match a.list(annotation::CONTAINERS) {
+        None => (0..containers.len()).collect(),
+        Some(names) => names
+            .iter()
+            .map(|name| {
+                containers
+                    .iter()
+                    .position(|c| &c.name == name)
+                    .ok_or_else(|| format!("{}: the pod has no container {name:?}", annotation::CONTAINERS))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    for &i in &selected {
+        let container = &containers[i];
+        if container.volume_mounts.iter().flatten().any(|m| m.mount_path.trim_end_matches('/') == mount_path) {
+            return Err(format!(
+                "container {:?} already mounts {mount_path}; choose another path with {}",
+                container.name,
+                annotation::MOUNT_PATH
+            ));
+        }
+    }
+    Ok(selected)
+}
+
+fn resources(a: &Annotations<'_>, config: &InjectorConfig) -> Result<ResourceRequirements, String> {
+    let quantity = |key: &str, default: &str| -> Result<Quantity, String> {
+        let value = a.get(key).unwrap_or(default);
+        if value.chars().next().is_some_and(|c| c.is_ascii_digit())
+            && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
+        {
+            Ok(Quantity(value.to_owned()))
+        } else {
+            Err(format!("{key}: {value:?} is not a quantity like 10m or 64Mi"))
+        }
+    };
+    Ok(ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), quantity(annotation::CPU_REQUEST, &config.cpu_request)?),
+            ("memory".to_owned(), quantity(annotation::MEMORY_REQUEST, &config.memory_request)?),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_owned(),
+            quantity(annotation::MEMORY_LIMIT, &config.memory_limit)?,
+        )])),
+        ..Default::default()
+    })
+}
+
+fn health_port(a: &Annotations<'_>, pod: &Pod, config: &InjectorConfig) -> Result<u16, String> {
+    match a.get(annotation::HEALTH_PORT) {
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{}: {port:?} is not a port", annotation::HEALTH_PORT)),
+        None => Ok(free_port(pod, config.health_port)),
+    }
+}
+
+/// Whether the agent serves the Workload API to the apps (only SPIFFE identities can be served).
+fn workload_api(a: &Annotations<'_>, kubernetes: bool, config: &InjectorConfig) -> Result<bool, String> {
+    match (a.bool(annotation::WORKLOAD_API)?, kubernetes) {
+        (None, false) => Ok(config.workload_api),
+        (Some(true), false) => Ok(true),
+        (None, true) | (Some(false), _) => Ok(false),
+        (Some(true), true) => Err(format!(
+            "{}: the Workload API serves SPIFFE identities; identity source kubernetes has none",
+            annotation::WORKLOAD_API
+        )),
     }
 }
 
