@@ -15,12 +15,17 @@ use slim_operator::controller::ControllerConfig;
 use slim_operator::plan::{ResolvedTls, render_link};
 use slim_operator::slim::{NodePool, RouteRef, SlimName};
 
-async fn setup() -> (Client, String) {
+/// The control plane, its CRDs, an admin client, a fresh namespace, and this binary's turn: the
+/// controllers watch every namespace, so two tests' controllers would reconcile each other's
+/// objects (and fight over their routes).
+async fn setup() -> (Client, String, tokio::sync::MutexGuard<'static, ()>) {
+    static CONTROLLERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let turn = CONTROLLERS.lock().await;
     let plane = control_plane::shared();
     let client = plane.client().await.expect("admin client");
     install_crds(&client).await.expect("CRDs");
     let namespace = plane.namespace(&client, "follow").await.expect("namespace");
-    (client, namespace)
+    (client, namespace, turn)
 }
 
 /// `name` routed on `on` over a `link_type` link to `to`, whose controller API is named.
@@ -74,7 +79,7 @@ async fn session(pool: &NodePool, a: &SlimNode, b: &SlimNode, message: &str) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_subscriptions_both_ways_carry_sessions_and_follow_a_restart() {
     init_logging();
-    let (client, namespace) = setup().await;
+    let (client, namespace, _turn) = setup().await;
     let a = SlimNode::start("node-a").expect("node a");
     let b = SlimNode::start("node-b").expect("node b");
     let config = ControllerConfig { resync_interval: Duration::from_secs(30), ..Default::default() };
@@ -154,7 +159,7 @@ struct Carries {
 /// a point-to-point session alice (a) -> bob (b), then a SlimChannel moderated by the channel
 /// manager on a with bob (b) and carol (a) as members, messages both ways.
 async fn carried_over(link_type: &str) -> Carries {
-    let (client, namespace) = setup().await;
+    let (client, namespace, _turn) = setup().await;
     let a = SlimNode::start(&format!("{link_type}-a")).expect("node a");
     let b = SlimNode::start(&format!("{link_type}-b")).expect("node b");
     let manager = slim_e2e::ChannelManager::start(&a).expect("channel manager on a");
@@ -320,7 +325,7 @@ async fn what_each_link_type_carries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_link_and_a_remote_subscription_back_carry_repeated_sessions() {
     init_logging();
-    let (client, namespace) = setup().await;
+    let (client, namespace, _turn) = setup().await;
     let a = SlimNode::start("mixed-a").expect("node a");
     let b = SlimNode::start("mixed-b").expect("node b");
     let dir = tempfile::tempdir().expect("dir");
@@ -350,7 +355,7 @@ async fn a_peer_link_and_a_remote_subscription_back_carry_repeated_sessions() {
         observed.names.contains(&bob_on_a).then_some(())
     })
     .await;
-    let mut alice = SlimApp::identity_sender(&a, "org/ns/alice", &identity, "org/ns/bob", 10).expect("alice");
+    let mut alice = SlimApp::identity_sender(&a, "org/ns/alice", &identity, "org/ns/bob", 20).expect("alice");
     tokio::task::block_in_place(|| alice.wait_for("done ", Duration::from_secs(120))).expect("alice finishes");
     let output = alice.output();
     let lines: Vec<&str> = output.lines().filter(|l| l.starts_with("reply ") || l.starts_with("error ")).collect();
