@@ -297,7 +297,7 @@ async fn group_crosses(client: &Client, namespace: &str, a: &SlimNode, b: &SlimN
 ///   routes; peer links sync subscriptions);
 /// - a group channel spanning the nodes works over one `peer` link. Over `remote` or `edge`
 ///   Subscriptions both ways (two connections), members join and messages from a's side reach b,
-///   but messages from b's side reach a only in some runs (2 of 8 remote, 0 of 3 edge): the
+///   but messages from b's side reach a only in some runs (2 of 10 remote, 0 of 5 edge): the
 ///   channel's instances are routed both ways over two connections, which SLIM fans out in a loop
 ///   bounded by its TTL. Asserted as such, so a SLIM release that changes it is noticed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
