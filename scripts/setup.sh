@@ -76,6 +76,13 @@ if [ ! -x "$CACHE/slim/bin/slim" ] \
   CARGO_TARGET_DIR="$SLIM_TARGET" cargo install --quiet --locked agntcy-slim --version "$SLIM_VERSION" --root "$CACHE/slim"
 fi
 
+# cargo-audit, to check Cargo.lock against the RustSec advisory database offline (scripts/test.sh).
+CARGO_AUDIT_VERSION=0.22.2
+if ! "$CACHE/audit/bin/cargo-audit" --version 2>/dev/null | grep -qx "cargo-audit $CARGO_AUDIT_VERSION"; then
+  log "installing cargo-audit $CARGO_AUDIT_VERSION (cached afterwards)"
+  cargo install --quiet --locked cargo-audit --version "$CARGO_AUDIT_VERSION" --root "$CACHE/audit"
+fi
+
 # A real node (tests/tests/node.rs): Debian's containerd and runc, the CNI plugins, iptables and
 # conntrack (kube-proxy), busybox-static (the shell of the test images).
 # dnsmasq-base stands in for CoreDNS.

@@ -20,6 +20,15 @@ if [ "$lint" = 1 ]; then
   cargo clippy --workspace --all-targets --quiet -- -D warnings
   # The sidecar image's build: the agent without its dev mode (and fake Workload API).
   cargo clippy -p slim-identity-agent --lib --bins --no-default-features --quiet -- -D warnings
+  # Known-vulnerable dependencies: the RustSec advisory database snapshot beside the repository,
+  # offline; explained, dated ignores in .cargo/audit.toml.
+  advisory_db=$(cd .. && pwd)/shared/advisory-db
+  if [ -d "$advisory_db" ]; then
+    log "cargo audit ($(sed -n 2p "$advisory_db/SNAPSHOT"))"
+    "$CACHE/audit/bin/cargo-audit" audit --db "$advisory_db" --no-fetch --deny warnings
+  else
+    echo "no RustSec advisory database at $advisory_db: cargo audit skipped" >&2
+  fi
 fi
 
 # The release binaries the node tier packs into images (the agent without its dev mode, as the
