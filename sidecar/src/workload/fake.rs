@@ -512,14 +512,10 @@ impl SpiffeWorkloadApi for Service {
         request: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
         check_header(&request)?;
-        let request = request.into_inner();
         let bundles = {
             let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             crate::agent::bundles_of(state.jwt_bundles_response())
         };
-        let now = crate::agent::unix_now();
-        let valid = crate::svid::jwt::validate(&request.svid, &bundles, &[request.audience], now, 0)
-            .map_err(|error| Status::invalid_argument(error.to_string()))?;
-        Ok(Response::new(pb::ValidateJwtsvidResponse { spiffe_id: valid.spiffe_id, claims: None }))
+        super::server::validate(request.get_ref(), &bundles).map(Response::new)
     }
 }

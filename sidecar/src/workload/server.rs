@@ -260,14 +260,23 @@ impl SpiffeWorkloadApi for Service {
             return Err(Status::invalid_argument("audience and svid must be specified"));
         }
         let bundles = self.served.jwt_bundles().ok_or_else(no_identity)?;
-        let now = crate::agent::unix_now();
-        let valid = jwt::validate(&request.svid, &bundles, std::slice::from_ref(&request.audience), now, 0)
-            .map_err(|error| Status::invalid_argument(error.to_string()))?;
-        let claims = jwt::unverified_claims::<serde_json::Map<String, serde_json::Value>>(&request.svid)
-            .map(|c| json_struct(&c))
-            .ok();
-        Ok(Response::new(pb::ValidateJwtsvidResponse { spiffe_id: valid.spiffe_id, claims }))
+        validate(&request, &bundles).map(Response::new)
     }
+}
+
+/// ValidateJWTSVID's answer: the token checked against `bundles` for the request's audience
+/// (`InvalidArgument` with the reason otherwise), its SPIFFE ID and claims.
+pub(crate) fn validate(
+    request: &pb::ValidateJwtsvidRequest,
+    bundles: &JwtBundles,
+) -> Result<pb::ValidateJwtsvidResponse, Status> {
+    let now = crate::agent::unix_now();
+    let valid = jwt::validate(&request.svid, bundles, std::slice::from_ref(&request.audience), now, 0)
+        .map_err(|error| Status::invalid_argument(error.to_string()))?;
+    let claims = jwt::unverified_claims::<serde_json::Map<String, serde_json::Value>>(&request.svid)
+        .map(|c| json_struct(&c))
+        .ok();
+    Ok(pb::ValidateJwtsvidResponse { spiffe_id: valid.spiffe_id, claims })
 }
 
 /// A JSON object as a protobuf `Struct` (ValidateJWTSVID's claims).
