@@ -339,64 +339,12 @@ impl Config {
         if matches!(config.identity_source, IdentitySource::Kubernetes(_)) && bundle_format.is_empty() {
             config.jwt_bundle_format = JwtBundleFormat::Jwks;
         }
-        let x509 =
-            (top.string("svid_file_name")?, top.string("svid_key_file_name")?, top.string("svid_bundle_file_name")?);
-        let set = [&x509.0, &x509.1, &x509.2].iter().filter(|s| !s.is_empty()).count();
-        match set {
-            0 => {}
-            3 => config.x509 = Some(x509),
-            _ => {
-                return invalid(
-                    "all or none of 'svid_file_name', 'svid_key_file_name', 'svid_bundle_file_name' must be specified",
-                );
-            }
-        }
+        config.x509 = x509_file_names(&mut top)?;
         if let Some((list, _)) = top.take("jwt_svids") {
-            let entries: Vec<&Value> = match list {
-                Value::List(entries) => entries.iter().collect(),
-                object @ Value::Object(_) => vec![object],
-                _ => return invalid("jwt_svids must be a list of objects"),
-            };
-            for entry in entries {
-                let mut fields = Fields::new(entry, "jwt_svids")?;
-                let svid = JwtSvidConfig {
-                    audience: fields.string("jwt_audience")?,
-                    extra_audiences: fields.strings("jwt_extra_audiences")?,
-                    file_name: fields.string("jwt_svid_file_name")?,
-                };
-                fields.finish()?;
-                if svid.file_name.is_empty() {
-                    return invalid("'jwt_file_name' is required in 'jwt_svids'");
-                }
-                if svid.audience.is_empty() {
-                    return invalid("'jwt_audience' is required in 'jwt_svids'");
-                }
-                config.jwt_svids.push(svid);
-            }
+            config.jwt_svids = jwt_svids(list)?;
         }
-        if let Some(mut fields) = health {
-            let enabled = fields.bool("listener_enabled")?.unwrap_or(false);
-            let port = fields.int("bind_port")?;
-            let liveness = fields.string("liveness_path")?;
-            let readiness = fields.string("readiness_path")?;
-            fields.finish()?;
-            if let Some(port) = port.filter(|p| *p < 0) {
-                return invalid(format!("health_checks.bind_port {port} must not be negative"));
-            }
-            config.health_checks.listener_enabled = enabled;
-            if enabled {
-                // spiffe-helper applies the defaults only when the listener is on.
-                if let Some(port) = port.filter(|p| *p > 0) {
-                    config.health_checks.bind_port = u16::try_from(port)
-                        .map_err(|_| ConfigError::Invalid(format!("bind_port {port} is not a port")))?;
-                }
-                if !liveness.is_empty() {
-                    config.health_checks.liveness_path = liveness;
-                }
-                if !readiness.is_empty() {
-                    config.health_checks.readiness_path = readiness;
-                }
-            }
+        if let Some(fields) = health {
+            config.health_checks = health_checks(fields)?;
         }
         top.finish()?;
         config.validate()?;
@@ -479,6 +427,72 @@ impl Config {
     pub fn jwt_refresh_after(&self, remaining: Duration) -> Duration {
         refresh_after(remaining, self.jwt_svid_refresh_percent)
     }
+}
+
+/// `svid_file_name`, `svid_key_file_name`, `svid_bundle_file_name`: all three or none.
+fn x509_file_names(top: &mut Fields<'_>) -> Result<Option<(String, String, String)>, ConfigError> {
+    let x509 = (top.string("svid_file_name")?, top.string("svid_key_file_name")?, top.string("svid_bundle_file_name")?);
+    match [&x509.0, &x509.1, &x509.2].iter().filter(|s| !s.is_empty()).count() {
+        0 => Ok(None),
+        3 => Ok(Some(x509)),
+        _ => {
+            invalid("all or none of 'svid_file_name', 'svid_key_file_name', 'svid_bundle_file_name' must be specified")
+        }
+    }
+}
+
+/// The `jwt_svids` entries (a list of objects, or one object).
+fn jwt_svids(list: &Value) -> Result<Vec<JwtSvidConfig>, ConfigError> {
+    let entries: Vec<&Value> = match list {
+        Value::List(entries) => entries.iter().collect(),
+        object @ Value::Object(_) => vec![object],
+        _ => return invalid("jwt_svids must be a list of objects"),
+    };
+    let mut svids = Vec::new();
+    for entry in entries {
+        let mut fields = Fields::new(entry, "jwt_svids")?;
+        let svid = JwtSvidConfig {
+            audience: fields.string("jwt_audience")?,
+            extra_audiences: fields.strings("jwt_extra_audiences")?,
+            file_name: fields.string("jwt_svid_file_name")?,
+        };
+        fields.finish()?;
+        if svid.file_name.is_empty() {
+            return invalid("'jwt_file_name' is required in 'jwt_svids'");
+        }
+        if svid.audience.is_empty() {
+            return invalid("'jwt_audience' is required in 'jwt_svids'");
+        }
+        svids.push(svid);
+    }
+    Ok(svids)
+}
+
+/// `health_checks { }`: spiffe-helper applies the defaults only when the listener is on.
+fn health_checks(mut fields: Fields<'_>) -> Result<HealthChecks, ConfigError> {
+    let enabled = fields.bool("listener_enabled")?.unwrap_or(false);
+    let port = fields.int("bind_port")?;
+    let liveness = fields.string("liveness_path")?;
+    let readiness = fields.string("readiness_path")?;
+    fields.finish()?;
+    if let Some(port) = port.filter(|p| *p < 0) {
+        return invalid(format!("health_checks.bind_port {port} must not be negative"));
+    }
+    let mut health = Config::default().health_checks;
+    health.listener_enabled = enabled;
+    if enabled {
+        if let Some(port) = port.filter(|p| *p > 0) {
+            health.bind_port =
+                u16::try_from(port).map_err(|_| ConfigError::Invalid(format!("bind_port {port} is not a port")))?;
+        }
+        if !liveness.is_empty() {
+            health.liveness_path = liveness;
+        }
+        if !readiness.is_empty() {
+            health.readiness_path = readiness;
+        }
+    }
+    Ok(health)
 }
 
 /// `identity_source` and the `kubernetes_*` keys (which only go with `kubernetes`).
