@@ -129,16 +129,27 @@ def listen(endpoint: str, local: str, spec: str) -> None:
     threading.Event().wait()
 
 
-def send(endpoint: str, local: str, spec: str, remote: str, seconds: float) -> int:
-    app, conn = connect(endpoint, local, spec)
-    remote_name = slim.Name.from_string(remote)
-    app.set_route(remote_name, conn)
-    config = point_to_point(max_retries=3)
+def paced(seconds: float, period: float, step) -> int:
+    """Runs step(n) for n = 1, 2, ... at most once per `period` until `seconds` have passed, then
+    prints "done <n>"."""
     deadline = time.monotonic() + seconds
     n = 0
     while time.monotonic() < deadline:
         n += 1
         started = time.monotonic()
+        step(n)
+        time.sleep(max(0.0, period - (time.monotonic() - started)))
+    print("done", n, flush=True)
+    return 0
+
+
+def send(endpoint: str, local: str, spec: str, remote: str, seconds: float) -> int:
+    app, conn = connect(endpoint, local, spec)
+    remote_name = slim.Name.from_string(remote)
+    app.set_route(remote_name, conn)
+    config = point_to_point(max_retries=3)
+
+    def session(n: int) -> None:
         try:
             session = app.create_session_and_wait(config, remote_name)
             session.publish_and_wait(f"ping {n}".encode(), None, None)
@@ -147,9 +158,8 @@ def send(endpoint: str, local: str, spec: str, remote: str, seconds: float) -> i
             app.delete_session_and_wait(session)
         except Exception as error:  # noqa: BLE001 - report whatever the bindings raise
             print("error", n, one_line(error), flush=True)
-        time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
-    print("done", n, flush=True)
-    return 0
+
+    return paced(seconds, 1.0, session)
 
 
 def group_config(mls: bool):
@@ -195,11 +205,8 @@ def echoes(session, text: str, expected: int, timeout: float) -> int:
 
 def groups(endpoint, local, spec, channel, members, seconds, mls) -> int:
     app, conn = connect(endpoint, local, spec)
-    deadline = time.monotonic() + seconds
-    n = 0
-    while time.monotonic() < deadline:
-        n += 1
-        started = time.monotonic()
+
+    def group(n: int) -> None:
         try:
             session = open_group(app, conn, f"{channel}-{n}", members, mls)
             got = echoes(session, f"group {n}", len(members), 5.0)
@@ -210,27 +217,22 @@ def groups(endpoint, local, spec, channel, members, seconds, mls) -> int:
             app.delete_session_and_wait(session)
         except Exception as error:  # noqa: BLE001
             print("group", n, "error", one_line(error), flush=True)
-        time.sleep(max(0.0, 2.0 - (time.monotonic() - started)))
-    print("done", n, flush=True)
-    return 0
+
+    return paced(seconds, 2.0, group)
 
 
 def channel(endpoint, local, spec, name, members, seconds, mls) -> int:
     app, conn = connect(endpoint, local, spec)
     session = open_group(app, conn, name, members, mls)
     print("opened", flush=True)
-    deadline = time.monotonic() + seconds
-    n = 0
-    while time.monotonic() < deadline:
-        n += 1
-        started = time.monotonic()
+
+    def message(n: int) -> None:
         try:
             print("message", n, "echoes", echoes(session, f"message {n}", len(members), 2.0), flush=True)
         except Exception as error:  # noqa: BLE001
             print("message", n, "error", one_line(error), flush=True)
-        time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
-    print("done", n, flush=True)
-    return 0
+
+    return paced(seconds, 1.0, message)
 
 
 if __name__ == "__main__":
