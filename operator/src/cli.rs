@@ -7,17 +7,21 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use kube::runtime::events::Reporter;
 
-use crate::admin::{self, AdminState, Readiness};
+use crate::admin::{self, AdminState, Gate, Readiness};
 use crate::api::NodeSet;
 use crate::controller::ResourceCollector;
 use crate::controller::leader::{self, Leadership, LeaseConfig};
 use crate::controller::{self, ControllerConfig, StoreSlot};
+use crate::issuer::IssuerSettings;
+use crate::issuer::keys::Policy;
+use crate::issuer::store::KeyStore;
 use crate::metrics::Metrics;
 use crate::slim::{ChannelManagerCollector, ChannelManagerPool, NodeClientCollector, NodeClientConfig, NodePool};
 use crate::telemetry::{self, LogFormat};
 use crate::webhook::certs::SelfManaged;
+use crate::webhook::inject::IssuerInjection;
 use crate::webhook::run::{CertSource, WebhookError, WebhookGates, WebhookSettings};
-use crate::webhook::{InjectorConfig, SocketSource};
+use crate::webhook::{CertStore, InjectorConfig, SocketSource};
 
 #[derive(Parser, Debug)]
 #[command(name = "slim-operator", version, about = "Kubernetes operator for SLIM")]
@@ -122,6 +126,52 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub webhook: WebhookArgs,
+
+    #[command(flatten)]
+    pub issuer: IssuerArgs,
+}
+
+/// The SPIFFE issuer for pods with `identity-source: kubernetes`.
+#[derive(Args, Debug, Clone)]
+pub struct IssuerArgs {
+    /// Issue SPIFFE identities to injected pods with identity source `kubernetes` (served on
+    /// --issuer-addr with the webhook's certificate, so the webhook must be on).
+    #[arg(long, env = "SLIM_OPERATOR_ISSUER")]
+    pub issuer: bool,
+    #[arg(long, env = "SLIM_OPERATOR_ISSUER_ADDR", default_value = "0.0.0.0:8444")]
+    pub issuer_addr: SocketAddr,
+    /// The address injected agents reach the issuer at; default
+    /// `https://<webhook service>.<namespace>.svc:<port of --issuer-addr>`.
+    #[arg(long, env = "SLIM_OPERATOR_ISSUER_URL")]
+    pub issuer_url: Option<String>,
+    #[arg(long, env = "SLIM_OPERATOR_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// The audience of the agents' projected tokens (sent to the issuer only).
+    #[arg(long, env = "SLIM_OPERATOR_ISSUER_AUDIENCE", default_value = "slim-operator")]
+    pub issuer_audience: String,
+    /// Secret (in --namespace) with the issuer's CA and JWT keys.
+    #[arg(long, env = "SLIM_OPERATOR_ISSUER_SECRET", default_value = "slim-operator-issuer")]
+    pub issuer_secret: String,
+    /// ConfigMap written in the namespaces of injected pods with the issuer's serving CA.
+    #[arg(long, env = "SLIM_OPERATOR_ISSUER_CA_CONFIG_MAP", default_value = "slim-identity-issuer-ca")]
+    pub issuer_ca_config_map: String,
+    #[arg(long, env = "SLIM_OPERATOR_ISSUER_X509_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub issuer_x509_ttl: Duration,
+    /// JWT-SVID lifetime (at least 60 s: SLIM refreshes its token first after 30 s).
+    #[arg(long, env = "SLIM_OPERATOR_ISSUER_JWT_TTL", default_value = "5m", value_parser = parse_duration)]
+    pub issuer_jwt_ttl: Duration,
+    #[arg(long, env = "SLIM_OPERATOR_ISSUER_CA_ROTATION", default_value = "8760h", value_parser = parse_duration)]
+    pub issuer_ca_rotation: Duration,
+    #[arg(long, env = "SLIM_OPERATOR_ISSUER_JWT_KEY_ROTATION", default_value = "24h", value_parser = parse_duration)]
+    pub issuer_jwt_key_rotation: Duration,
+    /// Requests a second per pod (token), and the burst allowed.
+    #[arg(long, env = "SLIM_OPERATOR_ISSUER_RATE", default_value_t = 5.0)]
+    pub issuer_rate: f64,
+    #[arg(long, env = "SLIM_OPERATOR_ISSUER_BURST", default_value_t = 20)]
+    pub issuer_burst: u32,
+    /// How often agents fetch the bundle again.
+    #[arg(long, env = "SLIM_OPERATOR_ISSUER_BUNDLE_REFRESH", default_value = "30s", value_parser = parse_duration)]
+    pub issuer_bundle_refresh: Duration,
 }
 
 /// The sidecar injection webhook.
@@ -211,6 +261,57 @@ pub enum SocketMode {
 }
 
 impl RunArgs {
+    /// The issuer's address as injected agents reach it.
+    fn issuer_url(&self) -> String {
+        self.issuer.issuer_url.clone().unwrap_or_else(|| {
+            format!(
+                "https://{}.{}.svc:{}",
+                self.webhook.webhook_service,
+                self.namespace,
+                self.issuer.issuer_addr.port()
+            )
+        })
+    }
+
+    /// The issuer's settings, or `None` when it is off.
+    pub fn issuer_settings(&self) -> Result<Option<IssuerSettings>, RunError> {
+        let i = &self.issuer;
+        if !i.issuer {
+            return Ok(None);
+        }
+        if self.webhook.disable_webhook {
+            return Err(RunError::Issuer(
+                "--issuer serves with the webhook's certificate: the webhook must be on".into(),
+            ));
+        }
+        let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        let policy = Policy {
+            x509_ttl: secs(i.issuer_x509_ttl),
+            jwt_ttl: secs(i.issuer_jwt_ttl),
+            ca_rotation: secs(i.issuer_ca_rotation),
+            jwt_rotation: secs(i.issuer_jwt_key_rotation),
+        };
+        policy.validate().map_err(RunError::Issuer)?;
+        if i.trust_domain.is_empty() || i.trust_domain.contains(['/', ':']) {
+            return Err(RunError::Issuer(format!("--trust-domain {:?} is not a trust domain name", i.trust_domain)));
+        }
+        Ok(Some(IssuerSettings {
+            addr: i.issuer_addr,
+            keys: KeyStore {
+                namespace: self.namespace.clone(),
+                secret: i.issuer_secret.clone(),
+                trust_domain: i.trust_domain.clone(),
+                policy,
+                jwt_issuer: self.issuer_url(),
+            },
+            audience: i.issuer_audience.clone(),
+            ca_config_map: i.issuer_ca_config_map.clone(),
+            rate: i.issuer_rate,
+            burst: i.issuer_burst,
+            refresh_hint: i.issuer_bundle_refresh.as_secs().max(1),
+        }))
+    }
+
     /// The webhook's settings, or `None` when it is disabled.
     pub fn webhook_settings(&self) -> Option<WebhookSettings> {
         let w = &self.webhook;
@@ -229,6 +330,11 @@ impl RunArgs {
             jwt_bundle_format: w.default_jwt_bundle_format.clone(),
             identity_source: w.default_identity_source,
             workload_api: w.default_workload_api,
+            issuer: self.issuer.issuer.then(|| IssuerInjection {
+                url: self.issuer_url(),
+                audience: self.issuer.issuer_audience.clone(),
+                ca_config_map: self.issuer.issuer_ca_config_map.clone(),
+            }),
             ..Default::default()
         };
         injector.excluded_namespaces.push(self.namespace.clone());
@@ -299,6 +405,10 @@ pub enum RunError {
     LeaderElection(String),
     #[error("--spiffe-endpoint-socket: {0}")]
     SpiffeSocket(String),
+    #[error("issuer: {0}")]
+    Issuer(String),
+    #[error("{0}")]
+    IssuerStopped(crate::issuer::IssuerError),
 }
 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
@@ -391,10 +501,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let caches = controller::CacheGates::default();
     let webhook_gates = WebhookGates::default();
     let webhook_settings = args.webhook_settings();
+    let issuer_settings = args.issuer_settings()?;
+    let issuer_gate = Gate::closed("issuer: keys not loaded yet");
+    let certs = Arc::new(CertStore::default());
+    let (issuer_namespaces, issuer_namespaces_rx) = tokio::sync::mpsc::unbounded_channel();
     let readiness: Readiness = {
-        let webhook = webhook_settings
-            .as_ref()
-            .map(|_| admin::all_gates(vec![webhook_gates.certificate.clone(), webhook_gates.namespaces.clone()]));
+        let mut gates = vec![webhook_gates.certificate.clone(), webhook_gates.namespaces.clone()];
+        if issuer_settings.is_some() {
+            gates.push(issuer_gate.clone());
+        }
+        let webhook = webhook_settings.as_ref().map(|_| admin::all_gates(gates));
         let (caches, leader_rx) = (caches.clone(), leader_rx.clone());
         Arc::new(move || {
             let mut missing = Vec::new();
@@ -416,11 +532,34 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 
     let admin_addr = args.admin_addr;
     let admin = admin::serve(admin_addr, AdminState { metrics: metrics.clone(), ready: readiness }, stopped());
+    let issuer = issuer_task(
+        issuer_settings.clone(),
+        client.clone(),
+        metrics.clone(),
+        leader_rx.clone(),
+        certs.clone(),
+        issuer_namespaces_rx,
+        issuer_gate,
+        stopped(),
+    );
     let webhook = {
         let (client, metrics, stopped) = (client.clone(), metrics.clone(), stopped());
+        let issuer_namespaces = issuer_settings.is_some().then_some(issuer_namespaces);
         async move {
             match webhook_settings {
-                Some(settings) => crate::webhook::run::run(settings, client, metrics, webhook_gates, stopped).await,
+                Some(settings) => {
+                    let certs = certs.clone();
+                    crate::webhook::run::run(
+                        settings,
+                        client,
+                        metrics,
+                        webhook_gates,
+                        certs,
+                        issuer_namespaces,
+                        stopped,
+                    )
+                    .await
+                }
                 None => {
                     stopped.await;
                     Ok(())
@@ -485,6 +624,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         result = controllers => result.map_err(RunError::Controller),
         error = background_ended => Err(error),
         result = webhook => result.map_err(RunError::Webhook),
+        result = issuer => result.map_err(RunError::IssuerStopped),
         result = admin => result.map_err(|source| RunError::Admin { addr: admin_addr, source }),
         error = leader_ended => Err(error),
     };
@@ -495,6 +635,31 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         let _ = tokio::time::timeout(args.lease_renew_deadline + Duration::from_secs(1), task).await;
     }
     result
+}
+
+/// The issuer, when it is on (else: waits for `stopped`).
+#[allow(clippy::too_many_arguments)]
+fn issuer_task(
+    settings: Option<IssuerSettings>,
+    client: kube::Client,
+    metrics: Arc<Metrics>,
+    leadership: tokio::sync::watch::Receiver<Leadership>,
+    certs: Arc<CertStore>,
+    namespaces: tokio::sync::mpsc::UnboundedReceiver<String>,
+    gate: Arc<Gate>,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> impl std::future::Future<Output = Result<(), crate::issuer::IssuerError>> {
+    async move {
+        match settings {
+            Some(settings) => {
+                crate::issuer::run(settings, client, metrics, leadership, certs, namespaces, gate, stopped).await
+            }
+            None => {
+                stopped.await;
+                Ok(())
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -14,6 +14,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod engine;
+pub mod issuer;
 pub mod metrics;
 pub mod plan;
 pub mod rbac;

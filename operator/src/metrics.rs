@@ -47,6 +47,10 @@ pub struct Metrics {
     drift_repairs: Family<NodeLabels, Counter>,
     webhook_reviews: Family<ResultLabels, Counter>,
     webhook_latency: Histogram,
+    issuer_svids: Family<OutcomeLabels, Counter>,
+    issuer_refusals: Family<FailureLabels, Counter>,
+    issuer_latency: Family<KindLabels, Histogram>,
+    issuer_review_latency: Histogram,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,7 +87,47 @@ impl Metrics {
             "Time to answer an AdmissionReview",
             webhook_latency.clone(),
         );
-        Self { registry, reconciles, failures, duration, drift_repairs, webhook_reviews, webhook_latency }
+        let issuer_svids = Family::<OutcomeLabels, Counter>::default();
+        let issuer_refusals = Family::<FailureLabels, Counter>::default();
+        let issuer_latency = Family::<KindLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        let issuer_review_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register("issuer_requests", "SVID requests by kind (x509, jwt) and result", issuer_svids.clone());
+        registry.register("issuer_refusals", "SVID requests refused, by kind and reason", issuer_refusals.clone());
+        registry.register("issuer_duration_seconds", "Time to answer an SVID request, by kind", issuer_latency.clone());
+        registry.register(
+            "issuer_token_review_duration_seconds",
+            "Time the API server took to review a token (TokenReview and the pod read)",
+            issuer_review_latency.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            drift_repairs,
+            webhook_reviews,
+            webhook_latency,
+            issuer_svids,
+            issuer_refusals,
+            issuer_latency,
+            issuer_review_latency,
+        }
+    }
+
+    /// One SVID request answered: issued (`refused: None`) or refused with its reason.
+    pub fn issuer_outcome(&self, kind: &'static str, refused: Option<&'static str>, elapsed: std::time::Duration) {
+        let result = if refused.is_some() { "refused" } else { "issued" };
+        self.issuer_svids.get_or_create(&OutcomeLabels { kind, result }).inc();
+        if let Some(reason) = refused {
+            self.issuer_refusals.get_or_create(&FailureLabels { kind, reason }).inc();
+        }
+        self.issuer_latency.get_or_create(&KindLabels { kind }).observe(elapsed.as_secs_f64());
+    }
+
+    pub fn issuer_review(&self, elapsed: std::time::Duration) {
+        self.issuer_review_latency.observe(elapsed.as_secs_f64());
     }
 
     pub fn webhook_review(&self, result: &'static str, elapsed: std::time::Duration) {

@@ -52,6 +52,8 @@ pub enum AgentError {
     Dev(String),
     #[error("{0}")]
     Kubernetes(#[from] crate::kubernetes::KubernetesError),
+    #[error("{0}")]
+    Issuer(#[from] crate::issuer::IssuerError),
 }
 
 pub use slim_k8s_common::unix_now;
@@ -249,6 +251,9 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
         }
         IdentitySource::Kubernetes(source) => {
             spawn_kubernetes_sources(source, &config, &tx, &health, &mut tasks)?;
+            if let (Some(issuer), Some(served)) = (&source.issuer, &served) {
+                spawn_issuer_sources(issuer, &config, served, &health, &mut tasks)?;
+            }
             Some(crate::svid::kubernetes::BUNDLE_KEY.to_owned())
         }
     };
@@ -320,15 +325,9 @@ fn spawn_spiffe_sources(
             bundle_loop(socket.clone(), served.cloned(), tx.clone(), bundles_tx, health.clone()),
         );
     }
-    if let (Some(path), Some(served)) = (&config.workload_api_socket, served) {
+    if let Some(served) = served {
         let issuer = std::sync::Arc::new(Upstream { socket: socket.clone(), hint: config.hint.clone() });
-        let server = server::bind(path, served.clone(), issuer)
-            .map_err(|source| AgentError::Serve { socket: path.clone(), source })?;
-        tasks.spawn("Workload API server", async move {
-            if let Err(error) = server.await {
-                warn!(error = %slim_k8s_common::error_chain(&error), "the Workload API server stopped");
-            }
-        });
+        serve_workload_api(config, served, issuer, tasks)?;
     }
     for (index, entry) in config.jwt_svids.iter().enumerate() {
         tasks.spawn(
@@ -368,6 +367,43 @@ fn spawn_kubernetes_sources(
         "service-account token watch",
         token_loop(source.clone(), config.jwt_svids.clone(), pod_from_env(), tx.clone(), keys_rx, wanted),
     );
+    Ok(())
+}
+
+/// SPIFFE identities from `slim-operator`'s issuer, served to the pod on the Workload API socket
+/// (`identity_source: kubernetes` with `kubernetes_issuer_url`). The files stay as they are.
+fn spawn_issuer_sources(
+    source: &crate::config::IssuerSource,
+    config: &Config,
+    served: &Served,
+    health: &Health,
+    tasks: &mut Supervisor,
+) -> Result<(), AgentError> {
+    use crate::issuer::{IssuedJwt, IssuerClient, PodIdentity, bundle_loop, x509_loop};
+    let client = std::sync::Arc::new(IssuerClient::new(source)?);
+    let pod = PodIdentity::from_env()?;
+    info!(issuer = %source.url, namespace = %pod.namespace, service_account = %pod.service_account, "SPIFFE identities from the issuer");
+    let (bundles_tx, bundles_rx) = watch::channel(None);
+    tasks.spawn("issuer bundle refresh", bundle_loop(client.clone(), served.clone(), bundles_tx, health.clone()));
+    tasks.spawn("issuer X.509-SVID renewal", x509_loop(client.clone(), pod, served.clone(), bundles_rx));
+    serve_workload_api(config, served, std::sync::Arc::new(IssuedJwt { client }), tasks)
+}
+
+/// Binds the pod's Workload API socket and serves it for as long as the agent runs.
+fn serve_workload_api(
+    config: &Config,
+    served: &Served,
+    issuer: std::sync::Arc<dyn server::JwtSvidIssuer>,
+    tasks: &mut Supervisor,
+) -> Result<(), AgentError> {
+    let Some(path) = &config.workload_api_socket else { return Ok(()) };
+    let server = server::bind(path, served.clone(), issuer)
+        .map_err(|source| AgentError::Serve { socket: path.clone(), source })?;
+    tasks.spawn("Workload API server", async move {
+        if let Err(error) = server.await {
+            warn!(error = %slim_k8s_common::error_chain(&error), "the Workload API server stopped");
+        }
+    });
     Ok(())
 }
 

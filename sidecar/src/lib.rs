@@ -15,6 +15,7 @@ pub mod config;
 pub mod dev;
 pub mod health;
 pub mod hooks;
+pub mod issuer;
 pub mod kubernetes;
 pub mod output;
 pub mod svid;

@@ -51,6 +51,7 @@ async fn main() {
         config: Arc::new(InjectorConfig::default()),
         namespaces: Arc::new(|_| Some(BTreeMap::new())),
         metrics: Arc::new(Metrics::new()),
+        issuer_namespaces: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

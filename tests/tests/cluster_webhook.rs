@@ -27,6 +27,7 @@ async fn the_api_server_injects_pods_through_the_webhook() {
         config: Arc::new(InjectorConfig::default()),
         namespaces: Arc::new(|_| Some(BTreeMap::new())),
         metrics: Arc::new(Metrics::new()),
+        issuer_namespaces: None,
     };
     tokio::spawn(serve_tls_on(listener, router(state), store, std::future::pending()));
 

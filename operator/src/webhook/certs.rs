@@ -204,6 +204,7 @@ impl SelfManaged {
             }
         };
         store.set(certified_key(&material.cert_pem, &material.key_pem)?);
+        store.set_ca(&material.ca_pem);
         self.publish_ca(client, &material.ca_pem).await?;
         let (left, total) = lifetime(&material.cert_pem).unwrap_or((3600, 3600));
         let until_rotation = (left - total / 3).max(60) as u64;
@@ -287,6 +288,9 @@ impl Mounted {
                 Ok((cert, key)) => match certified_key(&cert, &key) {
                     Ok(certified) => {
                         store.set(certified);
+                        if let Some(ca) = self.read_ca() {
+                            store.set_ca(&ca);
+                        }
                         gate.open();
                         info!(path = %self.cert.display(), "webhook certificate loaded");
                         last = Some((cert, key));
@@ -307,6 +311,11 @@ impl Mounted {
             std::fs::read_to_string(path).map_err(|source| CertError::File { path: path.clone(), source })
         };
         Ok((read(&self.cert)?, read(&self.key)?))
+    }
+
+    /// `ca.crt` beside the pair (cert-manager writes it), when there is one.
+    fn read_ca(&self) -> Option<String> {
+        std::fs::read_to_string(self.cert.with_file_name("ca.crt")).ok().filter(|pem| pem.contains("CERTIFICATE"))
     }
 
     /// A pair that cannot be used: the gate closes only if nothing was ever loaded (a loaded

@@ -16,16 +16,21 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 use slim_identity_agent::cli::CONFIG_ENV_FLAG;
 use slim_identity_agent::config::{
-    Config as AgentConfig, HealthChecks, IdentitySource, JwtBundleFormat, JwtSvidConfig, KUBERNETES_TOKEN_DIR,
-    KubernetesSource,
+    Config as AgentConfig, HealthChecks, IdentitySource, IssuerSource, JwtBundleFormat, JwtSvidConfig,
+    KUBERNETES_TOKEN_DIR, KubernetesSource,
 };
+use slim_identity_agent::issuer::api::SERVICE_ACCOUNT_ENV;
 use slim_identity_agent::kubernetes::{POD_NAME_ENV, POD_NAMESPACE_ENV, POD_UID_ENV};
 use slim_identity_agent::output::WriteMode;
+use std::path::Path;
 
 /// Opt-in key: pod annotation or label, or namespace label. `"true"` injects, `"false"` opts out.
 pub const INJECT: &str = "slim.agntcy.org/inject-identity";
 /// Marker set on injected pods; its presence makes re-invocation a no-op.
 pub const INJECTED: &str = "slim.agntcy.org/identity-injected";
+/// Set on injected pods: the identity source the agent was configured with (the issuer serves
+/// only pods whose agent uses `kubernetes`).
+pub const INJECTED_SOURCE: &str = "slim.agntcy.org/injected-identity-source";
 /// Name of the injected container.
 pub const CONTAINER_NAME: &str = "slim-identity-agent";
 /// Environment variable that carries the agent's generated config (YAML).
@@ -61,6 +66,10 @@ pub mod annotation {
     /// identity); the default for the `spiffe` source. `"false"`: files only.
     pub const WORKLOAD_API: &str = "slim.agntcy.org/workload-api";
 }
+
+/// In the agent's token volume: the token for the issuer's audience, and the issuer's CA.
+const ISSUER_TOKEN_FILE: &str = "issuer-token";
+const ISSUER_CA_FILE: &str = "issuer-ca.crt";
 
 /// Where the agent's Workload API socket directory is mounted, in the agent and the apps.
 pub const WORKLOAD_API_DIR: &str = "/run/slim-identity";
@@ -102,6 +111,19 @@ pub struct InjectorConfig {
     pub identity_source: Source,
     /// Serve the Workload API to the apps (identity source `spiffe`) when the pod does not say.
     pub workload_api: bool,
+    /// The operator's SPIFFE issuer, when on: pods with identity source `kubernetes` get their
+    /// SPIFFE identities from it, served on the Workload API socket.
+    pub issuer: Option<IssuerInjection>,
+}
+
+/// How injected agents reach the operator's issuer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuerInjection {
+    pub url: String,
+    /// The audience of the token the agent sends it.
+    pub audience: String,
+    /// The ConfigMap (in the pod's namespace) with the issuer's serving CA.
+    pub ca_config_map: String,
 }
 
 /// Where the agent gets the pod's identity.
@@ -152,6 +174,7 @@ impl Default for InjectorConfig {
             excluded_namespaces: vec!["kube-system".into(), "kube-public".into(), "kube-node-lease".into()],
             identity_source: Source::Spiffe,
             workload_api: true,
+            issuer: None,
         }
     }
 }
@@ -222,6 +245,8 @@ struct Settings {
     health_port: u16,
     /// Serve the Workload API to the app containers.
     workload_api: bool,
+    /// Identities from the operator's issuer (identity source `kubernetes` with the Workload API).
+    issuer: Option<IssuerInjection>,
 }
 
 /// A pod's `slim.agntcy.org/` annotations, trimmed; empty values count as unset.
@@ -272,7 +297,7 @@ impl Settings {
         let jwt_bundle_file = a.get(annotation::JWT_BUNDLE_FILE_NAME).unwrap_or("key.jwt").to_owned();
         check_file_name(annotation::JWT_BUNDLE_FILE_NAME, &jwt_bundle_file)?;
         let mount_path = mount_path(&a, config)?;
-        Ok(Self {
+        let settings = Self {
             jwt_bundle_format: jwt_bundle_format(&a, token.is_some(), config)?,
             jwt_svid_write_mode: jwt_svid_write_mode(&a)?,
             x509: x509_file_names(&a, token.is_some())?,
@@ -281,11 +306,14 @@ impl Settings {
             resources: resources(&a, config)?,
             health_port: health_port(&a, pod, config)?,
             workload_api: workload_api(&a, token.is_some(), config)?,
+            issuer: None,
             token,
             jwt: audiences.into_iter().zip(files).collect(),
             jwt_bundle_file,
             mount_path,
-        })
+        };
+        let issuer = (settings.token.is_some() && settings.workload_api).then(|| config.issuer.clone()).flatten();
+        Ok(Self { issuer, ..settings })
     }
 }
 
@@ -468,9 +496,12 @@ fn workload_api(a: &Annotations<'_>, kubernetes: bool, config: &InjectorConfig) 
     match (a.bool(annotation::WORKLOAD_API)?, kubernetes) {
         (None, false) => Ok(config.workload_api),
         (Some(true), false) => Ok(true),
-        (None, true) | (Some(false), _) => Ok(false),
+        (Some(false), _) => Ok(false),
+        // Identity source kubernetes has SPIFFE identities only from the operator's issuer.
+        (None, true) => Ok(config.issuer.is_some()),
+        (Some(true), true) if config.issuer.is_some() => Ok(true),
         (Some(true), true) => Err(format!(
-            "{}: the Workload API serves SPIFFE identities; identity source kubernetes has none",
+            "{}: the Workload API serves SPIFFE identities; with identity source kubernetes they come from the operator's issuer, which is off (chart value identityIssuer.enabled)",
             annotation::WORKLOAD_API
         )),
     }
@@ -511,7 +542,15 @@ fn agent_config(settings: &Settings, config: &InjectorConfig) -> Result<String, 
         },
         identity_source: match settings.token {
             None => IdentitySource::Spiffe,
-            Some(_) => IdentitySource::Kubernetes(KubernetesSource::default()),
+            Some(_) => IdentitySource::Kubernetes(KubernetesSource {
+                issuer: settings.issuer.as_ref().map(|issuer| IssuerSource {
+                    url: issuer.url.clone(),
+                    token_file: Path::new(KUBERNETES_TOKEN_DIR).join(ISSUER_TOKEN_FILE),
+                    ca_file: Path::new(KUBERNETES_TOKEN_DIR).join(ISSUER_CA_FILE),
+                    server_name: String::new(),
+                }),
+                ..KubernetesSource::default()
+            }),
         },
         cert_dir: settings.mount_path.clone().into(),
         daemon_mode: true,
@@ -616,7 +655,8 @@ fn identity_source(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> (
         }
         Some(token) => {
             let name = unique_volume_name(pod, "slim-service-account-token");
-            let volume = Volume { name: name.clone(), projected: Some(projected_token(token)), ..Default::default() };
+            let projected = projected_token(token, settings.issuer.as_ref());
+            let volume = Volume { name: name.clone(), projected: Some(projected), ..Default::default() };
             let mount = VolumeMount {
                 name,
                 mount_path: KUBERNETES_TOKEN_DIR.to_owned(),
@@ -631,11 +671,14 @@ fn identity_source(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> (
                 }),
                 ..Default::default()
             };
-            let env = vec![
+            let mut env = vec![
                 field(POD_NAME_ENV, "metadata.name"),
                 field(POD_NAMESPACE_ENV, "metadata.namespace"),
                 field(POD_UID_ENV, "metadata.uid"),
             ];
+            if settings.issuer.is_some() {
+                env.push(field(SERVICE_ACCOUNT_ENV, "spec.serviceAccountName"));
+            }
             (volume, mount, env)
         }
     }
@@ -739,11 +782,19 @@ fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Resul
     let spec = pod.spec.as_ref();
     let mut ops = Vec::new();
     let version = json!(env!("CARGO_PKG_VERSION"));
-    let annotation = match &pod.metadata.annotations {
-        Some(_) => (PointerBuf::from_tokens(["metadata", "annotations", INJECTED]), version),
-        None => (PointerBuf::from_tokens(["metadata", "annotations"]), json!({INJECTED: version})),
-    };
-    ops.push(PatchOperation::Add(AddOperation { path: annotation.0, value: annotation.1 }));
+    let source = json!(if settings.token.is_some() { "kubernetes" } else { "spiffe" });
+    match &pod.metadata.annotations {
+        Some(_) => {
+            for (key, value) in [(INJECTED, version), (INJECTED_SOURCE, source)] {
+                let path = PointerBuf::from_tokens(["metadata", "annotations", key]);
+                ops.push(PatchOperation::Add(AddOperation { path, value }));
+            }
+        }
+        None => ops.push(PatchOperation::Add(AddOperation {
+            path: PointerBuf::from_tokens(["metadata", "annotations"]),
+            value: json!({INJECTED: version, INJECTED_SOURCE: source}),
+        })),
+    }
     let volume_values = volumes.all.iter().map(to_value).collect::<Result<Vec<_>, _>>()?;
     append(&mut ops, &["spec", "volumes"], spec.and_then(|s| s.volumes.as_ref()).is_some(), &volume_values);
     // First among the init containers, so later init containers have the identity too.
@@ -761,8 +812,9 @@ fn build_patch(pod: &Pod, settings: &Settings, config: &InjectorConfig) -> Resul
 
 /// The `kubernetes` source's volume: the audience-bound token the agent writes, a token for the
 /// API server's OIDC endpoints (its default audience), and the cluster's CA, all rotated by the
-/// kubelet. Mounted in the agent only: the app sees the token through `/svids`, after checks.
-fn projected_token(token: &ProjectedToken) -> ProjectedVolumeSource {
+/// kubelet; with the issuer, a token for the issuer's audience and the issuer's CA. Mounted in
+/// the agent only: the app sees the token through `/svids`, after checks, and never the issuer's.
+fn projected_token(token: &ProjectedToken, issuer: Option<&IssuerInjection>) -> ProjectedVolumeSource {
     let token_source = |audience: Option<String>, path: &str| VolumeProjection {
         service_account_token: Some(ServiceAccountTokenProjection {
             audience,
@@ -771,21 +823,24 @@ fn projected_token(token: &ProjectedToken) -> ProjectedVolumeSource {
         }),
         ..Default::default()
     };
-    ProjectedVolumeSource {
-        sources: Some(vec![
-            token_source(Some(token.audience.clone()), "token"),
-            token_source(None, "api-token"),
-            VolumeProjection {
-                config_map: Some(ConfigMapProjection {
-                    name: "kube-root-ca.crt".to_owned(),
-                    items: Some(vec![KeyToPath { key: "ca.crt".to_owned(), path: "ca.crt".to_owned(), mode: None }]),
-                    optional: None,
-                }),
-                ..Default::default()
-            },
-        ]),
-        default_mode: None,
+    let config_map = |name: &str, path: &str| VolumeProjection {
+        config_map: Some(ConfigMapProjection {
+            name: name.to_owned(),
+            items: Some(vec![KeyToPath { key: "ca.crt".to_owned(), path: path.to_owned(), mode: None }]),
+            optional: None,
+        }),
+        ..Default::default()
+    };
+    let mut sources = vec![
+        token_source(Some(token.audience.clone()), "token"),
+        token_source(None, "api-token"),
+        config_map("kube-root-ca.crt", "ca.crt"),
+    ];
+    if let Some(issuer) = issuer {
+        sources.push(token_source(Some(issuer.audience.clone()), ISSUER_TOKEN_FILE));
+        sources.push(config_map(&issuer.ca_config_map, ISSUER_CA_FILE));
     }
+    ProjectedVolumeSource { sources: Some(sources), default_mode: None }
 }
 
 fn to_value<T: serde::Serialize>(value: &T) -> Result<Value, String> {

@@ -50,9 +50,10 @@ pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
     gates: WebhookGates,
+    store: Arc<CertStore>,
+    issuer_namespaces: Option<tokio::sync::mpsc::UnboundedSender<String>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), WebhookError> {
-    let store = Arc::new(CertStore::default());
     let certificates = {
         let (client, store, gate) = (client.clone(), store.clone(), gates.certificate.clone());
         async move {
@@ -88,7 +89,7 @@ pub async fn run(
         cache.get(&reflector::ObjectRef::new(name)).map(|ns| ns.labels().clone())
     });
 
-    let state = WebhookState { config: Arc::new(settings.injector), namespaces: labels, metrics };
+    let state = WebhookState { config: Arc::new(settings.injector), namespaces: labels, metrics, issuer_namespaces };
     let server = serve_tls(settings.addr, router(state), store, shutdown);
     // The certificate and namespace loops run for as long as the server does.
     tokio::select! {

@@ -31,6 +31,9 @@ pub struct WebhookState {
     pub config: Arc<InjectorConfig>,
     pub namespaces: NamespaceLabels,
     pub metrics: Arc<Metrics>,
+    /// With the issuer: the namespace of every injected pod, which needs the issuer's CA
+    /// ConfigMap (`issuer::ca_config_map`).
+    pub issuer_namespaces: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 pub fn router(state: WebhookState) -> Router {
@@ -76,6 +79,9 @@ fn review(state: &WebhookState, body: &[u8]) -> (&'static str, AdmissionResponse
         Decision::Inject(patch) => match response.with_patch(patch) {
             Ok(response) => {
                 info!(%namespace, pod = %pod_name, "identity sidecar injected");
+                if let Some(namespaces) = &state.issuer_namespaces {
+                    let _ = namespaces.send(namespace.clone());
+                }
                 ("injected", response)
             }
             Err(error) => ("invalid", AdmissionResponse::invalid(format!("building the patch: {error}"))),
@@ -87,9 +93,27 @@ fn review(state: &WebhookState, body: &[u8]) -> (&'static str, AdmissionResponse
 #[derive(Debug, Default)]
 pub struct CertStore {
     current: RwLock<Option<Arc<CertifiedKey>>>,
+    /// The CA that signed it (PEM), when known: what clients of the issuer trust.
+    ca: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl CertStore {
+    /// Records the CA of the serving certificate (unchanged: nobody is woken).
+    pub fn set_ca(&self, pem: &str) {
+        self.ca.send_if_modified(|held| {
+            let changed = held.as_deref() != Some(pem);
+            if changed {
+                *held = Some(pem.to_owned());
+            }
+            changed
+        });
+    }
+
+    /// The CA, now and as it changes.
+    pub fn ca(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.ca.subscribe()
+    }
+
     pub fn set(&self, key: Arc<CertifiedKey>) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(key);
     }
@@ -131,7 +155,7 @@ pub async fn serve_tls_on(
         .with_cert_resolver(certs);
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    info!(addr = %listener.local_addr()?, "webhook listening (TLS)");
+    info!(addr = %listener.local_addr()?, "listening (TLS)");
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {

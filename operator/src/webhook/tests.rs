@@ -26,7 +26,13 @@ fn state(namespace_labels: BTreeMap<String, BTreeMap<String, String>>) -> Webhoo
         config: Arc::new(config),
         namespaces: Arc::new(move |ns| namespace_labels.get(ns).cloned()),
         metrics: Arc::new(Metrics::new()),
+        issuer_namespaces: None,
     }
+}
+
+/// A container's literal environment.
+fn env_of(c: &k8s_openapi::api::core::v1::Container) -> Vec<(String, String)> {
+    c.env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect()
 }
 
 fn review(namespace: &str, pod: &Value) -> Value {
@@ -283,9 +289,6 @@ async fn apps_get_the_agents_workload_api_socket_and_no_spire_volume() {
     assert!(
         agent.volume_mounts.iter().flatten().any(|m| m.mount_path == "/run/slim-identity" && m.read_only.is_none())
     );
-    let env_of = |c: &k8s_openapi::api::core::v1::Container| -> Vec<(String, String)> {
-        c.env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect()
-    };
     let app = &spec.containers[0];
     assert_eq!(env_of(app), [("SPIFFE_ENDPOINT_SOCKET".to_owned(), "unix:///run/slim-identity/agent.sock".to_owned())]);
     assert_eq!(env_of(&spec.containers[1]), [("SPIFFE_ENDPOINT_SOCKET".to_owned(), "unix:///mine".to_owned())], "kept");
@@ -308,7 +311,7 @@ async fn apps_get_the_agents_workload_api_socket_and_no_spire_volume() {
     let (answer, _, _) = mutate(state(BTreeMap::new()), "apps", refused).await;
     assert_eq!(answer["allowed"], false);
     assert!(
-        answer["status"]["message"].as_str().unwrap_or("").contains("identity source kubernetes has none"),
+        answer["status"]["message"].as_str().unwrap_or("").contains("the operator's issuer, which is off"),
         "{answer}"
     );
 }
@@ -386,6 +389,50 @@ async fn identity_source_kubernetes_projects_a_token_and_needs_no_spire() {
     assert_eq!(field("SLIM_POD_UID").as_deref(), Some("metadata.uid"));
     assert_eq!(field("SLIM_POD_NAME").as_deref(), Some("metadata.name"));
     assert!(env.iter().all(|e| e.name != "SPIFFE_ENDPOINT_SOCKET"));
+}
+
+#[tokio::test]
+async fn with_the_issuer_kubernetes_pods_get_its_token_and_ca_in_the_agent_and_the_socket_in_the_apps() {
+    let mut with_issuer = state(BTreeMap::new());
+    let (namespaces, mut published) = tokio::sync::mpsc::unbounded_channel();
+    with_issuer.issuer_namespaces = Some(namespaces);
+    with_issuer.config = Arc::new(InjectorConfig {
+        issuer: Some(super::inject::IssuerInjection {
+            url: "https://slim-operator-webhook.slim-system.svc:8444".into(),
+            audience: "slim-operator".into(),
+            ca_config_map: "slim-identity-issuer-ca".into(),
+        }),
+        ..(*with_issuer.config).clone()
+    });
+    let pod = app_pod(json!({"slim.agntcy.org/inject-identity": "true", "slim.agntcy.org/identity-source": "kubernetes"}));
+    let (answer, _, pod) = mutate(with_issuer, "apps", pod).await;
+    assert_eq!(answer["allowed"], true);
+    assert_eq!(published.try_recv().ok().as_deref(), Some("apps"), "the CA ConfigMap is asked for");
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(annotations.get(super::inject::INJECTED_SOURCE).map(String::as_str), Some("kubernetes"));
+    let config = agent_config(&pod);
+    assert_eq!(config["kubernetes_issuer_url"], "https://slim-operator-webhook.slim-system.svc:8444");
+    assert_eq!(config["kubernetes_issuer_token_file"], "/var/run/secrets/slim.agntcy.org/issuer-token");
+    assert_eq!(config["kubernetes_issuer_ca_file"], "/var/run/secrets/slim.agntcy.org/issuer-ca.crt");
+    assert_eq!(config["workload_api_socket"], "/run/slim-identity/agent.sock");
+    let projected = pod.spec.as_ref().and_then(|s| s.volumes.clone()).expect("volumes");
+    let projected = serde_json::to_value(projected.iter().find_map(|v| v.projected.clone()).expect("token volume"))
+        .expect("json");
+    assert_eq!(
+        projected["sources"].as_array().expect("sources")[3..],
+        [
+            json!({"serviceAccountToken": {"audience": "slim-operator", "expirationSeconds": 3600, "path": "issuer-token"}}),
+            json!({"configMap": {"name": "slim-identity-issuer-ca", "items": [{"key": "ca.crt", "path": "issuer-ca.crt"}]}}),
+        ]
+    );
+    let env = sidecar(&pod).env.clone().expect("env");
+    let account = env.iter().find(|e| e.name == "SLIM_POD_SERVICE_ACCOUNT").and_then(|e| e.value_from.clone());
+    assert_eq!(account.and_then(|v| v.field_ref).map(|f| f.field_path).as_deref(), Some("spec.serviceAccountName"));
+    // The app: the outputs and the socket, never the token volume.
+    let app = &pod.spec.as_ref().expect("spec").containers[0];
+    let mounts: Vec<&str> = app.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+    assert_eq!(mounts, ["/svids", "/run/slim-identity"]);
+    assert_eq!(env_of(app), [("SPIFFE_ENDPOINT_SOCKET".to_owned(), "unix:///run/slim-identity/agent.sock".to_owned())]);
 }
 
 #[tokio::test]

@@ -50,6 +50,23 @@ pub struct KubernetesSource {
     /// `kubernetes_jwks_refresh_seconds`: how often the JWKS is fetched again when no unknown
     /// `kid` asked for it earlier.
     pub jwks_refresh: Duration,
+    /// `kubernetes_issuer_*`: SPIFFE identities from `slim-operator`'s issuer, served on the
+    /// Workload API socket (which must then be set).
+    pub issuer: Option<IssuerSource>,
+}
+
+/// Where the agent gets SPIFFE identities without SPIRE: `slim-operator`'s issuer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuerSource {
+    /// `kubernetes_issuer_url`: `https://` address of the issuer.
+    pub url: String,
+    /// `kubernetes_issuer_token_file`: a projected token whose audience is the issuer's.
+    pub token_file: PathBuf,
+    /// `kubernetes_issuer_ca_file`: the CA the issuer's serving certificate is checked against.
+    pub ca_file: PathBuf,
+    /// `kubernetes_issuer_server_name`: the name checked in that certificate (default: the
+    /// URL's host).
+    pub server_name: String,
 }
 
 impl Default for KubernetesSource {
@@ -61,6 +78,7 @@ impl Default for KubernetesSource {
             ca_file: file("ca.crt"),
             api_token_file: file("api-token"),
             jwks_refresh: Duration::from_secs(600),
+            issuer: None,
         }
     }
 }
@@ -269,6 +287,12 @@ impl Config {
             map.insert("kubernetes_ca_file".into(), k.ca_file.to_string_lossy().into());
             map.insert("kubernetes_api_token_file".into(), k.api_token_file.to_string_lossy().into());
             map.insert("kubernetes_jwks_refresh_seconds".into(), k.jwks_refresh.as_secs().into());
+            if let Some(issuer) = &k.issuer {
+                map.insert("kubernetes_issuer_url".into(), issuer.url.as_str().into());
+                map.insert("kubernetes_issuer_token_file".into(), issuer.token_file.to_string_lossy().into());
+                map.insert("kubernetes_issuer_ca_file".into(), issuer.ca_file.to_string_lossy().into());
+                map.insert("kubernetes_issuer_server_name".into(), issuer.server_name.as_str().into());
+            }
         }
         Ok(serde_yaml::to_string(&doc)?)
     }
@@ -352,7 +376,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if let IdentitySource::Kubernetes(_) = self.identity_source {
+        if let IdentitySource::Kubernetes(source) = &self.identity_source {
             if self.x509.is_some() {
                 return invalid(
                     "identity_source kubernetes writes JWTs only: X.509-SVIDs ('svid_file_name') need the SPIFFE Workload API",
@@ -371,10 +395,18 @@ impl Config {
                     "identity_source kubernetes writes the cluster's JWKS: jwt_bundle_format must be \"jwks\"",
                 );
             }
-            if self.workload_api_socket.is_some() {
-                return invalid(
-                    "workload_api_socket serves SPIFFE identities: identity_source kubernetes has none to serve",
-                );
+            match (&self.workload_api_socket, &source.issuer) {
+                (Some(_), None) => {
+                    return invalid(
+                        "workload_api_socket serves SPIFFE identities: identity_source kubernetes has them only from an issuer (kubernetes_issuer_url)",
+                    );
+                }
+                (None, Some(_)) => {
+                    return invalid(
+                        "kubernetes_issuer_url: the issuer's identities are served on workload_api_socket, which is not set",
+                    );
+                }
+                _ => {}
             }
         }
         if self.x509.is_none()
@@ -505,8 +537,10 @@ fn identity_source(top: &mut Fields<'_>) -> Result<IdentitySource, ConfigError> 
     let ca_file = top.string("kubernetes_ca_file")?;
     let api_token_file = top.string("kubernetes_api_token_file")?;
     let refresh = top.int("kubernetes_jwks_refresh_seconds")?;
-    let any_set =
-        [&token_file, &api_server, &ca_file, &api_token_file].iter().any(|v| !v.is_empty()) || refresh.is_some();
+    let issuer = issuer_source(top)?;
+    let any_set = [&token_file, &api_server, &ca_file, &api_token_file].iter().any(|v| !v.is_empty())
+        || refresh.is_some()
+        || issuer.is_some();
     match source.as_str() {
         "" | "spiffe" if any_set => invalid("the kubernetes_* keys need identity_source: kubernetes"),
         "" | "spiffe" => Ok(IdentitySource::Spiffe),
@@ -525,10 +559,32 @@ fn identity_source(top: &mut Fields<'_>) -> Result<IdentitySource, ConfigError> 
                 ca_file: path(ca_file, defaults.ca_file),
                 api_token_file: path(api_token_file, defaults.api_token_file),
                 jwks_refresh,
+                issuer,
             }))
         }
         other => invalid(format!("identity_source {other:?} is not \"spiffe\" or \"kubernetes\"")),
     }
+}
+
+/// The `kubernetes_issuer_*` keys: all of URL, token and CA, or none.
+fn issuer_source(top: &mut Fields<'_>) -> Result<Option<IssuerSource>, ConfigError> {
+    let url = top.string("kubernetes_issuer_url")?;
+    let token_file = top.string("kubernetes_issuer_token_file")?;
+    let ca_file = top.string("kubernetes_issuer_ca_file")?;
+    let server_name = top.string("kubernetes_issuer_server_name")?;
+    if url.is_empty() {
+        if [&token_file, &ca_file, &server_name].iter().any(|v| !v.is_empty()) {
+            return invalid("the kubernetes_issuer_* keys need kubernetes_issuer_url");
+        }
+        return Ok(None);
+    }
+    if !url.starts_with("https://") {
+        return invalid(format!("kubernetes_issuer_url {url:?} must be an https:// URL"));
+    }
+    if token_file.is_empty() || ca_file.is_empty() {
+        return invalid("kubernetes_issuer_url needs kubernetes_issuer_token_file and kubernetes_issuer_ca_file");
+    }
+    Ok(Some(IssuerSource { url, token_file: token_file.into(), ca_file: ca_file.into(), server_name }))
 }
 
 /// `remaining × percent / 100` plus a second (spiffe-helper's `remaining/2 + 1s` at 50 %), never

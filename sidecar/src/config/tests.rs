@@ -211,7 +211,14 @@ fn kubernetes_source_keys_defaults_and_contradictions() {
         ca_file: "/t/ca.crt".into(),
         api_token_file: "/t/api".into(),
         jwks_refresh: Duration::from_secs(60),
+        issuer: Some(crate::config::IssuerSource {
+            url: "https://slim-operator.slim-system.svc:8444".into(),
+            token_file: "/t/issuer-token".into(),
+            ca_file: "/t/issuer-ca.crt".into(),
+            server_name: "issuer.example".into(),
+        }),
     });
+    custom.workload_api_socket = Some("/run/slim-identity/agent.sock".into());
     assert_eq!(Config::from_yaml(&custom.to_yaml().expect("yaml")).expect("reads back"), custom);
 
     let base = "cert_dir: /svids\njwt_svids: [{jwt_audience: slim, jwt_svid_file_name: t}]\n";
@@ -222,6 +229,14 @@ fn kubernetes_source_keys_defaults_and_contradictions() {
         ("identity_source: kubernetes\nkubernetes_jwks_refresh_seconds: 1\n", "must be at least 10"),
         ("identity_source: kubernetes\nagent_address: /a.sock\n", "does not use one"),
         ("identity_source: kubernetes\njwt_bundle_format: spiffe-helper\n", "jwt_bundle_format must be \"jwks\""),
+        ("identity_source: kubernetes\nworkload_api_socket: /s.sock\n", "only from an issuer"),
+        ("identity_source: kubernetes\nkubernetes_issuer_token_file: /t\n", "need kubernetes_issuer_url"),
+        ("identity_source: kubernetes\nkubernetes_issuer_url: http://x\n", "must be an https:// URL"),
+        ("identity_source: kubernetes\nkubernetes_issuer_url: https://x\n", "needs kubernetes_issuer_token_file"),
+        (
+            "identity_source: kubernetes\nkubernetes_issuer_url: https://x\nkubernetes_issuer_token_file: /t\nkubernetes_issuer_ca_file: /c\n",
+            "which is not set",
+        ),
         (
             "identity_source: kubernetes\nsvid_file_name: a\nsvid_key_file_name: b\nsvid_bundle_file_name: c\n",
             "writes JWTs only",
@@ -252,7 +267,7 @@ fn the_workload_api_socket_in_yaml_and_hcl() {
         ("workload_api_socket: /a.sock\nagent_address: /a.sock\n", "is the upstream agent's socket"),
         (
             "workload_api_socket: /a.sock\nidentity_source: kubernetes\njwt_svids: [{jwt_audience: s, jwt_svid_file_name: t}]\n",
-            "identity_source kubernetes has none to serve",
+            "identity_source kubernetes has them only from an issuer",
         ),
     ] {
         let error = Config::from_yaml(text).expect_err(text).to_string();
