@@ -59,6 +59,22 @@ pub const CLUSTER: &[Permission] = &[
 pub const WEBHOOK_CONFIGURATION: &[Permission] =
     &[rule("admissionregistration.k8s.io", "mutatingwebhookconfigurations", &["get", "patch"], "publish caBundle")];
 
+/// Only with the SPIFFE issuer (`identityIssuer.enabled`), cluster-wide.
+pub const ISSUER: &[Permission] = &[
+    rule("authentication.k8s.io", "tokenreviews", &["create"], "issuer: the agents' tokens, checked by the API server"),
+    rule("", "pods", &["get"], "issuer: the pod a token is bound to, read when it asks"),
+    rule(
+        "",
+        "configmaps",
+        &["list", "create", "patch"],
+        "issuer: its serving CA published in the namespaces of injected pods",
+    ),
+];
+
+/// In the operator's namespace, only with the SPIFFE issuer.
+pub const ISSUER_SECRET: &[Permission] =
+    &[rule("", "secrets", &["get", "create", "update"], "issuer: its CA and JWT keys")];
+
 /// In the operator's namespace (Role).
 pub const NAMESPACED: &[Permission] =
     &[rule("coordination.k8s.io", "leases", &["get", "create", "update"], "leader election")];

@@ -143,7 +143,8 @@ fn default_render_parses_and_rbac_is_exactly_what_the_code_uses() {
     }
 
     let webhook = &rendered.webhooks[0].webhooks.as_ref().expect("webhooks")[0];
-    assert_eq!(webhook.side_effects, "None");
+    // The issuer's CA ConfigMap is written after an injection, never for a dry run.
+    assert_eq!(webhook.side_effects, "NoneOnDryRun");
     assert_eq!(webhook.admission_review_versions, vec!["v1".to_owned()]);
     assert_eq!(webhook.failure_policy.as_deref(), Some("Ignore"));
     assert_eq!(webhook.reinvocation_policy.as_deref(), Some("IfNeeded"));
@@ -193,9 +194,26 @@ fn custom_render_follows_the_values() {
     let kinds: BTreeSet<String> =
         rendered.others.iter().filter_map(|o| o.types.as_ref().map(|t| t.kind.clone())).collect();
     assert_eq!(kinds, ["Certificate", "Issuer", "ServiceMonitor"].map(String::from).into_iter().collect());
-    // cert-manager mode: the operator manages no Secret and patches no webhook configuration.
-    assert_eq!(triples(&rendered.cluster_roles[0].rules.clone().unwrap_or_default()), needed(&[rbac::CLUSTER]));
-    assert_eq!(triples(&rendered.roles[0].rules.clone().unwrap_or_default()), needed(&[rbac::NAMESPACED]));
+    // cert-manager mode: the operator patches no webhook configuration; its only Secret is the
+    // issuer's keys.
+    let cluster = triples(&rendered.cluster_roles[0].rules.clone().unwrap_or_default());
+    assert_eq!(cluster, needed(&[rbac::CLUSTER, rbac::ISSUER]));
+    let namespaced = triples(&rendered.roles[0].rules.clone().unwrap_or_default());
+    assert_eq!(namespaced, needed(&[rbac::NAMESPACED, rbac::ISSUER_SECRET]));
+    // The issuer: its settings, its port on the webhook Service.
+    assert_eq!(env("SLIM_OPERATOR_ISSUER"), "true");
+    assert_eq!(env("SLIM_OPERATOR_ISSUER_ADDR"), "0.0.0.0:9444");
+    assert_eq!(env("SLIM_OPERATOR_TRUST_DOMAIN"), "prod.example");
+    assert_eq!(env("SLIM_OPERATOR_ISSUER_AUDIENCE"), "issuer.example");
+    assert_eq!(env("SLIM_OPERATOR_ISSUER_JWT_TTL"), "10m");
+    assert_eq!(env("SLIM_OPERATOR_ISSUER_SECRET"), "slim-slim-operator-issuer");
+    let ports = |s: &Service| s.spec.as_ref().and_then(|s| s.ports.clone()).unwrap_or_default();
+    let issuer_port = rendered.services.iter().flat_map(ports).find(|p| p.name.as_deref() == Some("issuer"));
+    assert_eq!(issuer_port.map(|p| p.port), Some(9444));
+    assert!(container.ports.iter().flatten().any(|p| p.name.as_deref() == Some("issuer") && p.container_port == 9444));
+    let broken =
+        run_helm(&["template", "slim", &chart(), "--set", "identityIssuer.enabled=true,webhook.enabled=false"]);
+    assert!(broken.is_err_and(|e| e.contains("needs webhook.enabled")));
 }
 
 #[test]

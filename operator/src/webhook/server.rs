@@ -79,7 +79,7 @@ fn review(state: &WebhookState, body: &[u8]) -> (&'static str, AdmissionResponse
         Decision::Inject(patch) => match response.with_patch(patch) {
             Ok(response) => {
                 info!(%namespace, pod = %pod_name, "identity sidecar injected");
-                if let Some(namespaces) = &state.issuer_namespaces {
+                if let Some(namespaces) = state.issuer_namespaces.as_ref().filter(|_| !request.dry_run) {
                     let _ = namespaces.send(namespace.clone());
                 }
                 ("injected", response)

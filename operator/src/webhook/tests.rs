@@ -404,7 +404,8 @@ async fn with_the_issuer_kubernetes_pods_get_its_token_and_ca_in_the_agent_and_t
         }),
         ..(*with_issuer.config).clone()
     });
-    let pod = app_pod(json!({"slim.agntcy.org/inject-identity": "true", "slim.agntcy.org/identity-source": "kubernetes"}));
+    let pod =
+        app_pod(json!({"slim.agntcy.org/inject-identity": "true", "slim.agntcy.org/identity-source": "kubernetes"}));
     let (answer, _, pod) = mutate(with_issuer, "apps", pod).await;
     assert_eq!(answer["allowed"], true);
     assert_eq!(published.try_recv().ok().as_deref(), Some("apps"), "the CA ConfigMap is asked for");
@@ -416,8 +417,8 @@ async fn with_the_issuer_kubernetes_pods_get_its_token_and_ca_in_the_agent_and_t
     assert_eq!(config["kubernetes_issuer_ca_file"], "/var/run/secrets/slim.agntcy.org/issuer-ca.crt");
     assert_eq!(config["workload_api_socket"], "/run/slim-identity/agent.sock");
     let projected = pod.spec.as_ref().and_then(|s| s.volumes.clone()).expect("volumes");
-    let projected = serde_json::to_value(projected.iter().find_map(|v| v.projected.clone()).expect("token volume"))
-        .expect("json");
+    let projected =
+        serde_json::to_value(projected.iter().find_map(|v| v.projected.clone()).expect("token volume")).expect("json");
     assert_eq!(
         projected["sources"].as_array().expect("sources")[3..],
         [
