@@ -4,6 +4,7 @@
 //! The Python interpreter comes from `SLIM_PYTHON`, else `$SLIM_CACHE/venv/bin/python`
 //! (`SLIM_CACHE` defaults to `~/.cache/slim-k8s`); `scripts/test.sh` installs it there.
 
+pub mod chart_install;
 pub mod control_plane;
 pub mod identity;
 pub mod node;

@@ -6,100 +6,18 @@
 use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
-use serde::Deserialize;
 use serde_json::json;
-use slim_e2e::control_plane::{self, Credentials, install_crds};
+use slim_e2e::chart_install::{Chart, ChartInstall, apply_rbac, install_as_the_chart, kubeconfig_for, render};
+use slim_e2e::control_plane::{self, install_crds};
 use slim_e2e::operator::{OperatorProcess, chart_environment};
-use slim_e2e::{ChannelManager, SlimApp, SlimNode, helm, init_logging, repo_path, wait_for};
+use slim_e2e::{ChannelManager, SlimApp, SlimNode, init_logging, wait_for};
 use slim_operator::api::{SlimChannel, Subscription};
 use slim_operator::slim::{ChannelManagerClient, NodePool};
-
-/// What `helm template` rendered, as typed objects.
-#[derive(Default)]
-struct Chart {
-    deployment: Option<Deployment>,
-    service_accounts: Vec<ServiceAccount>,
-    cluster_roles: Vec<ClusterRole>,
-    cluster_role_bindings: Vec<ClusterRoleBinding>,
-    roles: Vec<Role>,
-    role_bindings: Vec<RoleBinding>,
-    webhooks: Vec<MutatingWebhookConfiguration>,
-}
-
-fn render(release: &str, namespace: &str) -> Chart {
-    let chart = repo_path("charts/slim-operator").display().to_string();
-    let yaml = helm(&["template", release, &chart, "--namespace", namespace], &[]).expect("helm template");
-    let mut rendered = Chart::default();
-    for document in serde_yaml::Deserializer::from_str(&yaml) {
-        let value = serde_json::Value::deserialize(document).expect("YAML");
-        match value["kind"].as_str().unwrap_or_default() {
-            "Deployment" => rendered.deployment = serde_json::from_value(value).ok(),
-            "ServiceAccount" => rendered.service_accounts.push(serde_json::from_value(value).expect("sa")),
-            "ClusterRole" => rendered.cluster_roles.push(serde_json::from_value(value).expect("cr")),
-            "ClusterRoleBinding" => rendered.cluster_role_bindings.push(serde_json::from_value(value).expect("crb")),
-            "Role" => rendered.roles.push(serde_json::from_value(value).expect("role")),
-            "RoleBinding" => rendered.role_bindings.push(serde_json::from_value(value).expect("rb")),
-            "MutatingWebhookConfiguration" => rendered.webhooks.push(serde_json::from_value(value).expect("mwc")),
-            _ => {}
-        }
-    }
-    rendered
-}
-
-/// Applies the chart's identity and RBAC (and its webhook configuration), returns the
-/// ServiceAccount's name.
-async fn apply_rbac(client: &Client, namespace: &str, chart: &Chart) -> String {
-    let pp = PostParams::default();
-    let sa = chart.service_accounts.first().expect("the chart has a ServiceAccount");
-    Api::<ServiceAccount>::namespaced(client.clone(), namespace).create(&pp, sa).await.expect("ServiceAccount");
-    for role in &chart.cluster_roles {
-        Api::<ClusterRole>::all(client.clone()).create(&pp, role).await.expect("ClusterRole");
-    }
-    for binding in &chart.cluster_role_bindings {
-        Api::<ClusterRoleBinding>::all(client.clone()).create(&pp, binding).await.expect("ClusterRoleBinding");
-    }
-    for role in &chart.roles {
-        Api::<Role>::namespaced(client.clone(), namespace).create(&pp, role).await.expect("Role");
-    }
-    for binding in &chart.role_bindings {
-        Api::<RoleBinding>::namespaced(client.clone(), namespace).create(&pp, binding).await.expect("RoleBinding");
-    }
-    for webhook in &chart.webhooks {
-        Api::<MutatingWebhookConfiguration>::all(client.clone()).create(&pp, webhook).await.expect("webhook config");
-    }
-    sa.name_any()
-}
-
-/// A token for the ServiceAccount from the TokenRequest API.
-async fn token_for(client: &Client, namespace: &str, service_account: &str) -> String {
-    let request: TokenRequest =
-        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}})).expect("request");
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let issued: TokenRequest =
-        accounts.create_subresource("token", service_account, &PostParams::default(), &request).await.expect("token");
-    issued.status.expect("status").token
-}
-
-/// A kubeconfig that authenticates as `service_account` (a TokenRequest token), named after `stem`.
-async fn kubeconfig_for(
-    plane: &control_plane::ControlPlane,
-    admin: &Client,
-    namespace: &str,
-    service_account: &str,
-    stem: &str,
-) -> std::path::PathBuf {
-    let token = token_for(admin, namespace, service_account).await;
-    let kubeconfig = plane.dir.join(format!("{stem}.kubeconfig"));
-    plane.write_kubeconfig(&kubeconfig, service_account, &Credentials::Token(token)).expect("kubeconfig");
-    kubeconfig
-}
 
 /// The control plane with the CRDs, an admin client, and the right to run an operator: both
 /// tests run one over every namespace, so they take turns (the guard).
@@ -112,34 +30,6 @@ async fn setup() -> (&'static control_plane::ControlPlane, Client, tokio::sync::
     (plane, admin, guard)
 }
 
-/// The operator as the chart installs it, minus the Pod: its namespace with the chart's RBAC, a
-/// kubeconfig of its ServiceAccount, the Deployment's environment (and the Pod's name and
-/// namespace); and a namespace for the user's objects.
-struct ChartInstall {
-    operator_ns: String,
-    apps_ns: String,
-    chart: Chart,
-    service_account: String,
-    kubeconfig: std::path::PathBuf,
-    /// `POD_NAME`: the Lease holder's identity.
-    pod_name: String,
-    env: Vec<(String, String)>,
-}
-
-async fn install_as_the_chart(plane: &'static control_plane::ControlPlane, admin: &Client) -> ChartInstall {
-    let operator_ns = plane.namespace(admin, "slim-system").await.expect("namespace");
-    let apps_ns = plane.namespace(admin, "apps").await.expect("namespace");
-    let release = format!("op-{}", &operator_ns[operator_ns.len() - 8..]);
-    let chart = render(&release, &operator_ns);
-    let service_account = apply_rbac(admin, &operator_ns, &chart).await;
-    let kubeconfig = kubeconfig_for(plane, admin, &operator_ns, &service_account, &release).await;
-    let mut env = chart_environment(chart.deployment.as_ref().expect("the chart has a Deployment"));
-    let pod_name = format!("{release}-0");
-    env.push(("POD_NAME".into(), pod_name.clone()));
-    env.push(("POD_NAMESPACE".into(), operator_ns.clone()));
-    ChartInstall { operator_ns, apps_ns, chart, service_account, kubeconfig, pod_name, env }
-}
-
 fn ready(sub: &Subscription) -> bool {
     sub.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
@@ -149,7 +39,7 @@ async fn the_binary_works_with_exactly_the_charts_rbac() {
     init_logging();
     let (plane, admin, _exclusive) = setup().await;
     let ChartInstall { operator_ns, apps_ns, chart, kubeconfig, pod_name, mut env, .. } =
-        install_as_the_chart(plane, &admin).await;
+        install_as_the_chart(plane, &admin, &[]).await;
 
     let a = SlimNode::start("node-a").expect("node a");
     let b = SlimNode::start("node-b").expect("node b");
@@ -356,7 +246,7 @@ async fn two_replicas_never_both_write() {
     let operator_ns = plane.namespace(&admin, "slim-ha").await.expect("namespace");
     let apps_ns = plane.namespace(&admin, "apps").await.expect("namespace");
     let release = format!("ha-{}", &operator_ns[operator_ns.len() - 8..]);
-    let chart = render(&release, &operator_ns);
+    let chart = render(&release, &operator_ns, &[]);
     let first_sa = apply_rbac(&admin, &operator_ns, &chart).await;
     let second_sa = second_identity(&admin, &operator_ns, &chart, "replica-b").await;
     let a_node = SlimNode::start("node-a").expect("node a");
@@ -464,7 +354,7 @@ async fn the_binary_reaches_nodes_with_its_x509_svid() {
     init_logging();
     let (plane, admin, _exclusive) = setup().await;
     let ChartInstall { operator_ns, apps_ns, service_account, kubeconfig, mut env, .. } =
-        install_as_the_chart(plane, &admin).await;
+        install_as_the_chart(plane, &admin, &[]).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let node_id = "spiffe://example.org/ns/slim/sa/slim";
     let operator_id = format!("spiffe://example.org/ns/{operator_ns}/sa/{service_account}");
