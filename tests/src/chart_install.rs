@@ -131,4 +131,3 @@ pub async fn install_as_the_chart(
     env.push(("POD_NAMESPACE".into(), operator_ns.clone()));
     ChartInstall { operator_ns, apps_ns, chart, service_account, kubeconfig, pod_name, env }
 }
-

@@ -5,6 +5,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, ServiceAccount};
+use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, Client, ResourceExt};
+
 use crate::{SlimApp, SlimNode};
 
 /// `(kid, alg)` of every key in the workload's `key.jwt`.
@@ -150,4 +155,57 @@ pub async fn dev_agent(dir: &Path) -> (crate::KillOnDrop, std::path::PathBuf) {
     let agent = crate::KillOnDrop(child);
     crate::wait_for("the dev agent's socket", Duration::from_secs(30), async || socket.exists().then_some(())).await;
     (agent, socket)
+}
+
+/// A token of `account` for `audiences` (empty: the API server's own), bound to `pod` if given.
+pub async fn mint(client: &Client, namespace: &str, account: &str, audiences: &[&str], pod: Option<&Pod>) -> String {
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
+            expiration_seconds: Some(3600),
+            bound_object_ref: pod.map(|p| BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(p.name_any()),
+                uid: p.uid(),
+            }),
+        },
+        ..Default::default()
+    };
+    let created =
+        accounts.create_token_request(account, &PostParams::default(), &request).await.expect("token request");
+    created.status.expect("token status").token
+}
+
+/// A service account and a Pod object running as it (never scheduled: the token binds to it).
+pub async fn workload(client: &Client, namespace: &str, name: &str) -> Pod {
+    workload_with(client, namespace, name, &[]).await
+}
+
+/// [`workload`] with pod annotations.
+pub async fn workload_with(client: &Client, namespace: &str, name: &str, annotations: &[(&str, &str)]) -> Pod {
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let account =
+        ServiceAccount { metadata: ObjectMeta { name: Some(name.into()), ..Default::default() }, ..Default::default() };
+    accounts.create(&PostParams::default(), &account).await.expect("service account");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let pod = Pod {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}-0")),
+            annotations: Some(annotations.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            service_account_name: Some(name.into()),
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("example.invalid/app".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    pods.create(&PostParams::default(), &pod).await.expect("pod")
 }

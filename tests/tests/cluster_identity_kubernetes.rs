@@ -9,57 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, ServiceAccount};
-use kube::api::{ObjectMeta, PostParams};
-use kube::{Api, Client, ResourceExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
 use slim_e2e::control_plane::{self, SERVICE_ACCOUNT_ISSUER};
-use slim_e2e::identity::{ProjectedVolume, jwks_kids, node_jwt_auth, node_rejections};
+use slim_e2e::identity::{ProjectedVolume, jwks_kids, mint, node_jwt_auth, node_rejections, workload};
 use slim_e2e::{KillOnDrop, SlimApp, SlimNode, free_port, wait_for, workspace_binary};
-
-/// A token of `account` for `audiences` (empty: the API server's own), bound to `pod` if given.
-async fn mint(client: &Client, namespace: &str, account: &str, audiences: &[&str], pod: Option<&Pod>) -> String {
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
-            expiration_seconds: Some(3600),
-            bound_object_ref: pod.map(|p| BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: Some(p.name_any()),
-                uid: p.uid(),
-            }),
-        },
-        ..Default::default()
-    };
-    let created =
-        accounts.create_token_request(account, &PostParams::default(), &request).await.expect("token request");
-    created.status.expect("token status").token
-}
-
-/// A service account and a Pod object running as it (never scheduled: the token binds to it).
-async fn workload(client: &Client, namespace: &str, name: &str) -> Pod {
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let account =
-        ServiceAccount { metadata: ObjectMeta { name: Some(name.into()), ..Default::default() }, ..Default::default() };
-    accounts.create(&PostParams::default(), &account).await.expect("service account");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let pod = Pod {
-        metadata: ObjectMeta { name: Some(format!("{name}-0")), ..Default::default() },
-        spec: Some(PodSpec {
-            service_account_name: Some(name.into()),
-            containers: vec![Container {
-                name: "app".into(),
-                image: Some("example.invalid/app".into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    pods.create(&PostParams::default(), &pod).await.expect("pod")
-}
 
 struct Agent {
     _process: KillOnDrop,
