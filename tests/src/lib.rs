@@ -7,6 +7,7 @@
 pub mod chart_install;
 pub mod control_plane;
 pub mod identity;
+pub mod issuer;
 pub mod node;
 pub mod operator;
 pub mod pki;

@@ -14,12 +14,11 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use slim_e2e::chart_install::{ChartInstall, install_as_the_chart};
-use slim_e2e::control_plane::{self, ControlPlane, install_crds};
+use slim_e2e::control_plane::{self, install_crds};
 use slim_e2e::identity::{ProjectedVolume, mint, workload, workload_with};
-use slim_e2e::operator::OperatorProcess;
+use slim_e2e::issuer::{Issuer, start_operator};
 use slim_e2e::{KillOnDrop, SlimApp, SlimNode, free_port, spire_identity, wait_for, workspace_binary};
-use slim_identity_agent::config::IssuerSource;
-use slim_identity_agent::issuer::{IssuerClient, IssuerError};
+use slim_identity_agent::issuer::IssuerError;
 use slim_identity_agent::workload::WorkloadClient;
 use slim_operator::issuer::authority::RealKeys;
 use slim_operator::issuer::keys::{self, Policy};
@@ -29,76 +28,6 @@ use slim_operator::webhook::inject::{INJECTED, INJECTED_SOURCE};
 const AUDIENCE: &str = "slim-operator";
 /// What an injected pod carries.
 const INJECTED_KUBERNETES: [(&str, &str); 2] = [(INJECTED, "0.1.0"), (INJECTED_SOURCE, "kubernetes")];
-
-/// The operator binary with the issuer on, as the chart installs it.
-struct Issuer {
-    plane: &'static ControlPlane,
-    admin: Client,
-    install: ChartInstall,
-    operator: OperatorProcess,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Issuer {
-    async fn start(values: &[&str]) -> Self {
-        slim_e2e::init_logging();
-        let plane = control_plane::shared();
-        let admin = plane.client().await.expect("admin client");
-        install_crds(&admin).await.expect("CRDs");
-        let mut values = values.to_vec();
-        values.push("identityIssuer.enabled=true");
-        let install = install_as_the_chart(plane, &admin, &values).await;
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port().expect("port")).parse().expect("addr");
-        let operator = start_operator(&install, addr);
-        operator.wait_readyz(200, Duration::from_secs(60)).expect("operator ready");
-        Self { plane, admin, install, operator, addr, dir: tempfile::tempdir().expect("tempdir") }
-    }
-
-    fn env(&self, name: &str) -> String {
-        self.install.env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default()
-    }
-
-    fn apps(&self) -> &str {
-        &self.install.apps_ns
-    }
-
-    /// The issuer's serving CA (the webhook certificate's, from its Secret) and the name in it.
-    async fn tls(&self) -> (String, String) {
-        let secrets: Api<Secret> = Api::namespaced(self.admin.clone(), &self.install.operator_ns);
-        let secret = secrets.get(&self.env("SLIM_OPERATOR_WEBHOOK_SECRET")).await.expect("webhook Secret");
-        let ca = secret.data.and_then(|d| d.get("ca.crt").cloned()).expect("ca.crt");
-        let name = format!("{}.{}.svc", self.env("SLIM_OPERATOR_WEBHOOK_SERVICE"), self.install.operator_ns);
-        (String::from_utf8(ca.0).expect("PEM"), name)
-    }
-
-    /// An issuer client presenting `token`.
-    async fn client(&self, token: &str, name: &str) -> IssuerClient {
-        let (ca, server_name) = self.tls().await;
-        let dir = self.dir.path().join(format!("client-{name}"));
-        std::fs::create_dir_all(&dir).expect("dir");
-        std::fs::write(dir.join("token"), token).expect("token");
-        std::fs::write(dir.join("ca.crt"), ca).expect("ca");
-        let source = IssuerSource {
-            url: format!("https://{}", self.addr),
-            token_file: dir.join("token"),
-            ca_file: dir.join("ca.crt"),
-            server_name,
-        };
-        IssuerClient::new(&source).expect("issuer client")
-    }
-
-    fn metrics(&self) -> String {
-        self.operator.get("/metrics").map(|(_, body)| body).unwrap_or_default()
-    }
-}
-
-fn start_operator(install: &ChartInstall, issuer: SocketAddr) -> OperatorProcess {
-    let mut env = install.env.clone();
-    env.retain(|(k, _)| k != "SLIM_OPERATOR_ISSUER_ADDR");
-    env.push(("SLIM_OPERATOR_ISSUER_ADDR".into(), issuer.to_string()));
-    OperatorProcess::start(&install.kubeconfig, &env).expect("operator")
-}
 
 /// One pod's agent with the issuer: the projected volume (a `slim` token, an API token, the
 /// cluster's CA, the issuer's token and CA), the process, its Workload API socket.
