@@ -639,7 +639,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 
 /// The issuer, when it is on (else: waits for `stopped`).
 #[allow(clippy::too_many_arguments)]
-fn issuer_task(
+async fn issuer_task(
     settings: Option<IssuerSettings>,
     client: kube::Client,
     metrics: Arc<Metrics>,
@@ -648,16 +648,14 @@ fn issuer_task(
     namespaces: tokio::sync::mpsc::UnboundedReceiver<String>,
     gate: Arc<Gate>,
     stopped: impl std::future::Future<Output = ()> + Send + 'static,
-) -> impl std::future::Future<Output = Result<(), crate::issuer::IssuerError>> {
-    async move {
-        match settings {
-            Some(settings) => {
-                crate::issuer::run(settings, client, metrics, leadership, certs, namespaces, gate, stopped).await
-            }
-            None => {
-                stopped.await;
-                Ok(())
-            }
+) -> Result<(), crate::issuer::IssuerError> {
+    match settings {
+        Some(settings) => {
+            crate::issuer::run(settings, client, metrics, leadership, certs, namespaces, gate, stopped).await
+        }
+        None => {
+            stopped.await;
+            Ok(())
         }
     }
 }

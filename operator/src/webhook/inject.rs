@@ -543,11 +543,13 @@ fn agent_config(settings: &Settings, config: &InjectorConfig) -> Result<String, 
         identity_source: match settings.token {
             None => IdentitySource::Spiffe,
             Some(_) => IdentitySource::Kubernetes(KubernetesSource {
-                issuer: settings.issuer.as_ref().map(|issuer| IssuerSource {
-                    url: issuer.url.clone(),
-                    token_file: Path::new(KUBERNETES_TOKEN_DIR).join(ISSUER_TOKEN_FILE),
-                    ca_file: Path::new(KUBERNETES_TOKEN_DIR).join(ISSUER_CA_FILE),
-                    server_name: String::new(),
+                issuer: settings.issuer.as_ref().map(|issuer| {
+                    Box::new(IssuerSource {
+                        url: issuer.url.clone(),
+                        token_file: Path::new(KUBERNETES_TOKEN_DIR).join(ISSUER_TOKEN_FILE),
+                        ca_file: Path::new(KUBERNETES_TOKEN_DIR).join(ISSUER_CA_FILE),
+                        server_name: String::new(),
+                    })
                 }),
                 ..KubernetesSource::default()
             }),

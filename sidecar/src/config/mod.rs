@@ -52,7 +52,7 @@ pub struct KubernetesSource {
     pub jwks_refresh: Duration,
     /// `kubernetes_issuer_*`: SPIFFE identities from `slim-operator`'s issuer, served on the
     /// Workload API socket (which must then be set).
-    pub issuer: Option<IssuerSource>,
+    pub issuer: Option<Box<IssuerSource>>,
 }
 
 /// Where the agent gets SPIFFE identities without SPIRE: `slim-operator`'s issuer.
@@ -567,7 +567,7 @@ fn identity_source(top: &mut Fields<'_>) -> Result<IdentitySource, ConfigError> 
 }
 
 /// The `kubernetes_issuer_*` keys: all of URL, token and CA, or none.
-fn issuer_source(top: &mut Fields<'_>) -> Result<Option<IssuerSource>, ConfigError> {
+fn issuer_source(top: &mut Fields<'_>) -> Result<Option<Box<IssuerSource>>, ConfigError> {
     let url = top.string("kubernetes_issuer_url")?;
     let token_file = top.string("kubernetes_issuer_token_file")?;
     let ca_file = top.string("kubernetes_issuer_ca_file")?;
@@ -584,7 +584,7 @@ fn issuer_source(top: &mut Fields<'_>) -> Result<Option<IssuerSource>, ConfigErr
     if token_file.is_empty() || ca_file.is_empty() {
         return invalid("kubernetes_issuer_url needs kubernetes_issuer_token_file and kubernetes_issuer_ca_file");
     }
-    Ok(Some(IssuerSource { url, token_file: token_file.into(), ca_file: ca_file.into(), server_name }))
+    Ok(Some(Box::new(IssuerSource { url, token_file: token_file.into(), ca_file: ca_file.into(), server_name })))
 }
 
 /// `remaining × percent / 100` plus a second (spiffe-helper's `remaining/2 + 1s` at 50 %), never

@@ -211,12 +211,12 @@ fn kubernetes_source_keys_defaults_and_contradictions() {
         ca_file: "/t/ca.crt".into(),
         api_token_file: "/t/api".into(),
         jwks_refresh: Duration::from_secs(60),
-        issuer: Some(crate::config::IssuerSource {
+        issuer: Some(Box::new(crate::config::IssuerSource {
             url: "https://slim-operator.slim-system.svc:8444".into(),
             token_file: "/t/issuer-token".into(),
             ca_file: "/t/issuer-ca.crt".into(),
             server_name: "issuer.example".into(),
-        }),
+        })),
     });
     custom.workload_api_socket = Some("/run/slim-identity/agent.sock".into());
     assert_eq!(Config::from_yaml(&custom.to_yaml().expect("yaml")).expect("reads back"), custom);
