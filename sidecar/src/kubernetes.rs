@@ -74,16 +74,7 @@ impl OidcClient {
         let uri: http::Uri = url
             .parse()
             .map_err(|e: http::uri::InvalidUri| KubernetesError::Url { url: url.clone(), reason: e.to_string() })?;
-        let pem = std::fs::read(&source.ca_file)
-            .map_err(|source_error| KubernetesError::Read { path: source.ca_file.clone(), source: source_error })?;
-        let ders: Vec<Vec<u8>> = x509_parser::pem::Pem::iter_from_buffer(&pem)
-            .filter_map(Result::ok)
-            .filter(|p| p.label == "CERTIFICATE")
-            .map(|p| p.contents)
-            .collect();
-        if ders.is_empty() {
-            return Err(KubernetesError::NoCertificate(source.ca_file.clone()));
-        }
+        let ders = read_ca_file(&source.ca_file)?;
         let mut config = kube::Config::new(uri);
         config.root_cert = Some(ders);
         config.root_cert_file = Some(source.ca_file.clone());
@@ -119,6 +110,20 @@ impl OidcClient {
             .map_err(|e| KubernetesError::Document { path, reason: e.to_string() })?;
         self.client.request(request).await.map_err(|error| KubernetesError::Request { path, error })
     }
+}
+
+/// The certificates (DER) of a PEM CA bundle file; none is an error.
+pub fn read_ca_file(path: &Path) -> Result<Vec<Vec<u8>>, KubernetesError> {
+    let pem = std::fs::read(path).map_err(|source| KubernetesError::Read { path: path.to_owned(), source })?;
+    let ders: Vec<Vec<u8>> = x509_parser::pem::Pem::iter_from_buffer(&pem)
+        .filter_map(Result::ok)
+        .filter(|p| p.label == "CERTIFICATE")
+        .map(|p| p.contents)
+        .collect();
+    if ders.is_empty() {
+        return Err(KubernetesError::NoCertificate(path.to_owned()));
+    }
+    Ok(ders)
 }
 
 /// `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT` (the kubelet sets both in every

@@ -25,8 +25,16 @@ pub struct Issuer {
     pub dir: tempfile::TempDir,
 }
 
-impl Issuer {
-    pub async fn start(values: &[&str]) -> Self {
+/// The chart installed with the issuer on (its RBAC, its ServiceAccount), the operator not yet
+/// started: what a test arranges in the cluster first (e.g. the keys Secret) goes here.
+pub struct Installed {
+    pub plane: &'static ControlPlane,
+    pub admin: Client,
+    pub install: ChartInstall,
+}
+
+impl Installed {
+    pub async fn new(values: &[&str]) -> Self {
         crate::init_logging();
         let plane = control_plane::shared();
         let admin = plane.client().await.expect("admin client");
@@ -34,10 +42,22 @@ impl Issuer {
         let mut values = values.to_vec();
         values.push("identityIssuer.enabled=true");
         let install = install_as_the_chart(plane, &admin, &values).await;
+        Self { plane, admin, install }
+    }
+
+    /// Starts the operator binary with the issuer on a free loopback port; waits for `/readyz`.
+    pub fn start(self) -> Issuer {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port().expect("port")).parse().expect("addr");
-        let operator = start_operator(&install, addr);
+        let operator = start_operator(&self.install, addr);
         operator.wait_readyz(200, Duration::from_secs(60)).expect("operator ready");
-        Self { plane, admin, install, operator, addr, dir: tempfile::tempdir().expect("tempdir") }
+        let Self { plane, admin, install } = self;
+        Issuer { plane, admin, install, operator, addr, dir: tempfile::tempdir().expect("tempdir") }
+    }
+}
+
+impl Issuer {
+    pub async fn start(values: &[&str]) -> Self {
+        Installed::new(values).await.start()
     }
 
     pub fn env(&self, name: &str) -> String {

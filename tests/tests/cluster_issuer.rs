@@ -5,7 +5,6 @@
 //! apps (`slim-bindings` 3.3.8, SLIM's own `spire` provider and verifier) on those sockets are the
 //! proof that the identities open sessions.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -13,11 +12,10 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
-use slim_e2e::chart_install::{ChartInstall, install_as_the_chart};
-use slim_e2e::control_plane::{self, install_crds};
+use slim_e2e::chart_install::ChartInstall;
 use slim_e2e::identity::{ProjectedVolume, mint, workload, workload_with};
-use slim_e2e::issuer::{Issuer, start_operator};
-use slim_e2e::{KillOnDrop, SlimApp, SlimNode, free_port, spire_identity, wait_for, workspace_binary};
+use slim_e2e::issuer::{Installed, Issuer, start_operator};
+use slim_e2e::{KillOnDrop, SlimApp, SlimNode, spire_identity, wait_for, workspace_binary};
 use slim_identity_agent::issuer::IssuerError;
 use slim_identity_agent::workload::WorkloadClient;
 use slim_operator::issuer::authority::RealKeys;
@@ -283,18 +281,10 @@ async fn slim_sessions_hold_across_a_key_rotation_and_an_operator_restart() {
     let policy = Policy { x509_ttl: 3600, jwt_ttl: 60, ca_rotation: 365 * 86400, jwt_rotation: 150 };
     let values = ["identityIssuer.jwtTtl=60s", "identityIssuer.jwtKeyRotation=150s", "identityIssuer.bundleRefresh=5s"];
     // The Secret must be there before the operator: install the chart's RBAC first, seed, start.
-    let plane = control_plane::shared();
-    let admin = plane.client().await.expect("admin");
-    install_crds(&admin).await.expect("CRDs");
-    let mut all = values.to_vec();
-    all.push("identityIssuer.enabled=true");
-    let install = install_as_the_chart(plane, &admin, &all).await;
-    seed_keys(&admin, &install, &policy, 130).await;
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port().expect("port")).parse().expect("addr");
-    let operator = start_operator(&install, addr);
-    operator.wait_readyz(200, Duration::from_secs(60)).expect("operator ready");
-    let mut issuer =
-        Issuer { plane, admin: admin.clone(), install, operator, addr, dir: tempfile::tempdir().expect("dir") };
+    let installed = Installed::new(&values).await;
+    seed_keys(&installed.admin, &installed.install, &policy, 130).await;
+    let mut issuer = installed.start();
+    let admin = issuer.admin.clone();
     let first_kid = key_set(&issuer).await.jwt_keys[0].id.clone();
     let apps = issuer.apps().to_owned();
 
@@ -318,7 +308,7 @@ async fn slim_sessions_hold_across_a_key_rotation_and_an_operator_restart() {
     let status = issuer.operator.terminate(Duration::from_secs(20));
     eprintln!("[{:>5.1?}] operator stopped ({status:?})", start.elapsed());
     tokio::time::sleep(Duration::from_secs(3)).await;
-    issuer.operator = start_operator(&issuer.install, addr);
+    issuer.operator = start_operator(&issuer.install, issuer.addr);
     issuer.operator.wait_readyz(200, Duration::from_secs(60)).expect("operator ready again");
     eprintln!("[{:>5.1?}] operator restarted", start.elapsed());
 

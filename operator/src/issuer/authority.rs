@@ -34,11 +34,6 @@ pub struct Authority {
     pub jwt_issuer: String,
 }
 
-/// At most this many audiences, this many bytes in all (SLIM asks for its own plus one
-/// `slim-claims:` audience of ~150 bytes).
-pub const MAX_AUDIENCES: usize = slim_identity_agent::workload::server::MAX_AUDIENCES;
-pub const MAX_AUDIENCE_BYTES: usize = slim_identity_agent::workload::server::MAX_AUDIENCE_BYTES;
-
 impl Authority {
     /// An X.509-SVID for `spiffe_id` from `csr_der` (whose only SAN must be that ID), signed by
     /// the current CA: the chain (leaf, DER) and its expiry.
@@ -120,19 +115,11 @@ impl Authority {
     }
 }
 
-/// Refuses audience lists no app needs: none, empty ones, too many, too large.
+/// Refuses audience lists no app needs: none, empty ones, too many, too large (the agent's own
+/// rule, so an app gets the same answer from either).
 pub fn check_audiences(audiences: &[String]) -> Result<(), SignError> {
-    if audiences.is_empty() || audiences.iter().any(String::is_empty) {
-        return Err(SignError::BadAudiences("audience must be specified".into()));
-    }
-    if audiences.len() > MAX_AUDIENCES {
-        return Err(SignError::BadAudiences(format!("{} audiences: at most {MAX_AUDIENCES}", audiences.len())));
-    }
-    let bytes: usize = audiences.iter().map(String::len).sum();
-    if bytes > MAX_AUDIENCE_BYTES {
-        return Err(SignError::BadAudiences(format!("audiences of {bytes} bytes: at most {MAX_AUDIENCE_BYTES}")));
-    }
-    Ok(())
+    slim_identity_agent::workload::server::check_audiences(audiences)
+        .map_err(|status| SignError::BadAudiences(status.message().to_owned()))
 }
 
 fn pem_der(pem: &str) -> Result<Vec<u8>, SignError> {

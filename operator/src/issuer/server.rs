@@ -110,21 +110,15 @@ async fn x509_svid(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<api::X509SvidResponse>, Failure> {
-    let start = Instant::now();
-    let result: Result<_, Failure> = async {
-        let caller = authenticate(&state, &headers).await?;
-        let request: api::X509SvidRequest = parse(&body)?;
+    issue(&state, &headers, &body, "x509", |authority, spiffe_id, request: api::X509SvidRequest| {
         let csr = STANDARD
             .decode(request.csr)
             .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, "BadCsr", format!("csr: {e}")))?;
-        let spiffe_id = spiffe_id_of(&state, &caller)?;
-        let (chain, expires_at) = authority(&state)?.sign_csr(&csr, &spiffe_id, slim_k8s_common::unix_now())?;
-        info!(kind = "x509", %spiffe_id, pod = %caller.pod, namespace = %caller.namespace, expires_at, "SVID issued");
-        Ok(api::X509SvidResponse { spiffe_id, chain: chain.iter().map(|d| STANDARD.encode(d)).collect(), expires_at })
-    }
-    .await;
-    state.metrics.issuer_outcome("x509", result.as_ref().err().map(|f| f.reason), start.elapsed());
-    result.map(Json).inspect_err(log_refusal)
+        let (chain, expires_at) = authority.sign_csr(&csr, spiffe_id, slim_k8s_common::unix_now())?;
+        let chain = chain.iter().map(|d| STANDARD.encode(d)).collect();
+        Ok((api::X509SvidResponse { spiffe_id: spiffe_id.to_owned(), chain, expires_at }, expires_at))
+    })
+    .await
 }
 
 async fn jwt_svid(
@@ -132,18 +126,37 @@ async fn jwt_svid(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<api::JwtSvidResponse>, Failure> {
+    issue(&state, &headers, &body, "jwt", |authority, spiffe_id, request: api::JwtSvidRequest| {
+        let (token, expires_at) = authority.mint_jwt(spiffe_id, &request.audiences, slim_k8s_common::unix_now())?;
+        Ok((api::JwtSvidResponse { spiffe_id: spiffe_id.to_owned(), token, expires_at }, expires_at))
+    })
+    .await
+}
+
+/// One SVID request: the caller authenticated, the body parsed, `sign` run for the caller's
+/// SPIFFE ID; the outcome logged (never the token) and counted.
+async fn issue<Request, Response>(
+    state: &IssuerState,
+    headers: &HeaderMap,
+    body: &[u8],
+    kind: &'static str,
+    sign: impl FnOnce(&Authority, &str, Request) -> Result<(Response, i64), Failure>,
+) -> Result<Json<Response>, Failure>
+where
+    Request: serde::de::DeserializeOwned,
+{
     let start = Instant::now();
     let result: Result<_, Failure> = async {
-        let caller = authenticate(&state, &headers).await?;
-        let request: api::JwtSvidRequest = parse(&body)?;
-        let spiffe_id = spiffe_id_of(&state, &caller)?;
-        let (token, expires_at) =
-            authority(&state)?.mint_jwt(&spiffe_id, &request.audiences, slim_k8s_common::unix_now())?;
-        info!(kind = "jwt", %spiffe_id, pod = %caller.pod, namespace = %caller.namespace, audiences = request.audiences.len(), expires_at, "SVID issued");
-        Ok(api::JwtSvidResponse { spiffe_id, token, expires_at })
+        let caller = authenticate(state, headers).await?;
+        let request: Request = parse(body)?;
+        let authority = authority(state)?;
+        let spiffe_id = api::spiffe_id(&authority.set.trust_domain, &caller.namespace, &caller.service_account);
+        let (response, expires_at) = sign(&authority, &spiffe_id, request)?;
+        info!(kind, %spiffe_id, pod = %caller.pod, namespace = %caller.namespace, expires_at, "SVID issued");
+        Ok(response)
     }
     .await;
-    state.metrics.issuer_outcome("jwt", result.as_ref().err().map(|f| f.reason), start.elapsed());
+    state.metrics.issuer_outcome(kind, result.as_ref().err().map(|f| f.reason), start.elapsed());
     result.map(Json).inspect_err(log_refusal)
 }
 
@@ -163,11 +176,6 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
         ));
     }
     serde_json::from_slice(body).map_err(|e| Failure::new(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()))
-}
-
-fn spiffe_id_of(state: &IssuerState, caller: &Caller) -> Result<String, Failure> {
-    let authority = authority(state)?;
-    Ok(api::spiffe_id(&authority.set.trust_domain, &caller.namespace, &caller.service_account))
 }
 
 /// The bearer token, rate-limited (per token: a pod holds one at a time) before the API server

@@ -129,16 +129,7 @@ impl IssuerClient {
 fn connect(source: &IssuerSource) -> Result<kube::Client, IssuerError> {
     let uri: http::Uri =
         source.url.parse().map_err(|e| IssuerError::Setup(format!("issuer URL {:?}: {e}", source.url)))?;
-    let pem = std::fs::read(&source.ca_file)
-        .map_err(|e| IssuerError::Setup(format!("reading {}: {e}", source.ca_file.display())))?;
-    let ders: Vec<Vec<u8>> = x509_parser::pem::Pem::iter_from_buffer(&pem)
-        .filter_map(Result::ok)
-        .filter(|p| p.label == "CERTIFICATE")
-        .map(|p| p.contents)
-        .collect();
-    if ders.is_empty() {
-        return Err(IssuerError::Setup(format!("{}: no PEM certificate in it", source.ca_file.display())));
-    }
+    let ders = crate::kubernetes::read_ca_file(&source.ca_file).map_err(|e| IssuerError::Setup(e.to_string()))?;
     let mut config = kube::Config::new(uri);
     config.root_cert = Some(ders);
     config.tls_server_name = (!source.server_name.is_empty()).then(|| source.server_name.clone());
