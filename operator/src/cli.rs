@@ -419,51 +419,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut metrics = Metrics::new();
     metrics.register_collector(NodeClientCollector { pool: nodes.clone() });
     let channel_managers = ChannelManagerPool::default();
-    // The operator's own SVID, followed for as long as it runs (SPIFFE mode).
-    let (svids, svid_task) = match &args.spiffe_endpoint_socket {
-        None => (None, None),
-        Some(socket) => {
-            let path = slim_identity_agent::config::socket_path_of(socket)
-                .map_err(|e| RunError::SpiffeSocket(e.to_string()))?;
-            let (tx, rx) = tokio::sync::watch::channel(None);
-            (Some(rx), Some(tokio::spawn(crate::slim::svid::follow(path, tx))))
-        }
-    };
-    let control_tls = Arc::new(controller::ControlTlsRegistry::new(
-        client.clone(),
-        controller::ControlTlsDefaults {
-            ca_file: args.control_tls_ca_file.clone(),
-            client_cert_file: args.control_tls_client_cert_file.clone(),
-            client_key_file: args.control_tls_client_key_file.clone(),
-            spiffe_trust_domain: args.control_tls_spiffe_trust_domain.clone(),
-        },
-        svids,
-    ));
+    let (control_tls, svid_task) = control_tls(&args, &client)?;
 
     metrics.register_collector(ChannelManagerCollector { pool: channel_managers.clone() });
     metrics.register_collector(ResourceCollector { stores: slot.clone() });
     let metrics = Arc::new(metrics);
     let identity = args.pod_name.clone().unwrap_or_else(|| format!("slim-operator-{}", std::process::id()));
     let reporter = Reporter { controller: controller::MANAGER.to_owned(), instance: Some(identity.clone()) };
-    let config = ControllerConfig {
-        resync_interval: args.resync_interval,
-        cleanup_timeout: args.cleanup_timeout,
-        concurrency: args.concurrency,
-        channel_manager: args.channel_manager.clone(),
-        default_nodes: NodeSet {
-            endpoints: args
-                .default_node_endpoints
-                .iter()
-                .map(|e| e.trim().to_owned())
-                .filter(|e| !e.is_empty())
-                .collect(),
-            selector: crate::plan::parse_equality_selector(&args.default_node_selector)
-                .map_err(RunError::DefaultNodes)?,
-            tls: None,
-        },
-        member_poll_interval: args.member_poll_interval,
-        ..Default::default()
-    };
+    let config = controller_config(&args)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -478,25 +441,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         let _ = stop_tx.send(true);
     });
 
-    // Leadership: only the leader reconciles.
-    let (leader_tx, leader_rx) = tokio::sync::watch::channel(Leadership::Unknown);
-    // The lease is released only after the controllers have finished their in-flight work.
-    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let leader_task = if args.leader_election {
-        let lease = LeaseConfig {
-            lease_duration: args.lease_duration,
-            renew_deadline: args.lease_renew_deadline,
-            retry_period: args.lease_retry_period,
-            ..LeaseConfig::new(&args.namespace, &identity)
-        };
-        lease.validate().map_err(RunError::LeaseTimings)?;
-        Some(tokio::spawn(leader::run(client.clone(), lease, leader_tx, async {
-            let _ = release_rx.await;
-        })))
-    } else {
-        leader_tx.send_replace(Leadership::sole());
-        None
-    };
+    // Leadership: only the leader reconciles; the lease is released only after the controllers
+    // have finished their in-flight work.
+    let Election { leadership: leader_rx, release: release_tx, task: leader_task } =
+        leadership(&args, &client, &identity)?;
 
     let caches = controller::CacheGates::default();
     let webhook_gates = WebhookGates::default();
@@ -505,30 +453,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let issuer_gate = Gate::closed("issuer: keys not loaded yet");
     let certs = Arc::new(CertStore::default());
     let (issuer_namespaces, issuer_namespaces_rx) = tokio::sync::mpsc::unbounded_channel();
-    let readiness: Readiness = {
-        let mut gates = vec![webhook_gates.certificate.clone(), webhook_gates.namespaces.clone()];
-        if issuer_settings.is_some() {
-            gates.push(issuer_gate.clone());
-        }
-        let webhook = webhook_settings.as_ref().map(|_| admin::all_gates(gates));
-        let (caches, leader_rx) = (caches.clone(), leader_rx.clone());
-        Arc::new(move || {
-            let mut missing = Vec::new();
-            if let Some(Err(reason)) = webhook.as_ref().map(|gates| gates()) {
-                missing.push(reason);
-            }
-            match &*leader_rx.borrow() {
-                Leadership::Unknown => missing.push("leadership not known yet".to_owned()),
-                Leadership::Follower => {}
-                Leadership::Leader { .. } => {
-                    if let Err(reason) = caches.state() {
-                        missing.push(reason);
-                    }
-                }
-            }
-            if missing.is_empty() { Ok(()) } else { Err(missing.join("; ")) }
-        })
-    };
+    let mut gates = vec![webhook_gates.certificate.clone(), webhook_gates.namespaces.clone()];
+    if issuer_settings.is_some() {
+        gates.push(issuer_gate.clone());
+    }
+    let readiness = readiness(webhook_settings.as_ref().map(|_| gates), caches.clone(), leader_rx.clone());
 
     let admin_addr = args.admin_addr;
     let admin = admin::serve(admin_addr, AdminState { metrics: metrics.clone(), ready: readiness }, stopped());
@@ -635,6 +564,107 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         let _ = tokio::time::timeout(args.lease_renew_deadline + Duration::from_secs(1), task).await;
     }
     result
+}
+
+/// Control-connection TLS: the defaults from the flags and, in SPIFFE mode, the operator's own
+/// SVID followed for as long as it runs (the task is returned so its end can be noticed).
+fn control_tls(
+    args: &RunArgs,
+    client: &kube::Client,
+) -> Result<(Arc<controller::ControlTlsRegistry>, Option<tokio::task::JoinHandle<()>>), RunError> {
+    let (svids, svid_task) = match &args.spiffe_endpoint_socket {
+        None => (None, None),
+        Some(socket) => {
+            let path = slim_identity_agent::config::socket_path_of(socket)
+                .map_err(|e| RunError::SpiffeSocket(e.to_string()))?;
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            (Some(rx), Some(tokio::spawn(crate::slim::svid::follow(path, tx))))
+        }
+    };
+    let registry = controller::ControlTlsRegistry::new(
+        client.clone(),
+        controller::ControlTlsDefaults {
+            ca_file: args.control_tls_ca_file.clone(),
+            client_cert_file: args.control_tls_client_cert_file.clone(),
+            client_key_file: args.control_tls_client_key_file.clone(),
+            spiffe_trust_domain: args.control_tls_spiffe_trust_domain.clone(),
+        },
+        svids,
+    );
+    Ok((Arc::new(registry), svid_task))
+}
+
+fn controller_config(args: &RunArgs) -> Result<ControllerConfig, RunError> {
+    let endpoints = args.default_node_endpoints.iter().map(|e| e.trim().to_owned()).filter(|e| !e.is_empty());
+    Ok(ControllerConfig {
+        resync_interval: args.resync_interval,
+        cleanup_timeout: args.cleanup_timeout,
+        concurrency: args.concurrency,
+        channel_manager: args.channel_manager.clone(),
+        default_nodes: NodeSet {
+            endpoints: endpoints.collect(),
+            selector: crate::plan::parse_equality_selector(&args.default_node_selector)
+                .map_err(RunError::DefaultNodes)?,
+            tls: None,
+        },
+        member_poll_interval: args.member_poll_interval,
+        ..Default::default()
+    })
+}
+
+/// Leader election as wired: the leadership as it changes, the sender that releases the lease,
+/// and the election's task (none when election is off).
+struct Election {
+    leadership: tokio::sync::watch::Receiver<Leadership>,
+    release: tokio::sync::oneshot::Sender<()>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Leader election when on (else this replica leads for good).
+fn leadership(args: &RunArgs, client: &kube::Client, identity: &str) -> Result<Election, RunError> {
+    let (leader_tx, leader_rx) = tokio::sync::watch::channel(Leadership::Unknown);
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    if !args.leader_election {
+        leader_tx.send_replace(Leadership::sole());
+        return Ok(Election { leadership: leader_rx, release: release_tx, task: None });
+    }
+    let lease = LeaseConfig {
+        lease_duration: args.lease_duration,
+        renew_deadline: args.lease_renew_deadline,
+        retry_period: args.lease_retry_period,
+        ..LeaseConfig::new(&args.namespace, identity)
+    };
+    lease.validate().map_err(RunError::LeaseTimings)?;
+    let task = tokio::spawn(leader::run(client.clone(), lease, leader_tx, async {
+        let _ = release_rx.await;
+    }));
+    Ok(Election { leadership: leader_rx, release: release_tx, task: Some(task) })
+}
+
+/// `/readyz`: the webhook's (and issuer's) gates when it serves, leadership known, and the
+/// leader's caches synced.
+fn readiness(
+    webhook: Option<Vec<Arc<Gate>>>,
+    caches: controller::CacheGates,
+    leader_rx: tokio::sync::watch::Receiver<Leadership>,
+) -> Readiness {
+    let webhook = webhook.map(admin::all_gates);
+    Arc::new(move || {
+        let mut missing = Vec::new();
+        if let Some(Err(reason)) = webhook.as_ref().map(|gates| gates()) {
+            missing.push(reason);
+        }
+        match &*leader_rx.borrow() {
+            Leadership::Unknown => missing.push("leadership not known yet".to_owned()),
+            Leadership::Follower => {}
+            Leadership::Leader { .. } => {
+                if let Err(reason) = caches.state() {
+                    missing.push(reason);
+                }
+            }
+        }
+        if missing.is_empty() { Ok(()) } else { Err(missing.join("; ")) }
+    })
 }
 
 /// The issuer, when it is on (else: waits for `stopped`).
