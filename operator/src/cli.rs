@@ -443,7 +443,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
 
     // Leadership: only the leader reconciles; the lease is released only after the controllers
     // have finished their in-flight work.
-    let Election { leadership: leader_rx, release: release_tx, task: leader_task } =
+    let Election { leadership: leader_rx, release: release_tx, task: leader_task, sole: _sole } =
         leadership(&args, &client, &identity)?;
 
     let caches = controller::CacheGates::default();
@@ -618,6 +618,9 @@ struct Election {
     leadership: tokio::sync::watch::Receiver<Leadership>,
     release: tokio::sync::oneshot::Sender<()>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// Without election, the sender of the (fixed) leadership, held for as long as the process
+    /// runs: a dropped sender would read as leadership lost.
+    sole: Option<tokio::sync::watch::Sender<Leadership>>,
 }
 
 /// Leader election when on (else this replica leads for good).
@@ -626,7 +629,7 @@ fn leadership(args: &RunArgs, client: &kube::Client, identity: &str) -> Result<E
     let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
     if !args.leader_election {
         leader_tx.send_replace(Leadership::sole());
-        return Ok(Election { leadership: leader_rx, release: release_tx, task: None });
+        return Ok(Election { leadership: leader_rx, release: release_tx, task: None, sole: Some(leader_tx) });
     }
     let lease = LeaseConfig {
         lease_duration: args.lease_duration,
@@ -638,7 +641,7 @@ fn leadership(args: &RunArgs, client: &kube::Client, identity: &str) -> Result<E
     let task = tokio::spawn(leader::run(client.clone(), lease, leader_tx, async {
         let _ = release_rx.await;
     }));
-    Ok(Election { leadership: leader_rx, release: release_tx, task: Some(task) })
+    Ok(Election { leadership: leader_rx, release: release_tx, task: Some(task), sole: None })
 }
 
 /// `/readyz`: the webhook's (and issuer's) gates when it serves, leadership known, and the
@@ -740,6 +743,19 @@ mod tests {
             "--control-tls-spiffe-trust-domain=example.org",
         ]);
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    /// A dropped sender reads as leadership lost (the controllers would restart in a loop).
+    #[tokio::test]
+    async fn without_election_this_replica_leads_for_as_long_as_it_runs() {
+        let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().expect("uri")))
+            .expect("a client that is never used");
+        let election = leadership(&RunArgs::default(), &client, "me").expect("no election");
+        let mut leadership_rx = election.leadership.clone();
+        assert!(leadership_rx.borrow().is_leading());
+        let lost = tokio::time::timeout(Duration::from_millis(200), leadership_rx.wait_for(|l| !l.is_leader())).await;
+        assert!(lost.is_err(), "leadership must not end while the election is held");
+        drop(election);
     }
 
     #[test]
