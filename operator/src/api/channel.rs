@@ -75,6 +75,11 @@ pub struct SlimChannelSpec {
     /// labelled `app.kubernetes.io/name=slim` in this namespace, and `--default-node-endpoints`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<NodeSet>,
+
+    /// `Delete` (default): deleting the SlimChannel deletes the channel from the channel manager.
+    /// `Retain`: the channel and its members stay.
+    #[serde(default, skip_serializing_if = "super::DeletionPolicy::is_default")]
+    pub deletion_policy: super::DeletionPolicy,
 }
 
 fn participant_names(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

@@ -16,6 +16,23 @@ pub use subscription::{
 };
 pub use tls::{ConfigMapKeyRef, ControlTls, SpiffeServer};
 
+/// What deleting an object does to what it made on SLIM (both kinds).
+#[derive(schemars::JsonSchema, serde::Deserialize, serde::Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeletionPolicy {
+    /// Remove it: routes and links no other Subscription uses; the channel.
+    #[default]
+    Delete,
+    /// Leave it on SLIM (an event lists what was left); a new object that wants the same is
+    /// managed from there on.
+    Retain,
+}
+
+impl DeletionPolicy {
+    fn is_default(&self) -> bool {
+        *self == DeletionPolicy::Delete
+    }
+}
+
 /// API group of every CRD.
 pub const GROUP: &str = "slim.agntcy.org";
 

@@ -50,6 +50,11 @@ pub struct SubscriptionSpec {
     /// link, as the node at the far end of the link lists them. `None`: the bare name only.
     #[serde(default)]
     pub instances: InstanceRouting,
+
+    /// `Delete` (default): deleting the Subscription removes its route (and a link no other
+    /// Subscription uses) from the nodes. `Retain`: they stay on the nodes.
+    #[serde(default, skip_serializing_if = "super::DeletionPolicy::is_default")]
+    pub deletion_policy: super::DeletionPolicy,
 }
 
 /// Whether a Subscription routes the live instances of its name too.

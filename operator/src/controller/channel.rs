@@ -106,6 +106,7 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
         mls_enabled: channel.spec.mls_enabled,
         pods: &pods,
         nodes: if live.is_some() { &consulted } else { &[] },
+        watched: !consulted.is_empty(),
         now: Timestamp::now(),
     };
     let (status, notices) = next_channel_status(&old, &input, &report);
@@ -124,6 +125,19 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
 
 async fn cleanup(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
     ctx.member_watch.forget(&ObjectRef::from_obj(channel));
+    if channel.spec.deletion_policy == crate::api::DeletionPolicy::Retain {
+        let status = channel.status.clone().unwrap_or_default();
+        let joined: Vec<&str> = status.participants.iter().filter(|p| p.joined).map(|p| p.name.as_str()).collect();
+        let note = format!(
+            "deletionPolicy Retain: left channel {} on {} with {} member(s): {}",
+            channel.spec.name,
+            status.channel_manager.as_deref().unwrap_or("(no channel manager recorded)"),
+            joined.len(),
+            joined.join(", ")
+        );
+        ctx.publish(channel, EventType::Normal, "Retained", note).await;
+        return Ok(Action::await_change());
+    }
     let Some(endpoint) = manager_endpoint(channel, ctx) else {
         info!("no channel manager was ever used; nothing to delete");
         return Ok(Action::await_change());
@@ -255,5 +269,9 @@ async fn announce(channel: &SlimChannel, ctx: &Context, notices: &ChannelNotices
     }
     if !notices.failed.is_empty() {
         ctx.publish(channel, EventType::Warning, "InviteFailed", notices.failed.join("; ")).await;
+    }
+    if notices.unwatched {
+        let note = super::channel_status::NO_NODES_REMEDY.to_owned();
+        ctx.publish(channel, EventType::Warning, "MembersUnwatched", note).await;
     }
 }

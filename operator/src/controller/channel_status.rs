@@ -13,7 +13,15 @@ pub mod reason {
     pub const ALL_JOINED: &str = "AllJoined";
     pub const PARTICIPANTS_PENDING: &str = "ParticipantsPending";
     pub const MLS_CHANGE_REFUSED: &str = "MlsChangeRefused";
+    pub const NODES_CONSULTED: &str = "NodesConsulted";
+    pub const NO_NODES: &str = "NoNodes";
 }
+
+/// Whether members' restarts are noticed: some SLIM node's route list is read for them.
+pub const MEMBERS_WATCHED: &str = "MembersWatched";
+
+/// What to do when no node is consulted (the condition's message and the event's note).
+pub const NO_NODES_REMEDY: &str = "no SLIM node is consulted for this channel's members, so a member that restarts is not noticed (and not invited again): set spec.nodes, label the node Pods in this namespace with the default selector (app.kubernetes.io/name=slim), or start the operator with --default-node-endpoints";
 
 pub struct ChannelStatusInput<'a> {
     pub generation: Option<i64>,
@@ -23,6 +31,8 @@ pub struct ChannelStatusInput<'a> {
     pub pods: &'a BTreeMap<String, String>,
     /// The nodes whose route lists gave the live instances (none: unknown).
     pub nodes: &'a [String],
+    /// Some node is consulted for live members (even if its list could not be read this time).
+    pub watched: bool,
     pub now: Timestamp,
 }
 
@@ -34,6 +44,8 @@ pub struct ChannelNotices {
     pub removed: Vec<String>,
     /// Participants whose failure message is new (`name: message`).
     pub failed: Vec<String>,
+    /// `MembersWatched` has just become False.
+    pub unwatched: bool,
 }
 
 pub fn next_channel_status(
@@ -105,6 +117,16 @@ pub fn next_channel_status(
         &mut status.conditions,
         condition::condition(READY, ok, reason_text, message, input.generation, input.now),
     );
+    let was_watched = condition::find(&old.conditions, MEMBERS_WATCHED).is_none_or(|c| c.status == "True");
+    notices.unwatched = was_watched && !input.watched;
+    let watched = match input.watched {
+        true => (reason::NODES_CONSULTED, "members' live instances are read from the channel's SLIM nodes".to_owned()),
+        false => (reason::NO_NODES, NO_NODES_REMEDY.to_owned()),
+    };
+    condition::upsert(
+        &mut status.conditions,
+        condition::condition(MEMBERS_WATCHED, input.watched, watched.0, watched.1, input.generation, input.now),
+    );
     (status, notices)
 }
 
@@ -129,6 +151,7 @@ mod tests {
             mls_enabled: true,
             pods,
             nodes: &[],
+            watched: true,
             now: Timestamp::from_second(100).expect("time"),
         }
     }
@@ -186,5 +209,27 @@ mod tests {
         let old = SlimChannelStatus { mls_enabled: Some(false), ..Default::default() };
         let (status, _) = next_channel_status(&old, &input(&BTreeMap::new()), &ChannelReport::default());
         assert_eq!(status.mls_enabled, Some(false));
+    }
+
+    #[test]
+    fn a_channel_that_consults_no_node_says_its_members_are_not_watched_and_warns_once() {
+        let pods = BTreeMap::new();
+        let report = ChannelReport { members: vec![member("org/ns/a", true, None)], ..Default::default() };
+        let unwatched = ChannelStatusInput { watched: false, ..input(&pods) };
+        let (status, notices) = next_channel_status(&SlimChannelStatus::default(), &unwatched, &report);
+        let watched = condition::find(&status.conditions, MEMBERS_WATCHED).expect("condition");
+        assert_eq!((watched.status.as_str(), watched.reason.as_str()), ("False", reason::NO_NODES));
+        assert!(watched.message.contains("spec.nodes") && watched.message.contains("--default-node-endpoints"));
+        assert!(notices.unwatched, "one Warning event");
+        let (again, notices) = next_channel_status(&status, &unwatched, &report);
+        assert!(!notices.unwatched, "not repeated");
+        let (fixed, notices) = next_channel_status(&again, &input(&pods), &report);
+        assert!(!notices.unwatched);
+        assert_eq!(condition::find(&fixed.conditions, MEMBERS_WATCHED).map(|c| c.status.as_str()), Some("True"));
+        assert_eq!(
+            condition::find(&fixed.conditions, READY).map(|c| c.status.as_str()),
+            Some("True"),
+            "Ready unchanged"
+        );
     }
 }

@@ -17,12 +17,14 @@ use tracing::warn;
 use super::leader::Leadership;
 use super::run::Runtime;
 use super::stores::Stores;
-use super::{Error, MANAGER, member_watch};
+use super::{Error, MANAGER, member_watch, pause};
+use crate::api::condition::ReadyStatus;
 use crate::api::{NodeSet, SlimChannel, Subscription};
 use crate::backoff::{exponential, jitter};
 use crate::engine::ChannelEngine;
 use crate::metrics::Metrics;
 use crate::slim::{ChannelManagerPool, NodePool};
+use k8s_openapi::jiff::Timestamp;
 
 /// Settings of the controllers (from the command line).
 #[derive(Clone, Debug)]
@@ -193,6 +195,7 @@ pub(crate) async fn reconcile_finalized<K, Apply, Cleanup, ApplyFut, CleanupFut>
 ) -> Result<Action, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + kube::core::object::HasStatus
         + Clone
         + serde::de::DeserializeOwned
         + serde::Serialize
@@ -200,6 +203,7 @@ where
         + Send
         + Sync
         + 'static,
+    K::Status: ReadyStatus + Default + serde::Serialize + PartialEq,
     Apply: FnOnce(Arc<K>) -> ApplyFut,
     Cleanup: FnOnce(Arc<K>) -> CleanupFut,
     ApplyFut: std::future::Future<Output = Result<Action, Error>>,
@@ -216,6 +220,9 @@ where
     async {
         let _timer = ctx.metrics.reconcile_timer(kind);
         let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+        if pause::is_paused(obj.meta()) {
+            return paused(&*obj, &ctx, &api, finalizer_name).await;
+        }
         let result = finalizer::finalizer(&api, finalizer_name, obj.clone(), |event| async {
             match event {
                 finalizer::Event::Apply(obj) => apply(obj).await,
@@ -238,8 +245,48 @@ where
     .await
 }
 
+/// A paused object: its status says so (an event when it starts); deleted, its finalizer is
+/// released without a word to SLIM. Nothing else happens until the annotation goes.
+async fn paused<K>(obj: &K, ctx: &Context, api: &Api<K>, finalizer_name: &str) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + kube::core::object::HasStatus
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::Status: ReadyStatus + Default + serde::Serialize + PartialEq,
+{
+    if obj.meta().deletion_timestamp.is_some() {
+        let finalizers = obj.finalizers().to_vec();
+        if finalizers.iter().any(|f| f == finalizer_name) {
+            let remaining: Vec<&String> = finalizers.iter().filter(|f| *f != finalizer_name).collect();
+            // `test` first: the list is replaced only if nobody changed it since it was read.
+            use json_patch::{PatchOperation, ReplaceOperation, TestOperation, jsonptr::PointerBuf};
+            let path = PointerBuf::from_tokens(["metadata", "finalizers"]);
+            let patch = json_patch::Patch(vec![
+                PatchOperation::Test(TestOperation { path: path.clone(), value: serde_json::json!(finalizers) }),
+                PatchOperation::Replace(ReplaceOperation { path, value: serde_json::json!(remaining) }),
+            ]);
+            api.patch(&obj.name_any(), &kube::api::PatchParams::default(), &kube::api::Patch::Json::<()>(patch))
+                .await
+                .map_err(Error::Kube)?;
+            let note = "deleted while paused: the finalizer is released and nothing is removed from SLIM (what the object had installed stays as it is)";
+            ctx.publish(obj, EventType::Normal, "FinalizerReleasedWhilePaused", note.to_owned()).await;
+        }
+        return Ok(Action::await_change());
+    }
+    let old = obj.status().cloned().unwrap_or_default();
+    let status = pause::paused_status(&old, obj.meta().generation, Timestamp::now());
+    if status != old {
+        patch_status(obj, ctx, &status).await?;
+        let note = format!("{} is set: no write to SLIM until it is removed", pause::ANNOTATION);
+        ctx.publish(obj, EventType::Normal, pause::REASON, note).await;
+    }
+    Ok(Action::await_change())
+}
+
 /// Writes `new` as the object's status by server-side apply, only when it differs from what the
-/// object has.
+/// object has. A `Paused` condition stays only while the object is paused.
 pub(crate) async fn patch_status<K>(obj: &K, ctx: &Context, new: &K::Status) -> Result<(), Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
@@ -247,8 +294,15 @@ where
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
-    K::Status: serde::Serialize + PartialEq,
+    K::Status: ReadyStatus + serde::Serialize + PartialEq,
 {
+    let resumed;
+    let new = if pause::is_paused(obj.meta()) {
+        new
+    } else {
+        resumed = pause::resumed(new.clone());
+        &resumed
+    };
     if obj.status() == Some(new) {
         return Ok(());
     }

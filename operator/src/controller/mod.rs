@@ -8,6 +8,7 @@ pub mod control_tls;
 pub mod error;
 pub mod leader;
 pub mod member_watch;
+pub mod pause;
 pub mod run;
 pub mod stores;
 pub mod subscription;

@@ -14,7 +14,7 @@ use tracing::info;
 use super::subscription_status::{Followed, Notices, StatusInput, next_status};
 use super::{Context, Error};
 use crate::api::condition::failed;
-use crate::api::{LinkTls, Subscription, SubscriptionStatus};
+use crate::api::{DeletionPolicy, LinkTls, Subscription, SubscriptionStatus};
 use crate::engine::{NodeReport, NodeResult, RouteSync};
 use crate::plan::instances::reason as follow_reason;
 use crate::plan::{
@@ -112,10 +112,32 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     }
 }
 
+/// What a retained Subscription leaves on SLIM, for its event. Pure.
+fn retained_note(status: &SubscriptionStatus) -> String {
+    let route = status.route_name.as_deref().unwrap_or("(no route recorded)");
+    let link = status.link_id.as_deref().unwrap_or("(none)");
+    let nodes: Vec<String> = status
+        .nodes
+        .iter()
+        .map(|n| match n.instances.len() {
+            0 => n.endpoint.clone(),
+            count => format!("{} (+{count} instance routes)", n.endpoint),
+        })
+        .collect();
+    format!(
+        "deletionPolicy Retain: left route {route} over link {link} on {}",
+        if nodes.is_empty() { "no node".to_owned() } else { nodes.join(", ") }
+    )
+}
+
 /// Deletion: remove the route (and unused links) from every node it may be on.
 async fn cleanup(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     ctx.member_watch.forget_subscription(&ObjectRef::from_obj(sub));
     let old = sub.status.clone().unwrap_or_default();
+    if sub.spec.deletion_policy == DeletionPolicy::Retain {
+        ctx.publish(sub, EventType::Normal, "Retained", retained_note(&old)).await;
+        return Ok(Action::await_change());
+    }
     let instances = previous_instances(&old);
     let mut previous: Vec<RouteRef> = previous_route(&old).into_iter().collect();
     let mut endpoints: Vec<String> = old.nodes.iter().map(|n| n.endpoint.clone()).collect();

@@ -146,6 +146,7 @@ mod tests {
             nodes: NodeSet::default(),
             link: serde_json::from_value::<LinkSpec>(link).expect("link"),
             instances: InstanceRouting::Follow,
+            deletion_policy: Default::default(),
         }
     }
 

@@ -66,6 +66,7 @@ async fn channel_is_created_and_participants_join_without_waiting_for_an_offline
         vec![
             Expect { method: Method::PATCH, path: STATUS, reply: reply() },
             Expect { method: Method::POST, path: EVENTS, reply: event_reply() },
+            Expect { method: Method::POST, path: EVENTS, reply: event_reply() },
         ],
     ));
     let action = reconcile(Arc::new(ch.clone()), ctx.clone()).await.expect("reconciled");
@@ -75,6 +76,7 @@ async fn channel_is_created_and_participants_join_without_waiting_for_an_offline
     assert_eq!(bodies[0]["status"]["mlsEnabled"], true);
     assert_eq!(bodies[0]["status"]["channelManager"], cm.endpoint.as_str());
     assert_eq!(bodies[1]["reason"], "ChannelCreated");
+    assert_eq!(bodies[2]["reason"], "MembersUnwatched", "no node consulted: said once");
     assert!(cm.state().channels.contains_key("org/ns/chat"));
 
     // Bob's and carol's invites finish well before dave's fails, and each asks for a reconcile.
@@ -137,9 +139,16 @@ async fn removed_participants_leave_and_others_stay() {
         }))
         .expect("status"),
     );
-    let server = tokio::spawn(serve(handle, vec![Expect { method: Method::PATCH, path: STATUS, reply: reply() }]));
+    let server = tokio::spawn(serve(
+        handle,
+        vec![
+            Expect { method: Method::PATCH, path: STATUS, reply: reply() },
+            Expect { method: Method::POST, path: EVENTS, reply: event_reply() },
+        ],
+    ));
     reconcile(Arc::new(ch), ctx).await.expect("reconciled");
     let bodies = server.await.expect("server");
+    assert_eq!(bodies[1]["reason"], "MembersUnwatched");
     let leaving: Vec<&Value> = bodies[0]["status"]["participants"]
         .as_array()
         .expect("participants")

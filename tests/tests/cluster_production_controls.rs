@@ -1,0 +1,255 @@
+//! The controls production users rely on, on a real API server with real SLIM nodes and the real
+//! channel manager (controllers in this process): pausing reconciliation, `deletionPolicy: Retain`,
+//! and an honest status for a channel whose members nobody watches.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::events::v1::Event;
+use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use slim_e2e::control_plane::{self, install_crds};
+use slim_e2e::{ChannelManager, SlimApp, SlimNode, init_logging, wait_for};
+use slim_operator::api::{SlimChannel, Subscription};
+use slim_operator::controller::ControllerConfig;
+use slim_operator::plan::{ResolvedTls, render_link};
+use slim_operator::slim::{NodePool, RouteRef, SlimName};
+
+/// The control plane with the CRDs, an admin client, a fresh namespace; the guard keeps the
+/// tests' controllers from running at once (they watch every namespace).
+async fn setup() -> (Client, String, tokio::sync::MutexGuard<'static, ()>) {
+    static CONTROLLERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let guard = CONTROLLERS.lock().await;
+    init_logging();
+    let plane = control_plane::shared();
+    let client = plane.client().await.expect("admin client");
+    install_crds(&client).await.expect("CRDs");
+    let namespace = plane.namespace(&client, "controls").await.expect("namespace");
+    (client, namespace, guard)
+}
+
+fn controllers(client: &Client, pool: &NodePool, channel_manager: Option<String>) -> slim_e2e::operator::InProcess {
+    let config = ControllerConfig { resync_interval: Duration::from_secs(5), channel_manager, ..Default::default() };
+    slim_e2e::operator::run_in_process(client, pool.clone(), Default::default(), config, "controls")
+}
+
+fn condition<'a>(
+    conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<(&'a str, &'a str)> {
+    conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.as_str(), c.reason.as_str()))
+}
+
+fn subscription(name: &str, node: &SlimNode, link_to: &SlimNode, extra: serde_json::Value) -> Subscription {
+    let mut spec = json!({
+        "name": format!("org/ns/{name}"),
+        "nodes": {"endpoints": [node.controller_endpoint()]},
+        "link": {"endpoint": link_to.data_endpoint()},
+    });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .expect("subscription")
+}
+
+fn route_of(sub: &Subscription) -> RouteRef {
+    let link = render_link(&sub.spec.link, &ResolvedTls::default());
+    RouteRef { name: SlimName::parse(&sub.spec.name).expect("name"), link_id: link.link_id }
+}
+
+async fn paused(subs: &Api<Subscription>, name: &str, value: Option<&str>) {
+    let patch = json!({"metadata": {"annotations": {"slim.agntcy.org/paused": value}}});
+    subs.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await.expect("annotate");
+}
+
+/// The notes of the events about `name` with `reason`, once per publication (a repeated event
+/// is one object with a series: its count is what it says).
+async fn events(client: &Client, namespace: &str, name: &str, reason: &str) -> Vec<String> {
+    let api: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let list = api.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+    list.into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .flat_map(|e| {
+            let count = e.series.as_ref().map_or(1, |s| s.count.max(1)) as usize;
+            std::iter::repeat_n(e.note.unwrap_or_default(), count)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_subscription_gets_no_write_and_unpausing_repairs_it_at_once() {
+    let (client, namespace, _turn) = setup().await;
+    let mut a = SlimNode::start("node-paused").expect("node a");
+    let b = SlimNode::start("node-paused-link").expect("node b");
+    let pool = NodePool::default();
+    let (stop, running) = controllers(&client, &pool, None);
+    let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
+    let sub = subscription("paused", &a, &b, json!({}));
+    subs.create(&PostParams::default(), &sub).await.expect("create");
+    let route = route_of(&sub);
+    let node = pool.node(&a.controller_endpoint());
+    wait_for("the route installed", Duration::from_secs(60), async || {
+        node.snapshot(Duration::ZERO).await.ok().filter(|o| o.has_route(&route))
+    })
+    .await;
+
+    // Paused: the status says so; the node restarts empty and nothing repairs it.
+    paused(&subs, "paused", Some("true")).await;
+    wait_for("Paused=True and Ready=False/ReconciliationPaused", Duration::from_secs(30), async || {
+        let status = subs.get("paused").await.ok()?.status?;
+        let both = (condition(&status.conditions, "Paused"), condition(&status.conditions, "Ready"));
+        (both == (Some(("True", "ReconciliationPaused")), Some(("False", "ReconciliationPaused")))).then_some(())
+    })
+    .await;
+    tokio::task::block_in_place(|| a.restart()).expect("restart");
+    tokio::time::sleep(Duration::from_secs(12)).await; // more than two resyncs
+    let observed = node.snapshot(Duration::ZERO).await.expect("list");
+    assert!(!observed.has_route(&route), "a paused Subscription must not repair: {observed:?}");
+    println!("paused: the restarted node stayed without the route for 12 s (two resyncs)");
+
+    // Unpaused: repaired at once; the Paused condition goes.
+    let unpaused = Instant::now();
+    paused(&subs, "paused", None).await;
+    wait_for("the route back", Duration::from_secs(60), async || {
+        node.snapshot(Duration::ZERO).await.ok().filter(|o| o.has_route(&route))
+    })
+    .await;
+    println!("unpaused: route reinstalled {:.2}s after the annotation was removed", unpaused.elapsed().as_secs_f64());
+    wait_for("Ready=True without Paused", Duration::from_secs(30), async || {
+        let status = subs.get("paused").await.ok()?.status?;
+        let ready = condition(&status.conditions, "Ready") == Some(("True", "RoutesInstalled"));
+        (ready && condition(&status.conditions, "Paused").is_none()).then_some(())
+    })
+    .await;
+
+    // Deleted while paused: the finalizer goes, the route stays.
+    paused(&subs, "paused", Some("true")).await;
+    wait_for("paused again", Duration::from_secs(30), async || {
+        let status = subs.get("paused").await.ok()?.status?;
+        (condition(&status.conditions, "Paused") == Some(("True", "ReconciliationPaused"))).then_some(())
+    })
+    .await;
+    subs.delete("paused", &DeleteParams::default()).await.expect("delete");
+    wait_for("the Subscription gone", Duration::from_secs(30), async || {
+        subs.get_opt("paused").await.ok().filter(Option::is_none)
+    })
+    .await;
+    assert!(node.snapshot(Duration::ZERO).await.expect("list").has_route(&route), "untouched on SLIM");
+    let notes = wait_for("the event", Duration::from_secs(10), async || {
+        Some(events(&client, &namespace, "paused", "FinalizerReleasedWhilePaused").await).filter(|n| !n.is_empty())
+    })
+    .await;
+    assert!(notes[0].contains("nothing is removed from SLIM"), "{notes:?}");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retain_leaves_the_route_and_the_channel_on_slim() {
+    let (client, namespace, _turn) = setup().await;
+    let a = SlimNode::start("node-retain").expect("node a");
+    let b = SlimNode::start("node-retain-link").expect("node b");
+    let cm = ChannelManager::start(&a).expect("channel manager");
+    let mut bob = SlimApp::member(&a, "org/ns/bob").expect("bob");
+    let pool = NodePool::default();
+    let (stop, running) = controllers(&client, &pool, Some(cm.endpoint()));
+
+    // The API server refuses a policy it does not know.
+    let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
+    let mut bad = serde_json::to_value(subscription("bad", &a, &b, json!({}))).expect("json");
+    bad["spec"]["deletionPolicy"] = json!("Keep");
+    let untyped: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), &namespace, &kube::api::ApiResource::erase::<Subscription>(&()));
+    let refused = untyped.create(&PostParams::default(), &serde_json::from_value(bad).expect("object")).await;
+    assert!(refused.is_err_and(|e| e.to_string().contains("deletionPolicy")), "Keep is not a policy");
+
+    let sub = subscription("kept", &a, &b, json!({"deletionPolicy": "Retain"}));
+    subs.create(&PostParams::default(), &sub).await.expect("create");
+    let route = route_of(&sub);
+    let node = pool.node(&a.controller_endpoint());
+    wait_for("the route installed", Duration::from_secs(60), async || {
+        node.snapshot(Duration::ZERO).await.ok().filter(|o| o.has_route(&route))
+    })
+    .await;
+    subs.delete("kept", &DeleteParams::default()).await.expect("delete");
+    wait_for("the Subscription gone", Duration::from_secs(30), async || {
+        subs.get_opt("kept").await.ok().filter(Option::is_none)
+    })
+    .await;
+    let observed = node.snapshot(Duration::ZERO).await.expect("list");
+    assert!(observed.has_route(&route) && observed.links.contains(&route.link_id), "retained: {observed:?}");
+    let notes = events(&client, &namespace, "kept", "Retained").await;
+    assert!(notes.first().is_some_and(|n| n.contains("left route org/ns/kept")), "{notes:?}");
+    println!("Retain (Subscription): {}", notes[0]);
+
+    let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
+    let channel: SlimChannel = serde_json::from_value(json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel",
+        "metadata": {"name": "kept-chat"},
+        "spec": {"name": "org/ns/kept-chat", "participants": ["org/ns/bob"], "deletionPolicy": "Retain",
+                 "nodes": {"endpoints": [a.controller_endpoint()]}},
+    }))
+    .expect("channel");
+    channels.create(&PostParams::default(), &channel).await.expect("create channel");
+    bob.wait_for("joined", Duration::from_secs(60)).expect("bob invited");
+    wait_for("bob joined in the status", Duration::from_secs(30), async || {
+        channels.get("kept-chat").await.ok()?.status.filter(|s| s.joined == 1)
+    })
+    .await;
+    channels.delete("kept-chat", &DeleteParams::default()).await.expect("delete channel");
+    wait_for("the SlimChannel gone", Duration::from_secs(30), async || {
+        channels.get_opt("kept-chat").await.ok().filter(Option::is_none)
+    })
+    .await;
+    let manager = slim_operator::slim::ChannelManagerClient::new(&cm.endpoint()).expect("client");
+    let listed = manager.list_channels().await.expect("channels");
+    assert!(listed.contains(&"org/ns/kept-chat".to_owned()), "retained on the channel manager: {listed:?}");
+    let notes = events(&client, &namespace, "kept-chat", "Retained").await;
+    assert!(notes.first().is_some_and(|n| n.contains("org/ns/bob")), "{notes:?}");
+    println!("Retain (SlimChannel): {}", notes[0]);
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_whose_members_nobody_watches_says_so_once() {
+    let (client, namespace, _turn) = setup().await;
+    let node = SlimNode::start("node-unwatched").expect("node");
+    let cm = ChannelManager::start(&node).expect("channel manager");
+    let mut bob = SlimApp::member(&node, "org/ns/bob").expect("bob");
+    let pool = NodePool::default();
+    let (stop, running) = controllers(&client, &pool, Some(cm.endpoint()));
+    let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
+    let channel: SlimChannel = serde_json::from_value(json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel",
+        "metadata": {"name": "unwatched"},
+        "spec": {"name": "org/ns/unwatched", "participants": ["org/ns/bob"]},
+    }))
+    .expect("channel");
+    channels.create(&PostParams::default(), &channel).await.expect("create");
+    bob.wait_for("joined", Duration::from_secs(60)).expect("bob invited");
+    // Ready says bob is in (as the channel manager sees it), MembersWatched that nobody watches.
+    wait_for("Ready=True and MembersWatched=False", Duration::from_secs(30), async || {
+        let status = channels.get("unwatched").await.ok()?.status?;
+        let ready = condition(&status.conditions, "Ready") == Some(("True", "AllJoined"));
+        (ready && condition(&status.conditions, "MembersWatched") == Some(("False", "NoNodes"))).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(12)).await; // resyncs: the warning is not repeated
+    let notes = events(&client, &namespace, "unwatched", "MembersUnwatched").await;
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].contains("spec.nodes") && notes[0].contains("--default-node-endpoints"), "{notes:?}");
+    println!("MembersWatched=False/NoNodes, one Warning: {}", notes[0]);
+    channels.delete("unwatched", &DeleteParams::default()).await.expect("delete");
+    wait_for("the SlimChannel gone", Duration::from_secs(30), async || {
+        channels.get_opt("unwatched").await.ok().filter(Option::is_none)
+    })
+    .await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+}
