@@ -98,6 +98,18 @@ if ! command -v containerd >/dev/null || ! command -v runc >/dev/null || [ ! -x 
   fi
 fi
 
+# Monitoring and GitOps (tests/tests/monitoring.rs, argocd_health.rs): a real Prometheus server
+# and promtool, and Lua 5.4 for the Argo CD health check.
+ops_packages="prometheus lua5.4"
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v lua5.4 >/dev/null; then
+  log "installing $ops_packages"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $ops_packages >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $ops_packages >/dev/null
+  fi
+fi
+
 # A real Kubernetes control plane (envtest convention): KUBEBUILDER_ASSETS holds kube-apiserver and
 # etcd (and kube-controller-manager). When unset, take them from ../shared/k8s, decompressed once.
 if [ -z "${KUBEBUILDER_ASSETS:-}" ]; then

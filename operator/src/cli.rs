@@ -451,7 +451,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let webhook_settings = args.webhook_settings();
     let issuer_settings = args.issuer_settings()?;
     let issuer_gate = Gate::closed("issuer: keys not loaded yet");
-    let certs = Arc::new(CertStore::default());
+    let certs = Arc::new(CertStore::with_metrics(metrics.clone()));
     let (issuer_namespaces, issuer_namespaces_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut gates = vec![webhook_gates.certificate.clone(), webhook_gates.namespaces.clone()];
     if issuer_settings.is_some() {
@@ -504,6 +504,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 _ = &mut shutdown => return Ok(()),
                 changed = leader_rx.wait_for(Leadership::is_leader) => if changed.is_err() { return Ok(()) },
             }
+            metrics.leading(true);
             let runtime = controller::Runtime {
                 client: client.clone(),
                 reporter: reporter.clone(),
@@ -523,6 +524,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 // Losing the lease stops reconciling at once (SLIM writes are idempotent, so a
                 // reconcile cut short is simply redone by the next leader).
                 _ = lost.wait_for(|l| !l.is_leader()) => {
+                    metrics.leading(false);
                     caches.reset();
                     *slot.write().unwrap_or_else(|p| p.into_inner()) = None;
                 }

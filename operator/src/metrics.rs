@@ -8,6 +8,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -51,6 +52,14 @@ pub struct Metrics {
     issuer_refusals: Family<FailureLabels, Counter>,
     issuer_latency: Family<KindLabels, Histogram>,
     issuer_review_latency: Histogram,
+    certificates: Family<CertificateLabels, Gauge>,
+    leader: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    /// `webhook` (the serving certificate, also the issuer's) or `issuer-ca` (the signing CA).
+    pub certificate: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -101,8 +110,18 @@ impl Metrics {
             "Time the API server took to review a token (TokenReview and the pod read)",
             issuer_review_latency.clone(),
         );
+        let certificates = Family::<CertificateLabels, Gauge>::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the certificate the operator serves or signs with expires (Unix seconds)",
+            certificates.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica holds the leader Lease (reconciles), else 0", leader.clone());
         Self {
             registry,
+            certificates,
+            leader,
             reconciles,
             failures,
             duration,
@@ -124,6 +143,14 @@ impl Metrics {
             self.issuer_refusals.get_or_create(&FailureLabels { kind, reason }).inc();
         }
         self.issuer_latency.get_or_create(&KindLabels { kind }).observe(elapsed.as_secs_f64());
+    }
+
+    pub fn certificate_expires(&self, certificate: &'static str, not_after: i64) {
+        self.certificates.get_or_create(&CertificateLabels { certificate }).set(not_after);
+    }
+
+    pub fn leading(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     pub fn issuer_review(&self, elapsed: std::time::Duration) {

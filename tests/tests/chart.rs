@@ -37,6 +37,7 @@ struct Rendered {
     bindings: usize,
     webhooks: Vec<MutatingWebhookConfiguration>,
     pdbs: Vec<PodDisruptionBudget>,
+    config_maps: Vec<k8s_openapi::api::core::v1::ConfigMap>,
     others: Vec<DynamicObject>,
 }
 
@@ -69,7 +70,8 @@ fn render(extra: &[&str]) -> Rendered {
             }
             "MutatingWebhookConfiguration" => rendered.webhooks.push(parse(&json)),
             "PodDisruptionBudget" => rendered.pdbs.push(parse(&json)),
-            "ServiceMonitor" | "Certificate" | "Issuer" => {
+            "ConfigMap" => rendered.config_maps.push(parse(&json)),
+            "ServiceMonitor" | "Certificate" | "Issuer" | "PrometheusRule" => {
                 let object: DynamicObject = parse(&json);
                 assert!(object.types.as_ref().is_some_and(|t| !t.api_version.is_empty()));
                 rendered.others.push(object);
@@ -193,7 +195,27 @@ fn custom_render_follows_the_values() {
     assert_eq!(webhook.webhooks.as_ref().expect("webhooks")[0].failure_policy.as_deref(), Some("Fail"));
     let kinds: BTreeSet<String> =
         rendered.others.iter().filter_map(|o| o.types.as_ref().map(|t| t.kind.clone())).collect();
-    assert_eq!(kinds, ["Certificate", "Issuer", "ServiceMonitor"].map(String::from).into_iter().collect());
+    assert_eq!(
+        kinds,
+        ["Certificate", "Issuer", "PrometheusRule", "ServiceMonitor"].map(String::from).into_iter().collect()
+    );
+    // The alerts are the promtool-tested file, unchanged; the dashboard is Grafana's sidecar's.
+    let rule = rendered.others.iter().find(|o| o.types.as_ref().is_some_and(|t| t.kind == "PrometheusRule"));
+    let file: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo_path("charts/slim-operator/files/prometheus-rules.yaml")).expect("rules"),
+    )
+    .expect("rules yaml");
+    assert_eq!(rule.map(|r| r.data["spec"].clone()), Some(file));
+    let dashboard =
+        rendered.config_maps.iter().find(|c| c.metadata.name.as_deref() == Some("slim-slim-operator-dashboard"));
+    let dashboard = dashboard.expect("dashboard ConfigMap");
+    assert_eq!(
+        dashboard.metadata.labels.as_ref().and_then(|l| l.get("grafana_dashboard")).map(String::as_str),
+        Some("1")
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&dashboard.data.as_ref().expect("data")["slim-operator.json"]).expect("dashboard JSON");
+    assert!(json["panels"].as_array().is_some_and(|p| p.len() >= 10));
     // cert-manager mode: the operator patches no webhook configuration; its only Secret is the
     // issuer's keys.
     let cluster = triples(&rendered.cluster_roles[0].rules.clone().unwrap_or_default());

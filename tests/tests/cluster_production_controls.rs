@@ -253,3 +253,93 @@ async fn a_channel_whose_members_nobody_watches_says_so_once() {
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_of_two_conflicting_objects_wins_and_the_other_takes_over_when_it_goes() {
+    let (client, namespace, _turn) = setup().await;
+    let a = SlimNode::start("node-contested").expect("node a");
+    let b = SlimNode::start("node-link-b").expect("node b");
+    let c = SlimNode::start("node-link-c").expect("node c");
+    let cm = ChannelManager::start(&a).expect("channel manager");
+    let mut bob = SlimApp::member(&a, "org/ns/bob").expect("bob");
+    let pool = NodePool::default();
+    let (stop, running) = controllers(&client, &pool, Some(cm.endpoint()));
+    let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
+    let ready = |name: &'static str, want: (&'static str, &'static str)| {
+        let subs = subs.clone();
+        async move {
+            wait_for(&format!("{name} Ready={want:?}"), Duration::from_secs(60), async || {
+                let sub = subs.get(name).await.ok()?;
+                let status = sub.status.clone()?;
+                (condition(&status.conditions, "Ready") == Some(want)).then_some(sub)
+            })
+            .await
+        }
+    };
+
+    // Same route name on node a, over links to b and to c: the older one wins.
+    let mut first = subscription("first", &a, &b, json!({}));
+    first.spec.name = "org/ns/shared".into();
+    subs.create(&PostParams::default(), &first).await.expect("first");
+    ready("first", ("True", "RoutesInstalled")).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // creation times have one-second resolution
+    let mut second = subscription("second", &a, &c, json!({}));
+    second.spec.name = "org/ns/shared".into();
+    subs.create(&PostParams::default(), &second).await.expect("second");
+    let lost = ready("second", ("False", "Conflict")).await;
+    let message =
+        lost.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready")).map(|c| c.message.clone());
+    println!("conflict: second says {message:?}");
+    assert!(message.is_some_and(|m| m.contains(&format!("{namespace}/first"))));
+    let node = pool.node(&a.controller_endpoint());
+    let observed = node.snapshot(Duration::ZERO).await.expect("list");
+    assert!(observed.has_route(&route_of(&first)) && !observed.has_route(&route_of(&second)), "{observed:?}");
+
+    // The winner goes: the other takes over.
+    let deleted = Instant::now();
+    subs.delete("first", &DeleteParams::default()).await.expect("delete first");
+    ready("second", ("True", "RoutesInstalled")).await;
+    println!("conflict: second took over {:.2}s after first was deleted", deleted.elapsed().as_secs_f64());
+    let observed = node.snapshot(Duration::ZERO).await.expect("list");
+    assert!(observed.has_route(&route_of(&second)) && !observed.has_route(&route_of(&first)), "{observed:?}");
+
+    // Two SlimChannels for one channel on one manager: the younger yields, and its deletion
+    // leaves the winner's channel alone.
+    let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
+    for name in ["chat-first", "chat-second"] {
+        let channel: SlimChannel = serde_json::from_value(json!({
+            "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel", "metadata": {"name": name},
+            "spec": {"name": "org/ns/contested", "participants": ["org/ns/bob"], "nodes": {"endpoints": [a.controller_endpoint()]}},
+        }))
+        .expect("channel");
+        channels.create(&PostParams::default(), &channel).await.expect("channel");
+        if name == "chat-first" {
+            bob.wait_for("joined", Duration::from_secs(60)).expect("bob invited");
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+    }
+    let status = wait_for("chat-second Conflict", Duration::from_secs(30), async || {
+        let status = channels.get("chat-second").await.ok()?.status?;
+        (condition(&status.conditions, "Ready").map(|c| c.1) == Some("Conflict")).then_some(status)
+    })
+    .await;
+    println!(
+        "conflict: chat-second says {:?}",
+        status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| &c.message)
+    );
+    channels.delete("chat-second", &DeleteParams::default()).await.expect("delete");
+    wait_for("chat-second gone", Duration::from_secs(30), async || {
+        channels.get_opt("chat-second").await.ok().filter(Option::is_none)
+    })
+    .await;
+    let manager = slim_operator::slim::ChannelManagerClient::new(&cm.endpoint()).expect("client");
+    assert!(manager.list_channels().await.expect("channels").contains(&"org/ns/contested".to_owned()), "still there");
+    let first_status = channels.get("chat-first").await.expect("chat-first").status.expect("status");
+    assert_eq!(condition(&first_status.conditions, "Ready"), Some(("True", "AllJoined")));
+    for name in ["second", "chat-first"] {
+        let _ = subs.delete(name, &DeleteParams::default()).await;
+        let _ = channels.delete(name, &DeleteParams::default()).await;
+    }
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+}

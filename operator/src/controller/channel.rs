@@ -19,6 +19,7 @@ use crate::api::SlimChannel;
 use crate::api::condition::failed;
 use crate::engine::ChannelSync;
 use crate::plan::channel::{LiveInstances, live_instances};
+use crate::plan::conflicts::{self, Claim};
 use crate::plan::{node_targets, selector_query};
 use crate::slim::SlimName;
 
@@ -59,6 +60,11 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
     let Some(endpoint) = manager_endpoint(channel, ctx) else {
         return fail(Error::NoChannelManager).await;
     };
+    if let Some(message) = conflict(channel, &endpoint, ctx) {
+        let status = failed(&old, generation, CONFLICT, message, Timestamp::now());
+        super::patch_status(channel, ctx, &status).await?;
+        return Ok(Action::requeue(PENDING_RECHECK));
+    }
     if old.mls_enabled.is_some_and(|created_with| created_with != channel.spec.mls_enabled) {
         // The CRD refuses this change; an object stored before that rule gets a clear condition.
         let status =
@@ -142,6 +148,13 @@ async fn cleanup(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> 
         info!("no channel manager was ever used; nothing to delete");
         return Ok(Action::await_change());
     };
+    for other in ctx.channels.state().iter().filter(|o| o.spec.name == channel.spec.name && o.uid() != channel.uid()) {
+        let _ = ctx.channel_trigger.send(ObjectRef::from_obj(&**other));
+    }
+    if let Some(message) = conflict(channel, &endpoint, ctx) {
+        info!(%message, "the channel belongs to an older SlimChannel: not deleted");
+        return Ok(Action::await_change());
+    }
     let result = match ctx.channel_manager(channel, &endpoint).await {
         Ok(manager) => ctx.channel_engine.delete(&manager, &channel.spec.name).await.map_err(Error::ChannelManager),
         Err(error) => Err(error),
@@ -168,6 +181,32 @@ async fn cleanup(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> 
     let status = failed(&old, channel.meta().generation, error.reason(), error.to_string(), Timestamp::now());
     super::patch_status(channel, ctx, &status).await?;
     Err(error)
+}
+
+/// Ready's reason while an older SlimChannel's claim on the same channel wins.
+pub const CONFLICT: &str = "Conflict";
+
+fn claim_of(channel: &SlimChannel, endpoint: &str) -> Option<Claim> {
+    Some(Claim {
+        created: channel.meta().creation_timestamp.as_ref()?.0.as_second(),
+        id: format!("{}/{}", channel.namespace().unwrap_or_default(), channel.name_any()),
+        name: channel.spec.name.clone(),
+        places: [endpoint.to_owned()].into(),
+        how: String::new(),
+    })
+}
+
+/// Why this SlimChannel must yield, if an older one wants the same channel on the same manager.
+fn conflict(channel: &SlimChannel, endpoint: &str, ctx: &Context) -> Option<String> {
+    let mine = claim_of(channel, endpoint)?;
+    let others: Vec<Claim> = ctx
+        .channels
+        .state()
+        .iter()
+        .filter(|o| o.spec.name == channel.spec.name && o.meta().deletion_timestamp.is_none())
+        .filter_map(|o| claim_of(o, &manager_endpoint(o, ctx)?))
+        .collect();
+    conflicts::winner(&mine, &others).map(|winner| conflicts::message("channel", &mine, winner))
 }
 
 /// `spec.participants` plus the names of Running Pods picked by `participantSelector`.

@@ -88,6 +88,24 @@ pub struct ChannelLabels {
     pub channel: String,
 }
 
+/// One object's `Ready` condition, for alerts ("not Ready for 10 minutes").
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReadyLabels {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    /// The condition's reason (`ReconciliationPaused` lets alerts leave paused objects alone).
+    pub reason: String,
+}
+
+/// `(1 if Ready=True, reason)` of a status's conditions; no condition yet: `(0, "")`.
+fn ready_of(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> (i64, String) {
+    conditions
+        .iter()
+        .find(|c| c.type_ == crate::api::condition::READY)
+        .map_or((0, String::new()), |c| (i64::from(c.status == "True"), c.reason.clone()))
+}
+
 /// Gauges computed from the controllers' caches at scrape time: routes installed per node,
 /// channel participants joined and desired.
 #[derive(Clone)]
@@ -142,6 +160,25 @@ impl Collector for ResourceCollector {
         for ch in &channels {
             let value = ch.status.as_ref().map_or(0, |s| i64::from(s.desired));
             ConstGauge::new(value).encode(desired.encode_family(&label(ch))?)?;
+        }
+        let mut ready = encoder.encode_descriptor(
+            "resource_ready",
+            "1 while the object's Ready condition is True, by kind, object and the condition's reason",
+            None,
+            Gauge,
+        )?;
+        let subscriptions = stores.subscriptions.state();
+        let objects =
+            subscriptions
+                .iter()
+                .map(|s| ("Subscription", s.namespace(), s.name_any(), s.status.as_ref().map(|s| &s.conditions[..])))
+                .chain(channels.iter().map(|c| {
+                    ("SlimChannel", c.namespace(), c.name_any(), c.status.as_ref().map(|s| &s.conditions[..]))
+                }));
+        for (kind, namespace, name, conditions) in objects {
+            let (value, reason) = ready_of(conditions.unwrap_or_default());
+            let labels = ReadyLabels { kind, namespace: namespace.unwrap_or_default(), name, reason };
+            ConstGauge::new(value).encode(ready.encode_family(&labels)?)?;
         }
         Ok(())
     }

@@ -16,6 +16,7 @@ use super::{Context, Error};
 use crate::api::condition::failed;
 use crate::api::{DeletionPolicy, LinkTls, Subscription, SubscriptionStatus};
 use crate::engine::{NodeReport, NodeResult, RouteSync};
+use crate::plan::conflicts::{self, Claim};
 use crate::plan::instances::reason as follow_reason;
 use crate::plan::{
     DesiredRoute, Following, NodeTarget, ResolvedTls, Users, following, instance_routes, node_targets, render_link,
@@ -58,6 +59,11 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
             return Err(error);
         }
     };
+    if let Some(message) = conflict(sub, &targets, ctx) {
+        let status = failed(&old, generation, CONFLICT, message, Timestamp::now());
+        super::patch_status(sub, ctx, &status).await?;
+        return Ok(Action::requeue(CONFLICT_RECHECK));
+    }
     let followed = follow_instances(sub, ctx, &mut desired, &old).await;
     let previous = previous_route(&old);
     let previous_instances = previous_instances(&old);
@@ -112,6 +118,36 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     }
 }
 
+/// Ready's reason while another Subscription's older claim wins.
+pub const CONFLICT: &str = "Conflict";
+/// How often a Subscription that yielded looks again (the winner's deletion also triggers it).
+const CONFLICT_RECHECK: Duration = Duration::from_secs(10);
+
+/// What a Subscription claims: its route name on its nodes over its link.
+fn claim_of(sub: &Subscription, targets: &[NodeTarget]) -> Option<Claim> {
+    Some(Claim {
+        created: sub.meta().creation_timestamp.as_ref()?.0.as_second(),
+        id: format!("{}/{}", sub.namespace().unwrap_or_default(), sub.name_any()),
+        name: sub.spec.name.clone(),
+        places: targets.iter().map(|t| t.endpoint.clone()).collect(),
+        how: serde_json::to_string(&sub.spec.link).ok()?,
+    })
+}
+
+/// Why this Subscription must yield (the condition's message), if an older one routes its name on
+/// a shared node over another link.
+fn conflict(sub: &Subscription, targets: &[NodeTarget], ctx: &Context) -> Option<String> {
+    let mine = claim_of(sub, targets)?;
+    let others: Vec<Claim> = ctx
+        .subscriptions
+        .state()
+        .iter()
+        .filter(|o| o.spec.name == sub.spec.name && o.meta().deletion_timestamp.is_none())
+        .filter_map(|o| resolve_targets(o, ctx).ok().and_then(|targets| claim_of(o, &targets)))
+        .collect();
+    conflicts::winner(&mine, &others).map(|winner| conflicts::message("route", &mine, winner))
+}
+
 /// What a retained Subscription leaves on SLIM, for its event. Pure.
 fn retained_note(status: &SubscriptionStatus) -> String {
     let route = status.route_name.as_deref().unwrap_or("(no route recorded)");
@@ -133,6 +169,10 @@ fn retained_note(status: &SubscriptionStatus) -> String {
 /// Deletion: remove the route (and unused links) from every node it may be on.
 async fn cleanup(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     ctx.member_watch.forget_subscription(&ObjectRef::from_obj(sub));
+    // Subscriptions that yielded to this one take over now.
+    for other in ctx.subscriptions.state().iter().filter(|o| o.spec.name == sub.spec.name && o.uid() != sub.uid()) {
+        let _ = ctx.subscription_trigger.send(ObjectRef::from_obj(&**other));
+    }
     let old = sub.status.clone().unwrap_or_default();
     if sub.spec.deletion_policy == DeletionPolicy::Retain {
         ctx.publish(sub, EventType::Normal, "Retained", retained_note(&old)).await;

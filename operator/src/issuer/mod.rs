@@ -67,7 +67,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), IssuerError> {
     let (authority_tx, authority_rx) = watch::channel(None);
-    let keys = settings.keys.clone().run(client.clone(), leadership, authority_tx, gate);
+    let keys = settings.keys.clone().run(client.clone(), leadership, authority_tx, gate, metrics.clone());
     let config_maps = ca_config_map::run(client.clone(), settings.ca_config_map.clone(), certs.ca(), namespaces);
     let state = server::IssuerState {
         authority: authority_rx,

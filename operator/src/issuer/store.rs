@@ -17,6 +17,7 @@ use super::keys::{self, KeySet, Policy};
 use crate::admin::Gate;
 use crate::backoff::Backoff;
 use crate::controller::leader::Leadership;
+use crate::metrics::Metrics;
 
 /// The Secret's key holding the key set (JSON).
 pub const DATA_KEY: &str = "keys.json";
@@ -56,6 +57,7 @@ impl KeyStore {
         leadership: watch::Receiver<Leadership>,
         authority: watch::Sender<Option<Arc<Authority>>>,
         gate: Arc<Gate>,
+        metrics: Arc<Metrics>,
     ) {
         let api: Api<Secret> = Api::namespaced(client, &self.namespace);
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
@@ -66,6 +68,9 @@ impl KeyStore {
                     let changed = authority.borrow().as_ref().is_none_or(|a| a.set != set);
                     if changed {
                         info!(secret = %self.secret, sequence = set.sequence, cas = set.cas.len(), jwt_keys = set.jwt_keys.len(), "issuer keys loaded");
+                        if let Some(ca) = keys::signing(&set.cas, slim_k8s_common::unix_now()) {
+                            metrics.certificate_expires("issuer-ca", keys::ca_not_after(ca.published_at, &self.policy));
+                        }
                         let loaded = Authority { set, policy: self.policy, jwt_issuer: self.jwt_issuer.clone() };
                         authority.send_replace(Some(Arc::new(loaded)));
                     }

@@ -1,6 +1,7 @@
 //! Pure planning: desired state against observed state, into actions. No IO.
 
 pub mod channel;
+pub mod conflicts;
 pub mod instances;
 pub mod link;
 pub mod nodes;

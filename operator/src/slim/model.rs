@@ -170,6 +170,8 @@ pub struct NodeStats {
     pub route_items: AtomicU64,
     /// Successful stream (re)connections.
     pub connects: AtomicU64,
+    /// 1 while the control stream is up, 0 while it is down (or never came up).
+    pub connected: AtomicU64,
 }
 
 /// Announced on the pool's channel.

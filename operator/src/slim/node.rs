@@ -186,6 +186,7 @@ impl Actor {
                 Ok((outbound, inbound)) => {
                     backoff.reset();
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                    self.stats.connected.store(1, Ordering::Relaxed);
                     if renewing {
                         debug!(node = %self.endpoint, "control stream re-opened with renewed credentials");
                     } else if ever_connected {
@@ -208,6 +209,7 @@ impl Actor {
                 Err(reason) => reason,
             };
             self.cache = None;
+            self.stats.connected.store(0, Ordering::Relaxed);
             let delay = backoff.next_delay();
             warn!(node = %self.endpoint, %reason, retry_in = ?delay, "control stream down");
             // While down, fail callers at once so reconciles report the node honestly and back off.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use tokio::sync::broadcast;
 
 use super::model::NodeEvent;
@@ -114,6 +115,22 @@ impl Collector for NodeClientCollector {
             for (node, total) in totals {
                 ConstCounter::new(total).encode(family.encode_family(&NodeLabels { node: node.to_owned() })?)?;
             }
+        }
+        // Whether any client of the node has its control stream up (what "node unreachable" alerts on).
+        let mut up: std::collections::BTreeMap<&str, i64> = Default::default();
+        for client in &clients {
+            let connected = i64::try_from(client.stats().connected.load(Relaxed)).unwrap_or(0);
+            let entry = up.entry(client.endpoint()).or_default();
+            *entry = (*entry).max(connected);
+        }
+        let mut family = encoder.encode_descriptor(
+            "node_connected",
+            "1 while the operator's control stream to the SLIM node is up, 0 while it is down",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (node, connected) in up {
+            ConstGauge::new(connected).encode(family.encode_family(&NodeLabels { node: node.to_owned() })?)?;
         }
         Ok(())
     }

@@ -90,14 +90,27 @@ fn review(state: &WebhookState, body: &[u8]) -> (&'static str, AdmissionResponse
 }
 
 /// The serving certificate, replaceable while connections keep being accepted.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct CertStore {
     current: RwLock<Option<Arc<CertifiedKey>>>,
+    /// Where the serving certificate's expiry is published, when set.
+    metrics: Option<Arc<Metrics>>,
     /// The CA that signed it (PEM), when known: what clients of the issuer trust.
     ca: tokio::sync::watch::Sender<Option<String>>,
 }
 
+impl std::fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertStore").field("loaded", &self.is_loaded()).finish_non_exhaustive()
+    }
+}
+
 impl CertStore {
+    /// A store that publishes the serving certificate's expiry (`certificate="webhook"`).
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
+        Self { metrics: Some(metrics), ..Default::default() }
+    }
+
     /// Records the CA of the serving certificate (unchanged: nobody is woken).
     pub fn set_ca(&self, pem: &str) {
         self.ca.send_if_modified(|held| {
@@ -115,6 +128,12 @@ impl CertStore {
     }
 
     pub fn set(&self, key: Arc<CertifiedKey>) {
+        let not_after = key.end_entity_cert().ok().and_then(|der| {
+            x509_parser::parse_x509_certificate(der).ok().map(|(_, cert)| cert.validity().not_after.timestamp())
+        });
+        if let (Some(metrics), Some(not_after)) = (&self.metrics, not_after) {
+            metrics.certificate_expires("webhook", not_after);
+        }
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(key);
     }
 
