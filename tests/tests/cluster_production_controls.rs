@@ -33,6 +33,34 @@ fn controllers(client: &Client, pool: &NodePool, channel_manager: Option<String>
     slim_e2e::operator::run_in_process(client, pool.clone(), Default::default(), config, "controls")
 }
 
+/// Stops the controllers started by [`controllers`].
+async fn shutdown(
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<Result<(), slim_operator::controller::Error>>,
+) {
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+}
+
+/// A SlimChannel `name` with `spec`.
+fn slim_channel(name: &str, spec: serde_json::Value) -> SlimChannel {
+    serde_json::from_value(json!({
+        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel", "metadata": {"name": name}, "spec": spec,
+    }))
+    .expect("channel")
+}
+
+/// Waits until the object `name` is gone.
+async fn gone<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    wait_for(&format!("{name} gone"), Duration::from_secs(30), async || {
+        api.get_opt(name).await.ok().filter(Option::is_none)
+    })
+    .await;
+}
+
 fn condition<'a>(
     conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
     type_: &str,
@@ -135,18 +163,14 @@ async fn a_paused_subscription_gets_no_write_and_unpausing_repairs_it_at_once() 
     })
     .await;
     subs.delete("paused", &DeleteParams::default()).await.expect("delete");
-    wait_for("the Subscription gone", Duration::from_secs(30), async || {
-        subs.get_opt("paused").await.ok().filter(Option::is_none)
-    })
-    .await;
+    gone(&subs, "paused").await;
     assert!(node.snapshot(Duration::ZERO).await.expect("list").has_route(&route), "untouched on SLIM");
     let notes = wait_for("the event", Duration::from_secs(10), async || {
         Some(events(&client, &namespace, "paused", "FinalizerReleasedWhilePaused").await).filter(|n| !n.is_empty())
     })
     .await;
     assert!(notes[0].contains("nothing is removed from SLIM"), "{notes:?}");
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+    shutdown(stop, running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,10 +201,7 @@ async fn retain_leaves_the_route_and_the_channel_on_slim() {
     })
     .await;
     subs.delete("kept", &DeleteParams::default()).await.expect("delete");
-    wait_for("the Subscription gone", Duration::from_secs(30), async || {
-        subs.get_opt("kept").await.ok().filter(Option::is_none)
-    })
-    .await;
+    gone(&subs, "kept").await;
     let observed = node.snapshot(Duration::ZERO).await.expect("list");
     assert!(observed.has_route(&route) && observed.links.contains(&route.link_id), "retained: {observed:?}");
     let notes = events(&client, &namespace, "kept", "Retained").await;
@@ -188,13 +209,11 @@ async fn retain_leaves_the_route_and_the_channel_on_slim() {
     println!("Retain (Subscription): {}", notes[0]);
 
     let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
-    let channel: SlimChannel = serde_json::from_value(json!({
-        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel",
-        "metadata": {"name": "kept-chat"},
-        "spec": {"name": "org/ns/kept-chat", "participants": ["org/ns/bob"], "deletionPolicy": "Retain",
-                 "nodes": {"endpoints": [a.controller_endpoint()]}},
-    }))
-    .expect("channel");
+    let channel = slim_channel(
+        "kept-chat",
+        json!({"name": "org/ns/kept-chat", "participants": ["org/ns/bob"], "deletionPolicy": "Retain",
+                 "nodes": {"endpoints": [a.controller_endpoint()]}}),
+    );
     channels.create(&PostParams::default(), &channel).await.expect("create channel");
     bob.wait_for("joined", Duration::from_secs(60)).expect("bob invited");
     wait_for("bob joined in the status", Duration::from_secs(30), async || {
@@ -202,18 +221,14 @@ async fn retain_leaves_the_route_and_the_channel_on_slim() {
     })
     .await;
     channels.delete("kept-chat", &DeleteParams::default()).await.expect("delete channel");
-    wait_for("the SlimChannel gone", Duration::from_secs(30), async || {
-        channels.get_opt("kept-chat").await.ok().filter(Option::is_none)
-    })
-    .await;
+    gone(&channels, "kept-chat").await;
     let manager = slim_operator::slim::ChannelManagerClient::new(&cm.endpoint()).expect("client");
     let listed = manager.list_channels().await.expect("channels");
     assert!(listed.contains(&"org/ns/kept-chat".to_owned()), "retained on the channel manager: {listed:?}");
     let notes = events(&client, &namespace, "kept-chat", "Retained").await;
     assert!(notes.first().is_some_and(|n| n.contains("org/ns/bob")), "{notes:?}");
     println!("Retain (SlimChannel): {}", notes[0]);
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+    shutdown(stop, running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,12 +240,7 @@ async fn a_channel_whose_members_nobody_watches_says_so_once() {
     let pool = NodePool::default();
     let (stop, running) = controllers(&client, &pool, Some(cm.endpoint()));
     let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
-    let channel: SlimChannel = serde_json::from_value(json!({
-        "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel",
-        "metadata": {"name": "unwatched"},
-        "spec": {"name": "org/ns/unwatched", "participants": ["org/ns/bob"]},
-    }))
-    .expect("channel");
+    let channel = slim_channel("unwatched", json!({"name": "org/ns/unwatched", "participants": ["org/ns/bob"]}));
     channels.create(&PostParams::default(), &channel).await.expect("create");
     bob.wait_for("joined", Duration::from_secs(60)).expect("bob invited");
     // Ready says bob is in (as the channel manager sees it), MembersWatched that nobody watches.
@@ -246,12 +256,8 @@ async fn a_channel_whose_members_nobody_watches_says_so_once() {
     assert!(notes[0].contains("spec.nodes") && notes[0].contains("--default-node-endpoints"), "{notes:?}");
     println!("MembersWatched=False/NoNodes, one Warning: {}", notes[0]);
     channels.delete("unwatched", &DeleteParams::default()).await.expect("delete");
-    wait_for("the SlimChannel gone", Duration::from_secs(30), async || {
-        channels.get_opt("unwatched").await.ok().filter(Option::is_none)
-    })
-    .await;
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+    gone(&channels, "unwatched").await;
+    shutdown(stop, running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,11 +313,9 @@ async fn the_oldest_of_two_conflicting_objects_wins_and_the_other_takes_over_whe
     // leaves the winner's channel alone.
     let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
     for name in ["chat-first", "chat-second"] {
-        let channel: SlimChannel = serde_json::from_value(json!({
-            "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel", "metadata": {"name": name},
-            "spec": {"name": "org/ns/contested", "participants": ["org/ns/bob"], "nodes": {"endpoints": [a.controller_endpoint()]}},
-        }))
-        .expect("channel");
+        let nodes = json!({"endpoints": [a.controller_endpoint()]});
+        let channel =
+            slim_channel(name, json!({"name": "org/ns/contested", "participants": ["org/ns/bob"], "nodes": nodes}));
         channels.create(&PostParams::default(), &channel).await.expect("channel");
         if name == "chat-first" {
             bob.wait_for("joined", Duration::from_secs(60)).expect("bob invited");
@@ -328,10 +332,7 @@ async fn the_oldest_of_two_conflicting_objects_wins_and_the_other_takes_over_whe
         status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| &c.message)
     );
     channels.delete("chat-second", &DeleteParams::default()).await.expect("delete");
-    wait_for("chat-second gone", Duration::from_secs(30), async || {
-        channels.get_opt("chat-second").await.ok().filter(Option::is_none)
-    })
-    .await;
+    gone(&channels, "chat-second").await;
     let manager = slim_operator::slim::ChannelManagerClient::new(&cm.endpoint()).expect("client");
     assert!(manager.list_channels().await.expect("channels").contains(&"org/ns/contested".to_owned()), "still there");
     let first_status = channels.get("chat-first").await.expect("chat-first").status.expect("status");
@@ -340,6 +341,5 @@ async fn the_oldest_of_two_conflicting_objects_wins_and_the_other_takes_over_whe
         let _ = subs.delete(name, &DeleteParams::default()).await;
         let _ = channels.delete(name, &DeleteParams::default()).await;
     }
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+    shutdown(stop, running).await;
 }
