@@ -208,6 +208,22 @@ async fn retain_leaves_the_route_and_the_channel_on_slim() {
     assert!(notes.first().is_some_and(|n| n.contains("left route org/ns/kept")), "{notes:?}");
     println!("Retain (Subscription): {}", notes[0]);
 
+    // A new Subscription that wants the same route adopts what was retained: nothing written.
+    let writes = || node.stats().writes.load(std::sync::atomic::Ordering::Relaxed);
+    let before = writes();
+    let mut again = subscription("kept-again", &a, &b, json!({}));
+    again.spec.name = "org/ns/kept".into();
+    subs.create(&PostParams::default(), &again).await.expect("create again");
+    let adopted = wait_for("kept-again Ready", Duration::from_secs(60), async || {
+        let status = subs.get("kept-again").await.ok()?.status?;
+        (condition(&status.conditions, "Ready") == Some(("True", "RoutesInstalled"))).then_some(status)
+    })
+    .await;
+    assert!(adopted.nodes.iter().all(|n| n.adopted), "{adopted:?}");
+    assert_eq!(writes(), before, "adopted: no command was sent to the node");
+    let notes = events(&client, &namespace, "kept-again", "Adopted").await;
+    println!("adopted (Subscription, 0 commands sent): {}", notes.first().cloned().unwrap_or_default());
+
     let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
     let channel = slim_channel(
         "kept-chat",
@@ -228,6 +244,22 @@ async fn retain_leaves_the_route_and_the_channel_on_slim() {
     let notes = events(&client, &namespace, "kept-chat", "Retained").await;
     assert!(notes.first().is_some_and(|n| n.contains("org/ns/bob")), "{notes:?}");
     println!("Retain (SlimChannel): {}", notes[0]);
+
+    // A new SlimChannel for the retained channel adopts it, bob still in.
+    let nodes = json!({"endpoints": [a.controller_endpoint()]});
+    let again = slim_channel(
+        "kept-chat-again",
+        json!({"name": "org/ns/kept-chat", "participants": ["org/ns/bob"], "nodes": nodes}),
+    );
+    channels.create(&PostParams::default(), &again).await.expect("create channel again");
+    let status = wait_for("kept-chat-again adopted", Duration::from_secs(30), async || {
+        channels.get("kept-chat-again").await.ok()?.status.filter(|s| s.adopted && s.joined == 1)
+    })
+    .await;
+    assert_eq!(condition(&status.conditions, "Ready"), Some(("True", "AllJoined")));
+    let notes = events(&client, &namespace, "kept-chat-again", "Adopted").await;
+    assert!(notes.first().is_some_and(|n| n.contains("not created")), "{notes:?}");
+    println!("adopted (SlimChannel): {}", notes[0]);
     shutdown(stop, running).await;
 }
 

@@ -152,6 +152,11 @@ pub struct SlimChannelStatus {
     /// One entry per desired participant (and per removed one until it is out).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub participants: Vec<ParticipantStatus>,
+
+    /// The channel already existed on the channel manager when this SlimChannel first synced it
+    /// (left by a retained SlimChannel, say): adopted, not created again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopted: bool,
 }
 
 /// A participant's state.

@@ -255,6 +255,10 @@ pub struct NodeStatus {
     /// Instances of the name (UUIDs) routed on this node over the link, besides the name itself.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub instances: Vec<String>,
+    /// The route and link were already on the node when the Subscription first reached it (left
+    /// by a retained Subscription, say): adopted, not written again. Managed like any other since.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopted: bool,
 }
 
 impl super::condition::ReadyStatus for SubscriptionStatus {

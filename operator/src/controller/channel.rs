@@ -309,6 +309,11 @@ async fn announce(channel: &SlimChannel, ctx: &Context, notices: &ChannelNotices
     if !notices.failed.is_empty() {
         ctx.publish(channel, EventType::Warning, "InviteFailed", notices.failed.join("; ")).await;
     }
+    if notices.adopted {
+        let note =
+            format!("channel {} already existed on the channel manager: adopted, not created", channel.spec.name);
+        ctx.publish(channel, EventType::Normal, "Adopted", note).await;
+    }
     if notices.unwatched {
         let note = super::channel_status::NO_NODES_REMEDY.to_owned();
         ctx.publish(channel, EventType::Warning, "MembersUnwatched", note).await;

@@ -46,6 +46,8 @@ pub struct ChannelNotices {
     pub failed: Vec<String>,
     /// `MembersWatched` has just become False.
     pub unwatched: bool,
+    /// The channel already existed when first synced: adopted.
+    pub adopted: bool,
 }
 
 pub fn next_channel_status(
@@ -112,7 +114,10 @@ pub fn next_channel_status(
         desired: i32::try_from(desired).unwrap_or(i32::MAX),
         nodes: input.nodes.to_vec(),
         participants,
+        // First synced (no manager recorded yet) and not created: it was already there.
+        adopted: old.adopted || (old.channel_manager.is_none() && !report.created),
     };
+    notices.adopted = status.adopted && !old.adopted;
     condition::upsert(
         &mut status.conditions,
         condition::condition(READY, ok, reason_text, message, input.generation, input.now),
@@ -231,5 +236,18 @@ mod tests {
             Some("True"),
             "Ready unchanged"
         );
+    }
+
+    #[test]
+    fn a_channel_found_on_the_manager_at_the_first_sync_is_adopted_once() {
+        let pods = BTreeMap::new();
+        let found = ChannelReport { members: vec![member("org/ns/a", true, None)], ..Default::default() };
+        let (status, notices) = next_channel_status(&SlimChannelStatus::default(), &input(&pods), &found);
+        assert!(status.adopted && notices.adopted);
+        let (again, notices) = next_channel_status(&status, &input(&pods), &found);
+        assert!(again.adopted && !notices.adopted, "said once, kept");
+        let created = ChannelReport { created: true, ..found };
+        let (fresh, notices) = next_channel_status(&SlimChannelStatus::default(), &input(&pods), &created);
+        assert!(!fresh.adopted && !notices.adopted);
     }
 }

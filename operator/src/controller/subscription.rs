@@ -465,6 +465,13 @@ async fn announce(sub: &Subscription, ctx: &Context, notices: &Notices, route: &
         let note = format!("route {route} was missing and has been reinstalled on {}", notices.repaired.join(", "));
         ctx.publish(sub, EventType::Normal, "DriftRepaired", note).await;
     }
+    if !notices.adopted.is_empty() {
+        let note = format!(
+            "route {route} and its link were already on {}: adopted, nothing written",
+            notices.adopted.join(", ")
+        );
+        ctx.publish(sub, EventType::Normal, "Adopted", note).await;
+    }
     if !notices.removed.is_empty() {
         let note = format!("route removed from {}, which left the Subscription", notices.removed.join(", "));
         ctx.publish(sub, EventType::Normal, "RouteRemoved", note).await;

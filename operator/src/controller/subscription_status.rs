@@ -56,6 +56,8 @@ pub struct Notices {
     pub removed: Vec<String>,
     /// Nodes whose removal was abandoned after the timeout (unreachable or gone).
     pub abandoned: Vec<String>,
+    /// Nodes that already had the route and link when first reached: adopted.
+    pub adopted: Vec<String>,
 }
 
 /// Builds the next status. `lastSyncTime` moves only when a node was written, and the route and
@@ -126,6 +128,14 @@ fn target_node(
     }
     let last_sync_time =
         if report.wrote() { Some(Time(input.now)) } else { before.and_then(|b| b.last_sync_time.clone()) };
+    // First reached, and nothing had to be written: what the spec wants was already there.
+    let adopted = match before {
+        None => matches!(report.result, NodeResult::InSync { wrote: false }),
+        Some(b) => b.adopted,
+    };
+    if adopted && before.is_none() {
+        notices.adopted.push(report.endpoint.clone());
+    }
     // A node not in sync may hold what it had and part of what was sent: both are remembered, so
     // a later sync can remove what is no longer wanted.
     let mut instances = input.instances.to_vec();
@@ -142,6 +152,7 @@ fn target_node(
         message,
         removing_since: None,
         instances,
+        adopted,
     }
 }
 
@@ -172,6 +183,7 @@ fn leaving_node(
         message: Some(format!("removing: {message}")),
         removing_since: Some(since),
         instances: before.map(|b| b.instances.clone()).unwrap_or_default(),
+        adopted: before.is_some_and(|b| b.adopted),
     })
 }
 
@@ -264,6 +276,24 @@ mod tests {
         assert_eq!(status.nodes[0].last_sync_time, Some(Time(at(100))));
         assert_eq!(notices.installed, vec!["http://a".to_string()]);
         assert!(notices.repaired.is_empty());
+    }
+
+    #[test]
+    fn a_route_already_on_a_node_first_reached_is_adopted_once_and_stays_adopted() {
+        let in_sync = |wrote| NodeResult::InSync { wrote };
+        let (first, notices) = next_status(
+            &SubscriptionStatus::default(),
+            &input(100),
+            &[report("http://a", true, in_sync(false)), report("http://b", true, in_sync(true))],
+        );
+        assert_eq!(notices.adopted, vec!["http://a".to_string()]);
+        assert_eq!(notices.installed, vec!["http://b".to_string()]);
+        assert_eq!((first.nodes[0].adopted, first.nodes[1].adopted), (true, false));
+        assert_eq!(ready(&first), ("True", reason::ROUTES_INSTALLED));
+        // Later passes (a repair included) keep the mark and say nothing more about it.
+        let (later, notices) = next_status(&first, &input(200), &[report("http://a", true, in_sync(true))]);
+        assert!(later.nodes[0].adopted && notices.adopted.is_empty());
+        assert_eq!(notices.repaired, vec!["http://a".to_string()]);
     }
 
     #[test]
