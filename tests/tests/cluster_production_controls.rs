@@ -375,3 +375,44 @@ async fn the_oldest_of_two_conflicting_objects_wins_and_the_other_takes_over_whe
     }
     shutdown(stop, running).await;
 }
+
+/// A route installed by hand through the node's controller API (what slimctl does), with the link
+/// the Subscription's spec renders, is adopted: the operator sends the node nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_installed_by_hand_is_adopted_without_a_write() {
+    let (client, namespace, _turn) = setup().await;
+    let a = SlimNode::start("node-by-hand").expect("node a");
+    let b = SlimNode::start("node-by-hand-link").expect("node b");
+    let sub = subscription("by-hand", &a, &b, json!({"instances": "None"}));
+    let link = render_link(&sub.spec.link, &ResolvedTls::default());
+    let route = route_of(&sub);
+    let by_hand = NodePool::default().node(&a.controller_endpoint());
+    let change = slim_operator::slim::NodeChange {
+        create_links: vec![link],
+        set_routes: vec![route.clone()],
+        ..Default::default()
+    };
+    by_hand.apply(change).await.expect("installed by hand");
+
+    let pool = NodePool::default();
+    let (stop, running) = controllers(&client, &pool, None);
+    let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
+    subs.create(&PostParams::default(), &sub).await.expect("create");
+    let status = wait_for("by-hand Ready", Duration::from_secs(60), async || {
+        let status = subs.get("by-hand").await.ok()?.status?;
+        (condition(&status.conditions, "Ready") == Some(("True", "RoutesInstalled"))).then_some(status)
+    })
+    .await;
+    let writes = pool.node(&a.controller_endpoint()).stats().writes.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(status.nodes.iter().all(|n| n.adopted), "{status:?}");
+    assert_eq!(writes, 0, "the operator sent the node no command");
+    let observed = pool.node(&a.controller_endpoint()).snapshot(Duration::ZERO).await.expect("list");
+    assert!(observed.has_route(&route));
+    println!("by hand: adopted, {writes} commands sent; {:?}", events(&client, &namespace, "by-hand", "Adopted").await);
+    // Managed from now on: deleting the Subscription removes it (policy Delete).
+    subs.delete("by-hand", &DeleteParams::default()).await.expect("delete");
+    gone(&subs, "by-hand").await;
+    let observed = pool.node(&a.controller_endpoint()).snapshot(Duration::ZERO).await.expect("list");
+    assert!(!observed.has_route(&route), "removed on delete: {observed:?}");
+    shutdown(stop, running).await;
+}
