@@ -59,10 +59,8 @@ async fn apply(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
             return Err(error);
         }
     };
-    if let Some(message) = conflict(sub, &targets, ctx) {
-        let status = failed(&old, generation, CONFLICT, message, Timestamp::now());
-        super::patch_status(sub, ctx, &status).await?;
-        return Ok(Action::requeue(CONFLICT_RECHECK));
+    if let Some(action) = yield_if_conflicting(sub, &targets, ctx, &old).await? {
+        return Ok(action);
     }
     let followed = follow_instances(sub, ctx, &mut desired, &old).await;
     let previous = previous_route(&old);
@@ -146,6 +144,19 @@ fn conflict(sub: &Subscription, targets: &[NodeTarget], ctx: &Context) -> Option
         .filter_map(|o| resolve_targets(o, ctx).ok().and_then(|targets| claim_of(o, &targets)))
         .collect();
     conflicts::winner(&mine, &others).map(|winner| conflicts::message("route", &mine, winner))
+}
+
+/// When an older Subscription wins this one's route: say so in status and look again later.
+async fn yield_if_conflicting(
+    sub: &Subscription,
+    targets: &[NodeTarget],
+    ctx: &Context,
+    old: &SubscriptionStatus,
+) -> Result<Option<Action>, Error> {
+    let Some(message) = conflict(sub, targets, ctx) else { return Ok(None) };
+    let status = failed(old, sub.meta().generation, CONFLICT, message, Timestamp::now());
+    super::patch_status(sub, ctx, &status).await?;
+    Ok(Some(Action::requeue(CONFLICT_RECHECK)))
 }
 
 /// What a retained Subscription leaves on SLIM, for its event. Pure.
