@@ -12,6 +12,15 @@ import threading
 
 from slim_app import connect
 
+_lock = threading.Lock()
+
+
+def say(*words) -> None:
+    """One whole line per call, whichever thread prints (print() writes its parts separately)."""
+    with _lock:
+        sys.stdout.write(" ".join(str(w) for w in words) + "\n")
+        sys.stdout.flush()
+
 
 def main(endpoint: str, local: str, commands=None) -> None:
     app, _ = connect(endpoint, local)
@@ -22,15 +31,15 @@ def main(endpoint: str, local: str, commands=None) -> None:
             try:
                 msg = session.get_message(datetime.timedelta(seconds=3600))
             except Exception as error:  # noqa: BLE001 - closed sessions end the loop
-                print("closed", error, flush=True)
+                say("closed", error)
                 return
-            print("received", msg.payload.decode(), flush=True)
+            say("received", msg.payload.decode())
 
     def accept() -> None:
         while True:
             session = app.listen_for_session(None)
             sessions.append(session)
-            print("joined", flush=True)
+            say("joined")
             threading.Thread(target=receive, args=(session,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
@@ -39,9 +48,9 @@ def main(endpoint: str, local: str, commands=None) -> None:
         if command == "publish" and sessions:
             try:
                 sessions[-1].publish_and_wait(text.encode(), None, None)
-                print("published", text, flush=True)
+                say("published", text)
             except Exception as error:  # noqa: BLE001
-                print("error", error, flush=True)
+                say("error", error)
 
 
 if __name__ == "__main__":
