@@ -15,7 +15,7 @@ use slim_e2e::SlimNode;
 use slim_operator::api::{ConnectionType, LinkSpec};
 use slim_operator::engine::{NodeReport, RouteSync};
 use slim_operator::plan::{DesiredRoute, NoOtherUsers, NodeTarget, ResolvedTls, render_link};
-use slim_operator::slim::{NodeChange, NodePool, RouteRef, SlimName};
+use slim_operator::slim::{NodeChange, NodePool, SlimName};
 
 struct Sub {
     desired: DesiredRoute,
@@ -36,12 +36,7 @@ fn subscriptions(count: usize, a: &SlimNode, b: &SlimNode) -> Vec<Sub> {
             let link = render_link(&spec, &ResolvedTls::default());
             let name = SlimName::parse(&format!("org/bench/app-{i}")).expect("name");
             Sub {
-                desired: DesiredRoute {
-                    route: RouteRef { name, link_id: link.link_id.clone() },
-                    link,
-                    instances: Vec::new(),
-                    peer_links: Vec::new(),
-                },
+                desired: DesiredRoute::new(name, link),
                 target: NodeTarget { endpoint: on.controller_endpoint(), pod: None },
             }
         })

@@ -47,11 +47,16 @@ fn condition(sub: &Subscription, type_: &str) -> Option<(String, String)> {
     Some((c.status.clone(), c.reason.clone()))
 }
 
-fn instance_route(name: &str, instance: &str, to: &SlimNode, link_type: &str) -> RouteRef {
-    let spec = serde_json::from_value(json!({"endpoint": to.data_endpoint(), "connectionType": link_type}))
-        .expect("link spec");
-    let link = render_link(&spec, &ResolvedTls::default());
-    RouteRef { name: SlimName::parse(&format!("{name}/{instance}")).expect("name"), link_id: link.link_id }
+/// `name/instance` over the one `remote` link between `a` and `b`: Subscriptions both ways share
+/// one connection, the link with the lower id (each side's own link is rendered from its spec).
+fn instance_route(name: &str, instance: &str, a: &SlimNode, b: &SlimNode) -> RouteRef {
+    let link_to = |node: &SlimNode| {
+        let spec = serde_json::from_value(json!({"endpoint": node.data_endpoint(), "connectionType": "remote"}))
+            .expect("link spec");
+        render_link(&spec, &ResolvedTls::default()).link_id
+    };
+    let link_id = link_to(a).min(link_to(b));
+    RouteRef { name: SlimName::parse(&format!("{name}/{instance}")).expect("name"), link_id }
 }
 
 async fn has_route(pool: &NodePool, node: &SlimNode, route: &RouteRef) -> bool {
@@ -63,7 +68,7 @@ async fn has_route(pool: &NodePool, node: &SlimNode, route: &RouteRef) -> bool {
 /// (the operator follows it), the session is opened, a message sent and bob's echo received.
 async fn session(pool: &NodePool, a: &SlimNode, b: &SlimNode, message: &str) -> String {
     let mut alice = SlimApp::sender(a, "org/ns/alice", "org/ns/bob", message).expect("alice");
-    let route = instance_route("org/ns/alice", &alice.instance, a, "remote");
+    let route = instance_route("org/ns/alice", &alice.instance, a, b);
     let started = Instant::now();
     wait_for("alice's instance routed on b", Duration::from_secs(30), async || {
         has_route(pool, b, &route).await.then_some(())
@@ -94,7 +99,7 @@ async fn remote_subscriptions_both_ways_carry_sessions_and_follow_a_restart() {
     ] {
         subs.create(&PostParams::default(), &sub).await.expect("create");
     }
-    let bob_route = instance_route("org/ns/bob", &bob.instance, &b, "remote");
+    let bob_route = instance_route("org/ns/bob", &bob.instance, &a, &b);
     wait_for("bob's instance routed on a", Duration::from_secs(30), async || {
         has_route(&pool, &a, &bob_route).await.then_some(())
     })
@@ -108,6 +113,22 @@ async fn remote_subscriptions_both_ways_carry_sessions_and_follow_a_restart() {
     .await;
     assert_eq!(status.nodes[0].instances, std::slice::from_ref(&bob.instance), "status lists bob's instance on a");
     assert_eq!(status.far_node.as_deref(), Some(b.controller_endpoint().as_str()));
+    // One connection between a and b: the side whose own link has the higher id says it routes
+    // over the other's.
+    let shared = bob_route.link_id.clone();
+    let borrowers = wait_for("one side routing over the other's link", Duration::from_secs(30), async || {
+        let mut borrowers = Vec::new();
+        for name in ["bob-via-b", "alice-via-a"] {
+            let status = subs.get(name).await.ok()?.status?;
+            if let Some(link) = status.nodes.first()?.link.clone() {
+                borrowers.push((name, link));
+            }
+        }
+        (!borrowers.is_empty()).then_some(borrowers)
+    })
+    .await;
+    assert_eq!(borrowers.len(), 1, "exactly one side borrows: {borrowers:?}");
+    assert_eq!(borrowers[0].1, shared);
 
     // No route by hand: a whole session alice -> bob and back.
     let reply = session(&pool, &a, &b, "hello-1").await;
@@ -117,7 +138,7 @@ async fn remote_subscriptions_both_ways_carry_sessions_and_follow_a_restart() {
     drop(bob);
     let bob = SlimApp::listen(&b, "org/ns/bob").expect("bob again");
     let restarted = Instant::now();
-    let new_route = instance_route("org/ns/bob", &bob.instance, &b, "remote");
+    let new_route = instance_route("org/ns/bob", &bob.instance, &a, &b);
     wait_for("bob's new instance routed on a", Duration::from_secs(30), async || {
         has_route(&pool, &a, &new_route).await.then_some(())
     })
@@ -218,8 +239,34 @@ async fn group_crosses(client: &Client, namespace: &str, a: &SlimNode, b: &SlimN
     let existing = subs.get_opt("bob-via-b").await.ok().flatten().map(|s| s.spec.link.connection_type.as_str());
     if existing != Some("peer") {
         let link_type = existing.unwrap_or("remote");
-        let member = subscription("member-via-b", "org/ns/bob-member", a, b, link_type);
-        subs.create(&PostParams::default(), &member).await.expect("member route");
+        // Each member's own name is routed where it is not: a group member acknowledges the
+        // messages of the others at their instance names.
+        for member in [
+            subscription("member-via-b", "org/ns/bob-member", a, b, link_type),
+            subscription("member-via-a", "org/ns/carol", b, a, link_type),
+        ] {
+            subs.create(&PostParams::default(), &member).await.expect("member route");
+        }
+        // One connection between the nodes carries every route, both ways: the Subscriptions of
+        // one side route over the link the other side dials (two would loop group messages).
+        let started = std::time::Instant::now();
+        let links = wait_for("one link between a and b", Duration::from_secs(60), async || {
+            let links = links_used(&subs).await;
+            (links.len() == 1).then_some(links)
+        })
+        .await;
+        println!(
+            "{link_type}: every route over one link {links:?} {:.2} s after the last Subscription",
+            started.elapsed().as_secs_f64()
+        );
+        // As the nodes themselves list their connections: one dialed between them, nothing else.
+        let pool = NodePool::default();
+        let mut dialed = Vec::new();
+        for node in [a, b] {
+            let observed = pool.node(&node.controller_endpoint()).snapshot(Duration::ZERO).await.expect("listing");
+            dialed.extend(observed.dialed.keys().filter(|l| l.starts_with("slimop-")).cloned());
+        }
+        assert_eq!(dialed, links.into_iter().collect::<Vec<_>>(), "{link_type}: the nodes hold that one link only");
     }
     let channels: Api<SlimChannel> = Api::namespaced(client.clone(), namespace);
     let channel: SlimChannel = serde_json::from_value(json!({
@@ -260,23 +307,7 @@ async fn group_crosses(client: &Client, namespace: &str, a: &SlimNode, b: &SlimN
             }
         }
     }
-    let crossed = tokio::task::block_in_place(|| {
-        let ready = bob.wait_for("joined", Duration::from_secs(10)).is_ok()
-            && carol.wait_for("joined", Duration::from_secs(10)).is_ok();
-        // A few tries: the first messages may race the members' own subscriptions.
-        let crossed = ready
-            && (0..5).any(|attempt| {
-                bob.publish(&format!("from-b-{attempt}")).ok();
-                carol.publish(&format!("from-a-{attempt}")).ok();
-                let to_a = carol.wait_for(&format!("received from-b-{attempt}"), Duration::from_secs(5)).is_ok();
-                let to_b = bob.wait_for(&format!("received from-a-{attempt}"), Duration::from_secs(5)).is_ok();
-                to_a && to_b
-            });
-        if !crossed {
-            println!("group messages did not cross; bob (b): {}\ncarol (a): {}", bob.output(), carol.output());
-        }
-        crossed
-    });
+    let crossed = tokio::task::block_in_place(|| every_round_crosses_once(&mut bob, &mut carol));
     if !crossed || std::env::var_os("SLIM_DEBUG_ROUTES").is_some() {
         for sub in subs.list(&Default::default()).await.map(|l| l.items).unwrap_or_default() {
             let status = sub.status.unwrap_or_default();
@@ -285,21 +316,112 @@ async fn group_crosses(client: &Client, namespace: &str, a: &SlimNode, b: &SlimN
                 .iter()
                 .map(|c| format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message))
                 .collect();
-            let instances: Vec<&Vec<String>> = status.nodes.iter().map(|n| &n.instances).collect();
+            let instances: Vec<(&Vec<String>, &Option<String>)> =
+                status.nodes.iter().map(|n| (&n.instances, &n.link)).collect();
             println!("{:?}: {conditions:?} instances {instances:?}", sub.metadata.name);
         }
     }
     (true, crossed)
 }
 
+/// Whether the app printed `line`, before or within 30 s.
+fn printed(app: &mut SlimApp, line: &str) -> bool {
+    app.output().lines().any(|l| l == line) || app.wait_for(line, Duration::from_secs(30)).is_ok()
+}
+
+/// What a member app printed, without SLIM's log lines.
+fn lines_of(app: &SlimApp) -> String {
+    app.output().lines().filter(|l| !l.contains(" INFO ") && !l.contains(" WARN ")).collect::<Vec<_>>().join(" | ")
+}
+
+/// The links the Subscriptions' routes go over, on every node they are on.
+async fn links_used(subs: &Api<Subscription>) -> std::collections::BTreeSet<String> {
+    let list = subs.list(&Default::default()).await.map(|l| l.items).unwrap_or_default();
+    if list
+        .iter()
+        .any(|sub| sub.status.as_ref().is_none_or(|s| s.nodes.is_empty() || s.nodes.iter().any(|n| !n.route_installed)))
+    {
+        return Default::default();
+    }
+    list.iter()
+        .filter_map(|sub| sub.status.as_ref())
+        .flat_map(|status| status.nodes.iter().map(|node| node.link.clone().or_else(|| status.link_id.clone())))
+        .map(|link| link.unwrap_or_default())
+        .collect()
+}
+
+/// After a warm-up, five rounds, each member publishing one message: true when every message
+/// reached the other member exactly once and no member heard its own (a routing loop between the nodes shows as
+/// both).
+fn every_round_crosses_once(bob: &mut SlimApp, carol: &mut SlimApp) -> bool {
+    const ROUNDS: usize = 5;
+    if bob.wait_for("joined", Duration::from_secs(10)).is_err()
+        || carol.wait_for("joined", Duration::from_secs(10)).is_err()
+    {
+        return false;
+    }
+    // The first messages may race the members' own subscriptions: a warm-up first.
+    let warm = (0..5).any(|attempt| {
+        bob.publish(&format!("warm-b-{attempt}")).ok();
+        carol.publish(&format!("warm-a-{attempt}")).ok();
+        let to_a = carol.wait_for(&format!("received warm-b-{attempt}"), Duration::from_secs(5)).is_ok();
+        to_a && bob.wait_for(&format!("received warm-a-{attempt}"), Duration::from_secs(5)).is_ok()
+    });
+    if !warm {
+        println!("no warm-up message crossed; bob (b): {}\ncarol (a): {}", bob.output(), carol.output());
+        return false;
+    }
+    // Each publish waits for every member's acknowledgement (SLIM retransmits what is not
+    // acknowledged): a round ends when both messages crossed and both were acknowledged.
+    let mut slowest = Duration::ZERO;
+    for round in 0..ROUNDS {
+        let started = std::time::Instant::now();
+        bob.publish(&format!("from-b-{round}")).ok();
+        carol.publish(&format!("from-a-{round}")).ok();
+        let done = [
+            printed(carol, &format!("received from-b-{round}")),
+            printed(bob, &format!("received from-a-{round}")),
+            printed(bob, &format!("published from-b-{round}")),
+            printed(carol, &format!("published from-a-{round}")),
+        ];
+        if done.iter().any(|printed| !printed) {
+            let missing: Vec<usize> = done.iter().enumerate().filter(|(_, d)| !**d).map(|(i, _)| i).collect();
+            println!(
+                "round {round} did not cross (missing {missing:?}: 0 carol received, 1 bob received, 2 bob acked, 3 carol acked); bob (b): {}\ncarol (a): {}",
+                lines_of(bob),
+                lines_of(carol)
+            );
+            return false;
+        }
+        slowest = slowest.max(started.elapsed());
+    }
+    println!("group rounds: {ROUNDS}, the slowest crossed and acknowledged in {:.2} s", slowest.as_secs_f64());
+    // Whatever a loop would still deliver arrives within a second.
+    let _ = bob.wait_for("\u{0}", Duration::from_secs(1));
+    let _ = carol.wait_for("\u{0}", Duration::from_secs(1));
+    let count = |app: &SlimApp, line: String| app.output().lines().filter(|l| *l == line).count();
+    (0..ROUNDS).all(|round| {
+        let once = count(carol, format!("received from-b-{round}")) == 1
+            && count(bob, format!("received from-a-{round}")) == 1
+            && count(bob, format!("received from-b-{round}")) == 0
+            && count(carol, format!("received from-a-{round}")) == 0;
+        if !once {
+            println!(
+                "round {round}: a message twice or back to its sender; bob (b): {}\ncarol (a): {}",
+                bob.output(),
+                carol.output()
+            );
+        }
+        once
+    })
+}
+
 /// The link type × traffic matrix (README, Subscription reference). Measured on SLIM 3.4.6:
-/// - point-to-point sessions cross over every link type (remote and edge thanks to the instance
-///   routes; peer links sync subscriptions);
-/// - a group channel spanning the nodes works over one `peer` link. Over `remote` or `edge`
-///   Subscriptions both ways (two connections), members join and messages from a's side reach b,
-///   but messages from b's side reach a only in some runs (2 of 10 remote, 0 of 5 edge): the
-///   channel's instances are routed both ways over two connections, which SLIM fans out in a loop
-///   bounded by its TTL. Asserted as such, so a SLIM release that changes it is noticed.
+/// point-to-point sessions and group channels cross over every link type. Over `remote` and
+/// `edge` the Subscriptions of the two sides share one connection (the side whose own link has
+/// the higher id routes over the other side's), so a group message is fanned out once per node
+/// and never comes back; every member's name is routed to the node it is on, or the members'
+/// acknowledgements are lost. A `peer` link syncs subscriptions itself (one Subscription).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_each_link_type_carries() {
     init_logging();
@@ -312,9 +434,7 @@ async fn what_each_link_type_carries() {
         );
         assert!(carries.point_to_point, "{link_type}: a point-to-point session crosses");
         assert!(carries.group_joined, "{link_type}: both members join the channel");
-        if link_type == "peer" {
-            assert!(carries.group_crossed, "peer: group messages cross both ways");
-        }
+        assert!(carries.group_crossed, "{link_type}: group messages cross both ways, once each, acknowledged");
     }
 }
 

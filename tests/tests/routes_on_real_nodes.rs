@@ -14,12 +14,7 @@ fn desired(name: &str, to: &SlimNode) -> DesiredRoute {
         LinkSpec { endpoint: to.data_endpoint(), connection_type: ConnectionType::Remote, tls: None, controller: None };
     let link = render_link(&spec, &ResolvedTls::default());
     let name = SlimName::parse(name).expect("valid name");
-    DesiredRoute {
-        route: RouteRef { name, link_id: link.link_id.clone() },
-        link,
-        instances: Vec::new(),
-        peer_links: Vec::new(),
-    }
+    DesiredRoute::new(name, link)
 }
 
 fn target(node: &SlimNode) -> NodeTarget {

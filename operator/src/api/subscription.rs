@@ -259,6 +259,11 @@ pub struct NodeStatus {
     /// by a retained Subscription, say): adopted, not written again. Managed like any other since.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub adopted: bool,
+    /// The link the routes go over on this node when it is not the Subscription's own
+    /// (`linkId`): the far node already dials this node with a link of the same type, and one
+    /// connection between two nodes carries a group channel without looping its messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 impl super::condition::ReadyStatus for SubscriptionStatus {

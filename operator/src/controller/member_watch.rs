@@ -16,6 +16,7 @@ use kube::runtime::reflector::ObjectRef;
 use tokio::sync::mpsc;
 
 use crate::api::{SlimChannel, Subscription};
+use crate::plan::Borrowable;
 use crate::plan::channel::{LiveInstances, live_instances};
 use crate::slim::{NodePool, Observed, SlimName};
 
@@ -44,6 +45,15 @@ impl Triggers {
     }
 }
 
+/// A Subscription's far node, as its reconcile read it: where, through which clients, for which
+/// name, and the Subscription's own link.
+pub struct FarView<'a> {
+    pub endpoint: &'a str,
+    pub pool: NodePool,
+    pub name: &'a SlimName,
+    pub link_id: &'a str,
+}
+
 /// A node as read: its endpoint and the TLS source of the client (0: plain).
 type NodeKey = (String, u64);
 
@@ -56,6 +66,9 @@ struct Watched {
     /// Instances reached only back over this link are not counted (a Subscription's own link).
     except_link: Option<String>,
     live: LiveInstances,
+    /// For a Subscription, the links the far node dials that its routes may go over instead of
+    /// its own: one appearing or going changes its plan (`DesiredRoute::on_node`).
+    dialed: Option<(Borrowable, BTreeSet<String>)>,
 }
 
 impl Watched {
@@ -80,28 +93,27 @@ impl MemberWatch {
         participants: BTreeSet<String>,
         live: LiveInstances,
     ) {
-        let watched = Watched { endpoints, pool, participants, except_link: None, live };
+        let watched = Watched { endpoints, pool, participants, except_link: None, live, dialed: None };
         self.lock().insert(Watcher::Channel(channel), watched);
     }
 
-    /// Records the instances of `name` a reconcile of `subscription` routed, as the far node
-    /// `endpoint` (read through `pool`) reaches them other than over `link_id`.
+    /// Records what a reconcile of `subscription` saw on its far node: the instances of its name
+    /// the far node reaches other than over the Subscription's link, and the links it dials.
     pub fn record_subscription(
         &self,
         subscription: ObjectRef<Subscription>,
-        endpoint: &str,
-        pool: NodePool,
-        name: &SlimName,
-        link_id: &str,
+        far: FarView<'_>,
         instances: BTreeSet<String>,
+        dialed: Option<(Borrowable, BTreeSet<String>)>,
     ) {
-        let name = name.to_string();
+        let name = far.name.to_string();
         let watched = Watched {
-            endpoints: vec![endpoint.to_owned()],
-            pool,
+            endpoints: vec![far.endpoint.to_owned()],
+            pool: far.pool,
             participants: BTreeSet::from([name.clone()]),
-            except_link: Some(link_id.to_owned()),
+            except_link: Some(far.link_id.to_owned()),
             live: LiveInstances::from([(name, instances)]),
+            dialed,
         };
         self.lock().insert(Watcher::Subscription(subscription), watched);
     }
@@ -133,9 +145,13 @@ impl MemberWatch {
             else {
                 continue;
             };
-            let live = live_instances(&watched.participants, observed, watched.except_link.as_deref());
-            if live != watched.live {
+            let live = live_instances(&watched.participants, observed.iter().copied(), watched.except_link.as_deref());
+            let dialed = watched.dialed.as_ref().map(|(borrowable, _)| {
+                (borrowable.clone(), observed.iter().flat_map(|o| borrowable.dialed_by(o)).collect())
+            });
+            if live != watched.live || dialed != watched.dialed {
                 watched.live = live;
+                watched.dialed = dialed;
                 changed.push(channel.clone());
             }
         }
@@ -216,7 +232,8 @@ mod tests {
         let sub = ObjectRef::new("bob").within("apps");
         let bob = SlimName::parse("org/ns/bob").expect("name");
         let old = BTreeSet::from([OLD.to_owned()]);
-        watch.record_subscription(sub.clone(), "http://far:1", NodePool::default(), &bob, "ours", old);
+        let far = FarView { endpoint: "http://far:1", pool: NodePool::default(), name: &bob, link_id: "ours" };
+        watch.record_subscription(sub.clone(), far, old, None);
         let listed = |observed: Arc<Observed>| HashMap::from([(("http://far:1".to_owned(), 0), observed)]);
         assert!(watch.changed(&listed(node_with(&[&format!("org/ns/bob/{OLD}")]))).is_empty());
         let mut looped = (*node_with(&[&format!("org/ns/bob/{OLD}"), &format!("org/ns/bob/{NEW}")])).clone();
@@ -227,6 +244,30 @@ mod tests {
         assert_eq!(watch.changed(&restarted), vec![Watcher::Subscription(sub.clone())]);
         watch.forget_subscription(&sub);
         assert!(watch.nodes().is_empty());
+    }
+
+    #[test]
+    fn a_subscription_is_triggered_when_its_far_node_dials_another_link_or_drops_one() {
+        let watch = MemberWatch::default();
+        let sub = ObjectRef::new("bob").within("apps");
+        let bob = SlimName::parse("org/ns/bob").expect("name");
+        let link =
+            crate::slim::LinkConfig { link_id: "l-z".into(), config_data: r#"{"connection_type":"remote"}"#.into() };
+        let borrowable = Borrowable::of(&link).expect("a remote link");
+        let dialed = Some((borrowable, BTreeSet::from(["l-b".to_owned()])));
+        let far = FarView { endpoint: "http://far:1", pool: NodePool::default(), name: &bob, link_id: "ours" };
+        watch.record_subscription(sub.clone(), far, BTreeSet::new(), dialed);
+        let far = |links: &[&str]| {
+            let observed = Observed {
+                dialed: links.iter().map(|l| (l.to_string(), "remote".to_owned())).collect(),
+                ..Default::default()
+            };
+            HashMap::from([(("http://far:1".to_owned(), 0), Arc::new(observed))])
+        };
+        assert!(watch.changed(&far(&["l-b"])).is_empty());
+        assert_eq!(watch.changed(&far(&[])), vec![Watcher::Subscription(sub.clone())], "the borrowed link went");
+        assert_eq!(watch.changed(&far(&["l-c"])), vec![Watcher::Subscription(sub)], "a link to borrow came");
+        assert!(watch.changed(&far(&["l-c", "l-zz"])).is_empty(), "a link with a higher id than ours is not news");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::info;
 
+use super::member_watch::FarView;
 use super::subscription_status::{Followed, Notices, StatusInput, next_status};
 use super::{Context, Error};
 use crate::api::condition::failed;
@@ -19,8 +20,8 @@ use crate::engine::{NodeReport, NodeResult, RouteSync};
 use crate::plan::conflicts::{self, Claim};
 use crate::plan::instances::reason as follow_reason;
 use crate::plan::{
-    DesiredRoute, Following, NodeTarget, ResolvedTls, Users, following, instance_routes, node_targets, render_link,
-    selector_query,
+    Borrowable, DesiredRoute, Following, NodeTarget, ResolvedTls, Users, following, instance_routes, node_targets,
+    render_link, selector_query,
 };
 use crate::slim::{RouteRef, SlimName};
 
@@ -281,12 +282,7 @@ async fn resolve_desired(sub: &Subscription, ctx: &Context) -> Result<DesiredRou
         _ => ResolvedTls::default(),
     };
     let link = render_link(&sub.spec.link, &tls);
-    Ok(DesiredRoute {
-        route: RouteRef { name, link_id: link.link_id.clone() },
-        link,
-        instances: Vec::new(),
-        peer_links: Vec::new(),
-    })
+    Ok(DesiredRoute::new(name, link))
 }
 
 /// Adds to `desired` the routes of its name's live instances, as the far node of the link lists
@@ -329,6 +325,7 @@ async fn follow_instances(
     let (routes, followed) = match listing {
         Ok(observed) => {
             desired.peer_links = peer_links(ctx).filter(|l| observed.links.contains(l)).collect();
+            desired.far = Some(observed.clone());
             let routes = instance_routes(&name, &link_id, &observed);
             let message = format!("{} live instance(s) of {name} on the far node {far}", routes.len());
             (routes, Followed { ok: true, reason: follow_reason::FOLLOWING, message, far_node: Some(endpoint.clone()) })
@@ -340,7 +337,12 @@ async fn follow_instances(
         }
     };
     let ids = instance_ids(&routes).into_iter().collect();
-    ctx.member_watch.record_subscription(key, &endpoint, pool, &name, &link_id, ids);
+    let dialed = Borrowable::of(&desired.link).map(|b| {
+        let links = desired.far.as_deref().map(|far| b.dialed_by(far)).unwrap_or_default();
+        (b, links)
+    });
+    let far = FarView { endpoint: &endpoint, pool, name: &name, link_id: &link_id };
+    ctx.member_watch.record_subscription(key, far, ids, dialed);
     desired.instances = routes;
     followed
 }
@@ -376,7 +378,8 @@ fn instance_ids(routes: &[RouteRef]) -> Vec<String> {
     routes.iter().filter_map(|r| r.name.instance()).map(|id| uuid::Uuid::from_u128(id).to_string()).collect()
 }
 
-/// The instance routes the status says are on each node (over the recorded link).
+/// The instance routes the status says are on each node (over the recorded link), and the route
+/// itself on a node whose routes go over a borrowed link.
 fn previous_instances(status: &SubscriptionStatus) -> BTreeMap<String, Vec<RouteRef>> {
     let Some(route) = previous_route(status) else { return BTreeMap::new() };
     let base = route.name.without_instance();
@@ -384,11 +387,14 @@ fn previous_instances(status: &SubscriptionStatus) -> BTreeMap<String, Vec<Route
         .nodes
         .iter()
         .map(|node| {
+            let link_id = node.link.clone().unwrap_or_else(|| route.link_id.clone());
+            let borrowed = node.link.as_ref().map(|_| RouteRef { name: route.name.clone(), link_id: link_id.clone() });
             let routes = node
                 .instances
                 .iter()
                 .filter_map(|id| uuid::Uuid::try_parse(id).ok())
-                .map(|id| RouteRef { name: base.with_instance(id.as_u128()), link_id: route.link_id.clone() })
+                .map(|id| RouteRef { name: base.with_instance(id.as_u128()), link_id: link_id.clone() })
+                .chain(borrowed)
                 .collect();
             (node.endpoint.clone(), routes)
         })
@@ -515,8 +521,14 @@ impl StoreUsers<'_> {
 }
 
 impl Users for StoreUsers<'_> {
+    /// Another Subscription routes over the link on the node (its own link, unless it borrows
+    /// the far node's there).
     fn link_in_use(&self, node: &str, link_id: &str) -> bool {
-        self.others_on(node).any(|s| s.status.as_ref().and_then(|st| st.link_id.as_deref()) == Some(link_id))
+        self.others_on(node).any(|s| {
+            let Some(status) = s.status.as_ref() else { return false };
+            let borrows_here = status.nodes.iter().any(|n| n.endpoint == node && n.link.is_some());
+            !borrows_here && status.link_id.as_deref() == Some(link_id)
+        })
     }
 
     fn route_in_use(&self, node: &str, route: &RouteRef) -> bool {

@@ -153,6 +153,12 @@ fn target_node(
         removing_since: None,
         instances,
         adopted,
+        // A node not reached keeps the link its routes went over.
+        link: if installed {
+            report.borrowed.clone()
+        } else {
+            report.borrowed.clone().or(before.and_then(|b| b.link.clone()))
+        },
     }
 }
 
@@ -184,6 +190,7 @@ fn leaving_node(
         removing_since: Some(since),
         instances: before.map(|b| b.instances.clone()).unwrap_or_default(),
         adopted: before.is_some_and(|b| b.adopted),
+        link: before.and_then(|b| b.link.clone()),
     })
 }
 
@@ -254,7 +261,7 @@ mod tests {
     }
 
     fn report(endpoint: &str, target: bool, result: NodeResult) -> NodeReport {
-        NodeReport { endpoint: endpoint.into(), pod: None, target, result }
+        NodeReport { endpoint: endpoint.into(), pod: None, target, result, borrowed: None }
     }
 
     fn ready(status: &SubscriptionStatus) -> (&str, &str) {

@@ -35,6 +35,8 @@ pub struct NodeReport {
     /// Is the node still a target (false: the route is being removed from it)?
     pub target: bool,
     pub result: NodeResult,
+    /// The far node's link the routes go over on this node, when not the Subscription's own.
+    pub borrowed: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,20 +69,43 @@ impl RouteSync<'_> {
             .map(|endpoint| (endpoint.clone(), None, false));
         let staying = self.targets.iter().map(|t| (t.endpoint.clone(), t.pod.clone(), true));
         let work = staying.chain(leaving).map(|(endpoint, pod, target)| async move {
-            let result = self.sync_node(pool, &endpoint, target).await;
-            NodeReport { endpoint, pod, target, result }
+            let (result, borrowed) = self.sync_node(pool, &endpoint, target).await;
+            NodeReport { endpoint, pod, target, result, borrowed }
         });
         join_all(work).await
     }
 
-    async fn sync_node(&self, pool: &NodePool, endpoint: &str, target: bool) -> NodeResult {
+    /// The node's result, and the far node's link its routes go over if they do.
+    async fn sync_node(&self, pool: &NodePool, endpoint: &str, target: bool) -> (NodeResult, Option<String>) {
         let node = pool.node(endpoint);
-        let observed = match node.snapshot(self.max_snapshot_age).await {
+        let mut observed = match node.snapshot(self.max_snapshot_age).await {
             Ok(observed) => observed,
-            Err(error) => return failure(error),
+            Err(error) => return (failure(error), None),
         };
         let was_here = self.previous_nodes.iter().any(|e| e == endpoint);
-        let desired = self.desired.filter(|_| target);
+        let mut desired = self.desired.filter(|_| target).map(|d| d.on_node(&observed));
+        // A cached listing may predate the far node's link to this node: read it again before
+        // making a second connection between the two.
+        if desired.as_ref().is_some_and(|d| d.borrowed.is_none() && d.may_borrow()) && !self.max_snapshot_age.is_zero()
+        {
+            observed = match node.snapshot(Duration::ZERO).await {
+                Ok(observed) => observed,
+                Err(error) => return (failure(error), None),
+            };
+            desired = self.desired.map(|d| d.on_node(&observed));
+        }
+        let borrowed = desired.as_ref().and_then(|d| d.borrowed.clone());
+        (self.apply_plan(&node, endpoint, desired.as_ref(), was_here, &observed).await, borrowed)
+    }
+
+    async fn apply_plan(
+        &self,
+        node: &crate::slim::NodeClient,
+        endpoint: &str,
+        desired: Option<&DesiredRoute>,
+        was_here: bool,
+        observed: &crate::slim::Observed,
+    ) -> NodeResult {
         let previous: Vec<RouteRef> = self
             .previous
             .filter(|_| was_here)
@@ -88,7 +113,7 @@ impl RouteSync<'_> {
             .chain(self.previous_instances.get(endpoint).into_iter().flatten())
             .cloned()
             .collect();
-        let change = plan_node(endpoint, desired, &previous, &observed, self.users);
+        let change = plan_node(endpoint, desired, &previous, observed, self.users);
         if change.is_empty() {
             return NodeResult::InSync { wrote: false };
         }

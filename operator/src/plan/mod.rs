@@ -12,4 +12,4 @@ pub use link::{LINK_ID_PREFIX, ResolvedTls, render_link};
 pub use nodes::{
     NodeTarget, SelectorError, node_targets, parse_equality_selector, pod_targets, selector_matches, selector_query,
 };
-pub use routes::{DesiredRoute, NoOtherUsers, Users, plan_node};
+pub use routes::{Borrowable, DesiredRoute, NoOtherUsers, Users, plan_node};

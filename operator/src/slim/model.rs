@@ -1,7 +1,7 @@
 //! What the operator knows of a SLIM node's state and what it asks of it: value types only, no
 //! IO (the planner builds on these; the node client in `node` speaks them over gRPC).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -13,6 +13,14 @@ pub struct LinkConfig {
     pub link_id: String,
     /// The node's client config as JSON. May hold TLS key material: never log it.
     pub config_data: String,
+}
+
+impl LinkConfig {
+    /// The connection type the config asks for (`remote`, `peer`, `edge`).
+    pub fn connection_type(&self) -> Option<String> {
+        let config: serde_json::Value = serde_json::from_str(&self.config_data).ok()?;
+        Some(config.get("connection_type")?.as_str()?.to_owned())
+    }
 }
 
 /// A route: a name reachable over a link.
@@ -94,6 +102,11 @@ pub struct Observed {
     pub links: BTreeSet<String>,
     pub routes: BTreeSet<(NameKey, String)>,
     pub names: BTreeSet<NameKey>,
+    /// The links this node dials, with their connection type (`remote`, `peer`, `edge`).
+    pub dialed: BTreeMap<String, String>,
+    /// The links other nodes dial to this one, with how many connections carry each id (two
+    /// nodes dialing this one with the same link spec share an id).
+    pub incoming: BTreeMap<String, usize>,
 }
 
 impl Observed {
@@ -128,6 +141,7 @@ impl Observed {
         for link in &change.create_links {
             if !outcome.refused(&ChangeItem::CreateLink(link.link_id.clone())) {
                 self.links.insert(link.link_id.clone());
+                self.dialed.insert(link.link_id.clone(), link.connection_type().unwrap_or_default());
             }
         }
         for route in &change.set_routes {
@@ -141,6 +155,7 @@ impl Observed {
         }
         for link in &change.delete_links {
             self.links.remove(link);
+            self.dialed.remove(link);
             self.routes.retain(|(_, l)| l != link);
         }
     }

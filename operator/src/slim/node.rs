@@ -536,9 +536,15 @@ impl<'a> Session<'a> {
             return;
         };
         for connection in response.entries {
-            if let Some(link_id) = connection.link_id {
-                list.observed.links.insert(link_id);
+            let Some(link_id) = connection.link_id.clone() else { continue };
+            match connection.direction() {
+                ctl::ConnectionDirection::Outgoing => {
+                    let kind = connection_type_name(connection.connection_type());
+                    list.observed.dialed.insert(link_id.clone(), kind.to_owned());
+                }
+                ctl::ConnectionDirection::Incoming => *list.observed.incoming.entry(link_id.clone()).or_default() += 1,
             }
+            list.observed.links.insert(link_id);
         }
         list.connections_done |= response.done;
         self.finish_list_if_done();
@@ -601,5 +607,15 @@ impl<'a> Session<'a> {
                 let _ = waiter.send(Err(error()));
             }
         }
+    }
+}
+
+/// The name a link config gives a connection type (`LinkConfig::connection_type`).
+fn connection_type_name(kind: ctl::ConnectionType) -> &'static str {
+    match kind {
+        ctl::ConnectionType::Local => "local",
+        ctl::ConnectionType::Remote => "remote",
+        ctl::ConnectionType::Peer => "peer",
+        ctl::ConnectionType::Edge => "edge",
     }
 }
