@@ -436,4 +436,103 @@ mod tests {
             assert!(change.delete_links.is_empty());
         }
     }
+
+    /// The planner on random desired and observed states of a node: applying its change yields
+    /// the desired state, and planning again changes nothing.
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::slim::ChangeOutcome;
+
+        const NAMES: [&str; 3] = ["o/n/a", "o/n/b", "o/n/c"];
+        const INSTANCES: [u128; 3] = [1, 2, 3];
+        const LINKS: [&str; 3] = ["l1", "l2", "l3"];
+
+        fn route_of((name, instance, link): (usize, Option<usize>, usize)) -> RouteRef {
+            let base = SlimName::parse(NAMES[name]).expect("name");
+            let name = instance.map_or_else(|| base.clone(), |i| base.with_instance(INSTANCES[i]));
+            RouteRef { name, link_id: LINKS[link].to_owned() }
+        }
+
+        fn routes() -> impl Strategy<Value = Vec<RouteRef>> {
+            prop::collection::vec((0..3usize, prop::option::of(0..3usize), 0..3usize), 0..8)
+                .prop_map(|picks| picks.into_iter().map(route_of).collect())
+        }
+
+        /// A node: links it dials (the rest of `incoming` dialed to it), and routes over them.
+        fn node() -> impl Strategy<Value = Observed> {
+            (
+                prop::collection::btree_set(0..3usize, 0..3),
+                prop::collection::btree_map(0..3usize, 1..3usize, 0..2),
+                routes(),
+            )
+                .prop_map(|(dialed, incoming, routes)| {
+                    let mut node = observed(&[], &[]);
+                    for link in dialed {
+                        node.links.insert(LINKS[link].into());
+                        node.dialed.insert(LINKS[link].into(), "remote".into());
+                    }
+                    for (link, count) in incoming {
+                        node.links.insert(LINKS[link].into());
+                        node.incoming.insert(LINKS[link].into(), count);
+                    }
+                    for route in routes.into_iter().filter(|r| node.links.contains(&r.link_id)) {
+                        node.names.insert(route.name.key());
+                        node.routes.insert((route.name.key(), route.link_id));
+                    }
+                    node
+                })
+        }
+
+        /// What a Subscription wants: its name over a link, instances, and the far node's links.
+        fn wanted() -> impl Strategy<Value = Option<DesiredRoute>> {
+            let far = prop::collection::btree_map(0..3usize, prop_oneof![Just("remote"), Just("edge")], 0..3);
+            prop::option::of((0..3usize, 0..3usize, prop::collection::btree_set(0..3usize, 0..3), far)).prop_map(
+                |picked| {
+                    let (name, link, instances, far) = picked?;
+                    let mut want = desired(NAMES[name], LINKS[link]);
+                    want.link = LinkConfig {
+                        link_id: LINKS[link].into(),
+                        config_data: r#"{"connection_type":"remote"}"#.into(),
+                    };
+                    want.instances = instances.into_iter().map(|i| route_of((name, Some(i), link))).collect();
+                    let mut far_node = observed(&[], &[]);
+                    far_node.dialed = far.into_iter().map(|(l, kind)| (LINKS[l].to_owned(), kind.to_owned())).collect();
+                    want.far = Some(Arc::new(far_node));
+                    Some(want)
+                },
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn applying_the_plan_reaches_the_desired_state_and_a_second_plan_is_empty(
+                node in node(),
+                want in wanted(),
+                previous in routes(),
+            ) {
+                let want = want.map(|w| w.on_node(&node));
+                let change = plan_node("n", want.as_ref(), &previous, &node, &NoOtherUsers);
+                // Only links this node dials are ever deleted.
+                for link in &change.delete_links {
+                    prop_assert!(node.dialed.contains_key(link), "deleted {link}, dialed to the node");
+                }
+                let mut after = node.clone();
+                after.apply(&change, &ChangeOutcome::default());
+                if let Some(want) = &want {
+                    prop_assert!(after.links.contains(want.link_id()), "the link is there: {after:?}");
+                    for route in want.routes() {
+                        prop_assert!(after.has_route(route), "{route:?} is there: {after:?}");
+                    }
+                }
+                for old in &previous {
+                    let wanted = want.as_ref().is_some_and(|w| w.routes().any(|r| r == old));
+                    prop_assert!(wanted || !after.has_route(old), "{old:?} was removed: {change:?}");
+                }
+                let again = plan_node("n", want.as_ref(), &previous, &after, &NoOtherUsers);
+                prop_assert!(again.is_empty(), "a second plan changes nothing: {again:?}");
+            }
+        }
+    }
 }

@@ -226,4 +226,119 @@ mod tests {
         let (batch, rest) = take_batch(vec![(uses("l1"), 1), (uses("l2"), 2)], 1);
         assert_eq!((batch.len(), rest.len()), (1, 1), "bounded: one item per command");
     }
+
+    /// Node acks with arbitrary contents, against a change: mapped without a panic, every failure
+    /// is an item of the change the ack refused, and every refused item is a failure (a delete of
+    /// what is already gone excepted).
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::slim::SlimName;
+
+        const NAMES: [&str; 3] = ["o/n/a", "o/n/b", "o/n/c"];
+        const LINKS: [&str; 3] = ["l1", "l2", "l3"];
+        const MESSAGES: [&str; 4] = ["", "route not found", "boom", "Connection NOT EXIST"];
+
+        fn change() -> impl Strategy<Value = NodeChange> {
+            let routes = || prop::collection::vec((0..3usize, 0..3usize), 0..4);
+            let links = || prop::collection::vec(0..3usize, 0..3);
+            (links(), routes(), routes(), links()).prop_map(|(create, set, delete, delete_links)| NodeChange {
+                create_links: create.into_iter().map(|l| link(LINKS[l])).collect(),
+                set_routes: set.into_iter().map(|(n, l)| route(NAMES[n], LINKS[l])).collect(),
+                delete_routes: delete.into_iter().map(|(n, l)| route(NAMES[n], LINKS[l])).collect(),
+                delete_links: delete_links.into_iter().map(|l| LINKS[l].to_owned()).collect(),
+            })
+        }
+
+        /// Statuses about the change's items and about anything else (random hashes, no name).
+        fn ack() -> impl Strategy<Value = ctl::ConfigurationCommandAck> {
+            let link_status = (0..4usize, any::<bool>(), 0..4usize).prop_map(|(l, success, m)| ctl::ConnectionAck {
+                link_id: LINKS.get(l).map_or_else(|| "other".to_owned(), |l| (*l).to_owned()),
+                success,
+                error_msg: MESSAGES[m].to_owned(),
+            });
+            let name = prop_oneof![
+                (0..3usize).prop_map(|n| Some(SlimName::parse(NAMES[n]).expect("name").to_proto())),
+                (any::<u64>(), any::<u64>()).prop_map(|(a, b)| Some(crate::slim::pb::dataplane::v1::Name {
+                    name: Some(crate::slim::pb::dataplane::v1::EncodedName {
+                        component_0: a,
+                        component_1: b,
+                        ..Default::default()
+                    }),
+                    str_name: None,
+                })),
+                Just(None),
+            ];
+            let route_status =
+                (name, prop::option::of(0..4usize), any::<bool>(), 0..4usize).prop_map(|(name, l, success, m)| {
+                    ctl::RouteAck {
+                        route: Some(ctl::Route {
+                            name,
+                            link_id: l.map(|l| LINKS.get(l).map_or_else(|| "other".to_owned(), |l| (*l).to_owned())),
+                            direction: None,
+                        }),
+                        success,
+                        error_msg: MESSAGES[m].to_owned(),
+                    }
+                });
+            (prop::collection::vec(link_status, 0..6), prop::collection::vec(route_status, 0..8)).prop_map(
+                |(connections_status, routes_status)| ctl::ConfigurationCommandAck {
+                    original_message_id: String::new(),
+                    connections_status,
+                    routes_status,
+                },
+            )
+        }
+
+        fn refused_link(ack: &ctl::ConfigurationCommandAck, id: &str) -> Option<String> {
+            // A refusal counts; of several, the last one's message.
+            ack.connections_status
+                .iter()
+                .filter(|s| !s.success)
+                .rev()
+                .find(|s| s.link_id == id)
+                .map(|s| s.error_msg.clone())
+        }
+
+        fn refused_route(ack: &ctl::ConfigurationCommandAck, wanted: &RouteRef) -> Option<String> {
+            let matches = |s: &&ctl::RouteAck| {
+                s.route.as_ref().is_some_and(|r| {
+                    r.name.as_ref().and_then(NameKey::from_proto) == Some(wanted.name.key())
+                        && r.link_id.clone().unwrap_or_default() == wanted.link_id
+                })
+            };
+            ack.routes_status.iter().filter(|s| !s.success).rev().find(matches).map(|s| s.error_msg.clone())
+        }
+
+        proptest! {
+            #[test]
+            fn every_refused_item_and_only_those_is_a_failure(change in change(), ack in ack()) {
+                let outcome = AckFailures::from_ack(&ack).outcome_for(&change);
+                let gone = |m: &str| Refusal::of(m) == Refusal::NotFound;
+                let mut expected = Vec::new();
+                for link in &change.create_links {
+                    if let Some(message) = refused_link(&ack, &link.link_id) {
+                        expected.push(ItemFailure { item: ChangeItem::CreateLink(link.link_id.clone()), message });
+                    }
+                }
+                for route in &change.set_routes {
+                    if let Some(message) = refused_route(&ack, route) {
+                        expected.push(ItemFailure { item: ChangeItem::SetRoute(route.clone()), message });
+                    }
+                }
+                for route in &change.delete_routes {
+                    if let Some(message) = refused_route(&ack, route).filter(|m| !gone(m)) {
+                        expected.push(ItemFailure { item: ChangeItem::DeleteRoute(route.clone()), message });
+                    }
+                }
+                for link in &change.delete_links {
+                    if let Some(message) = refused_link(&ack, link).filter(|m| !gone(m)) {
+                        expected.push(ItemFailure { item: ChangeItem::DeleteLink(link.clone()), message });
+                    }
+                }
+                prop_assert_eq!(outcome.failures, expected);
+            }
+        }
+    }
 }

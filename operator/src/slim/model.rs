@@ -137,7 +137,7 @@ impl Observed {
     }
 
     /// Applies a change the node acknowledged (minus the items it refused).
-    pub(super) fn apply(&mut self, change: &NodeChange, outcome: &ChangeOutcome) {
+    pub(crate) fn apply(&mut self, change: &NodeChange, outcome: &ChangeOutcome) {
         for link in &change.create_links {
             if !outcome.refused(&ChangeItem::CreateLink(link.link_id.clone())) {
                 self.links.insert(link.link_id.clone());

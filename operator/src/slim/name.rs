@@ -192,4 +192,43 @@ mod tests {
         assert_eq!(encoded.component_2, 5309210987355009988);
         assert_eq!(proto.str_name.expect("strings").str_component_2, "bob");
     }
+
+    /// SLIM names from anywhere (specs, node listings, status): parsing never panics, and a
+    /// parsed name printed parses back to itself.
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn component() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-zA-Z0-9._-]{1,12}",
+                "[^/]{1,8}".prop_filter("no whitespace", |c| !c.chars().any(char::is_whitespace))
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_string_is_parsed_or_refused_without_a_panic(input in "\\PC{0,40}|([a-z/]{0,4}/){2,5}.{0,8}") {
+                let _ = SlimName::parse(&input);
+            }
+
+            #[test]
+            fn a_name_printed_parses_back_to_itself(
+                parts in [component(), component(), component()],
+                instance in prop::option::of(any::<u128>()),
+            ) {
+                let text = parts.join("/");
+                let text = match instance {
+                    Some(id) => format!("{text}/{}", uuid::Uuid::from_u128(id)),
+                    None => text,
+                };
+                let name = SlimName::parse(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(name.to_string(), text.clone(), "printed as written");
+                prop_assert_eq!(SlimName::parse(&name.to_string()), Ok(name.clone()));
+                prop_assert_eq!(name.instance(), instance);
+                prop_assert_eq!(name.without_instance().with_instance(instance.unwrap_or(NO_INSTANCE)).key(), name.key());
+            }
+        }
+    }
 }

@@ -274,3 +274,144 @@ fn the_workload_api_socket_in_yaml_and_hcl() {
         assert!(error.contains(message), "{text}: {error}");
     }
 }
+
+/// The agent's config as users and the injector write it: no text makes the parsers panic, and
+/// every config accepted reads back from its YAML unchanged. `PROPTEST_CASES` sets the case count.
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The keys the agent reads at the top level, each with values of its type.
+    fn typed_line() -> impl Strategy<Value = String> {
+        let text = || "[a-zA-Z0-9./_-]{1,16}".prop_map(|s| format!("\"{s}\""));
+        let path = || "(/[a-z0-9_.-]{1,8}){1,3}".prop_map(|s| format!("\"{s}\""));
+        let boolean = || prop_oneof![Just("true".to_owned()), Just("false".to_owned())];
+        let mode = || prop_oneof!["0[0-7]{3}", "0[0-7]{3}".prop_map(|m| format!("\"{m}\""))];
+        let one_of = |choices: &'static [&'static str]| prop::sample::select(choices).prop_map(|c| format!("\"{c}\""));
+        prop_oneof![
+            path().prop_map(|v| format!("agent_address = {v}")),
+            path().prop_map(|v| format!("cert_dir = {v}")),
+            text().prop_map(|v| format!("cmd = {v}")),
+            text().prop_map(|v| format!("cmd_args = {v}")),
+            text().prop_map(|v| format!("pid_file_name = {v}")),
+            boolean().prop_map(|v| format!("daemon_mode = {v}")),
+            boolean().prop_map(|v| format!("add_intermediates_to_bundle = {v}")),
+            boolean().prop_map(|v| format!("include_federated_domains = {v}")),
+            boolean().prop_map(|v| format!("omit_expired = {v}")),
+            one_of(&["SIGHUP", "SIGUSR1", "SIGTERM"]).prop_map(|v| format!("renew_signal = {v}")),
+            (text(), text(), text()).prop_map(|(a, b, c)| {
+                format!("svid_file_name = {a}\nsvid_key_file_name = {b}\nsvid_bundle_file_name = {c}")
+            }),
+            one_of(&["spiffe-helper", "jwks"]).prop_map(|v| format!("jwt_bundle_format = {v}")),
+            one_of(&["atomic", "in-place"]).prop_map(|v| format!("jwt_svid_write_mode = {v}")),
+            mode().prop_map(|v| format!("cert_file_mode = {v}")),
+            mode().prop_map(|v| format!("key_file_mode = {v}")),
+            mode().prop_map(|v| format!("jwt_bundle_file_mode = {v}")),
+            mode().prop_map(|v| format!("jwt_svid_file_mode = {v}")),
+            (1..100u8).prop_map(|v| format!("jwt_svid_refresh_percent = {v}")),
+            text().prop_map(|v| format!("hint = {v}")),
+            path().prop_map(|v| format!("workload_api_socket = {v}")),
+        ]
+    }
+
+    /// A value of any shape HCL has, for any key (strings kept to characters that need no escaping).
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-zA-Z0-9 ./_:-]{0,16}".prop_map(|s| format!("\"{s}\"")),
+            "-?[0-9]{1,6}",
+            "0[0-7]{3}",
+            Just("true".to_owned()),
+            Just("false".to_owned()),
+            Just("\"kubernetes\"".to_owned()),
+        ]
+    }
+
+    fn jwt_svids() -> impl Strategy<Value = String> {
+        prop::collection::vec(("[a-z:-]{0,10}", "[a-z._]{0,10}", prop::collection::vec("[a-z]{1,6}", 0..3)), 0..3)
+            .prop_map(|entries| {
+                let entries: Vec<String> = entries
+                    .into_iter()
+                    .map(|(audience, file, extra)| {
+                        let extra: Vec<String> = extra.iter().map(|a| format!("\"{a}\"")).collect();
+                        format!(
+                            "{{ jwt_audience = \"{audience}\"\n jwt_svid_file_name = \"{file}\"\n jwt_extra_audiences = [{}] }}",
+                            extra.join(", ")
+                        )
+                    })
+                    .collect();
+                format!("jwt_svids = [{}]", entries.join(",\n"))
+            })
+    }
+
+    pub(super) fn document() -> impl Strategy<Value = String> {
+        let odd = ("[a-z_]{1,24}", value()).prop_map(|(k, v)| format!("{k} = {v}"));
+        let line = prop_oneof![9 => typed_line(), 1 => odd];
+        (prop::collection::vec(line, 0..10), prop::option::of(jwt_svids())).prop_map(|(mut lines, svids)| {
+            lines.push("jwt_bundle_file_name = \"bundle.json\"".into());
+            lines.extend(svids);
+            lines.join("\n")
+        })
+    }
+
+    /// Text made of HCL's own tokens, in any order.
+    fn hcl_like() -> impl Strategy<Value = String> {
+        let token = prop_oneof![
+            Just("{"),
+            Just("}"),
+            Just("["),
+            Just("]"),
+            Just("="),
+            Just(","),
+            Just("\""),
+            Just("\n"),
+            Just("# c\n"),
+            Just("/*"),
+            Just("*/"),
+            Just("\\"),
+            Just("key"),
+            Just("jwt_svids"),
+            Just("07"),
+            Just("-"),
+            Just("true"),
+        ];
+        prop::collection::vec(token, 0..40).prop_map(|tokens| tokens.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn no_text_makes_a_parser_panic(text in "\\PC{0,200}") {
+            let _ = Config::from_hcl(&text);
+            let _ = Config::from_yaml(&text);
+        }
+
+        #[test]
+        fn no_arrangement_of_hcl_tokens_makes_the_parser_panic(text in hcl_like()) {
+            let _ = Config::from_hcl(&text);
+        }
+
+        #[test]
+        fn every_config_accepted_reads_back_from_its_yaml_unchanged(text in document()) {
+            if let Ok(config) = Config::from_hcl(&text) {
+                let yaml = config.to_yaml().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let again = Config::from_yaml(&yaml).map_err(|e| TestCaseError::fail(format!("{e}\n{yaml}")))?;
+                prop_assert_eq!(again, config, "{}", yaml);
+            }
+        }
+    }
+}
+
+/// The round-trip property above is only as good as the configs it sees: most generated documents
+/// are accepted.
+#[test]
+fn the_generated_documents_are_mostly_valid_configs() {
+    use proptest::strategy::{Strategy, ValueTree};
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let accepted = (0..200)
+        .filter(|_| {
+            let text = properties::document().new_tree(&mut runner).expect("a document").current();
+            Config::from_hcl(&text).is_ok()
+        })
+        .count();
+    assert!(accepted >= 60, "only {accepted} of 200 generated documents were valid configs");
+}

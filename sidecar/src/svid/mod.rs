@@ -4,3 +4,6 @@
 pub mod jwt;
 pub mod kubernetes;
 pub mod x509;
+
+#[cfg(all(test, feature = "dev"))]
+mod properties;
