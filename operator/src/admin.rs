@@ -91,5 +91,5 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "admin server listening");
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    crate::serve::serve(listener, router(state), None, crate::serve::Limits::ADMIN, shutdown).await
 }

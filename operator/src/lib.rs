@@ -18,6 +18,7 @@ pub mod issuer;
 pub mod metrics;
 pub mod plan;
 pub mod rbac;
+pub mod serve;
 pub mod slim;
 pub mod telemetry;
 pub mod webhook;

@@ -55,7 +55,13 @@ async fn main() {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(serve_tls_on(listener, router(state), store, std::future::pending()));
+    tokio::spawn(serve_tls_on(
+        listener,
+        router(state),
+        store,
+        slim_operator::serve::Limits::WEBHOOK,
+        std::future::pending(),
+    ));
 
     let (pool_tx, pool_rx) = async_channel(connections);
     for _ in 0..connections {

@@ -29,7 +29,13 @@ async fn the_api_server_injects_pods_through_the_webhook() {
         metrics: Arc::new(Metrics::new()),
         issuer_namespaces: None,
     };
-    tokio::spawn(serve_tls_on(listener, router(state), store, std::future::pending()));
+    tokio::spawn(serve_tls_on(
+        listener,
+        router(state),
+        store,
+        slim_operator::serve::Limits::WEBHOOK,
+        std::future::pending(),
+    ));
 
     let plane = control_plane::shared();
     let namespace = plane.namespace(&client, "webhook").await.expect("namespace");

@@ -76,7 +76,8 @@ pub async fn run(
         metrics,
         refresh_hint: settings.refresh_hint,
     };
-    let server = crate::webhook::serve_tls(settings.addr, server::router(state), certs, shutdown);
+    let limits = crate::serve::Limits::ISSUER;
+    let server = crate::webhook::serve_tls(settings.addr, server::router(state), certs, limits, shutdown);
     tokio::select! {
         result = server => result.map_err(|source| IssuerError::Serve { addr: settings.addr, source }),
         () = keys => Err(IssuerError::TaskEnded("key store")),

@@ -90,7 +90,7 @@ pub async fn run(
     });
 
     let state = WebhookState { config: Arc::new(settings.injector), namespaces: labels, metrics, issuer_namespaces };
-    let server = serve_tls(settings.addr, router(state), store, shutdown);
+    let server = serve_tls(settings.addr, router(state), store, crate::serve::Limits::WEBHOOK, shutdown);
     // The certificate and namespace loops run for as long as the server does.
     tokio::select! {
         result = server => result.map_err(|source| WebhookError::Serve { addr: settings.addr, source }),

@@ -4,15 +4,13 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::{get, post};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
@@ -22,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::inject::{Decision, InjectorConfig, decide};
 use crate::metrics::Metrics;
+use crate::serve::Limits;
 
 /// Labels of a namespace by name (from a cache in production).
 pub type NamespaceLabels = Arc<dyn Fn(&str) -> Option<BTreeMap<String, String>> + Send + Sync>;
@@ -148,15 +147,16 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
-/// Serves `router` over TLS on `addr` until `shutdown` resolves.
+/// Serves `router` over TLS on `addr` with `limits` until `shutdown` resolves.
 pub async fn serve_tls(
     addr: SocketAddr,
     router: Router,
     certs: Arc<CertStore>,
+    limits: Limits,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    serve_tls_on(listener, router, certs, shutdown).await
+    serve_tls_on(listener, router, certs, limits, shutdown).await
 }
 
 /// Serves `router` over TLS on an already bound listener until `shutdown` resolves.
@@ -164,44 +164,9 @@ pub async fn serve_tls_on(
     listener: tokio::net::TcpListener,
     router: Router,
     certs: Arc<CertStore>,
+    limits: Limits,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(std::io::Error::other)?
-        .with_no_client_auth()
-        .with_cert_resolver(certs);
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    info!(addr = %listener.local_addr()?, "listening (TLS)");
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    warn!(%error, "accept failed");
-                    continue;
-                }
-            },
-        };
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
-                    debug!(%peer, %error, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
-                debug!(%peer, %error, "connection ended with an error");
-            }
-        });
-    }
+    let acceptor = crate::serve::tls_acceptor(certs).map_err(std::io::Error::other)?;
+    crate::serve::serve(listener, router, Some(acceptor), limits, shutdown).await
 }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use base64::Engine;
@@ -17,6 +18,7 @@ use super::inject::{CONFIG_ENV, CONTAINER_NAME, INJECTED, InjectorConfig};
 use super::server::{CertStore, WebhookState, router, serve_tls_on};
 use super::{Decision, certs, decide};
 use crate::metrics::Metrics;
+use crate::serve::Limits;
 
 fn state(namespace_labels: BTreeMap<String, BTreeMap<String, String>>) -> WebhookState {
     let mut config =
@@ -504,8 +506,11 @@ async fn malformed_reviews_get_an_error_response_not_a_panic() {
     }
 }
 
-/// Minimal HTTPS client: trusts `ca_pem` only, posts `body` to `/mutate`.
-async fn https_post(port: u16, ca_pem: &str, body: Vec<u8>) -> Result<Value, String> {
+/// A TLS connection to the webhook on `port`, trusting `ca_pem` only.
+async fn tls_connect(
+    port: u16,
+    ca_pem: &str,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -520,7 +525,12 @@ async fn https_post(port: u16, ca_pem: &str, body: Vec<u8>) -> Result<Value, Str
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
     let server_name =
         rustls::pki_types::ServerName::try_from("slim-operator-webhook.slim-system.svc").map_err(|e| e.to_string())?;
-    let tls = connector.connect(server_name, tcp).await.map_err(|e| e.to_string())?;
+    connector.connect(server_name, tcp).await.map_err(|e| e.to_string())
+}
+
+/// Minimal HTTPS client: trusts `ca_pem` only, posts `body` to `/mutate`.
+async fn https_post(port: u16, ca_pem: &str, body: Vec<u8>) -> Result<Value, String> {
+    let tls = tls_connect(port, ca_pem).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
     tokio::spawn(connection);
@@ -544,9 +554,10 @@ async fn https_with_a_generated_certificate_and_a_swap_without_restart() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_tls_on(listener, router(state(BTreeMap::new())), store.clone(), async {
-        let _ = stopped.await;
-    }));
+    let server =
+        tokio::spawn(serve_tls_on(listener, router(state(BTreeMap::new())), store.clone(), Limits::WEBHOOK, async {
+            let _ = stopped.await;
+        }));
     let body = serde_json::to_vec(&review("apps", &app_pod(json!({"slim.agntcy.org/inject-identity": "true"}))))
         .expect("json");
 
@@ -559,6 +570,48 @@ async fn https_with_a_generated_certificate_and_a_swap_without_restart() {
     store.set(certs::certified_key(&second.cert_pem, &second.key_pem).expect("key"));
     assert!(https_post(port, &second.ca_pem, body.clone()).await.is_ok(), "the new certificate is served");
     assert!(https_post(port, &first.ca_pem, body).await.is_err(), "the old CA no longer verifies it");
+    let _ = stop.send(());
+    let _ = server.await;
+}
+
+/// Hostile clients over TLS: connections that finish the handshake and never their headers are
+/// closed after the header timeout, while reviews keep being answered, each in under 100 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_holding_unfinished_requests_are_closed_while_reviews_answer_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let material = certs::generate(&certs::service_names("slim-operator-webhook", "slim-system"), None).expect("certs");
+    let store = Arc::new(CertStore::default());
+    store.set(certs::certified_key(&material.cert_pem, &material.key_pem).expect("key"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let limits = Limits { header_timeout: Duration::from_secs(1), ..Limits::WEBHOOK };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_tls_on(listener, router(state(BTreeMap::new())), store, limits, async {
+        let _ = stopped.await;
+    }));
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let mut tls = tls_connect(port, &material.ca_pem).await.expect("handshake");
+        tls.write_all(b"POST /mutate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n").await.expect("write");
+        tls.flush().await.expect("flush");
+        slow.push(tls);
+    }
+    let body = serde_json::to_vec(&review("apps", &app_pod(json!({"slim.agntcy.org/inject-identity": "true"}))))
+        .expect("json");
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let response = https_post(port, &material.ca_pem, body.clone()).await.expect("review answered");
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(response["response"]["allowed"], true);
+    }
+    assert!(slowest < Duration::from_millis(100), "the slowest review took {slowest:?}");
+    for tls in &mut slow {
+        // Whatever the server says before it closes (nothing, or a 408), it closes.
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "a connection without headers is closed");
+    }
     let _ = stop.send(());
     let _ = server.await;
 }
@@ -687,5 +740,101 @@ mod self_managed {
         manager().sync(&client, &store).await.expect("sync");
         assert!(store.is_loaded());
         server.await.expect("no Secret write, no caBundle patch");
+    }
+}
+
+/// Properties of the webhook on whatever the API server (or anyone reaching the port) sends.
+/// `PROPTEST_CASES` sets the case count (256 by default; the soak runs more).
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::webhook::inject::{INJECT, annotation};
+
+    /// Any JSON value, a few levels deep.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                prop::collection::btree_map(".{0,8}", inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Annotations a pod may carry: ours with odd values, and others.
+    fn annotations() -> impl Strategy<Value = BTreeMap<String, String>> {
+        let keys = prop_oneof![
+            Just(INJECT.to_owned()),
+            Just(annotation::JWT_AUDIENCES.to_owned()),
+            Just(annotation::JWT_SVID_FILE_NAMES.to_owned()),
+            Just(annotation::X509.to_owned()),
+            Just(annotation::KEY_FILE_MODE.to_owned()),
+            Just(annotation::MOUNT_PATH.to_owned()),
+            Just(annotation::CONTAINERS.to_owned()),
+            Just(annotation::CPU_REQUEST.to_owned()),
+            Just(annotation::MEMORY_LIMIT.to_owned()),
+            Just(annotation::HEALTH_PORT.to_owned()),
+            Just(annotation::IDENTITY_SOURCE.to_owned()),
+            Just(annotation::TOKEN_EXPIRATION_SECONDS.to_owned()),
+            Just(annotation::WORKLOAD_API.to_owned()),
+            "[a-z./-]{1,20}",
+        ];
+        let values = prop_oneof![Just("true".to_owned()), Just("false".to_owned()), "[ -~]{0,24}", ".{0,8}"];
+        prop::collection::btree_map(keys, values, 0..8)
+    }
+
+    fn check_answer(response: &Value) -> Result<(), TestCaseError> {
+        prop_assert_eq!(&response["kind"], "AdmissionReview");
+        let answer = &response["response"];
+        prop_assert!(answer["allowed"].is_boolean(), "{response}");
+        if answer["allowed"] == false {
+            let message = answer["status"]["message"].as_str().unwrap_or_default();
+            prop_assert!(!message.is_empty(), "a refusal says why: {response}");
+        }
+        Ok(())
+    }
+
+    proptest! {
+        /// Any body at all: an AdmissionReview comes back, a refusal with its reason.
+        #[test]
+        fn any_body_gets_a_valid_answer(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            check_answer(&runtime.block_on(send(state(BTreeMap::new()), body)))?;
+        }
+
+        /// Any JSON in the review's places: the same.
+        #[test]
+        fn any_json_in_a_review_gets_a_valid_answer(request in json_value(), object in json_value()) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            let mut review = review("apps", &object);
+            if !request.is_null() {
+                review["request"]["options"] = request;
+            }
+            check_answer(&runtime.block_on(send(state(BTreeMap::new()), serde_json::to_vec(&review).expect("json"))))?;
+        }
+
+        /// A pod with any annotations: answered; when it is patched, the patch applies to the pod
+        /// and the result is a Pod with the agent in it.
+        #[test]
+        fn a_pod_with_any_annotations_is_answered_and_any_patch_applies(annotations in annotations()) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            let pod = app_pod(serde_json::to_value(&annotations).expect("json"));
+            let response = runtime.block_on(send(state(BTreeMap::new()), serde_json::to_vec(&review("apps", &pod)).expect("json")));
+            check_answer(&response)?;
+            if let Some(bytes) = patch_bytes(&response["response"]) {
+                let ops: json_patch::Patch = serde_json::from_slice(&bytes).expect("patch ops");
+                let mut patched = pod;
+                prop_assert!(json_patch::patch(&mut patched, &ops).is_ok(), "the patch applies");
+                let pod: Pod = serde_json::from_value(patched).expect("a Pod");
+                let init = pod.spec.and_then(|s| s.init_containers).unwrap_or_default();
+                prop_assert!(init.iter().any(|c| c.name == CONTAINER_NAME), "the agent is in it");
+            }
+        }
     }
 }

@@ -182,3 +182,23 @@ fn a_hint_that_matches_nothing_serves_nothing() {
     assert_eq!(select_hinted(response.clone(), "a"), Some(response.clone()));
     assert_eq!(select_hinted(response.clone(), ""), Some(response));
 }
+
+/// The socket is a Unix socket file, `0666` so an app running as another user of the pod can
+/// connect, in the directory the webhook mounts from a pod-local volume (its test:
+/// `apps_get_the_agents_workload_api_socket_and_no_spire_volume`); nothing is served over TCP.
+/// A stale file left by an earlier agent is replaced.
+#[tokio::test]
+async fn the_socket_is_a_pod_local_unix_socket_any_user_of_the_pod_can_open() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let s = setup("alice").await;
+    let metadata = std::fs::metadata(&s.socket).expect("socket");
+    assert!(metadata.file_type().is_socket());
+    assert_eq!(metadata.permissions().mode() & 0o777, 0o666);
+    // An agent restarted in the same pod finds the old file and takes its place.
+    let issuer = Arc::new(Upstream { socket: s.upstream.socket.clone(), hint: "alice".into() });
+    let again = bind(&s.socket, s.served.clone(), issuer).expect("rebind over a stale socket");
+    tokio::spawn(again);
+    feed(&s).await;
+    let svid = app(&s.socket).await.fetch_x509_svid().await.expect("served on the new socket");
+    assert_eq!(svid.spiffe_id().to_string(), format!("spiffe://{TD}/alice"));
+}
