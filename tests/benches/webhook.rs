@@ -5,14 +5,12 @@
 //! Each review is scheduled at a fixed time; latency runs from that time to the answer, so
 //! queueing behind a slow answer counts. Half the pods are injected, half are skipped.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use slim_e2e::HttpsConnection;
-use slim_operator::metrics::Metrics;
-use slim_operator::webhook::{CertStore, InjectorConfig, WebhookState, certs, router, serve_tls_on};
+use slim_operator::webhook::certs;
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -44,24 +42,7 @@ async fn main() {
     let seconds = arg("--seconds", 10);
     let connections = arg("--connections", 16);
     let names = certs::service_names("slim-operator-webhook", "slim-system");
-    let material = certs::generate(&names, None).expect("certificates");
-    let store = Arc::new(CertStore::default());
-    store.set(certs::certified_key(&material.cert_pem, &material.key_pem).expect("key"));
-    let state = WebhookState {
-        config: Arc::new(InjectorConfig::default()),
-        namespaces: Arc::new(|_| Some(BTreeMap::new())),
-        metrics: Arc::new(Metrics::new()),
-        issuer_namespaces: None,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(serve_tls_on(
-        listener,
-        router(state),
-        store,
-        slim_operator::serve::Limits::WEBHOOK,
-        std::future::pending(),
-    ));
+    let (addr, material) = slim_e2e::webhook::serve(&names).await;
 
     let (pool_tx, pool_rx) = async_channel(connections);
     for _ in 0..connections {

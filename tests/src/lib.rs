@@ -11,6 +11,7 @@ pub mod issuer;
 pub mod node;
 pub mod operator;
 pub mod pki;
+pub mod webhook;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};

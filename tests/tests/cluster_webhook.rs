@@ -2,40 +2,19 @@
 //! `slim_e2e::control_plane`): the webhook runs in this process on 127.0.0.1 and the API server
 //! itself calls it for every Pod created through it.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use slim_e2e::control_plane;
-use slim_operator::metrics::Metrics;
 use slim_operator::webhook::inject::CONTAINER_NAME;
-use slim_operator::webhook::{CertStore, InjectorConfig, WebhookState, certs, router, serve_tls_on};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_injects_pods_through_the_webhook() {
     let client = control_plane::shared().client().await.expect("admin client");
     let host = "127.0.0.1".to_owned();
-    let material = certs::generate(std::slice::from_ref(&host), None).expect("certificates");
-    let store = Arc::new(CertStore::default());
-    store.set(certs::certified_key(&material.cert_pem, &material.key_pem).expect("key"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let state = WebhookState {
-        config: Arc::new(InjectorConfig::default()),
-        namespaces: Arc::new(|_| Some(BTreeMap::new())),
-        metrics: Arc::new(Metrics::new()),
-        issuer_namespaces: None,
-    };
-    tokio::spawn(serve_tls_on(
-        listener,
-        router(state),
-        store,
-        slim_operator::serve::Limits::WEBHOOK,
-        std::future::pending(),
-    ));
+    let (addr, material) = slim_e2e::webhook::serve(std::slice::from_ref(&host)).await;
+    let port = addr.port();
 
     let plane = control_plane::shared();
     let namespace = plane.namespace(&client, "webhook").await.expect("namespace");
