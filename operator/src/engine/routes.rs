@@ -83,7 +83,8 @@ impl RouteSync<'_> {
             Err(error) => return (failure(error), None),
         };
         let was_here = self.previous_nodes.iter().any(|e| e == endpoint);
-        let mut desired = self.desired.filter(|_| target).map(|d| d.on_node(&observed));
+        let wanted = self.desired.filter(|_| target);
+        let mut desired = wanted.map(|d| d.on_node(&observed));
         // A cached listing may predate the far node's link to this node: read it again before
         // making a second connection between the two.
         if desired.as_ref().is_some_and(|d| d.borrowed.is_none() && d.may_borrow()) && !self.max_snapshot_age.is_zero()
@@ -92,7 +93,7 @@ impl RouteSync<'_> {
                 Ok(observed) => observed,
                 Err(error) => return (failure(error), None),
             };
-            desired = self.desired.map(|d| d.on_node(&observed));
+            desired = wanted.map(|d| d.on_node(&observed));
         }
         let borrowed = desired.as_ref().and_then(|d| d.borrowed.clone());
         (self.apply_plan(&node, endpoint, desired.as_ref(), was_here, &observed).await, borrowed)
