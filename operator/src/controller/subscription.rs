@@ -23,7 +23,7 @@ use crate::plan::{
     Borrowable, DesiredRoute, Following, NodeTarget, ResolvedTls, Users, following, instance_routes, node_targets,
     render_link, selector_query,
 };
-use crate::slim::{RouteRef, SlimName};
+use crate::slim::{NodePool, RouteRef, SlimName};
 
 /// Finalizer that keeps a Subscription until its routes are removed from the nodes.
 pub const FINALIZER: &str = "subscriptions.slim.agntcy.org/cleanup";
@@ -190,48 +190,15 @@ async fn cleanup(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
         ctx.publish(sub, EventType::Normal, "Retained", retained_note(&old)).await;
         return Ok(Action::await_change());
     }
-    let instances = previous_instances(&old);
-    let mut previous: Vec<RouteRef> = previous_route(&old).into_iter().collect();
-    let mut endpoints: Vec<String> = old.nodes.iter().map(|n| n.endpoint.clone()).collect();
-    // The spec's route may be installed on nodes the status did not record yet.
-    if let Ok(desired) = resolve_desired(sub, ctx).await {
-        previous.push(desired.route);
-        if let Ok(targets) = resolve_targets(sub, ctx) {
-            endpoints.extend(targets.into_iter().map(|t| t.endpoint));
-        }
-    }
-    previous.sort();
-    previous.dedup();
-    endpoints.sort();
-    endpoints.dedup();
+    let (previous, endpoints) = routes_to_remove(sub, ctx, &old).await;
     let namespace = sub.namespace().unwrap_or_default();
     let pool = ctx.node_pool(&namespace, &sub.spec.nodes, &endpoints).await?;
+    let failures = remove_everywhere(sub, ctx, &old, &previous, &endpoints, &pool).await;
 
-    let users = StoreUsers { ctx, me: ObjectRef::from_obj(sub) };
     let mut pending = Vec::new();
     let mut abandoned = Vec::new();
     let deleting_since = sub.meta().deletion_timestamp.as_ref().map(|t| t.0).unwrap_or_else(Timestamp::now);
     let expired = Timestamp::now().duration_since(deleting_since).unsigned_abs() >= ctx.config.cleanup_timeout;
-    // Each recorded route is removed in its own pass; passes share the node listings.
-    let mut failures: Vec<NodeReport> = Vec::new();
-    let no_instances = BTreeMap::new();
-    for (pass, route) in previous.iter().enumerate() {
-        let reports = RouteSync {
-            desired: None,
-            targets: &[],
-            previous: Some(route),
-            // The instance routes the status recorded, once.
-            previous_instances: if pass == 0 { &instances } else { &no_instances },
-            previous_nodes: &endpoints,
-            users: &users,
-            max_snapshot_age: ctx.config.snapshot_max_age,
-        }
-        .run(&pool)
-        .await;
-        failures.extend(reports.into_iter().filter(|r| !r.ok()));
-    }
-    failures.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
-    failures.dedup_by(|a, b| a.endpoint == b.endpoint);
     for report in failures {
         if expired {
             abandoned.push(report.endpoint);
@@ -271,6 +238,57 @@ async fn cleanup(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     status.link_id = old.link_id.clone();
     super::patch_status(sub, ctx, &status).await?;
     Err(Error::CleanupPending(pending.len()))
+}
+
+/// What a deleted Subscription removes: the route its status recorded and the one its spec asks
+/// for (it may be installed on nodes the status did not record yet), and the nodes of both.
+async fn routes_to_remove(sub: &Subscription, ctx: &Context, old: &SubscriptionStatus) -> (Vec<RouteRef>, Vec<String>) {
+    let mut previous: Vec<RouteRef> = previous_route(old).into_iter().collect();
+    let mut endpoints: Vec<String> = old.nodes.iter().map(|n| n.endpoint.clone()).collect();
+    if let Ok(desired) = resolve_desired(sub, ctx).await {
+        previous.push(desired.route);
+        if let Ok(targets) = resolve_targets(sub, ctx) {
+            endpoints.extend(targets.into_iter().map(|t| t.endpoint));
+        }
+    }
+    previous.sort();
+    previous.dedup();
+    endpoints.sort();
+    endpoints.dedup();
+    (previous, endpoints)
+}
+
+/// Removes each route (and, once, the instance routes the status recorded) from every node: one
+/// pass per route, sharing the node listings. The nodes that failed, once each.
+async fn remove_everywhere(
+    sub: &Subscription,
+    ctx: &Context,
+    old: &SubscriptionStatus,
+    previous: &[RouteRef],
+    endpoints: &[String],
+    pool: &NodePool,
+) -> Vec<NodeReport> {
+    let users = StoreUsers { ctx, me: ObjectRef::from_obj(sub) };
+    let instances = previous_instances(old);
+    let no_instances = BTreeMap::new();
+    let mut failures: Vec<NodeReport> = Vec::new();
+    for (pass, route) in previous.iter().enumerate() {
+        let reports = RouteSync {
+            desired: None,
+            targets: &[],
+            previous: Some(route),
+            previous_instances: if pass == 0 { &instances } else { &no_instances },
+            previous_nodes: endpoints,
+            users: &users,
+            max_snapshot_age: ctx.config.snapshot_max_age,
+        }
+        .run(pool)
+        .await;
+        failures.extend(reports.into_iter().filter(|r| !r.ok()));
+    }
+    failures.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+    failures.dedup_by(|a, b| a.endpoint == b.endpoint);
+    failures
 }
 
 /// The route and link the spec asks for, with TLS material read from Secrets.
