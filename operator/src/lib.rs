@@ -5,16 +5,20 @@
 //! - [`slim`]: clients of the SLIM control APIs;
 //! - [`engine`]: realising plans on SLIM (IO against SLIM only);
 //! - [`controller`]: the Kubernetes wiring (reconcilers, status, events);
-//! - [`admin`], [`metrics`], [`telemetry`]: operating the binary;
-//! - [`cli`]: the command line.
+//! - [`webhook`], [`issuer`]: the identity side (sidecar injection, the SPIFFE issuer);
+//! - [`leader`]: leader election;
+//! - [`admin`], [`metrics`], [`telemetry`], [`serve`]: operating the binary;
+//! - [`cli`]: the command line and settings; [`app`]: the composition root.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod api;
+pub mod app;
 pub mod cli;
 pub mod controller;
 pub mod engine;
 pub mod issuer;
+pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod rbac;

@@ -1,6 +1,7 @@
 use clap::Parser;
 use slim_operator::api;
-use slim_operator::cli::{Cli, Command, RunError, run};
+use slim_operator::app::{RunError, run};
+use slim_operator::cli::{Cli, Command};
 
 #[tokio::main]
 async fn main() {

@@ -144,8 +144,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), HarnessEr
 }
 
 /// Handle of controllers running in this process: send (or drop) to stop them.
-pub type InProcess =
-    (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), slim_operator::controller::Error>>);
+pub type InProcess = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), slim_operator::controller::ControllerFailure>>,
+);
 
 /// The operator's controllers in this process, as `slim-operator run` starts them once it leads
 /// (plain control connections, no SPIFFE), reporting events as `instance`.
@@ -168,8 +170,7 @@ pub fn run_in_process(
         nodes,
         channel_managers,
         config,
-        ready: Default::default(),
-        slot: Default::default(),
+        caches: Default::default(),
         leadership: sole_leader(),
         control_tls: std::sync::Arc::new(ControlTlsRegistry::new(client.clone(), Default::default(), None)),
     };

@@ -36,7 +36,7 @@ fn controllers(client: &Client, pool: &NodePool, channel_manager: Option<String>
 /// Stops the controllers started by [`controllers`].
 async fn shutdown(
     stop: tokio::sync::oneshot::Sender<()>,
-    running: tokio::task::JoinHandle<Result<(), slim_operator::controller::Error>>,
+    running: tokio::task::JoinHandle<Result<(), slim_operator::controller::ControllerFailure>>,
 ) {
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), running).await;

@@ -14,7 +14,6 @@ use tokio::sync::{mpsc, watch};
 
 use tracing::warn;
 
-use super::leader::Leadership;
 use super::run::Runtime;
 use super::stores::Stores;
 use super::{Error, MANAGER, member_watch, pause};
@@ -22,6 +21,7 @@ use crate::api::condition::ReadyStatus;
 use crate::api::{NodeSet, SlimChannel, Subscription};
 use crate::backoff::{exponential, jitter};
 use crate::engine::ChannelEngine;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::slim::{ChannelManagerPool, NodePool};
 use k8s_openapi::jiff::Timestamp;

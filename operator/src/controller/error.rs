@@ -36,8 +36,6 @@ pub enum Error {
     ChannelCleanupPending(CmError),
     #[error("mlsEnabled changed on a live channel; the operator refuses to recreate it")]
     MlsChangeRefused,
-    #[error("{0} stopped unexpectedly")]
-    TaskEnded(&'static str),
     #[error("control TLS: {0}")]
     ControlTls(String),
 }
@@ -74,7 +72,6 @@ impl Error {
             Error::ChannelManager(_) => "ChannelManagerUnavailable",
             Error::ChannelCleanupPending(_) => "CleanupPending",
             Error::MlsChangeRefused => "MlsChangeRefused",
-            Error::TaskEnded(_) => "TaskEnded",
             Error::ControlTls(_) => "ControlTlsInvalid",
         }
     }

@@ -1,12 +1,11 @@
 //! Kubernetes wiring: the controllers ([`run`]), what reconciles share ([`context`]), their
-//! errors ([`error`]) and caches ([`stores`]), leader election ([`leader`]).
+//! errors ([`error`]) and caches ([`stores`]).
 
 pub mod channel;
 pub mod channel_status;
 pub mod context;
 pub mod control_tls;
 pub mod error;
-pub mod leader;
 pub mod member_watch;
 pub mod pause;
 pub mod run;
@@ -18,8 +17,8 @@ pub use context::{Context, ControllerConfig, DEFAULT_NODE_SELECTOR, error_policy
 pub(crate) use context::{patch_status, reconcile_finalized};
 pub use control_tls::{ControlTlsDefaults, ControlTlsRegistry};
 pub use error::Error;
-pub use run::{CacheGates, Runtime, run, sole_leader};
-pub use stores::{ResourceCollector, StoreSlot, Stores};
+pub use run::{ControllerFailure, Runtime, run, sole_leader};
+pub use stores::{Caches, ResourceCollector, Stores};
 
 /// Field manager for server-side apply, and the events' reporting controller.
 pub const MANAGER: &str = "slim-operator";

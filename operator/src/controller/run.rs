@@ -19,11 +19,11 @@ use tokio_stream::wrappers::{BroadcastStream, UnboundedReceiverStream};
 use tracing::{info, warn};
 
 use super::context::{Context, ControllerConfig, error_policy};
-use super::leader::Leadership;
-use super::stores::{Pods, StoreSlot, Stores};
+use super::stores::{Caches, Pods, Stores};
 use super::{Error, channel, member_watch, subscription};
 use crate::admin::Gate;
 use crate::api::{SlimChannel, Subscription};
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::plan::selector_matches;
 use crate::slim::NodePool;
@@ -38,10 +38,8 @@ pub struct Runtime {
     /// Channel manager clients (shared so their counters can be scraped).
     pub channel_managers: crate::slim::ChannelManagerPool,
     pub config: ControllerConfig,
-    /// Open while each cache (Subscriptions, SlimChannels, Pods) is synced and its watch healthy.
-    pub ready: CacheGates,
-    /// Receives the caches for scrape-time metrics.
-    pub slot: StoreSlot,
+    /// The caches as readiness and metrics see them.
+    pub caches: Caches,
     /// This replica's leadership: reconciles start only while it leads.
     pub leadership: watch::Receiver<Leadership>,
     /// TLS of the control connections (node controller APIs, channel managers).
@@ -53,30 +51,42 @@ pub fn sole_leader() -> watch::Receiver<Leadership> {
     watch::channel(Leadership::sole()).1
 }
 
+/// Why the controllers stopped other than by `shutdown` (process-lifecycle failures, not a
+/// reconcile's).
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerFailure {
+    /// A CRD missing or RBAC forbidding it, found before anything starts.
+    #[error("listing {kind}s: {source}")]
+    CannotList { kind: &'static str, source: kube::Error },
+    #[error("{0} stopped unexpectedly")]
+    TaskEnded(&'static str),
+}
+
 /// Runs both controllers until `shutdown` resolves, or until this future is dropped (leadership
 /// lost): either way the channel engine's background invites and removals stop with it.
 pub async fn run(
     runtime: Runtime,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
+) -> Result<(), ControllerFailure> {
     let client = runtime.client.clone();
     let subscriptions: Api<DeserializeGuard<Subscription>> = Api::all(client.clone());
     let channels: Api<DeserializeGuard<SlimChannel>> = Api::all(client.clone());
     // Fail fast with a clear message when a CRD is missing or RBAC forbids it.
-    subscriptions.list(&ListParams::default().limit(1)).await.map_err(Error::Kube)?;
-    channels.list(&ListParams::default().limit(1)).await.map_err(Error::Kube)?;
+    let cannot_list = |kind| move |source| ControllerFailure::CannotList { kind, source };
+    subscriptions.list(&ListParams::default().limit(1)).await.map_err(cannot_list("Subscription"))?;
+    channels.list(&ListParams::default().limit(1)).await.map_err(cannot_list("SlimChannel"))?;
 
     let shutdown = shutdown.shared();
     let (invalid_tx, invalid_rx) = mpsc::unbounded_channel();
     let (sub_stream, sub_store, sub_recovery) =
-        watched(subscriptions, runtime.ready.subscriptions.clone(), invalid_tx.clone());
+        watched(subscriptions, runtime.caches.subscriptions.clone(), invalid_tx.clone());
     let (channel_stream, channel_store, channel_recovery) =
-        watched(channels, runtime.ready.channels.clone(), invalid_tx);
+        watched(channels, runtime.caches.channels.clone(), invalid_tx);
     let (pod_store, pod_writer) = reflector::store_shared::<Pod>(1024);
     let (Some(sub_pods), Some(channel_pods)) = (pod_writer.subscribe(), pod_writer.subscribe()) else {
         unreachable!("a shared store always has subscribers")
     };
-    let pod_watch = pod_watch(client.clone(), pod_writer, runtime.ready.pods.clone());
+    let pod_watch = pod_watch(client.clone(), pod_writer, runtime.caches.pods.clone());
     let sub_controller = Controller::for_stream(sub_stream, sub_store);
     let channel_controller = Controller::for_stream(channel_stream, channel_store);
     let stores = Stores {
@@ -86,19 +96,19 @@ pub async fn run(
     };
     let (trigger, triggered) = mpsc::unbounded_channel();
     let (sub_trigger, sub_triggered) = mpsc::unbounded_channel();
-    *runtime.slot.write().unwrap_or_else(|p| p.into_inner()) = Some(stores.clone());
+    runtime.caches.publish(stores.clone());
     let triggers = member_watch::Triggers { channels: trigger, subscriptions: sub_trigger };
     let ctx = Arc::new(Context::new(&runtime, stores, triggers));
     let _stop_engine = ctx.channel_engine.stop_on_drop();
 
-    let config = &runtime.config;
-    let controller_config = kube::runtime::controller::Config::default().concurrency(config.concurrency);
+    let controller_config = kube::runtime::controller::Config::default().concurrency(runtime.config.concurrency);
+    let node_events = || BroadcastStream::new(runtime.nodes.events()).map(|_| ());
     // A node that reconnects may have restarted and lost its routes: check every object.
     let sub_index = ctx.subscriptions.clone();
     let subscriptions = sub_controller
         .watches_shared_stream(sub_pods, move |pod| subscriptions_selecting(&sub_index, &pod))
         .reconcile_on(UnboundedReceiverStream::new(sub_triggered))
-        .reconcile_all_on(BroadcastStream::new(runtime.nodes.events()).map(|_| ()))
+        .reconcile_all_on(node_events())
         .with_config(controller_config.clone())
         .graceful_shutdown_on(shutdown.clone())
         .run(subscription::reconcile, error_policy, ctx.clone())
@@ -107,19 +117,11 @@ pub async fn run(
     let channels = channel_controller
         .watches_shared_stream(channel_pods, move |pod| channels_selecting(&channel_index, &pod))
         .reconcile_on(UnboundedReceiverStream::new(triggered))
-        .reconcile_all_on(BroadcastStream::new(runtime.nodes.events()).map(|_| ()))
+        .reconcile_all_on(node_events())
         .with_config(controller_config)
         .graceful_shutdown_on(shutdown)
         .run(channel::reconcile, error_policy, ctx.clone())
         .for_each(log_outcome::<SlimChannel, _>);
-    let triggers = member_watch::Triggers {
-        channels: ctx.channel_trigger.clone(),
-        subscriptions: ctx.subscription_trigger.clone(),
-    };
-    let members = ctx.member_watch.run(config.member_poll_interval, triggers);
-    let reports = report_invalid(invalid_rx, Recorder::new(client, runtime.reporter.clone()));
-    // Rotated Secrets, files and SVIDs reach the next control connection within this period.
-    let tls_refresh = runtime.control_tls.clone().refresh_every(Duration::from_secs(5));
     // Node targets and selected participants come from the Pod cache: a reconcile before it is
     // filled would take every selected node for gone.
     let controllers = async {
@@ -129,16 +131,46 @@ pub async fn run(
         info!("controllers started");
         futures::join!(subscriptions, channels);
     };
-    // Everything beside the controllers runs for as long as they do; none ends on its own, and
-    // if one did, the controllers stop with it rather than run on without it.
+    let beside = Beside {
+        pod_watch: pod_watch.boxed(),
+        sub_recovery: sub_recovery.boxed(),
+        channel_recovery: channel_recovery.boxed(),
+        reports: report_invalid(invalid_rx, Recorder::new(client, runtime.reporter.clone())).boxed(),
+    };
     tokio::select! {
         () = controllers => Ok(()),
-        () = pod_watch => Err(Error::TaskEnded("Pod watch")),
-        () = sub_recovery => Err(Error::TaskEnded("Subscription watch recovery")),
-        () = channel_recovery => Err(Error::TaskEnded("SlimChannel watch recovery")),
-        () = members => Err(Error::TaskEnded("member watch")),
-        () = reports => Err(Error::TaskEnded("invalid-object reporter")),
-        () = tls_refresh => Err(Error::TaskEnded("control TLS refresh")),
+        failure = beside.run(&ctx, &runtime) => Err(failure),
+    }
+}
+
+/// The tasks that run beside the controllers, for as long as they do.
+struct Beside {
+    pod_watch: futures::future::BoxFuture<'static, ()>,
+    sub_recovery: futures::future::BoxFuture<'static, ()>,
+    channel_recovery: futures::future::BoxFuture<'static, ()>,
+    reports: futures::future::BoxFuture<'static, ()>,
+}
+
+impl Beside {
+    /// Runs them with the member watch and the control TLS refresh. None ends on its own; if one
+    /// did, the controllers stop with it rather than run on without it: the failure says which.
+    async fn run(self, ctx: &Context, runtime: &Runtime) -> ControllerFailure {
+        let triggers = member_watch::Triggers {
+            channels: ctx.channel_trigger.clone(),
+            subscriptions: ctx.subscription_trigger.clone(),
+        };
+        let members = ctx.member_watch.run(runtime.config.member_poll_interval, triggers);
+        // Rotated Secrets, files and SVIDs reach the next control connection within this period.
+        let tls_refresh = runtime.control_tls.clone().refresh_every(Duration::from_secs(5));
+        let ended = tokio::select! {
+            () = self.pod_watch => "Pod watch",
+            () = self.sub_recovery => "Subscription watch recovery",
+            () = self.channel_recovery => "SlimChannel watch recovery",
+            () = self.reports => "invalid-object reporter",
+            () = members => "member watch",
+            () = tls_refresh => "control TLS refresh",
+        };
+        ControllerFailure::TaskEnded(ended)
     }
 }
 
@@ -161,39 +193,6 @@ async fn pod_watch(client: Client, writer: reflector::store::Writer<Pod>, gate: 
             futures::future::ready(())
         })
         .await
-}
-
-/// Readiness of the controllers' caches.
-#[derive(Clone, Debug)]
-pub struct CacheGates {
-    pub subscriptions: Arc<Gate>,
-    pub channels: Arc<Gate>,
-    pub pods: Arc<Gate>,
-}
-
-const NOT_SYNCED: [&str; 3] = ["Subscription cache not synced", "SlimChannel cache not synced", "Pod cache not synced"];
-
-impl Default for CacheGates {
-    fn default() -> Self {
-        Self {
-            subscriptions: Gate::closed(NOT_SYNCED[0]),
-            channels: Gate::closed(NOT_SYNCED[1]),
-            pods: Gate::closed(NOT_SYNCED[2]),
-        }
-    }
-}
-
-impl CacheGates {
-    pub fn state(&self) -> Result<(), String> {
-        crate::admin::all_gates(vec![self.subscriptions.clone(), self.channels.clone(), self.pods.clone()])()
-    }
-
-    /// Closes every gate (the controllers stopped, e.g. on losing the lease).
-    pub fn reset(&self) {
-        for (gate, reason) in [&self.subscriptions, &self.channels, &self.pods].into_iter().zip(NOT_SYNCED) {
-            gate.close(reason);
-        }
-    }
 }
 
 /// A watch of every `K` feeding a cache, the cache, and its recovery probe (to run beside the

@@ -11,6 +11,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::gauge::ConstGauge;
 
+use crate::admin::Gate;
 use crate::api::{SlimChannel, Subscription};
 use crate::metrics::NodeLabels;
 use crate::plan::selector_matches;
@@ -79,8 +80,53 @@ pub fn keep_what_is_read(pod: &mut Pod) {
     }
 }
 
-/// Where the running controllers publish their caches (for scrape-time metrics).
-pub type StoreSlot = Arc<std::sync::RwLock<Option<Stores>>>;
+/// The leader's caches as the rest of the process sees them: whether each is synced and its
+/// watch healthy (readiness), and the caches themselves once the controllers run (scrape-time
+/// metrics). Cloning shares them.
+#[derive(Clone)]
+pub struct Caches {
+    pub subscriptions: Arc<Gate>,
+    pub channels: Arc<Gate>,
+    pub pods: Arc<Gate>,
+    stores: Arc<std::sync::RwLock<Option<Stores>>>,
+}
+
+const NOT_SYNCED: [&str; 3] = ["Subscription cache not synced", "SlimChannel cache not synced", "Pod cache not synced"];
+
+impl Default for Caches {
+    fn default() -> Self {
+        Self {
+            subscriptions: Gate::closed(NOT_SYNCED[0]),
+            channels: Gate::closed(NOT_SYNCED[1]),
+            pods: Gate::closed(NOT_SYNCED[2]),
+            stores: Arc::default(),
+        }
+    }
+}
+
+impl Caches {
+    /// `Ok` when every cache is synced, else why not.
+    pub fn state(&self) -> Result<(), String> {
+        crate::admin::all_gates(vec![self.subscriptions.clone(), self.channels.clone(), self.pods.clone()])()
+    }
+
+    /// The running controllers' caches.
+    pub fn publish(&self, stores: Stores) {
+        *self.stores.write().unwrap_or_else(|p| p.into_inner()) = Some(stores);
+    }
+
+    /// The controllers stopped (e.g. on losing the lease): nothing is synced, nothing to show.
+    pub fn reset(&self) {
+        for (gate, reason) in [&self.subscriptions, &self.channels, &self.pods].into_iter().zip(NOT_SYNCED) {
+            gate.close(reason);
+        }
+        *self.stores.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn stores(&self) -> Option<Stores> {
+        self.stores.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChannelLabels {
@@ -110,7 +156,7 @@ fn ready_of(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condit
 /// channel participants joined and desired.
 #[derive(Clone)]
 pub struct ResourceCollector {
-    pub stores: StoreSlot,
+    pub caches: Caches,
 }
 
 impl std::fmt::Debug for ResourceCollector {
@@ -122,7 +168,7 @@ impl std::fmt::Debug for ResourceCollector {
 impl Collector for ResourceCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use prometheus_client::metrics::MetricType::Gauge;
-        let Some(stores) = self.stores.read().unwrap_or_else(|p| p.into_inner()).clone() else {
+        let Some(stores) = self.caches.stores() else {
             return Ok(());
         };
         let mut routes: std::collections::BTreeMap<String, i64> = Default::default();

@@ -25,7 +25,7 @@ use kube::Client;
 use tokio::sync::{mpsc, watch};
 
 use crate::admin::Gate;
-use crate::controller::leader::Leadership;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::webhook::CertStore;
 

@@ -16,7 +16,7 @@ use super::authority::{Authority, RealKeys};
 use super::keys::{self, KeySet, Policy};
 use crate::admin::Gate;
 use crate::backoff::Backoff;
-use crate::controller::leader::Leadership;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 
 /// The Secret's key holding the key set (JSON).

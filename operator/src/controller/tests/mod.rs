@@ -52,8 +52,7 @@ pub(super) fn context_with_triggers(
         nodes,
         channel_managers: Default::default(),
         config,
-        ready: Default::default(),
-        slot: Default::default(),
+        caches: Default::default(),
         leadership: super::sole_leader(),
         control_tls: Arc::new(super::ControlTlsRegistry::new(client.clone(), Default::default(), None)),
     };
