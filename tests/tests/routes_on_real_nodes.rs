@@ -181,7 +181,7 @@ async fn unreachable_node_is_reported_not_fatal() {
     .await;
     let by_node = |endpoint: &str| reports.iter().find(|r| r.endpoint == endpoint).expect("report").result.clone();
     assert_eq!(by_node(&a.controller_endpoint()), NodeResult::InSync { wrote: true }, "the live node is not held up");
-    assert!(matches!(by_node(&dead.endpoint), NodeResult::Unreachable(_)), "{reports:?}");
+    assert!(matches!(by_node(&dead.endpoint), NodeResult::Unreachable { .. }), "{reports:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

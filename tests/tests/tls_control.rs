@@ -33,24 +33,27 @@ fn over(node: &SlimNode, tls: TlsSource) -> NodePool {
 }
 
 /// Installs a route with a fresh pool using `material`, and reads it back from the node.
-async fn route_over(node: &SlimNode, link: &LinkConfig, material: TlsMaterial) -> Result<(), String> {
+/// A failure: its TLS cause as the client typed it, and its message.
+type Failed = (Option<TlsFailure>, String);
+
+async fn route_over(node: &SlimNode, link: &LinkConfig, material: TlsMaterial) -> Result<(), Failed> {
     let (_keep, rx) = watch::channel(Arc::new(material));
     let pool = over(node, TlsSource::new(rx));
     install(&pool, node, link, "org/ns/bob").await
 }
 
-async fn install(pool: &NodePool, node: &SlimNode, link: &LinkConfig, name: &str) -> Result<(), String> {
+async fn install(pool: &NodePool, node: &SlimNode, link: &LinkConfig, name: &str) -> Result<(), Failed> {
     let client = pool.node(&node.controller_endpoint());
     let route = RouteRef { name: SlimName::parse(name).expect("name"), link_id: link.link_id.clone() };
     let change = NodeChange { create_links: vec![link.clone()], set_routes: vec![route.clone()], ..Default::default() };
-    client.apply(change).await.map_err(|e| e.to_string())?;
-    let listed = client.snapshot(Duration::ZERO).await.map_err(|e| e.to_string())?;
-    if listed.has_route(&route) { Ok(()) } else { Err(format!("route not listed: {listed:?}")) }
+    let failed = |e: slim_operator::slim::NodeError| (e.tls_failure(), e.to_string());
+    client.apply(change).await.map_err(failed)?;
+    let listed = client.snapshot(Duration::ZERO).await.map_err(failed)?;
+    if listed.has_route(&route) { Ok(()) } else { Err((None, format!("route not listed: {listed:?}"))) }
 }
 
-fn cause(result: Result<(), String>) -> (Option<TlsFailure>, String) {
-    let message = result.expect_err("must fail");
-    (TlsFailure::classify(&message), message)
+fn cause(result: Result<(), Failed>) -> Failed {
+    result.expect_err("must fail")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,7 +117,7 @@ async fn routes_over_tls_and_mtls_with_every_failure_told_apart() {
     install(&pool, &mtls, &link, "org/ns/dave").await.expect("the open stream after the rotation");
     mtls.set_controller_tls(&server_tls(dir.path(), &node_cert, Some(&next_ca))).expect("config");
     tokio::task::block_in_place(|| mtls.restart()).expect("restart");
-    let mut last = Err(String::new());
+    let mut last = Err((None, String::new()));
     for _ in 0..40 {
         last = install(&pool, &mtls, &link, "org/ns/erin").await;
         if last.is_ok() {
@@ -189,12 +192,12 @@ async fn the_channel_manager_over_mtls() {
         .await
         .unwrap_or_else(|e| panic!("CreateChannel over mTLS: {e}; manager log: {}", manager.log()));
     let refused = client(material(trust(), None)).create_channel("org/ns/other", false).await.expect_err("no cert");
-    assert_eq!(TlsFailure::classify(&refused.to_string()), Some(TlsFailure::ClientCertRefused), "{refused}");
+    assert_eq!(refused.tls_failure(), Some(TlsFailure::ClientCertRefused), "{refused}");
     let untrusted = client(material(ServerTrust::Ca(vec![other.der.clone()]), Some(ca.identity(1))))
         .create_channel("org/ns/other", false)
         .await
         .expect_err("wrong CA");
-    assert_eq!(TlsFailure::classify(&untrusted.to_string()), Some(TlsFailure::UntrustedServer), "{untrusted}");
+    assert_eq!(untrusted.tls_failure(), Some(TlsFailure::UntrustedServer), "{untrusted}");
 }
 
 /// A stream opened with a client certificate is re-opened before that certificate expires, with

@@ -3,6 +3,7 @@
 use kube::runtime::finalizer;
 
 use crate::plan::SelectorError;
+use crate::slim::tls::TlsFailure;
 use crate::slim::{CmError, NameError};
 
 /// Reconcile failures. `reason()` is the PascalCase label used for metrics and Warning events.
@@ -22,8 +23,8 @@ pub enum Error {
     InvalidSelector(SelectorError),
     #[error("Secret {name}: {reason}")]
     Secret { name: String, reason: String },
-    #[error("{0}")]
-    NodeUnreachable(String),
+    #[error("{summary}")]
+    NodeUnreachable { summary: String, tls: Option<TlsFailure> },
     #[error("{0}")]
     RouteRejected(String),
     #[error("deletion waits for {0} node(s) to confirm the route is removed")]
@@ -59,17 +60,12 @@ impl Error {
             Error::InvalidName(_) => "InvalidName",
             Error::InvalidSelector(_) => "InvalidSelector",
             Error::Secret { .. } => "SecretUnavailable",
-            Error::NodeUnreachable(message) => {
-                crate::slim::tls::TlsFailure::classify(message).map_or("NodeUnreachable", |f| f.reason())
-            }
+            Error::NodeUnreachable { tls, .. } => tls.map_or("NodeUnreachable", TlsFailure::reason),
             Error::RouteRejected(_) => "RouteRejected",
             Error::CleanupPending(_) => "CleanupPending",
             Error::NoChannelManager => "NoChannelManager",
             Error::ChannelManager(CmError::Refused { .. }) => "ChannelManagerRefused",
-            Error::ChannelManager(CmError::Unavailable { reason, .. }) => {
-                crate::slim::tls::TlsFailure::classify(reason).map_or("ChannelManagerUnavailable", |f| f.reason())
-            }
-            Error::ChannelManager(_) => "ChannelManagerUnavailable",
+            Error::ChannelManager(error) => error.tls_failure().map_or("ChannelManagerUnavailable", TlsFailure::reason),
             Error::ChannelCleanupPending(_) => "CleanupPending",
             Error::MlsChangeRefused => "MlsChangeRefused",
             Error::ControlTls(_) => "ControlTlsInvalid",

@@ -475,17 +475,20 @@ fn failure_of(reports: &[NodeReport]) -> Option<Error> {
         .iter()
         .map(|r| match &r.result {
             // The node's error names the node already.
-            NodeResult::Unreachable(m) => m.clone(),
+            NodeResult::Unreachable { message, .. } => message.clone(),
             NodeResult::Rejected(m) => format!("{}: {m}", r.endpoint),
             NodeResult::InSync { .. } => String::new(),
         })
         .collect::<Vec<_>>()
         .join("; ");
     if failed.iter().any(|r| matches!(r.result, NodeResult::Rejected(_))) {
-        Some(Error::RouteRejected(summary))
-    } else {
-        Some(Error::NodeUnreachable(summary))
+        return Some(Error::RouteRejected(summary));
     }
+    let tls = failed.iter().find_map(|r| match &r.result {
+        NodeResult::Unreachable { tls, .. } => *tls,
+        _ => None,
+    });
+    Some(Error::NodeUnreachable { summary, tls })
 }
 
 async fn announce(sub: &Subscription, ctx: &Context, notices: &Notices, route: &str) {

@@ -8,7 +8,6 @@ use k8s_openapi::jiff::Timestamp;
 use crate::api::condition::{self, READY};
 use crate::api::{NodeStatus, SubscriptionStatus};
 use crate::engine::{NodeReport, NodeResult};
-use crate::slim::tls::TlsFailure;
 
 /// Condition reasons a Subscription can carry (documented in the README's troubleshooting).
 pub mod reason {
@@ -114,10 +113,8 @@ fn target_node(
     before: Option<&NodeStatus>,
     notices: &mut Notices,
 ) -> NodeStatus {
-    let (installed, message) = match &report.result {
-        NodeResult::InSync { .. } => (true, None),
-        NodeResult::Unreachable(m) | NodeResult::Rejected(m) => (false, Some(m.clone())),
-    };
+    let message = report.result.failure().map(str::to_owned);
+    let installed = message.is_none();
     if report.wrote() {
         match before {
             Some(b) if b.route_installed && old.route_name.as_deref() == Some(input.route_name) => {
@@ -170,7 +167,7 @@ fn leaving_node(
     before: Option<&NodeStatus>,
     notices: &mut Notices,
 ) -> Option<NodeStatus> {
-    let (NodeResult::Unreachable(message) | NodeResult::Rejected(message)) = &report.result else {
+    let Some(message) = report.result.failure() else {
         notices.removed.push(report.endpoint.clone());
         return None;
     };
@@ -218,15 +215,10 @@ fn ready(input: &StatusInput<'_>, reports: &[NodeReport]) -> k8s_openapi::apimac
         (true, reason::ROUTES_INSTALLED, message)
     } else {
         let rejected = failed.iter().any(|r| matches!(r.result, NodeResult::Rejected(_)));
-        let detail: Vec<String> = failed
-            .iter()
-            .map(|r| match &r.result {
-                NodeResult::Unreachable(m) | NodeResult::Rejected(m) => format!("{}: {m}", r.endpoint),
-                NodeResult::InSync { .. } => String::new(),
-            })
-            .collect();
+        let detail: Vec<String> =
+            failed.iter().map(|r| format!("{}: {}", r.endpoint, r.result.failure().unwrap_or_default())).collect();
         let tls = failed.iter().find_map(|r| match &r.result {
-            NodeResult::Unreachable(m) => TlsFailure::classify(m),
+            NodeResult::Unreachable { tls, .. } => *tls,
             _ => None,
         });
         let reason_text = match (rejected, tls) {
@@ -243,6 +235,7 @@ fn ready(input: &StatusInput<'_>, reports: &[NodeReport]) -> k8s_openapi::apimac
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::slim::tls::TlsFailure;
 
     fn at(seconds: i64) -> Timestamp {
         Timestamp::from_second(seconds).expect("valid")
@@ -333,7 +326,7 @@ mod tests {
     fn unreachable_and_rejected_nodes_make_it_not_ready() {
         let reports = [
             report("http://a", true, NodeResult::InSync { wrote: true }),
-            report("http://b", true, NodeResult::Unreachable("connect refused".into())),
+            report("http://b", true, NodeResult::Unreachable { message: "connect refused".into(), tls: None }),
         ];
         let (status, _) = next_status(&SubscriptionStatus::default(), &input(100), &reports);
         assert_eq!(ready(&status), ("False", reason::NODE_UNREACHABLE));
@@ -343,9 +336,10 @@ mod tests {
         let untrusted = [report(
             "https://a",
             true,
-            NodeResult::Unreachable(
-                "node https://a unreachable: connect: invalid peer certificate: UnknownIssuer".into(),
-            ),
+            NodeResult::Unreachable {
+                message: "node https://a unreachable: connect: invalid peer certificate: UnknownIssuer".into(),
+                tls: Some(TlsFailure::UntrustedServer),
+            },
         )];
         let (status, _) = next_status(&SubscriptionStatus::default(), &input(100), &untrusted);
         assert_eq!(ready(&status), ("False", "TlsUntrustedServer"));
@@ -363,7 +357,7 @@ mod tests {
         };
         let reports = [
             report("http://a", true, NodeResult::InSync { wrote: true }),
-            report("http://b", true, NodeResult::Unreachable("down".into())),
+            report("http://b", true, NodeResult::Unreachable { message: "down".into(), tls: None }),
         ];
         let (status, _) = next_status(&old, &input(100), &reports);
         assert_eq!(status.route_name.as_deref(), Some("o/n/old"), "b may still hold the old route");
@@ -386,7 +380,7 @@ mod tests {
         assert_eq!(removed.nodes.len(), 1);
         assert_eq!(notices.removed, vec!["http://gone".to_string()]);
 
-        let failing = report("http://gone", false, NodeResult::Unreachable("down".into()));
+        let failing = report("http://gone", false, NodeResult::Unreachable { message: "down".into(), tls: None });
         let (pending, _) = next_status(&old, &input(100), &[target.clone(), failing.clone()]);
         let entry = pending.nodes.iter().find(|n| n.endpoint == "http://gone").expect("kept while retrying");
         assert_eq!(entry.removing_since, Some(Time(at(100))));
@@ -419,7 +413,7 @@ mod tests {
         let input = StatusInput { instances: &instances, following: Some(&followed), ..input(100) };
         let reports = [
             report("http://a", true, NodeResult::InSync { wrote: true }),
-            report("http://b", true, NodeResult::Unreachable("down".into())),
+            report("http://b", true, NodeResult::Unreachable { message: "down".into(), tls: None }),
         ];
         let (status, _) = next_status(&old, &input, &reports);
         assert_eq!(status.nodes[0].instances, [NEW], "a: what is routed now");

@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures::future::join_all;
 
 use crate::plan::{DesiredRoute, NodeTarget, Users, plan_node};
+use crate::slim::tls::TlsFailure;
 use crate::slim::{ChangeOutcome, NodeError, NodePool, RouteRef};
 
 /// One sync of one Subscription.
@@ -43,10 +44,20 @@ pub struct NodeReport {
 pub enum NodeResult {
     /// The node matches the plan; `wrote` says whether a command was needed to get there.
     InSync { wrote: bool },
-    /// The node was unreachable or did not answer.
-    Unreachable(String),
+    /// The node was unreachable or did not answer; `tls` says when a TLS failure was the cause.
+    Unreachable { message: String, tls: Option<TlsFailure> },
     /// The node refused part of the change.
     Rejected(String),
+}
+
+impl NodeResult {
+    /// What went wrong, when something did.
+    pub fn failure(&self) -> Option<&str> {
+        match self {
+            NodeResult::InSync { .. } => None,
+            NodeResult::Unreachable { message, .. } | NodeResult::Rejected(message) => Some(message),
+        }
+    }
 }
 
 impl NodeReport {
@@ -131,6 +142,6 @@ impl RouteSync<'_> {
 fn failure(error: NodeError) -> NodeResult {
     match error {
         NodeError::Rejected { reason, .. } => NodeResult::Rejected(reason),
-        other => NodeResult::Unreachable(other.to_string()),
+        other => NodeResult::Unreachable { tls: other.tls_failure(), message: other.to_string() },
     }
 }

@@ -4,6 +4,7 @@
 //! classified here so callers can treat "already exists" and "not found" as the idempotent
 //! outcomes they are.
 
+use super::model::Unreachable;
 use super::tls::TlsSource;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,8 +23,8 @@ const INVITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CmError {
-    #[error("channel manager {endpoint} unreachable: {reason}")]
-    Unavailable { endpoint: String, reason: String },
+    #[error("channel manager {endpoint} unreachable: {cause}")]
+    Unavailable { endpoint: String, cause: Unreachable },
     #[error("channel manager {endpoint}: {op} did not answer within {timeout:?}")]
     Timeout { endpoint: String, op: &'static str, timeout: Duration },
     #[error("channel {0} not found")]
@@ -32,6 +33,16 @@ pub enum CmError {
     Refused { op: &'static str, message: String },
     #[error("invalid channel manager endpoint {endpoint:?}: {reason}")]
     BadEndpoint { endpoint: String, reason: String },
+}
+
+impl CmError {
+    /// The TLS failure that kept the manager unreachable, when that is the cause.
+    pub fn tls_failure(&self) -> Option<super::tls::TlsFailure> {
+        match self {
+            CmError::Unavailable { cause, .. } => cause.tls_failure(),
+            _ => None,
+        }
+    }
 }
 
 /// Calls made, for metrics and benchmarks.
@@ -164,7 +175,7 @@ impl ChannelManagerClient {
             Ok(Err(status)) => Err(CmError::Unavailable {
                 endpoint: self.endpoint.to_string(),
                 // The chain, not just "transport error": a TLS failure is told by its cause.
-                reason: format!("{op}: {} ({:?})", slim_k8s_common::error_chain(&status), status.code()),
+                cause: Unreachable::of(&format!("{op} ({:?})", status.code()), &status),
             }),
             Ok(Ok(response)) => Ok(response.into_inner()),
         }

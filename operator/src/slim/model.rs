@@ -161,17 +161,58 @@ impl Observed {
     }
 }
 
+/// Why a control endpoint (a node's controller API, a channel manager) could not be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unreachable {
+    /// The TLS handshake failed for a cause an operator can act on (classified where rustls
+    /// reported it).
+    #[error("{detail}")]
+    Tls { failure: super::tls::TlsFailure, detail: String },
+    /// Connecting failed otherwise (refused, no such host, timed out), or the stream broke.
+    #[error("{0}")]
+    Transport(String),
+}
+
+impl Unreachable {
+    /// From a transport error (tonic, hyper, the TLS connector): its whole chain after `context`,
+    /// and its TLS cause when it has one.
+    pub fn of(context: &str, error: &(dyn std::error::Error + 'static)) -> Self {
+        let detail = format!("{context}: {}", slim_k8s_common::error_chain(error));
+        match super::tls::TlsFailure::in_chain(error) {
+            Some(failure) => Unreachable::Tls { failure, detail },
+            None => Unreachable::Transport(detail),
+        }
+    }
+
+    pub fn tls_failure(&self) -> Option<super::tls::TlsFailure> {
+        match self {
+            Unreachable::Tls { failure, .. } => Some(*failure),
+            Unreachable::Transport(_) => None,
+        }
+    }
+}
+
 /// Node-level failures: the change or listing did not complete.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("node {endpoint} unreachable: {reason}")]
-    Unavailable { endpoint: String, reason: String },
+    #[error("node {endpoint} unreachable: {cause}")]
+    Unavailable { endpoint: String, cause: Unreachable },
     #[error("node {endpoint} did not answer within {timeout:?}")]
     Timeout { endpoint: String, timeout: Duration },
     #[error("node {endpoint} rejected the command: {reason}")]
     Rejected { endpoint: String, reason: String },
     #[error("node client for {endpoint} has stopped")]
     Stopped { endpoint: String },
+}
+
+impl NodeError {
+    /// The TLS failure that kept the node unreachable, when that is the cause.
+    pub fn tls_failure(&self) -> Option<super::tls::TlsFailure> {
+        match self {
+            NodeError::Unavailable { cause, .. } => cause.tls_failure(),
+            _ => None,
+        }
+    }
 }
 
 /// Counters of what a client sent; shared with metrics and benchmarks.

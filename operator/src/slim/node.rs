@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use slim_k8s_common::error_chain;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,7 +23,7 @@ use tonic::Streaming;
 use tracing::{debug, info, warn};
 
 use super::batch::{AckFailures, merge, message, new_message_id, take_batch};
-use super::model::{ChangeOutcome, NodeChange, NodeError, NodeEvent, NodeStats, Observed};
+use super::model::{ChangeOutcome, NodeChange, NodeError, NodeEvent, NodeStats, Observed, Unreachable};
 use super::name::NameKey;
 use super::pb::controller::v1 as ctl;
 use super::pb::controller::v1::control_message::Payload;
@@ -171,7 +170,7 @@ enum SessionEnd {
     /// Every handle is gone: stop the actor.
     Closed,
     /// The stream broke; reconnect.
-    Broken(String),
+    Broken(Unreachable),
     /// The client certificate the stream was opened with is about to expire: open a new one now.
     Renew,
 }
@@ -222,7 +221,7 @@ impl Actor {
                         None => return,
                         Some(command) => command.fail(NodeError::Unavailable {
                             endpoint: self.endpoint.clone(),
-                            reason: reason.clone(),
+                            cause: reason.clone(),
                         }),
                     },
                 }
@@ -230,10 +229,12 @@ impl Actor {
         }
     }
 
-    async fn connect(&mut self) -> Result<(mpsc::Sender<ctl::ControlMessage>, Streaming<ctl::ControlMessage>), String> {
+    async fn connect(
+        &mut self,
+    ) -> Result<(mpsc::Sender<ctl::ControlMessage>, Streaming<ctl::ControlMessage>), Unreachable> {
         // tonic speaks plain HTTP/2 to what the connector returns; TLS, when wanted, is ours.
         let endpoint = tonic::transport::Endpoint::from_shared(super::tls::plain_uri(&self.endpoint))
-            .map_err(|e| format!("invalid endpoint: {e}"))?
+            .map_err(|e| Unreachable::of("invalid endpoint", &e))?
             .connect_timeout(self.config.connect_timeout)
             .http2_keep_alive_interval(Duration::from_secs(15))
             .keep_alive_timeout(Duration::from_secs(10))
@@ -256,7 +257,7 @@ impl Actor {
                     .await
             }
         }
-        .map_err(|e| format!("connect: {}", error_chain(&e)))?;
+        .map_err(|e| Unreachable::of("connect", &e))?;
         let mut client = ctl::controller_service_client::ControllerServiceClient::new(channel);
         let (outbound, outbound_rx) = mpsc::channel(1024);
         let inbound = tokio::time::timeout(
@@ -264,8 +265,8 @@ impl Actor {
             client.open_control_channel(ReceiverStream::new(outbound_rx)),
         )
         .await
-        .map_err(|_| "opening the control channel timed out".to_owned())?
-        .map_err(|status| format!("opening the control channel: {}", error_chain(&status)))?
+        .map_err(|_| Unreachable::Transport("opening the control channel timed out".to_owned()))?
+        .map_err(|status| Unreachable::of("opening the control channel", &status))?
         .into_inner();
         Ok((outbound, inbound))
     }
@@ -359,8 +360,15 @@ impl<'a> Session<'a> {
                 },
                 message = inbound.message() => match message {
                     Ok(Some(message)) => self.on_message(message),
-                    Ok(None) => break SessionEnd::Broken("node closed the control stream".to_owned()),
-                    Err(status) => break SessionEnd::Broken(format!("control stream error: {}", status.message())),
+                    Ok(None) => {
+                        break SessionEnd::Broken(Unreachable::Transport("node closed the control stream".to_owned()));
+                    }
+                    Err(status) => {
+                        break SessionEnd::Broken(Unreachable::Transport(format!(
+                            "control stream error: {}",
+                            status.message()
+                        )));
+                    }
                 },
                 _ = sweep.tick() => self.expire(),
             }
@@ -369,9 +377,11 @@ impl<'a> Session<'a> {
             }
         };
         let reason = match &end {
-            SessionEnd::Closed => "client stopped".to_owned(),
+            SessionEnd::Closed => Unreachable::Transport("client stopped".to_owned()),
             SessionEnd::Broken(reason) => reason.clone(),
-            SessionEnd::Renew => "the control stream is re-opened with renewed credentials".to_owned(),
+            SessionEnd::Renew => {
+                Unreachable::Transport("the control stream is re-opened with renewed credentials".to_owned())
+            }
         };
         self.fail_all(&reason);
         end
@@ -411,7 +421,7 @@ impl<'a> Session<'a> {
     }
 
     /// Sends a pending listing and as many merged commands as the in-flight limit allows.
-    async fn flush(&mut self) -> Result<(), String> {
+    async fn flush(&mut self) -> Result<(), Unreachable> {
         if let Some(list) = &mut self.list
             && list.routes_id.is_empty()
         {
@@ -456,9 +466,9 @@ impl<'a> Session<'a> {
         batch
     }
 
-    async fn send(&mut self, message: ctl::ControlMessage) -> Result<(), String> {
+    async fn send(&mut self, message: ctl::ControlMessage) -> Result<(), Unreachable> {
         self.actor.stats.rpcs.fetch_add(1, Ordering::Relaxed);
-        self.outbound.send(message).await.map_err(|_| "control stream closed".to_owned())
+        self.outbound.send(message).await.map_err(|_| Unreachable::Transport("control stream closed".to_owned()))
     }
 
     fn on_message(&mut self, message: ctl::ControlMessage) {
@@ -592,8 +602,8 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn fail_all(&mut self, reason: &str) {
-        let error = || NodeError::Unavailable { endpoint: self.actor.endpoint.clone(), reason: reason.to_owned() };
+    fn fail_all(&mut self, reason: &Unreachable) {
+        let error = || NodeError::Unavailable { endpoint: self.actor.endpoint.clone(), cause: reason.clone() };
         for (_, in_flight) in self.in_flight.drain() {
             for (_, reply) in in_flight.parts {
                 let _ = reply.send(Err(error()));

@@ -164,26 +164,83 @@ impl TlsFailure {
         }
     }
 
-    /// Recognises a failure in an error's text (rustls' errors and alerts, through tonic).
-    pub fn classify(message: &str) -> Option<Self> {
-        let m = message;
-        if m.contains("client certificate expired") {
-            Some(TlsFailure::ClientCertExpired)
-        } else if m.contains(SPIFFE_MISMATCH) || m.contains("NotValidForName") || m.contains("not valid for name") {
-            Some(TlsFailure::UnexpectedServerIdentity)
-        } else if m.contains("UnknownIssuer") || m.contains("BadSignature") || m.contains("not signed by") {
-            Some(TlsFailure::UntrustedServer)
-        } else if m.contains("invalid peer certificate: Expired") || m.contains("NotValidYet") {
-            Some(TlsFailure::ServerCertExpired)
-        } else if ["CertificateRequired", "BadCertificate", "UnknownCA", "CertificateExpired", "CertificateUnknown"]
-            .iter()
-            .any(|alert| m.contains(&format!("received fatal alert: {alert}")))
-        {
-            Some(TlsFailure::ClientCertRefused)
-        } else {
-            None
+    /// The failure rustls reports, when it is one an operator can act on.
+    pub fn of_rustls(error: &rustls::Error) -> Option<Self> {
+        use rustls::{AlertDescription as Alert, CertificateError as Cert};
+        match error {
+            rustls::Error::InvalidCertificate(cert) => match cert {
+                Cert::UnknownIssuer | Cert::BadSignature => Some(TlsFailure::UntrustedServer),
+                Cert::NotValidForName | Cert::NotValidForNameContext { .. } => {
+                    Some(TlsFailure::UnexpectedServerIdentity)
+                }
+                Cert::Expired | Cert::ExpiredContext { .. } | Cert::NotValidYet | Cert::NotValidYetContext { .. } => {
+                    Some(TlsFailure::ServerCertExpired)
+                }
+                Cert::Other(other) if other.0.downcast_ref::<UnexpectedSpiffeId>().is_some() => {
+                    Some(TlsFailure::UnexpectedServerIdentity)
+                }
+                _ => None,
+            },
+            rustls::Error::AlertReceived(
+                Alert::CertificateRequired
+                | Alert::BadCertificate
+                | Alert::UnknownCA
+                | Alert::CertificateExpired
+                | Alert::CertificateUnknown,
+            ) => Some(TlsFailure::ClientCertRefused),
+            _ => None,
         }
     }
+
+    /// The failure [`connect`] classified, found in an error's chain (tonic and hyper carry the
+    /// connector's `io::Error` as a source; an `io::Error` hides its inner error from `source()`,
+    /// so it is looked into too).
+    pub fn in_chain(error: &(dyn std::error::Error + 'static)) -> Option<Self> {
+        let mut next = Some(error);
+        while let Some(error) = next {
+            let failed = error.downcast_ref::<TlsConnectFailed>().or_else(|| {
+                let inner = error.downcast_ref::<std::io::Error>()?.get_ref()?;
+                inner.downcast_ref::<TlsConnectFailed>()
+            });
+            if let Some(failed) = failed {
+                return Some(failed.failure);
+            }
+            next = error.source();
+        }
+        None
+    }
+}
+
+/// A TLS connection that failed for a known cause, classified where rustls reports it. It travels
+/// inside the `io::Error` the connector returns; [`TlsFailure::in_chain`] finds it again.
+#[derive(Debug, thiserror::Error)]
+#[error("{detail}")]
+pub struct TlsConnectFailed {
+    pub failure: TlsFailure,
+    detail: String,
+}
+
+impl TlsConnectFailed {
+    fn io(failure: TlsFailure, kind: std::io::ErrorKind, detail: String) -> std::io::Error {
+        std::io::Error::new(kind, Self { failure, detail })
+    }
+
+    /// `error` with its cause attached when it is a TLS failure rustls told apart.
+    fn classified(error: std::io::Error) -> std::io::Error {
+        let failure = error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).and_then(TlsFailure::of_rustls);
+        match failure {
+            Some(failure) => Self::io(failure, error.kind(), error.to_string()),
+            None => error,
+        }
+    }
+}
+
+/// A server certificate whose SPIFFE ID is not the one wanted.
+#[derive(Debug, thiserror::Error)]
+#[error("{SPIFFE_MISMATCH}: {found}, want {want}")]
+struct UnexpectedSpiffeId {
+    found: String,
+    want: String,
 }
 
 const SPIFFE_MISMATCH: &str = "unexpected SPIFFE ID";
@@ -258,12 +315,12 @@ impl ServerCertVerifier for SpiffeVerifier {
             now,
             self.algorithms.all,
         )?;
-        let id = spiffe_id(end_entity).ok_or_else(|| rustls::Error::General(format!("{SPIFFE_MISMATCH}: none")))?;
-        if self.id.allows(&id) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!("{SPIFFE_MISMATCH}: {id}, want {}", self.id)))
-        }
+        let mismatch = |found: &str| {
+            let error = UnexpectedSpiffeId { found: found.to_owned(), want: self.id.to_string() };
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(error))))
+        };
+        let id = spiffe_id(end_entity).ok_or_else(|| mismatch("none"))?;
+        if self.id.allows(&id) { Ok(ServerCertVerified::assertion()) } else { Err(mismatch(&id)) }
     }
 
     fn verify_tls12_signature(
@@ -316,14 +373,19 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<Prefixed<TlsStream<TcpStream>>, std::io::Error> {
     use tokio::io::AsyncReadExt;
-    let config = client_config(material, slim_k8s_common::unix_now()).map_err(std::io::Error::other)?;
+    let config = client_config(material, slim_k8s_common::unix_now()).map_err(|error| match error {
+        TlsError::ClientCertExpired(_) => {
+            TlsConnectFailed::io(TlsFailure::ClientCertExpired, std::io::ErrorKind::InvalidInput, error.to_string())
+        }
+        TlsError::Material(_) => std::io::Error::other(error),
+    })?;
     let name = material.server_name.as_deref().unwrap_or(host);
     let server_name = ServerName::try_from(name.to_owned())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("server name {name:?}: {e}")))?;
     let handshake = async {
         let tcp = TcpStream::connect((host, port)).await?;
         tcp.set_nodelay(true)?;
-        TlsConnector::from(Arc::new(config)).connect(server_name, tcp).await
+        TlsConnector::from(Arc::new(config)).connect(server_name, tcp).await.map_err(TlsConnectFailed::classified)
     };
     let mut stream = tokio::time::timeout(timeout, handshake)
         .await
@@ -334,13 +396,14 @@ pub async fn connect(
         match tokio::time::timeout(VERDICT_WAIT, stream.read(&mut buf)).await {
             Err(_) => {}
             Ok(Ok(0)) => {
-                return Err(std::io::Error::new(
+                return Err(TlsConnectFailed::io(
+                    TlsFailure::ClientCertRefused,
                     std::io::ErrorKind::ConnectionAborted,
-                    "the server closed the connection after the handshake (received fatal alert: CertificateUnknown)",
+                    "the server closed the connection after the handshake (our certificate refused)".into(),
                 ));
             }
             Ok(Ok(n)) => prefix.extend_from_slice(&buf[..n]),
-            Ok(Err(error)) => return Err(error),
+            Ok(Err(error)) => return Err(TlsConnectFailed::classified(error)),
         }
     }
     Ok(Prefixed { prefix, offset: 0, inner: stream })
@@ -450,28 +513,39 @@ mod tests {
     }
 
     #[test]
-    fn failures_are_told_apart() {
+    fn rustls_failures_are_told_apart_by_type() {
+        use rustls::{AlertDescription as Alert, CertificateError as Cert, Error};
+        let spiffe = UnexpectedSpiffeId { found: "spiffe://x/y".into(), want: "spiffe://x/z".into() };
         let cases = [
-            ("invalid peer certificate: UnknownIssuer", Some(TlsFailure::UntrustedServer)),
+            (Error::InvalidCertificate(Cert::UnknownIssuer), Some(TlsFailure::UntrustedServer)),
+            (Error::InvalidCertificate(Cert::BadSignature), Some(TlsFailure::UntrustedServer)),
             (
-                "invalid peer certificate: unexpected SPIFFE ID: spiffe://x/y, want spiffe://x/z",
+                Error::InvalidCertificate(Cert::Other(rustls::OtherError(Arc::new(spiffe)))),
                 Some(TlsFailure::UnexpectedServerIdentity),
             ),
-            ("invalid peer certificate: NotValidForName", Some(TlsFailure::UnexpectedServerIdentity)),
-            (
-                "invalid peer certificate: certificate not valid for name \"x\"",
-                Some(TlsFailure::UnexpectedServerIdentity),
-            ),
-            ("invalid peer certificate: Expired", Some(TlsFailure::ServerCertExpired)),
-            ("received fatal alert: CertificateRequired", Some(TlsFailure::ClientCertRefused)),
-            ("received fatal alert: BadCertificate", Some(TlsFailure::ClientCertRefused)),
-            ("client certificate expired at 5 (Unix time)", Some(TlsFailure::ClientCertExpired)),
-            ("tcp connect error: Connection refused", None),
+            (Error::InvalidCertificate(Cert::NotValidForName), Some(TlsFailure::UnexpectedServerIdentity)),
+            (Error::InvalidCertificate(Cert::Expired), Some(TlsFailure::ServerCertExpired)),
+            (Error::InvalidCertificate(Cert::NotValidYet), Some(TlsFailure::ServerCertExpired)),
+            (Error::AlertReceived(Alert::CertificateRequired), Some(TlsFailure::ClientCertRefused)),
+            (Error::AlertReceived(Alert::BadCertificate), Some(TlsFailure::ClientCertRefused)),
+            (Error::AlertReceived(Alert::HandshakeFailure), None),
+            (Error::InvalidCertificate(Cert::Revoked), None),
         ];
-        for (message, expected) in cases {
-            assert_eq!(TlsFailure::classify(message), expected, "{message}");
+        for (error, expected) in cases {
+            assert_eq!(TlsFailure::of_rustls(&error), expected, "{error}");
+            // As the connector returns it, wrapped as tonic and hyper do.
+            let io = TlsConnectFailed::classified(std::io::Error::new(std::io::ErrorKind::InvalidData, error));
+            let wrapped = Wrapper(Box::new(io));
+            assert_eq!(TlsFailure::in_chain(&wrapped), expected, "{wrapped}");
         }
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "tcp connect error");
+        assert_eq!(TlsFailure::in_chain(&Wrapper(Box::new(refused))), None);
     }
+
+    /// An error whose source is another, as tonic's transport error is.
+    #[derive(Debug, thiserror::Error)]
+    #[error("transport error")]
+    struct Wrapper(#[source] Box<dyn std::error::Error + Send + Sync>);
 
     #[test]
     fn an_expired_client_certificate_is_refused_before_connecting() {
@@ -488,7 +562,7 @@ mod tests {
         };
         assert!(client_config(&material, not_after - 10).is_ok());
         let error = client_config(&material, not_after + 1).expect_err("expired");
-        assert_eq!(TlsFailure::classify(&error.to_string()), Some(TlsFailure::ClientCertExpired), "{error}");
+        assert!(matches!(error, TlsError::ClientCertExpired(_)), "{error}");
         assert!(!format!("{:?}", material.identity).contains("PRIVATE"), "the key is never printed");
     }
 }
