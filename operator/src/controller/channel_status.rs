@@ -64,7 +64,7 @@ pub fn next_channel_status(
             if m.joined && !before(&m.name).is_some_and(|b| b.joined) {
                 notices.joined.push(m.name.clone());
             }
-            if let Some(message) = m.message.as_deref().filter(|msg| msg.contains("failed")) {
+            if let Some(message) = m.message.as_deref().filter(|_| m.failing) {
                 let old_message = before(&m.name).and_then(|b| b.message.as_deref());
                 if old_message != Some(message) {
                     notices.failed.push(format!("{}: {message}", m.name));
@@ -145,6 +145,8 @@ mod tests {
             name: name.into(),
             joined,
             instance: joined.then(|| format!("{name}/0b3c5a8e-1111-4222-8333-944455556666")),
+            // As the engine words a failed operation's note.
+            failing: message.is_some_and(|m| m.contains("failed")),
             message: message.map(str::to_owned),
         }
     }

@@ -17,6 +17,7 @@ use tracing::{debug, info};
 
 use crate::backoff::{exponential, jitter};
 use crate::plan::channel::{LiveInstances, MemberState, plan_channel};
+use crate::slim::wording::Said;
 use crate::slim::{ChannelManagerClient, CmError};
 
 /// Called when a background operation of a channel finishes.
@@ -70,6 +71,8 @@ pub struct ParticipantReport {
     pub joined: bool,
     pub instance: Option<String>,
     pub message: Option<String>,
+    /// The message says an operation failed (a Warning event when it is new).
+    pub failing: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -127,7 +130,6 @@ impl ChannelEngine {
             Err(error) => return Err(error),
         };
         let plan = plan_channel(request.desired, &listed, request.managed_before, request.live);
-        let now = Instant::now();
         let due: Vec<(String, OpKind)> = plan
             .add
             .iter()
@@ -135,57 +137,7 @@ impl ChannelEngine {
             .chain(plan.rejoin.iter().map(|n| (n.clone(), OpKind::Rejoin)))
             .chain(plan.remove.iter().map(|n| (n.clone(), OpKind::Remove)))
             .collect();
-        let mut notes: HashMap<String, String> = HashMap::new();
-        {
-            let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
-            // Forget finished failures of participants that need nothing any more.
-            ops.retain(|key, state| {
-                key.manager != request.manager.endpoint()
-                    || key.channel != request.channel
-                    || matches!(state, OpState::Running { .. })
-                    || due.iter().any(|(name, _)| *name == key.participant)
-            });
-            for (participant, kind) in &due {
-                let key = OpKey {
-                    manager: request.manager.endpoint().to_owned(),
-                    channel: request.channel.to_owned(),
-                    participant: participant.clone(),
-                };
-                let attempts = match ops.get(&key) {
-                    // Notes stay the same while the state does, so status is not rewritten for nothing.
-                    Some(OpState::Running { kind }) => {
-                        report.busy = true;
-                        notes.insert(participant.clone(), format!("{} in progress", kind.verb()));
-                        continue;
-                    }
-                    Some(OpState::Failed { kind, message, retry_at, .. }) if *retry_at > now => {
-                        let wait = *retry_at - now;
-                        report.retry_in = Some(report.retry_in.map_or(wait, |r| r.min(wait)));
-                        notes.insert(
-                            participant.clone(),
-                            format!("{} failed: {message}; retried with backoff", kind.verb()),
-                        );
-                        continue;
-                    }
-                    Some(OpState::Failed { kind, message, .. }) if others_running(&ops, &key) => {
-                        // The manager runs a channel's invites one at a time: a retry (likely of
-                        // an offline participant) waits until the others are through.
-                        report.busy = true;
-                        notes.insert(
-                            participant.clone(),
-                            format!("{} failed: {message}; retry waits for other invites", kind.verb()),
-                        );
-                        continue;
-                    }
-                    Some(OpState::Failed { attempts, .. }) => *attempts,
-                    None => 0,
-                };
-                ops.insert(key.clone(), OpState::Running { kind: *kind });
-                report.busy = true;
-                notes.insert(participant.clone(), format!("{} in progress", kind.verb()));
-                self.spawn(key, *kind, attempts, request.manager.clone(), request.on_done.clone());
-            }
-        }
+        let notes = self.start_due(&request, &due, &mut report);
         report.members = plan.members.into_iter().map(|m| member_report(m, &notes)).collect();
         report.leaving = plan
             .remove
@@ -194,10 +146,50 @@ impl ChannelEngine {
                 name: name.clone(),
                 joined: true,
                 instance: None,
-                message: notes.get(name).cloned(),
+                message: notes.get(name).map(Note::to_string),
+                failing: notes.get(name).is_some_and(Note::failed),
             })
             .collect();
         Ok(report)
+    }
+
+    /// Starts each due operation that is neither running nor waiting to be retried; returns what
+    /// each participant's operation is doing.
+    fn start_due(
+        &self,
+        request: &ChannelSync<'_>,
+        due: &[(String, OpKind)],
+        report: &mut ChannelReport,
+    ) -> HashMap<String, Note> {
+        let now = Instant::now();
+        let mut notes = HashMap::new();
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget finished failures of participants that need nothing any more.
+        ops.retain(|key, state| {
+            key.manager != request.manager.endpoint()
+                || key.channel != request.channel
+                || matches!(state, OpState::Running { .. })
+                || due.iter().any(|(name, _)| *name == key.participant)
+        });
+        for (participant, kind) in due {
+            let key = OpKey {
+                manager: request.manager.endpoint().to_owned(),
+                channel: request.channel.to_owned(),
+                participant: participant.clone(),
+            };
+            let attempts = match waiting(&ops, &key, now, report) {
+                Ok(attempts) => attempts,
+                Err(note) => {
+                    notes.insert(participant.clone(), note);
+                    continue;
+                }
+            };
+            ops.insert(key.clone(), OpState::Running { kind: *kind });
+            report.busy = true;
+            notes.insert(participant.clone(), Note::InProgress(*kind));
+            self.spawn(key, *kind, attempts, request.manager.clone(), request.on_done.clone());
+        }
+        notes
     }
 
     fn spawn(&self, key: OpKey, kind: OpKind, attempts: u32, manager: ChannelManagerClient, on_done: OnDone) {
@@ -244,6 +236,58 @@ impl ChannelEngine {
     }
 }
 
+/// Whether the operation of `key` may start now (`Ok` with its past attempts) or must wait, with
+/// what it is doing meanwhile. Notes stay the same while the state does, so status is not
+/// rewritten for nothing.
+fn waiting(ops: &HashMap<OpKey, OpState>, key: &OpKey, now: Instant, report: &mut ChannelReport) -> Result<u32, Note> {
+    match ops.get(key) {
+        None => Ok(0),
+        Some(OpState::Running { kind }) => {
+            report.busy = true;
+            Err(Note::InProgress(*kind))
+        }
+        Some(OpState::Failed { kind, message, retry_at, .. }) if *retry_at > now => {
+            let wait = *retry_at - now;
+            report.retry_in = Some(report.retry_in.map_or(wait, |r| r.min(wait)));
+            Err(Note::Failed { kind: *kind, message: message.clone(), waits_for_others: false })
+        }
+        Some(OpState::Failed { kind, message, .. }) if others_running(ops, key) => {
+            // The manager runs a channel's invites one at a time: a retry (likely of an offline
+            // participant) waits until the others are through.
+            report.busy = true;
+            Err(Note::Failed { kind: *kind, message: message.clone(), waits_for_others: true })
+        }
+        Some(OpState::Failed { attempts, .. }) => Ok(*attempts),
+    }
+}
+
+/// What a participant's operation is doing, as its status says it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Note {
+    InProgress(OpKind),
+    Failed { kind: OpKind, message: String, waits_for_others: bool },
+}
+
+impl Note {
+    fn failed(&self) -> bool {
+        matches!(self, Note::Failed { .. })
+    }
+}
+
+impl std::fmt::Display for Note {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Note::InProgress(kind) => write!(f, "{} in progress", kind.verb()),
+            Note::Failed { kind, message, waits_for_others: false } => {
+                write!(f, "{} failed: {message}; retried with backoff", kind.verb())
+            }
+            Note::Failed { kind, message, waits_for_others: true } => {
+                write!(f, "{} failed: {message}; retry waits for other invites", kind.verb())
+            }
+        }
+    }
+}
+
 fn others_running(ops: &HashMap<OpKey, OpState>, key: &OpKey) -> bool {
     ops.iter().any(|(other, state)| {
         other.manager == key.manager
@@ -268,20 +312,22 @@ async fn run_op(manager: &ChannelManagerClient, channel: &str, participant: &str
 /// An invite for a member that is already in counts as done.
 async fn invite(manager: &ChannelManagerClient, channel: &str, participant: &str) -> Result<(), CmError> {
     match manager.add_participant(channel, participant).await {
-        Err(CmError::Refused { message, .. }) if message.contains("already in group") => Ok(()),
+        Err(CmError::Refused { said: Said::AlreadyMember, .. }) => Ok(()),
         other => other,
     }
 }
 
-fn member_report(member: MemberState, notes: &HashMap<String, String>) -> ParticipantReport {
-    let message = match notes.get(&member.name) {
-        Some(note) if !member.joined => Some(note.clone()),
-        _ => member.note,
+fn member_report(member: MemberState, notes: &HashMap<String, Note>) -> ParticipantReport {
+    let note = notes.get(&member.name).filter(|_| !member.joined);
+    let message = match note {
+        Some(note) => Some(note.to_string()),
+        None => member.note,
     };
     ParticipantReport {
         instance: member.listed.filter(|_| member.joined),
         joined: member.joined,
         message: if member.joined { None } else { message },
+        failing: note.is_some_and(Note::failed),
         name: member.name,
     }
 }

@@ -7,6 +7,7 @@ use super::model::{ChangeItem, ChangeOutcome, ItemFailure, NodeChange, RouteRef}
 use super::name::NameKey;
 use super::pb::controller::v1 as ctl;
 use super::pb::controller::v1::control_message::Payload;
+use super::wording::Said;
 
 /// Queued changes, each with what its caller waits on.
 pub(super) type Queue<T> = Vec<(NodeChange, T)>;
@@ -67,7 +68,7 @@ impl AckFailures {
         let mut failures = Vec::new();
         let link_failure = |link_id: &str| self.links.get(link_id).cloned();
         let route_failure = |route: &RouteRef| self.routes.get(&(route.name.key(), route.link_id.clone())).cloned();
-        let gone = |message: &String| Refusal::of(message) == Refusal::NotFound;
+        let gone = |message: &String| Said::of(message) == Said::NotFound;
         for link in &change.create_links {
             if let Some(message) = link_failure(&link.link_id) {
                 failures.push(ItemFailure { item: ChangeItem::CreateLink(link.link_id.clone()), message });
@@ -90,22 +91,6 @@ impl AckFailures {
             }
         }
         ChangeOutcome { failures }
-    }
-}
-
-/// What a node's refusal means. SLIM says it in text only (`error_msg`, no code), so this is the
-/// one place that reads it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
-    /// The item is not there: for a delete, that is done.
-    NotFound,
-    Other,
-}
-
-impl Refusal {
-    pub fn of(message: &str) -> Self {
-        let message = message.to_ascii_lowercase();
-        if message.contains("not found") || message.contains("not exist") { Refusal::NotFound } else { Refusal::Other }
     }
 }
 
@@ -209,14 +194,6 @@ mod tests {
     }
 
     #[test]
-    fn refusals_as_slim_words_them() {
-        for gone in ["route not found", "connection slimop-1 does not exist", "Link Not Found"] {
-            assert_eq!(Refusal::of(gone), Refusal::NotFound, "{gone}");
-        }
-        assert_eq!(Refusal::of("invalid config_data"), Refusal::Other);
-    }
-
-    #[test]
     fn batches_are_bounded_and_never_delete_a_link_in_use() {
         let uses = |l: &str| NodeChange { set_routes: vec![route("o/n/a", l)], ..Default::default() };
         let deletes = |l: &str| NodeChange { delete_links: vec![l.to_owned()], ..Default::default() };
@@ -315,7 +292,7 @@ mod tests {
             #[test]
             fn every_refused_item_and_only_those_is_a_failure(change in change(), ack in ack()) {
                 let outcome = AckFailures::from_ack(&ack).outcome_for(&change);
-                let gone = |m: &str| Refusal::of(m) == Refusal::NotFound;
+                let gone = |m: &str| Said::of(m) == Said::NotFound;
                 let mut expected = Vec::new();
                 for link in &change.create_links {
                     if let Some(message) = refused_link(&ack, &link.link_id) {

@@ -6,6 +6,7 @@
 
 use super::model::Unreachable;
 use super::tls::TlsSource;
+use super::wording::{self, Said};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,7 +31,7 @@ pub enum CmError {
     #[error("channel {0} not found")]
     ChannelNotFound(String),
     #[error("channel manager refused {op}: {message}")]
-    Refused { op: &'static str, message: String },
+    Refused { op: &'static str, message: String, said: Said },
     #[error("invalid channel manager endpoint {endpoint:?}: {reason}")]
     BadEndpoint { endpoint: String, reason: String },
 }
@@ -99,8 +100,8 @@ impl ChannelManagerClient {
         let response = self.call("CreateChannel", CALL_TIMEOUT, client.create_channel(request)).await?;
         match command_result(&response) {
             Ok(()) => Ok(()),
-            Err(message) if is_already(&message) => Ok(()),
-            Err(message) => Err(CmError::Refused { op: "CreateChannel", message }),
+            Err(message) if Said::of(&message) == Said::AlreadyExists => Ok(()),
+            Err(message) => Err(classify(channel, "CreateChannel", message)),
         }
     }
 
@@ -111,8 +112,8 @@ impl ChannelManagerClient {
         let response = self.call("DeleteChannel", CALL_TIMEOUT, client.delete_channel(request)).await?;
         match command_result(&response) {
             Ok(()) => Ok(()),
-            Err(message) if is_not_found(&message) => Ok(()),
-            Err(message) => Err(CmError::Refused { op: "DeleteChannel", message }),
+            Err(message) if Said::of(&message) == Said::NotFound => Ok(()),
+            Err(message) => Err(classify(channel, "DeleteChannel", message)),
         }
     }
 
@@ -134,7 +135,7 @@ impl ChannelManagerClient {
         let response = self.call("DeleteParticipant", CALL_TIMEOUT, client.delete_participant(request)).await?;
         match command_result(&response) {
             Ok(()) => Ok(()),
-            Err(message) if is_not_found(&message) || message.contains("retries exhausted") => Ok(()),
+            Err(message) if matches!(Said::of(&message), Said::NotFound | Said::RetriesExhausted) => Ok(()),
             Err(message) => Err(classify(channel, "DeleteParticipant", message)),
         }
     }
@@ -159,7 +160,7 @@ impl ChannelManagerClient {
         if response.success {
             Ok(response.channels.into_iter().map(|c| c.channel_name).collect())
         } else {
-            Err(CmError::Refused { op: "ListChannels", message: response.error_msg.unwrap_or_default() })
+            Err(classify("", "ListChannels", response.error_msg.unwrap_or_default()))
         }
     }
 
@@ -187,19 +188,12 @@ fn command_result(response: &cm::CommandResponse) -> Result<(), String> {
 }
 
 fn classify(channel: &str, op: &'static str, message: String) -> CmError {
-    if is_not_found(&message) && message.contains(channel) && !message.contains("participant") {
+    if wording::channel_not_found(&message, channel) {
         CmError::ChannelNotFound(channel.to_owned())
     } else {
-        CmError::Refused { op, message }
+        let said = Said::of(&message);
+        CmError::Refused { op, message, said }
     }
-}
-
-fn is_not_found(message: &str) -> bool {
-    super::batch::Refusal::of(message) == super::batch::Refusal::NotFound
-}
-
-fn is_already(message: &str) -> bool {
-    message.to_ascii_lowercase().contains("already exists")
 }
 
 /// Clients by endpoint, shared by reconciles.
@@ -278,8 +272,7 @@ mod tests {
         );
         assert!(matches!(
             classify("o/n/c", "AddParticipant", "participant already in group: o/n/b/NULL_COMPONENT".into()),
-            CmError::Refused { op: "AddParticipant", .. }
+            CmError::Refused { op: "AddParticipant", said: Said::AlreadyMember, .. }
         ));
-        assert!(is_already("channel o/n/c already exists"));
     }
 }

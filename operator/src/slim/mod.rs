@@ -9,6 +9,7 @@ pub mod pb;
 pub mod pool;
 pub mod svid;
 pub mod tls;
+pub mod wording;
 
 pub use channel_manager::{ChannelManagerClient, ChannelManagerCollector, ChannelManagerPool, CmError};
 pub use model::{
