@@ -224,41 +224,14 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
     // Every long-lived task: the first one to end (a panic, say) ends the agent with its name.
     let mut tasks = Supervisor::new();
     if config.health_checks.listener_enabled {
-        let port = config.health_checks.bind_port;
-        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
-            .await
-            .map_err(|source| AgentError::Health { port, source })?;
-        let router = crate::health::router(
-            health.clone(),
-            &config.health_checks.liveness_path,
-            &config.health_checks.readiness_path,
-        );
-        tasks.spawn("health listener", async move {
-            if let Err(error) = axum::serve(listener, router).await {
-                warn!(%error, port, "health listener failed");
-            }
-        });
-        info!(port, "health listener started");
+        spawn_health_listener(&config, &health, &mut tasks).await?;
     }
     if !config.cmd.is_empty() && !config.daemon_mode {
         warn!("cmd is ignored when daemon_mode is false");
     }
-    let (tx, mut rx) = mpsc::channel::<Update>(64);
-    let own_trust_domain = match &config.identity_source {
-        IdentitySource::Spiffe => {
-            spawn_spiffe_sources(&config, served.as_ref(), &tx, &health, &mut tasks)?;
-            None
-        }
-        IdentitySource::Kubernetes(source) => {
-            spawn_kubernetes_sources(source, &config, &tx, &health, &mut tasks)?;
-            if let (Some(issuer), Some(served)) = (&source.issuer, &served) {
-                spawn_issuer_sources(issuer, &config, served, &health, &mut tasks)?;
-            }
-            Some(crate::svid::kubernetes::BUNDLE_KEY.to_owned())
-        }
-    };
+    let (tx, rx) = mpsc::channel::<Update>(64);
+    let own_trust_domain = spawn_sources(&config, served.as_ref(), &tx, &health, &mut tasks)?;
     let _watcher = watch_dir(&config.cert_dir, tx.clone(), &mut tasks);
-
     let mut writer = Writer {
         jwts: vec![None; config.jwt_svids.len()],
         hooks: Hooks::new(&config.cmd, &config.cmd_args, &config.renew_signal, &config.pid_file_name),
@@ -269,6 +242,20 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
         bundles: None,
         own_trust_domain,
     };
+    let outcome = write_updates(&mut writer, rx, &mut tasks, shutdown).await;
+    tasks.abort_all();
+    writer.hooks.stop().await;
+    outcome
+}
+
+/// Writes each update until `shutdown` (`Ok`), a fatal error, or the end of a task the agent
+/// needs.
+async fn write_updates(
+    writer: &mut Writer,
+    mut rx: mpsc::Receiver<Update>,
+    tasks: &mut Supervisor,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
     tokio::pin!(shutdown);
     loop {
         // Updates first: a loop that ended after a fatal error has already queued it.
@@ -276,8 +263,6 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
             biased;
             _ = &mut shutdown => {
                 info!("shutting down");
-                tasks.abort_all();
-                writer.hooks.stop().await;
                 return Ok(());
             }
             update = rx.recv() => match update {
@@ -286,19 +271,55 @@ pub async fn run_daemon(config: Config, shutdown: impl std::future::Future<Outpu
                     Ok(()) => {}
                     // A disk error is retried with the next update; a fatal one ends the agent.
                     Err(AgentError::Output(error)) => warn!(%error, "will retry on the next update"),
-                    Err(error) => {
-                        tasks.abort_all();
-                        writer.hooks.stop().await;
-                        return Err(error);
-                    }
+                    Err(error) => return Err(error),
                 },
             },
             failure = tasks.failure() => {
                 warn!(%failure, "stopping: a task the agent needs has stopped");
-                tasks.abort_all();
-                writer.hooks.stop().await;
                 return Err(AgentError::Task(failure));
             }
+        }
+    }
+}
+
+async fn spawn_health_listener(config: &Config, health: &Health, tasks: &mut Supervisor) -> Result<(), AgentError> {
+    let port = config.health_checks.bind_port;
+    let listener =
+        tokio::net::TcpListener::bind(("0.0.0.0", port)).await.map_err(|source| AgentError::Health { port, source })?;
+    let router = crate::health::router(
+        health.clone(),
+        &config.health_checks.liveness_path,
+        &config.health_checks.readiness_path,
+    );
+    tasks.spawn("health listener", async move {
+        if let Err(error) = axum::serve(listener, router).await {
+            warn!(%error, port, "health listener failed");
+        }
+    });
+    info!(port, "health listener started");
+    Ok(())
+}
+
+/// The sources of the configured identity; returns the trust domain the agent's own bundle is
+/// keyed by when it issues (Kubernetes source), else `None`.
+fn spawn_sources(
+    config: &Config,
+    served: Option<&Served>,
+    tx: &mpsc::Sender<Update>,
+    health: &Health,
+    tasks: &mut Supervisor,
+) -> Result<Option<String>, AgentError> {
+    match &config.identity_source {
+        IdentitySource::Spiffe => {
+            spawn_spiffe_sources(config, served, tx, health, tasks)?;
+            Ok(None)
+        }
+        IdentitySource::Kubernetes(source) => {
+            spawn_kubernetes_sources(source, config, tx, health, tasks)?;
+            if let (Some(issuer), Some(served)) = (&source.issuer, served) {
+                spawn_issuer_sources(issuer, config, served, health, tasks)?;
+            }
+            Ok(Some(crate::svid::kubernetes::BUNDLE_KEY.to_owned()))
         }
     }
 }

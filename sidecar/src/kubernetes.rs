@@ -225,44 +225,14 @@ pub(crate) async fn token_loop(
             Some(Ok((token, valid))) => {
                 backoff.reset();
                 if written.as_deref() != Some(token.as_str()) {
-                    info!(
-                        subject = %valid.subject,
-                        pod = valid.pod.as_ref().map(|p| p.0.as_str()).unwrap_or("-"),
-                        expires_in = valid.expiry - unix_now(),
-                        "service-account token written"
-                    );
-                    for index in 0..entries.len() {
-                        let update = Update::Jwt {
-                            index,
-                            token: token.clone(),
-                            expiry: valid.expiry,
-                            spiffe_id: valid.subject.clone(),
-                        };
-                        if tx.send(update).await.is_err() {
-                            return;
-                        }
+                    if !hand_over(&token, &valid, entries.len(), &tx).await {
+                        return;
                     }
                     written = Some(token);
                 }
                 None
             }
-            Some(Err(error)) => {
-                let unknown_kid = matches!(error, AgentError::Jwt { error: JwtError::UnknownKid { .. }, .. });
-                if unknown_kid {
-                    wanted.notify_one();
-                }
-                // A token read and refused stays refused until the file or the keys change (no
-                // polling); an unreadable file or a key not fetched yet is tried again.
-                let transient = unknown_kid || matches!(error, AgentError::Kubernetes(_));
-                if transient {
-                    let delay = backoff.next_delay();
-                    warn!(%error, retry_in = ?delay, "service-account token not written");
-                    Some(delay)
-                } else {
-                    warn!(%error, "service-account token not written; waiting for the next one");
-                    None
-                }
-            }
+            Some(Err(error)) => retry_after(&error, &mut backoff, &wanted),
         };
         tokio::select! {
             event = events.recv() => {
@@ -276,6 +246,43 @@ pub(crate) async fn token_loop(
             changed = keys.changed() => if changed.is_err() { return },
             _ = sleep_or_never(retry) => {}
         }
+    }
+}
+
+/// Hands a validated token to the writer for each of the `files` JWT files; `false` once the
+/// writer is gone.
+async fn hand_over(token: &str, valid: &ServiceAccountToken, files: usize, tx: &mpsc::Sender<Update>) -> bool {
+    info!(
+        subject = %valid.subject,
+        pod = valid.pod.as_ref().map(|p| p.0.as_str()).unwrap_or("-"),
+        expires_in = valid.expiry - unix_now(),
+        "service-account token written"
+    );
+    for index in 0..files {
+        let update =
+            Update::Jwt { index, token: token.to_owned(), expiry: valid.expiry, spiffe_id: valid.subject.clone() };
+        if tx.send(update).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// When to read a token that was not written again: a token read and refused stays refused until
+/// the file or the keys change (`None`: no polling); an unreadable file or a key not fetched yet
+/// (the key fetch is asked for) is tried again with backoff.
+fn retry_after(error: &AgentError, backoff: &mut Backoff, wanted: &Notify) -> Option<Duration> {
+    let unknown_kid = matches!(error, AgentError::Jwt { error: JwtError::UnknownKid { .. }, .. });
+    if unknown_kid {
+        wanted.notify_one();
+    }
+    if unknown_kid || matches!(error, AgentError::Kubernetes(_)) {
+        let delay = backoff.next_delay();
+        warn!(%error, retry_in = ?delay, "service-account token not written");
+        Some(delay)
+    } else {
+        warn!(%error, "service-account token not written; waiting for the next one");
+        None
     }
 }
 

@@ -55,8 +55,46 @@ pub fn next_channel_status(
     input: &ChannelStatusInput<'_>,
     report: &ChannelReport,
 ) -> (SlimChannelStatus, ChannelNotices) {
-    let before = |name: &str| old.participants.iter().find(|p| p.name == name);
     let mut notices = ChannelNotices { created: report.created, ..Default::default() };
+    let participants = participants(old, input, report, &mut notices);
+    let desired = report.members.len();
+    let joined = report.members.iter().filter(|m| m.joined).count();
+    let mut status = SlimChannelStatus {
+        observed_generation: input.generation,
+        conditions: old.conditions.clone(),
+        mls_enabled: Some(old.mls_enabled.unwrap_or(input.mls_enabled)),
+        channel_manager: Some(input.channel_manager.to_owned()),
+        joined: i32::try_from(joined).unwrap_or(i32::MAX),
+        desired: i32::try_from(desired).unwrap_or(i32::MAX),
+        nodes: input.nodes.to_vec(),
+        participants,
+        // First synced (no manager recorded yet) and not created: it was already there.
+        adopted: old.adopted || (old.channel_manager.is_none() && !report.created),
+    };
+    notices.adopted = status.adopted && !old.adopted;
+    condition::upsert(&mut status.conditions, ready_condition(input, report));
+    let was_watched = condition::find(&old.conditions, MEMBERS_WATCHED).is_none_or(|c| c.status == "True");
+    notices.unwatched = was_watched && !input.watched;
+    let watched = match input.watched {
+        true => (reason::NODES_CONSULTED, "members' live instances are read from the channel's SLIM nodes".to_owned()),
+        false => (reason::NO_NODES, NO_NODES_REMEDY.to_owned()),
+    };
+    condition::upsert(
+        &mut status.conditions,
+        condition::condition(MEMBERS_WATCHED, input.watched, watched.0, watched.1, input.generation, input.now),
+    );
+    (status, notices)
+}
+
+/// Every desired participant and every one being removed, sorted by name; who joined, failed
+/// anew or was removed since `old` goes to `notices`.
+fn participants(
+    old: &SlimChannelStatus,
+    input: &ChannelStatusInput<'_>,
+    report: &ChannelReport,
+    notices: &mut ChannelNotices,
+) -> Vec<ParticipantStatus> {
+    let before = |name: &str| old.participants.iter().find(|p| p.name == name);
     let mut participants: Vec<ParticipantStatus> = report
         .members
         .iter()
@@ -92,7 +130,14 @@ pub fn next_channel_status(
         notices.removed.push(gone.name.clone());
     }
     participants.sort_by(|a, b| a.name.cmp(&b.name));
+    participants
+}
 
+/// `Ready`: every desired participant joined, or who is still awaited.
+fn ready_condition(
+    input: &ChannelStatusInput<'_>,
+    report: &ChannelReport,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
     let desired = report.members.len();
     let joined = report.members.iter().filter(|m| m.joined).count();
     let (ok, reason_text, message) = if joined == desired {
@@ -105,34 +150,7 @@ pub fn next_channel_status(
             format!("{joined} of {desired} joined; waiting for {}", waiting.join(", ")),
         )
     };
-    let mut status = SlimChannelStatus {
-        observed_generation: input.generation,
-        conditions: old.conditions.clone(),
-        mls_enabled: Some(old.mls_enabled.unwrap_or(input.mls_enabled)),
-        channel_manager: Some(input.channel_manager.to_owned()),
-        joined: i32::try_from(joined).unwrap_or(i32::MAX),
-        desired: i32::try_from(desired).unwrap_or(i32::MAX),
-        nodes: input.nodes.to_vec(),
-        participants,
-        // First synced (no manager recorded yet) and not created: it was already there.
-        adopted: old.adopted || (old.channel_manager.is_none() && !report.created),
-    };
-    notices.adopted = status.adopted && !old.adopted;
-    condition::upsert(
-        &mut status.conditions,
-        condition::condition(READY, ok, reason_text, message, input.generation, input.now),
-    );
-    let was_watched = condition::find(&old.conditions, MEMBERS_WATCHED).is_none_or(|c| c.status == "True");
-    notices.unwatched = was_watched && !input.watched;
-    let watched = match input.watched {
-        true => (reason::NODES_CONSULTED, "members' live instances are read from the channel's SLIM nodes".to_owned()),
-        false => (reason::NO_NODES, NO_NODES_REMEDY.to_owned()),
-    };
-    condition::upsert(
-        &mut status.conditions,
-        condition::condition(MEMBERS_WATCHED, input.watched, watched.0, watched.1, input.generation, input.now),
-    );
-    (status, notices)
+    condition::condition(READY, ok, reason_text, message, input.generation, input.now)
 }
 
 #[cfg(test)]

@@ -144,13 +144,34 @@ impl ControlTlsRegistry {
         }
     }
 
+    /// The material `settings` name, and its fingerprint (what a change is told by).
     async fn load(&self, namespace: &str, settings: &ControlTls) -> Result<(TlsMaterial, String), Error> {
-        let mut hash = Sha256::new();
-        let mut feed = |bytes: &[u8]| {
-            hash.update((bytes.len() as u64).to_le_bytes());
-            hash.update(bytes);
+        let mut print = Fingerprint::default();
+        if let Some(server) = self.spiffe_server(settings)? {
+            let svid = self.svid().await?;
+            print.feed(svid.spiffe_id.as_bytes());
+            print.feed(&svid.identity.not_after.to_le_bytes());
+            for cert in &svid.bundle {
+                print.feed(cert);
+            }
+            print.feed(server.to_string().as_bytes());
+            let mut material = svid.material(server);
+            material.server_name = settings.server_name.clone();
+            return Ok((material, print.finish()));
+        }
+        let (ca_pem, identity_pem) = if *settings == ControlTls::default() {
+            self.default_pems()?
+        } else {
+            self.referenced_pems(namespace, settings).await?
         };
-        let spiffe = match &settings.spiffe {
+        let material = material_of(ca_pem, identity_pem, settings.server_name.clone(), &mut print)?;
+        Ok((material, print.finish()))
+    }
+
+    /// Which SPIFFE IDs the server may have, in SPIFFE mode (the settings', or the operator's
+    /// default trust domain when the settings say nothing).
+    fn spiffe_server(&self, settings: &ControlTls) -> Result<Option<SpiffeMatch>, Error> {
+        Ok(match &settings.spiffe {
             Some(server) => Some(match (&server.id, &server.trust_domain) {
                 (Some(id), _) => SpiffeMatch::Exact(id.clone()),
                 (None, Some(domain)) => SpiffeMatch::MemberOf(domain.clone()),
@@ -160,81 +181,42 @@ impl ControlTlsRegistry {
                 self.defaults.spiffe_trust_domain.clone().map(SpiffeMatch::MemberOf)
             }
             None => None,
-        };
-        if let Some(server) = spiffe {
-            let svid = self.svid().await?;
-            feed(svid.spiffe_id.as_bytes());
-            feed(&svid.identity.not_after.to_le_bytes());
-            for cert in &svid.bundle {
-                feed(cert);
-            }
-            feed(server.to_string().as_bytes());
-            let mut material = svid.material(server);
-            material.server_name = settings.server_name.clone();
-            return Ok((material, hex::encode(hash.finalize())));
-        }
+        })
+    }
 
-        let (ca_pem, identity_pem) = if *settings == ControlTls::default() {
-            let read = |path: &Option<PathBuf>| -> Result<Option<Vec<u8>>, Error> {
-                path.as_ref()
-                    .map(|p| std::fs::read(p).map_err(|e| invalid(format!("reading {}: {e}", p.display()))))
-                    .transpose()
-            };
-            let identity = match (read(&self.defaults.client_cert_file)?, read(&self.defaults.client_key_file)?) {
-                (Some(cert), Some(key)) => Some((cert, key)),
-                (None, None) => None,
-                _ => {
-                    return Err(invalid(
-                        "--control-tls-client-cert-file and --control-tls-client-key-file go together",
-                    ));
-                }
-            };
-            (read(&self.defaults.ca_file)?, identity)
-        } else {
-            let ca = match (&settings.ca_secret_ref, &settings.ca_config_map_ref) {
-                (Some(secret), _) => {
-                    let [ca] = secret_keys(&self.client, namespace, &secret.name, [secret.key.as_str()]).await?;
-                    Some(ca)
-                }
-                (None, Some(map)) => Some(config_map_bytes(&self.client, namespace, &map.name, &map.key).await?),
-                (None, None) => None,
-            };
-            let identity = match &settings.client_cert_secret_ref {
-                Some(secret) => {
-                    let [cert, key] =
-                        secret_keys(&self.client, namespace, &secret.name, ["tls.crt", "tls.key"]).await?;
-                    Some((cert, key))
-                }
-                None => None,
-            };
-            (ca, identity)
+    /// The CA bundle and client certificate of the operator's flags (files).
+    fn default_pems(&self) -> Result<Pems, Error> {
+        let read = |path: &Option<PathBuf>| -> Result<Option<Vec<u8>>, Error> {
+            path.as_ref()
+                .map(|p| std::fs::read(p).map_err(|e| invalid(format!("reading {}: {e}", p.display()))))
+                .transpose()
         };
-        let trust = match &ca_pem {
-            None => ServerTrust::SystemRoots,
-            Some(pem) => {
-                feed(pem);
-                let certs = CertificateDer::pem_slice_iter(pem)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| invalid(format!("CA bundle: {e}")))?;
-                if certs.is_empty() {
-                    return Err(invalid("the CA bundle holds no PEM certificate"));
-                }
-                ServerTrust::Ca(certs)
+        let identity = match (read(&self.defaults.client_cert_file)?, read(&self.defaults.client_key_file)?) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => return Err(invalid("--control-tls-client-cert-file and --control-tls-client-key-file go together")),
+        };
+        Ok((read(&self.defaults.ca_file)?, identity))
+    }
+
+    /// The CA bundle and client certificate the settings reference (Secrets, a ConfigMap).
+    async fn referenced_pems(&self, namespace: &str, settings: &ControlTls) -> Result<Pems, Error> {
+        let ca = match (&settings.ca_secret_ref, &settings.ca_config_map_ref) {
+            (Some(secret), _) => {
+                let [ca] = secret_keys(&self.client, namespace, &secret.name, [secret.key.as_str()]).await?;
+                Some(ca)
             }
+            (None, Some(map)) => Some(config_map_bytes(&self.client, namespace, &map.name, &map.key).await?),
+            (None, None) => None,
         };
-        let identity = match &identity_pem {
+        let identity = match &settings.client_cert_secret_ref {
+            Some(secret) => {
+                let [cert, key] = secret_keys(&self.client, namespace, &secret.name, ["tls.crt", "tls.key"]).await?;
+                Some((cert, key))
+            }
             None => None,
-            Some((cert, key)) => {
-                feed(cert);
-                feed(key);
-                Some(Arc::new(ClientIdentity::from_pem(cert, key).map_err(|e| invalid(e.to_string()))?))
-            }
         };
-        if let Some(name) = &settings.server_name {
-            feed(name.as_bytes());
-        }
-        let material = TlsMaterial { trust, identity, server_name: settings.server_name.clone() };
-        Ok((material, hex::encode(hash.finalize())))
+        Ok((ca, identity))
     }
 
     /// The operator's SVID (waits a little for the first one).
@@ -248,6 +230,58 @@ impl ControlTlsRegistry {
             _ => Err(invalid("no X.509-SVID from the Workload API yet")),
         }
     }
+}
+
+/// A CA bundle (PEM) and a client certificate and key (PEM), each when given.
+type Pems = (Option<Vec<u8>>, Option<(Vec<u8>, Vec<u8>)>);
+
+/// A hash of everything the material is made of.
+#[derive(Default)]
+struct Fingerprint(Sha256);
+
+impl Fingerprint {
+    fn feed(&mut self, bytes: &[u8]) {
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    fn finish(self) -> String {
+        hex::encode(self.0.finalize())
+    }
+}
+
+/// The material from PEMs: the CA bundle (else the system roots) and the client identity.
+fn material_of(
+    ca_pem: Option<Vec<u8>>,
+    identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    server_name: Option<String>,
+    print: &mut Fingerprint,
+) -> Result<TlsMaterial, Error> {
+    let trust = match &ca_pem {
+        None => ServerTrust::SystemRoots,
+        Some(pem) => {
+            print.feed(pem);
+            let certs = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(format!("CA bundle: {e}")))?;
+            if certs.is_empty() {
+                return Err(invalid("the CA bundle holds no PEM certificate"));
+            }
+            ServerTrust::Ca(certs)
+        }
+    };
+    let identity = match &identity_pem {
+        None => None,
+        Some((cert, key)) => {
+            print.feed(cert);
+            print.feed(key);
+            Some(Arc::new(ClientIdentity::from_pem(cert, key).map_err(|e| invalid(e.to_string()))?))
+        }
+    };
+    if let Some(name) = &server_name {
+        print.feed(name.as_bytes());
+    }
+    Ok(TlsMaterial { trust, identity, server_name })
 }
 
 fn invalid(message: impl Into<String>) -> Error {
