@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ -z "${SLIM_DEMO_SKIP_SETUP:-}" ]; then
+  # Only what the demo uses (not the test suite's tools).
+  SLIM_SETUP=demo
   # shellcheck source=scripts/setup.sh
   . scripts/setup.sh
 else

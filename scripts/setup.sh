@@ -4,6 +4,12 @@
 
 log() { printf '\n==> %s\n' "$*"; }
 
+# What to install: `all` (the test suite) or `demo` (scripts/demo.sh: the Python SLIM bindings,
+# the channel manager and the control plane; not the slim binary, the node's packages,
+# cargo-audit, Prometheus or Lua, which only tests use).
+SLIM_SETUP=${SLIM_SETUP:-all}
+for_tests() { [ "$SLIM_SETUP" = all ]; }
+
 CACHE=${SLIM_CACHE:-$HOME/.cache/slim-k8s}
 SLIM_BINDINGS_VERSION=3.3.8
 KUBECTL_LAYER_VERSION=2.0.1
@@ -69,8 +75,8 @@ if [ ! -x "$CACHE/cm/bin/channel-manager" ] \
 fi
 
 # The SLIM node binary, for the node tier's SLIM images (the release the examples name).
-if [ ! -x "$CACHE/slim/bin/slim" ] \
-   || ! grep -q "agntcy-slim $SLIM_VERSION " "$CACHE/slim/.crates.toml" 2>/dev/null; then
+if for_tests && { [ ! -x "$CACHE/slim/bin/slim" ] \
+   || ! grep -q "agntcy-slim $SLIM_VERSION " "$CACHE/slim/.crates.toml" 2>/dev/null; }; then
   log "building agntcy-slim $SLIM_VERSION (cached afterwards)"
   slim_build_tools
   CARGO_TARGET_DIR="$SLIM_TARGET" cargo install --quiet --locked agntcy-slim --version "$SLIM_VERSION" --root "$CACHE/slim"
@@ -78,7 +84,7 @@ fi
 
 # cargo-audit, to check Cargo.lock against the RustSec advisory database offline (scripts/test.sh).
 CARGO_AUDIT_VERSION=0.22.2
-if ! "$CACHE/audit/bin/cargo-audit" --version 2>/dev/null | grep -qx "cargo-audit $CARGO_AUDIT_VERSION"; then
+if for_tests && ! "$CACHE/audit/bin/cargo-audit" --version 2>/dev/null | grep -qx "cargo-audit $CARGO_AUDIT_VERSION"; then
   log "installing cargo-audit $CARGO_AUDIT_VERSION (cached afterwards)"
   cargo install --quiet --locked cargo-audit --version "$CARGO_AUDIT_VERSION" --root "$CACHE/audit"
 fi
@@ -87,9 +93,9 @@ fi
 # conntrack (kube-proxy), busybox-static (the shell of the test images).
 # dnsmasq-base stands in for CoreDNS.
 node_packages="containerd runc containernetworking-plugins iptables conntrack busybox-static dnsmasq-base"
-if ! command -v containerd >/dev/null || ! command -v runc >/dev/null || [ ! -x /usr/lib/cni/bridge ] \
+if for_tests && { ! command -v containerd >/dev/null || ! command -v runc >/dev/null || [ ! -x /usr/lib/cni/bridge ] \
    || ! command -v iptables >/dev/null || ! command -v conntrack >/dev/null || ! command -v busybox >/dev/null \
-   || ! command -v dnsmasq >/dev/null; then
+   || ! command -v dnsmasq >/dev/null; }; then
   log "installing the node's packages: $node_packages"
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $node_packages >/dev/null
@@ -101,7 +107,7 @@ fi
 # Monitoring and GitOps (tests/tests/monitoring.rs, argocd_health.rs): a real Prometheus server
 # and promtool, and Lua 5.4 for the Argo CD health check.
 ops_packages="prometheus lua5.4"
-if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v lua5.4 >/dev/null; then
+if for_tests && { ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v lua5.4 >/dev/null; }; then
   log "installing $ops_packages"
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $ops_packages >/dev/null

@@ -362,20 +362,15 @@ impl RunArgs {
     }
 }
 
-/// Parses `500ms`, `30s`, `5m`, `2h` or plain seconds.
+/// Parses a duration as humantime does (`500ms`, `30s`, `5m`, `2h`, `1h 30m`) or plain seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 30s, 5m or 2h"))?;
-    let duration = match unit {
-        "" | "s" => Duration::from_secs(value),
-        "ms" => Duration::from_millis(value),
-        "m" => Duration::from_secs(value * 60),
-        "h" => Duration::from_secs(value * 3600),
-        other => return Err(format!("unknown unit {other:?} in {text:?} (use ms, s, m or h)")),
-    };
-    Ok(duration)
+    match text.parse::<u64>() {
+        Ok(seconds) => Ok(Duration::from_secs(seconds)),
+        Err(_) => {
+            humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration like 30s, 5m or 2h: {e}"))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -389,6 +384,7 @@ mod tests {
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("m").is_err());
     }

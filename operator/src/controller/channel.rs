@@ -222,8 +222,7 @@ fn desired_participants(
     let namespace = channel.namespace().ok_or(Error::MissingNamespace)?;
     selector_query(selector).map_err(Error::InvalidSelector)?;
     for pod in ctx.pods.matching(&namespace, selector) {
-        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-        if !running || pod.metadata.deletion_timestamp.is_some() {
+        if !crate::plan::nodes::serving(&pod) {
             continue;
         }
         let Some(name) = pod.annotations().get(NAME_ANNOTATION) else { continue };

@@ -99,11 +99,7 @@ fn far_pod<'a>(endpoint: &str, namespace: &str, pods: &[&'a Pod]) -> Option<&'a 
         }
     };
     let by_ip = |pod: &Pod| pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) == Some(host);
-    pods.iter().copied().find(|pod| (by_ip(pod) || by_dns(pod)) && data_port(pod) == port && serving(pod))
-}
-
-fn serving(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none() && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    pods.iter().copied().find(|pod| (by_ip(pod) || by_dns(pod)) && data_port(pod) == port && super::nodes::serving(pod))
 }
 
 fn data_port(pod: &Pod) -> i32 {

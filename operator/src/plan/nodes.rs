@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::core::{Selector, SelectorExt};
 
 /// The controller port of SLIM's upstream chart.
 pub const DEFAULT_CONTROLLER_PORT: i32 = 46358;
@@ -46,11 +47,10 @@ fn targets_with_scheme(
         endpoints.iter().map(|e| NodeTarget { endpoint: e.trim_end_matches('/').to_owned(), pod: None }).collect();
     for pod in pods {
         let pod = &*pod;
-        let Some(status) = &pod.status else { continue };
-        let running = status.phase.as_deref() == Some("Running");
-        let terminating = pod.metadata.deletion_timestamp.is_some();
-        let Some(ip) = status.pod_ip.as_deref().filter(|ip| !ip.is_empty()) else { continue };
-        if !running || terminating {
+        let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()).filter(|ip| !ip.is_empty()) else {
+            continue;
+        };
+        if !serving(pod) {
             continue;
         }
         let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
@@ -62,6 +62,12 @@ fn targets_with_scheme(
     targets.sort();
     targets.dedup_by(|a, b| a.endpoint == b.endpoint);
     targets
+}
+
+/// Whether the Pod runs and is not being deleted: the one rule for node targets, selected
+/// participants and the node at a link's far end.
+pub fn serving(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none() && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
 }
 
 fn controller_port(pod: &Pod) -> i32 {
@@ -97,42 +103,28 @@ pub fn parse_equality_selector(text: &str) -> Result<Option<LabelSelector>, Sele
     Ok(Some(LabelSelector { match_labels: Some(labels), match_expressions: None }))
 }
 
-/// The selector in `labelSelector` query syntax (`a=b,c in (d,e),!f`).
+/// The selector in `labelSelector` query syntax (`a=b,c in (d,e),!f`), as kube's [`Selector`]
+/// writes it.
 pub fn selector_query(selector: &LabelSelector) -> Result<String, SelectorError> {
-    let mut parts: Vec<String> = selector.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
-    for expr in selector.match_expressions.iter().flatten() {
-        let values = expr.values.clone().unwrap_or_default();
-        let part = match expr.operator.as_str() {
-            "In" | "NotIn" if values.is_empty() => {
-                return Err(SelectorError(format!("{} {} needs values", expr.key, expr.operator)));
-            }
-            "In" => format!("{} in ({})", expr.key, values.join(",")),
-            "NotIn" => format!("{} notin ({})", expr.key, values.join(",")),
-            "Exists" => expr.key.clone(),
-            "DoesNotExist" => format!("!{}", expr.key),
-            other => return Err(SelectorError(format!("unknown operator {other:?} for {}", expr.key))),
-        };
-        parts.push(part);
+    // The API server refuses `In`/`NotIn` without values; kube's `Selector` would write `k in ()`.
+    if let Some(expr) = selector
+        .match_expressions
+        .iter()
+        .flatten()
+        .find(|e| matches!(e.operator.as_str(), "In" | "NotIn") && e.values.as_ref().is_none_or(Vec::is_empty))
+    {
+        return Err(SelectorError(format!("{} {} needs values", expr.key, expr.operator)));
     }
-    Ok(parts.join(","))
+    Selector::try_from(selector.clone())
+        .map(|s| s.to_string())
+        .map_err(|e| SelectorError(format!("{} ({selector:?})", e.0)))
 }
 
-/// Whether `labels` satisfy `selector` (same rules as the API server; an empty selector matches all).
+/// Whether `labels` satisfy `selector` (kube's [`Selector`], the API server's rules; an empty
+/// selector matches all, one with an unknown operator nothing).
 pub fn selector_matches(selector: &LabelSelector, labels: Option<&BTreeMap<String, String>>) -> bool {
     let empty = BTreeMap::new();
-    let labels = labels.unwrap_or(&empty);
-    let labels_ok = selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
-    let exprs_ok = selector.match_expressions.iter().flatten().all(|expr| {
-        let values = expr.values.as_deref().unwrap_or_default();
-        match expr.operator.as_str() {
-            "In" => labels.get(&expr.key).is_some_and(|v| values.contains(v)),
-            "NotIn" => labels.get(&expr.key).is_none_or(|v| !values.contains(v)),
-            "Exists" => labels.contains_key(&expr.key),
-            "DoesNotExist" => !labels.contains_key(&expr.key),
-            _ => false,
-        }
-    });
-    labels_ok && exprs_ok
+    Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels.unwrap_or(&empty)))
 }
 
 #[cfg(test)]
