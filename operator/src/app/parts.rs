@@ -13,7 +13,7 @@ use crate::cli::RunArgs;
 use crate::controller::{self, Caches, ControlTlsRegistry, ControllerConfig, ResourceCollector, Runtime};
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
-use crate::slim::{ChannelManagerCollector, ChannelManagerPool, NodeClientCollector, NodeClientConfig, NodePool};
+use crate::slim::{ChannelManagerPool, ClientCollector, NodeClientConfig, NodePool};
 use crate::webhook::CertStore;
 use crate::webhook::run::WebhookGates;
 
@@ -30,8 +30,7 @@ pub(super) fn runtime(
     let channel_managers = ChannelManagerPool::default();
     let caches = Caches::default();
     let mut metrics = Metrics::new();
-    metrics.register_collector(NodeClientCollector { pool: nodes.clone() });
-    metrics.register_collector(ChannelManagerCollector { pool: channel_managers.clone() });
+    metrics.register_collector(ClientCollector { nodes: nodes.clone(), channel_managers: channel_managers.clone() });
     metrics.register_collector(ResourceCollector { caches: caches.clone() });
     Ok(Runtime {
         control_tls: control_tls(args, &client, parts)?,

@@ -5,11 +5,11 @@
 //! outcomes they are.
 
 use super::model::Unreachable;
+use super::pool::ClientPool;
 use super::tls::TlsSource;
 use super::wording::{self, Said};
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::Channel;
@@ -196,12 +196,9 @@ fn classify(channel: &str, op: &'static str, message: String) -> CmError {
     }
 }
 
-/// Clients by endpoint, shared by reconciles.
+/// Channel manager clients, shared by reconciles.
 #[derive(Clone, Default)]
-pub struct ChannelManagerPool {
-    /// By endpoint and TLS source (0: plain), as node clients are.
-    clients: Arc<Mutex<HashMap<(String, u64), ChannelManagerClient>>>,
-}
+pub struct ChannelManagerPool(ClientPool<ChannelManagerClient>);
 
 impl ChannelManagerPool {
     pub fn client(&self, endpoint: &str) -> Result<ChannelManagerClient, CmError> {
@@ -210,53 +207,12 @@ impl ChannelManagerPool {
 
     /// The client for `endpoint` with `tls` (the source's rotations reach it by themselves).
     pub fn client_with_tls(&self, endpoint: &str, tls: Option<TlsSource>) -> Result<ChannelManagerClient, CmError> {
-        let key = (endpoint.to_owned(), tls.as_ref().map_or(0, TlsSource::id));
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(client) = clients.get(&key) {
-            return Ok(client.clone());
-        }
-        let client = ChannelManagerClient::with_tls(endpoint, tls)?;
-        clients.insert(key, client.clone());
-        Ok(client)
+        self.0.get(endpoint, tls.as_ref(), || ChannelManagerClient::with_tls(endpoint, tls.clone()))
     }
 
     /// Every client held, for metrics and benchmarks.
     pub fn clients(&self) -> Vec<ChannelManagerClient> {
-        self.clients.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
-    }
-}
-
-/// `channel_manager_calls_total{manager}`, read at scrape time.
-#[derive(Clone, Default)]
-pub struct ChannelManagerCollector {
-    pub pool: ChannelManagerPool,
-}
-
-impl std::fmt::Debug for ChannelManagerCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ChannelManagerCollector")
-    }
-}
-
-impl prometheus_client::collector::Collector for ChannelManagerCollector {
-    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        use prometheus_client::encoding::EncodeMetric;
-        let mut family = encoder.encode_descriptor(
-            "channel_manager_calls",
-            "RPCs sent to SLIM channel managers",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        // One series per manager, summed over its clients (one per TLS setting).
-        let mut calls: std::collections::BTreeMap<String, u64> = Default::default();
-        for client in self.pool.clients() {
-            *calls.entry(client.endpoint().to_owned()).or_default() += client.stats().calls.load(Ordering::Relaxed);
-        }
-        for (manager, count) in calls {
-            let labels = crate::metrics::ManagerLabels { manager };
-            prometheus_client::metrics::counter::ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
+        self.0.clients()
     }
 }
 

@@ -11,13 +11,13 @@ pub mod svid;
 pub mod tls;
 pub mod wording;
 
-pub use channel_manager::{ChannelManagerClient, ChannelManagerCollector, ChannelManagerPool, CmError};
+pub use channel_manager::{ChannelManagerClient, ChannelManagerPool, CmError};
 pub use model::{
     ChangeItem, ChangeOutcome, ItemFailure, LinkConfig, NodeChange, NodeError, NodeEvent, NodeStats, Observed, RouteRef,
 };
 pub use name::{NameError, NameKey, SlimName};
 pub use node::{NodeClient, NodeClientConfig};
-pub use pool::{NodeClientCollector, NodePool};
+pub use pool::{ClientCollector, ClientPool, NodePool};
 
 #[cfg(test)]
 pub(crate) mod fake_channel_manager;
