@@ -63,6 +63,11 @@ pub struct RunArgs {
     #[arg(long, env = "SLIM_OPERATOR_CHANNEL_MANAGER")]
     pub channel_manager: Option<String>,
 
+    /// Restart a channel manager that lost its SLIM node for good (its invites fail with "no
+    /// matching found") by deleting its Pod, found from its endpoint (a Pod IP or a Service).
+    #[arg(long, env = "SLIM_OPERATOR_HEAL_CHANNEL_MANAGER")]
+    pub heal_channel_manager: bool,
+
     /// SLIM node Pods (in each SlimChannel's namespace) consulted for live members when a
     /// SlimChannel has no spec.nodes: an equality selector, "" for none.
     #[arg(long, env = "SLIM_OPERATOR_DEFAULT_NODE_SELECTOR", default_value = controller::DEFAULT_NODE_SELECTOR)]

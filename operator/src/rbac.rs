@@ -75,6 +75,12 @@ pub const ISSUER: &[Permission] = &[
 pub const ISSUER_SECRET: &[Permission] =
     &[rule("", "secrets", &["get", "create", "update"], "issuer: its CA and JWT keys")];
 
+/// Only with `--heal-channel-manager` (`operator.healChannelManager`), cluster-wide.
+pub const HEAL_CHANNEL_MANAGER: &[Permission] = &[
+    rule("", "services", &["get"], "heal: the Service a channel manager endpoint names, to find its Pods"),
+    rule("", "pods", &["delete"], "heal: restart a channel manager that lost its SLIM node"),
+];
+
 /// In the operator's namespace (Role).
 pub const NAMESPACED: &[Permission] =
     &[rule("coordination.k8s.io", "leases", &["get", "create", "update"], "leader election")];

@@ -427,6 +427,7 @@ pub struct ChannelManager {
     /// Whether its API is served with TLS.
     tls: bool,
     child: Option<Child>,
+    config: PathBuf,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -468,10 +469,17 @@ impl ChannelManager {
             ),
         )?;
         let log = dir.path().join("cm.log");
-        let out = std::fs::File::create(&log)?;
+        let mut manager = Self { port: 0, local_name, tls: !tls.is_empty(), child: None, config, log, _dir: dir };
+        manager.launch()?;
+        Ok(manager)
+    }
+
+    /// Runs the manager; waits until its API listens (on the port it had, after a restart).
+    fn launch(&mut self) -> Result<(), HarnessError> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(channel_manager_binary()?)
             .arg("--config-file")
-            .arg(&config)
+            .arg(&self.config)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -479,19 +487,36 @@ impl ChannelManager {
             .spawn()
             .map_err(|source| HarnessError::Spawn { what: "channel manager".into(), source })?;
         let pid = child.id();
-        let mut manager = Self { port: 0, local_name, tls: !tls.is_empty(), child: Some(child), log, _dir: dir };
+        self.child = Some(child);
         let timeout = Duration::from_secs(30);
         let deadline = Instant::now() + timeout;
+        let wanted = self.port;
         // Its API server is the only thing it listens on.
-        while manager.port == 0 {
-            manager.port = listening_ports(pid).first().copied().unwrap_or(0);
-            let alive = manager.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)));
-            if manager.port == 0 && (!alive || Instant::now() > deadline) {
-                return Err(HarnessError::NotReady { what: "channel manager".into(), timeout, output: manager.log() });
+        loop {
+            let port = listening_ports(pid).first().copied().unwrap_or(0);
+            if port != 0 && (wanted == 0 || port == wanted) {
+                self.port = port;
+                return Ok(());
+            }
+            let alive = self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+            if !alive || Instant::now() > deadline {
+                return Err(HarnessError::NotReady { what: "channel manager".into(), timeout, output: self.log() });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(manager)
+    }
+
+    /// Kills the manager and starts it again on the same API port, with its state (what a
+    /// Deployment does once its Pod is deleted, with a persistent volume).
+    pub fn restart(&mut self) -> Result<(), HarnessError> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let config = std::fs::read_to_string(&self.config)?
+            .replace("endpoint: \"127.0.0.1:0\"", &format!("endpoint: \"127.0.0.1:{}\"", self.port));
+        std::fs::write(&self.config, config)?;
+        self.launch()
     }
 
     /// `http://127.0.0.1:<port>` of its gRPC API (`https://` with TLS).
@@ -512,6 +537,27 @@ impl Drop for ChannelManager {
             let _ = child.wait();
         }
     }
+}
+
+/// Serves `port` with a gRPC server that answers every call `Unimplemented` (as a SLIM node does
+/// for a moment while it starts), until the task is aborted. A channel manager re-dialing its
+/// node meets it and, in SLIM 3.4.6, never dials again: it has lost its node.
+pub async fn unimplemented_grpc_on(port: u16) -> Result<tokio::task::JoinHandle<()>, HarnessError> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    Ok(tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_: hyper::Request<hyper::body::Incoming>| async {
+                    hyper::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .header("grpc-status", "12")
+                        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+            });
+        }
+    }))
 }
 
 /// A SLIM application process (see `harness/slim_app.py`). Killed on drop.

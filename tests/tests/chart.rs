@@ -219,7 +219,8 @@ fn custom_render_follows_the_values() {
     // cert-manager mode: the operator patches no webhook configuration; its only Secret is the
     // issuer's keys.
     let cluster = triples(&rendered.cluster_roles[0].rules.clone().unwrap_or_default());
-    assert_eq!(cluster, needed(&[rbac::CLUSTER, rbac::ISSUER]));
+    assert_eq!(cluster, needed(&[rbac::CLUSTER, rbac::ISSUER, rbac::HEAL_CHANNEL_MANAGER]));
+    assert_eq!(env("SLIM_OPERATOR_HEAL_CHANNEL_MANAGER"), "true");
     let namespaced = triples(&rendered.roles[0].rules.clone().unwrap_or_default());
     assert_eq!(namespaced, needed(&[rbac::NAMESPACED, rbac::ISSUER_SECRET]));
     // The issuer: its settings, its port on the webhook Service.

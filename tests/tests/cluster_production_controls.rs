@@ -1,9 +1,11 @@
 //! The controls production users rely on, on a real API server with real SLIM nodes and the real
 //! channel manager (controllers in this process): pausing reconciliation, `deletionPolicy: Retain`,
-//! and an honest status for a channel whose members nobody watches.
+//! an honest status for a channel whose members nobody watches, and a channel manager that lost
+//! its SLIM node: reported, and restarted when asked.
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -289,6 +291,99 @@ async fn a_channel_whose_members_nobody_watches_says_so_once() {
     println!("MembersWatched=False/NoNodes, one Warning: {}", notes[0]);
     channels.delete("unwatched", &DeleteParams::default()).await.expect("delete");
     gone(&channels, "unwatched").await;
+    shutdown(stop, running).await;
+}
+
+/// The Pod of a channel manager serving on 127.0.0.1 (the API server has no kubelet: the test
+/// plays its part, and restarts the manager once the Pod is deleted).
+async fn manager_pod(client: &Client, namespace: &str) -> Api<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "slim-channel-manager-0", "labels": {"app.kubernetes.io/name": "slim-channel-manager"}},
+        "spec": {"containers": [{"name": "channel-manager", "image": "ghcr.io/agntcy/slim/channel-manager:3.4.6"}]},
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod).await.expect("create the manager's Pod");
+    let status = json!({"status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}});
+    pods.patch_status("slim-channel-manager-0", &PatchParams::default(), &Patch::Merge(status)).await.expect("status");
+    pods
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_manager_that_lost_its_node_is_reported_and_restarted() {
+    let (client, namespace, _turn) = setup().await;
+    let mut node = SlimNode::start("node-lost").expect("node");
+    let mut cm = ChannelManager::start(&node).expect("channel manager");
+    let pods = manager_pod(&client, &namespace).await;
+    let pool = NodePool::default();
+    let config = ControllerConfig {
+        resync_interval: Duration::from_secs(5),
+        channel_manager: Some(cm.endpoint()),
+        heal_channel_manager: true,
+        ..Default::default()
+    };
+    let (stop, running) = slim_e2e::operator::run_in_process(&client, pool, Default::default(), config, "controls");
+    let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
+    let spec = json!({"name": "org/ns/lost", "participants": ["org/ns/bob"], "nodes": {"endpoints": [node.controller_endpoint()]}});
+    channels.create(&PostParams::default(), &slim_channel("lost", spec)).await.expect("create");
+    let mut bob = SlimApp::member(&node, "org/ns/bob").expect("bob");
+    bob.wait_for("joined", Duration::from_secs(60)).expect("bob invited");
+
+    // The node restarts; the manager re-dials while something refuses its call, and gives up.
+    node.stop();
+    let refuser = slim_e2e::unimplemented_grpc_on(node.data_port).await.expect("refuser");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    refuser.abort();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    node.restart().expect("node back");
+    assert!(cm.log().contains("unable to reconnect to remote node"), "{}", cm.log());
+    // The apps of the restarted node connect again (a SLIM app does not re-dial its node either).
+    drop(bob);
+    let mut bob = SlimApp::member(&node, "org/ns/bob").expect("bob again");
+    let mut carol = SlimApp::member(&node, "org/ns/carol").expect("carol");
+    let lost_at = Instant::now();
+    let patch = json!({"spec": {"participants": ["org/ns/bob", "org/ns/carol"]}});
+    channels.patch("lost", &PatchParams::default(), &Patch::Merge(patch)).await.expect("add carol");
+
+    // Said as such, once; and the manager's Pod deleted.
+    let message = wait_for("Ready=False/ChannelManagerLostNode", Duration::from_secs(60), async || {
+        let status = channels.get("lost").await.ok()?.status?;
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (ready.reason == "ChannelManagerLostNode").then(|| ready.message.clone())
+    })
+    .await;
+    println!("ChannelManagerLostNode {:.1}s after carol was added: {message}", lost_at.elapsed().as_secs_f64());
+    assert!(message.contains("no matching found"), "{message}");
+    gone(&pods, "slim-channel-manager-0").await;
+    let restarted_at = Instant::now();
+    println!("the manager's Pod deleted {:.1}s after carol was added", lost_at.elapsed().as_secs_f64());
+    assert_eq!(events(&client, &namespace, "lost", "ChannelManagerLostNode").await.len(), 1);
+    assert_eq!(events(&client, &namespace, "lost", "ChannelManagerRestarted").await.len(), 1);
+
+    // Its Deployment's new Pod dials the node afresh: carol is invited, the channel Ready again.
+    cm.restart().expect("manager restarted");
+    carol.wait_for("joined", Duration::from_secs(60)).expect("carol invited by the restarted manager");
+    println!("carol joined {:.1}s after the manager restarted", restarted_at.elapsed().as_secs_f64());
+    bob.wait_for("joined", Duration::from_secs(60)).expect("bob's new instance invited by the restarted manager");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = channels.get("lost").await.ok().and_then(|c| c.status);
+        if status.as_ref().is_some_and(|s| condition(&s.conditions, "Ready") == Some(("True", "AllJoined"))) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never Ready again: {status:#?}\nbob: {}\nnode: {}",
+            bob.output(),
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Bob's dead instance is removed first (~11 s: the manager's own retries), then his new one
+    // invited.
+    println!("bob joined again, Ready=True {:.1}s after the manager restarted", restarted_at.elapsed().as_secs_f64());
+    channels.delete("lost", &DeleteParams::default()).await.expect("delete");
+    gone(&channels, "lost").await;
     shutdown(stop, running).await;
 }
 

@@ -85,6 +85,7 @@ fn controller_config(args: &RunArgs) -> Result<ControllerConfig, RunError> {
             tls: None,
         },
         member_poll_interval: args.member_poll_interval,
+        heal_channel_manager: args.heal_channel_manager,
         ..Default::default()
     })
 }

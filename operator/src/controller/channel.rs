@@ -17,7 +17,7 @@ use super::channel_status::{ChannelNotices, ChannelStatusInput, next_channel_sta
 use super::{Context, Error};
 use crate::api::SlimChannel;
 use crate::api::condition::failed;
-use crate::engine::ChannelSync;
+use crate::engine::{ChannelReport, ChannelSync};
 use crate::plan::channel::{LiveInstances, live_instances};
 use crate::plan::conflicts::{self, Claim};
 use crate::plan::{node_targets, selector_query};
@@ -118,15 +118,22 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
     let (status, notices) = next_channel_status(&old, &input, &report);
     super::patch_status(channel, ctx, &status).await?;
     announce(channel, ctx, &notices).await;
+    if report.manager_lost_node.is_some() && ctx.config.heal_channel_manager && status.joined < status.desired {
+        super::heal::restart_manager(channel, &endpoint, ctx).await;
+    }
 
-    let all_in = status.joined == status.desired;
-    Ok(match (report.busy, report.retry_in) {
+    Ok(next_check(&report, status.joined == status.desired, ctx))
+}
+
+/// When to look again after a sync.
+fn next_check(report: &ChannelReport, all_in: bool, ctx: &Context) -> Action {
+    match (report.busy, report.retry_in) {
         // A finished operation triggers a reconcile; the requeue is only a backstop.
         (true, _) => Action::requeue(Duration::from_secs(10)),
         (false, Some(retry)) => Action::requeue(retry.max(Duration::from_millis(500))),
         (false, None) if !all_in => Action::requeue(PENDING_RECHECK),
         (false, None) => Action::requeue(crate::backoff::jitter(ctx.config.resync_interval)),
-    })
+    }
 }
 
 async fn cleanup(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
@@ -316,5 +323,12 @@ async fn announce(channel: &SlimChannel, ctx: &Context, notices: &ChannelNotices
     if notices.unwatched {
         let note = super::channel_status::NO_NODES_REMEDY.to_owned();
         ctx.publish(channel, EventType::Warning, "MembersUnwatched", note).await;
+    }
+    if let Some(refusal) = &notices.manager_lost_node {
+        let note = format!(
+            "the channel manager has lost its connection to its SLIM node ({refusal}); {}",
+            super::channel_status::MANAGER_LOST_NODE_REMEDY
+        );
+        ctx.publish(channel, EventType::Warning, "ChannelManagerLostNode", note).await;
     }
 }

@@ -15,7 +15,11 @@ pub mod reason {
     pub const MLS_CHANGE_REFUSED: &str = "MlsChangeRefused";
     pub const NODES_CONSULTED: &str = "NodesConsulted";
     pub const NO_NODES: &str = "NoNodes";
+    pub const MANAGER_LOST_NODE: &str = "ChannelManagerLostNode";
 }
+
+/// What to do about a channel manager that lost its node (the condition's message ends with it).
+pub const MANAGER_LOST_NODE_REMEDY: &str = "SLIM 3.4.6 does not dial its node again after a failed reconnect: restart the channel manager (its Pod), or run the operator with --heal-channel-manager to have it done";
 
 /// Whether members' restarts are noticed: some SLIM node's route list is read for them.
 pub const MEMBERS_WATCHED: &str = "MembersWatched";
@@ -48,6 +52,8 @@ pub struct ChannelNotices {
     pub unwatched: bool,
     /// The channel already existed when first synced: adopted.
     pub adopted: bool,
+    /// `Ready` has just become `ChannelManagerLostNode`: the manager's refusal.
+    pub manager_lost_node: Option<String>,
 }
 
 pub fn next_channel_status(
@@ -72,7 +78,12 @@ pub fn next_channel_status(
         adopted: old.adopted || (old.channel_manager.is_none() && !report.created),
     };
     notices.adopted = status.adopted && !old.adopted;
-    condition::upsert(&mut status.conditions, ready_condition(input, report));
+    let ready = ready_condition(input, report);
+    let was_lost = condition::find(&old.conditions, READY).is_some_and(|c| c.reason == reason::MANAGER_LOST_NODE);
+    if ready.reason == reason::MANAGER_LOST_NODE && !was_lost {
+        notices.manager_lost_node = report.manager_lost_node.clone();
+    }
+    condition::upsert(&mut status.conditions, ready);
     let was_watched = condition::find(&old.conditions, MEMBERS_WATCHED).is_none_or(|c| c.status == "True");
     notices.unwatched = was_watched && !input.watched;
     let watched = match input.watched {
@@ -142,6 +153,12 @@ fn ready_condition(
     let joined = report.members.iter().filter(|m| m.joined).count();
     let (ok, reason_text, message) = if joined == desired {
         (true, reason::ALL_JOINED, format!("all {desired} participant(s) are in the channel"))
+    } else if let Some(refusal) = &report.manager_lost_node {
+        let message = format!(
+            "{joined} of {desired} joined: the channel manager {} has lost its connection to its SLIM node, so every invite fails ({refusal}); {MANAGER_LOST_NODE_REMEDY}",
+            input.channel_manager
+        );
+        (false, reason::MANAGER_LOST_NODE, message)
     } else {
         let waiting: Vec<&str> = report.members.iter().filter(|m| !m.joined).map(|m| m.name.as_str()).collect();
         (
@@ -209,6 +226,31 @@ mod tests {
         let (status, notices) = next_channel_status(&status, &input(&pods), &all_in);
         assert_eq!(ready(&status), ("True", reason::ALL_JOINED));
         assert_eq!(notices.joined, vec!["o/n/carol".to_string()], "only the newly joined are announced");
+    }
+
+    #[test]
+    fn a_manager_that_lost_its_node_is_its_own_reason_announced_once() {
+        let pods = BTreeMap::new();
+        let lost = ChannelReport {
+            members: vec![member("o/n/bob", true, None), member("o/n/carol", false, Some("invite failed: …"))],
+            manager_lost_node: Some("no matching found for [1, 2, 3, NULL_COMPONENT]".into()),
+            ..Default::default()
+        };
+        let (status, notices) = next_channel_status(&SlimChannelStatus::default(), &input(&pods), &lost);
+        assert_eq!(ready(&status), ("False", reason::MANAGER_LOST_NODE));
+        let message = &condition::find(&status.conditions, READY).expect("ready").message;
+        assert!(message.contains("no matching found") && message.contains("--heal-channel-manager"), "{message}");
+        assert_eq!(notices.manager_lost_node.as_deref(), Some("no matching found for [1, 2, 3, NULL_COMPONENT]"));
+        let (again, notices) = next_channel_status(&status, &input(&pods), &lost);
+        assert_eq!(ready(&again), ("False", reason::MANAGER_LOST_NODE));
+        assert_eq!(notices.manager_lost_node, None, "announced once");
+        // Everyone in: the manager's state does not hold the channel back.
+        let all_in = ChannelReport {
+            members: vec![member("o/n/bob", true, None)],
+            manager_lost_node: lost.manager_lost_node.clone(),
+            ..Default::default()
+        };
+        assert_eq!(ready(&next_channel_status(&again, &input(&pods), &all_in).0), ("True", reason::ALL_JOINED));
     }
 
     #[test]

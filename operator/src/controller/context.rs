@@ -49,6 +49,8 @@ pub struct ControllerConfig {
     /// How often every consulted node's route list is read to notice members that restarted (one
     /// read per node for all channels).
     pub member_poll_interval: Duration,
+    /// Restart (delete the Pod of) a channel manager that lost its SLIM node.
+    pub heal_channel_manager: bool,
 }
 
 /// Label of the SLIM node Pods used when a SlimChannel names no nodes (the upstream chart's).
@@ -70,6 +72,7 @@ impl Default for ControllerConfig {
                 tls: None,
             },
             member_poll_interval: Duration::from_secs(1),
+            heal_channel_manager: false,
         }
     }
 }
@@ -102,6 +105,8 @@ pub struct Context {
     pub control_tls: Arc<super::ControlTlsRegistry>,
     /// Consecutive failures per object (`kind/namespace/name`), for backoff.
     pub(crate) retries: Mutex<HashMap<String, u32>>,
+    /// When each channel manager was last restarted for having lost its node.
+    pub(crate) healed: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Context {
@@ -123,6 +128,7 @@ impl Context {
             leadership: runtime.leadership.clone(),
             control_tls: runtime.control_tls.clone(),
             retries: Mutex::new(HashMap::new()),
+            healed: Mutex::new(HashMap::new()),
         }
     }
 

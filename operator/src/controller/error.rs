@@ -39,6 +39,10 @@ pub enum Error {
     MlsChangeRefused,
     #[error("control TLS: {0}")]
     ControlTls(String),
+    #[error(
+        "no running Pod found behind the channel manager endpoint {0} (a Pod IP, or a Service with a selector, in this cluster)"
+    )]
+    ManagerNotInCluster(String),
 }
 
 fn finalizer_message(error: &finalizer::Error<Error>) -> String {
@@ -69,6 +73,7 @@ impl Error {
             Error::ChannelCleanupPending(_) => "CleanupPending",
             Error::MlsChangeRefused => "MlsChangeRefused",
             Error::ControlTls(_) => "ControlTlsInvalid",
+            Error::ManagerNotInCluster(_) => "ChannelManagerNotInCluster",
         }
     }
 }

@@ -53,6 +53,10 @@ struct OpKey {
     participant: String,
 }
 
+/// The longest wait before retrying an operation that failed because the manager could not act
+/// (it is restarting, or lost its node): it is back as soon as it is.
+const MANAGER_DOWN_RETRY: Duration = Duration::from_secs(5);
+
 /// What a sync asks for.
 pub struct ChannelSync<'a> {
     pub manager: &'a ChannelManagerClient,
@@ -87,12 +91,18 @@ pub struct ChannelReport {
     pub busy: bool,
     /// The soonest retry of a failed operation.
     pub retry_in: Option<Duration>,
+    /// The channel manager has lost its connection to its SLIM node (its invites fail with
+    /// [`Said::NoRoute`]): the refusal that told it.
+    pub manager_lost_node: Option<String>,
 }
 
 /// Background operations of every channel, shared by reconciles (clones share them).
 #[derive(Clone)]
 pub struct ChannelEngine {
     ops: Arc<Mutex<HashMap<OpKey, OpState>>>,
+    /// Managers that lost their node, by endpoint: the refusal that told it. Cleared by the
+    /// next invite through the manager that succeeds.
+    lost: Arc<Mutex<HashMap<String, String>>>,
     retry_min: Duration,
     retry_max: Duration,
     /// Cancels every background operation (the controllers stopped or leadership was lost).
@@ -107,7 +117,7 @@ impl Default for ChannelEngine {
 
 impl ChannelEngine {
     pub fn new(retry_min: Duration, retry_max: Duration) -> Self {
-        Self { ops: Arc::default(), retry_min, retry_max, stop: CancellationToken::new() }
+        Self { ops: Arc::default(), lost: Arc::default(), retry_min, retry_max, stop: CancellationToken::new() }
     }
 
     /// Cancels every background operation, running or to come, when the guard drops: a replica
@@ -138,6 +148,7 @@ impl ChannelEngine {
             .chain(plan.remove.iter().map(|n| (n.clone(), OpKind::Remove)))
             .collect();
         let notes = self.start_due(&request, &due, &mut report);
+        report.manager_lost_node = self.lost_node(request.manager.endpoint());
         report.members = plan.members.into_iter().map(|m| member_report(m, &notes)).collect();
         report.leaving = plan
             .remove
@@ -192,8 +203,20 @@ impl ChannelEngine {
         notes
     }
 
+    /// The refusal that told the manager at `endpoint` lost its node, while it has not recovered.
+    pub fn lost_node(&self, endpoint: &str) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).get(endpoint).cloned()
+    }
+
+    /// The manager at `endpoint` was restarted: its failed operations are retried at once.
+    pub fn manager_restarted(&self, endpoint: &str) {
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        ops.retain(|key, state| key.manager != endpoint || matches!(state, OpState::Running { .. }));
+    }
+
     fn spawn(&self, key: OpKey, kind: OpKind, attempts: u32, manager: ChannelManagerClient, on_done: OnDone) {
         let ops = self.ops.clone();
+        let lost = self.lost.clone();
         let (retry_min, retry_max) = (self.retry_min, self.retry_max);
         let stop = self.stop.clone();
         tokio::spawn(async move {
@@ -202,6 +225,7 @@ impl ChannelEngine {
                 debug!(channel = %key.channel, participant = %key.participant, op = kind.verb(), "channel operation cancelled");
                 return;
             };
+            record_lost_node(&lost, &key.manager, kind, &result);
             {
                 let mut ops = ops.lock().unwrap_or_else(|p| p.into_inner());
                 match &result {
@@ -209,7 +233,8 @@ impl ChannelEngine {
                         ops.remove(&key);
                     }
                     Err(error) => {
-                        let delay = jitter(exponential(retry_min, retry_max, attempts));
+                        let max = if error.manager_down() { retry_max.min(MANAGER_DOWN_RETRY) } else { retry_max };
+                        let delay = jitter(exponential(retry_min, max, attempts));
                         ops.insert(
                             key.clone(),
                             OpState::Failed {
@@ -285,6 +310,25 @@ impl std::fmt::Display for Note {
                 write!(f, "{} failed: {message}; retry waits for other invites", kind.verb())
             }
         }
+    }
+}
+
+/// Whether an operation's outcome tells the manager lost its node (an invite refused with
+/// [`Said::NoRoute`]) or has it again (an invite that went through).
+fn record_lost_node(lost: &Mutex<HashMap<String, String>>, manager: &str, kind: OpKind, result: &Result<(), CmError>) {
+    let mut lost = lost.lock().unwrap_or_else(|p| p.into_inner());
+    let (newly_lost, back) = match result {
+        Err(CmError::Refused { said: Said::NoRoute, message, .. }) => {
+            (lost.insert(manager.to_owned(), message.clone()).is_none().then_some(message), false)
+        }
+        Ok(()) if kind != OpKind::Remove => (None, lost.remove(manager).is_some()),
+        _ => (None, false),
+    };
+    if let Some(message) = newly_lost {
+        tracing::warn!(manager, %message, "the channel manager has lost its SLIM node: every invite fails");
+    }
+    if back {
+        info!(manager, "the channel manager reaches its SLIM node again");
     }
 }
 

@@ -4,6 +4,7 @@ pub mod channel;
 pub mod conflicts;
 pub mod instances;
 pub mod link;
+pub mod manager;
 pub mod nodes;
 pub mod routes;
 

@@ -37,6 +37,12 @@ pub enum CmError {
 }
 
 impl CmError {
+    /// The manager itself cannot act (unreachable, or it lost its SLIM node): nothing about the
+    /// participant, so retried soon rather than with a participant's growing backoff.
+    pub fn manager_down(&self) -> bool {
+        matches!(self, CmError::Unavailable { .. } | CmError::Refused { said: Said::NoRoute, .. })
+    }
+
     /// The TLS failure that kept the manager unreachable, when that is the cause.
     pub fn tls_failure(&self) -> Option<super::tls::TlsFailure> {
         match self {

@@ -17,6 +17,14 @@ pub enum Said {
     /// (`SessionError`). An invite: the participant is offline. A removal: the manager removed the
     /// participant but could not tell it (it is dead).
     RetriesExhausted,
+    /// The sender's own SLIM has no route for the name: "no matching found for […]"
+    /// (`agntcy-slim-datapath` `DataPathError::NoMatch`), at once. From the channel manager it
+    /// means the manager lost its connection to its node for good: SLIM 3.4.6 re-dials a broken
+    /// connection once, and when that attempt is refused (a node still starting answers
+    /// `Unimplemented`) it logs "unable to reconnect to remote node", then "explicit default
+    /// gateway is gone", and never dials again. A participant merely offline is refused after
+    /// ~11 s with [`Said::RetriesExhausted`] instead.
+    NoRoute,
     /// Anything else.
     Other,
 }
@@ -32,6 +40,8 @@ impl Said {
             Said::NotFound
         } else if message.contains("retries exhausted") {
             Said::RetriesExhausted
+        } else if message.contains("no matching found") {
+            Said::NoRoute
         } else {
             Said::Other
         }
@@ -60,6 +70,10 @@ mod tests {
             ("connection slimop-1 does not exist", Said::NotFound),
             ("Link Not Found", Said::NotFound),
             ("failed to add participant to session: message send retries exhausted for id=7", Said::RetriesExhausted),
+            (
+                "failed to invite participant org/ns/carol to channel org/ns/exp: failed to add participant to session: send failure reported from slim: ErrorPayload: message processing error: no matching found for [873e580376ea963b, eef9769a4c6990d1, 595e7c499be299b9, NULL_COMPONENT] (session_id=1017885823, message_id=239357911, session_message_type=DiscoveryRequest)",
+                Said::NoRoute,
+            ),
             ("invalid config_data", Said::Other),
             ("", Said::Other),
         ];
