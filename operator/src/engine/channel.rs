@@ -429,3 +429,35 @@ mod tests {
         assert_eq!(done.load(Ordering::SeqCst), 0, "a cancelled operation neither finishes nor triggers");
     }
 }
+
+#[cfg(test)]
+mod lost_node {
+    use super::*;
+    use crate::slim::model::Unreachable;
+
+    fn refused(said: Said) -> Result<(), CmError> {
+        Err(CmError::Refused { op: "AddParticipant", message: format!("{said:?}"), said })
+    }
+
+    #[test]
+    fn a_manager_is_lost_on_a_no_route_refusal_and_back_on_an_invite_that_goes_through() {
+        let lost = Mutex::new(HashMap::new());
+        record_lost_node(&lost, "http://cm", OpKind::Invite, &refused(Said::RetriesExhausted));
+        assert!(lost.lock().expect("lock").is_empty(), "an offline participant says nothing of the manager");
+        record_lost_node(&lost, "http://cm", OpKind::Invite, &refused(Said::NoRoute));
+        assert_eq!(lost.lock().expect("lock").get("http://cm").map(String::as_str), Some("NoRoute"));
+        record_lost_node(&lost, "http://cm", OpKind::Remove, &Ok(()));
+        assert!(lost.lock().expect("lock").contains_key("http://cm"), "a removal proves nothing");
+        record_lost_node(&lost, "http://cm", OpKind::Rejoin, &Ok(()));
+        assert!(lost.lock().expect("lock").is_empty());
+    }
+
+    #[test]
+    fn only_the_managers_own_failures_are_retried_soon() {
+        let down =
+            CmError::Unavailable { endpoint: "http://cm".into(), cause: Unreachable::Transport("refused".into()) };
+        assert!(down.manager_down());
+        assert!(refused(Said::NoRoute).unwrap_err().manager_down());
+        assert!(!refused(Said::RetriesExhausted).unwrap_err().manager_down());
+    }
+}
