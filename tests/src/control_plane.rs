@@ -98,6 +98,9 @@ pub struct ControlPlane {
 }
 
 static PROCESSES: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+/// How the API server was started (binary, arguments, log), and its process id: to restart it.
+static API_SERVER: Mutex<Option<ApiServerProcess>> = Mutex::new(None);
+type ApiServerProcess = (PathBuf, Vec<String>, PathBuf, u32);
 static DATA_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
 static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
 
@@ -301,36 +304,35 @@ impl ControlPlane {
              - level: Metadata\n  userGroups: [\"system:serviceaccounts\"]\n- level: None\n",
         )?;
         let pki_file = |name: &str| pki.join(name).display().to_string();
-        spawn(
-            "kube-apiserver",
-            &assets.join("kube-apiserver"),
-            &[
-                format!("--bind-address={}", options.bind),
-                format!("--secure-port={api_port}"),
-                format!("--advertise-address={}", options.advertise),
-                format!("--etcd-servers={etcd_url}"),
-                format!("--cert-dir={}", dir.join("certs").display()),
-                format!("--tls-cert-file={}", pki_file("apiserver.crt")),
-                format!("--tls-private-key-file={}", pki_file("apiserver.key")),
-                format!("--client-ca-file={}", pki_file("ca.crt")),
-                format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
-                format!("--service-account-key-file={}", pki_file("sa.pub")),
-                format!("--service-account-signing-key-file={}", pki_file("sa.key")),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
-                "--authorization-mode=RBAC".into(),
-                "--allow-privileged=true".into(),
-                "--profiling=false".into(),
-                format!("--audit-policy-file={}", audit_policy.display()),
-                format!("--audit-log-path={}", dir.join("audit.log").display()),
-                "--audit-log-maxbackup=1".into(),
-                format!("--kubelet-client-certificate={}", pki_file("kubelet-client.crt")),
-                format!("--kubelet-client-key={}", pki_file("kubelet-client.key")),
-            ]
-            .into_iter()
-            .chain(options.extra_flags.iter().cloned())
-            .collect::<Vec<_>>(),
-            &api_log,
-        )?;
+        let api_args: Vec<String> = [
+            format!("--bind-address={}", options.bind),
+            format!("--secure-port={api_port}"),
+            format!("--advertise-address={}", options.advertise),
+            format!("--etcd-servers={etcd_url}"),
+            format!("--cert-dir={}", dir.join("certs").display()),
+            format!("--tls-cert-file={}", pki_file("apiserver.crt")),
+            format!("--tls-private-key-file={}", pki_file("apiserver.key")),
+            format!("--client-ca-file={}", pki_file("ca.crt")),
+            format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
+            format!("--service-account-key-file={}", pki_file("sa.pub")),
+            format!("--service-account-signing-key-file={}", pki_file("sa.key")),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--authorization-mode=RBAC".into(),
+            "--allow-privileged=true".into(),
+            "--profiling=false".into(),
+            format!("--audit-policy-file={}", audit_policy.display()),
+            format!("--audit-log-path={}", dir.join("audit.log").display()),
+            "--audit-log-maxbackup=1".into(),
+            format!("--kubelet-client-certificate={}", pki_file("kubelet-client.crt")),
+            format!("--kubelet-client-key={}", pki_file("kubelet-client.key")),
+        ]
+        .into_iter()
+        .chain(options.extra_flags.iter().cloned())
+        .collect();
+        let binary = assets.join("kube-apiserver");
+        let child = spawn_child("kube-apiserver", &binary, &api_args, &api_log)?;
+        *API_SERVER.lock().unwrap_or_else(|p| p.into_inner()) = Some((binary, api_args, api_log.clone(), child.id()));
+        PROCESSES.lock().unwrap_or_else(|p| p.into_inner()).push(child);
 
         let server = format!("https://{}:{api_port}", options.bind);
         let mut plane = Self {
@@ -401,6 +403,34 @@ impl ControlPlane {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })
+    }
+
+    /// Stops the API server (SIGTERM, as a rolling restart does), keeps it down for `down`, and
+    /// starts it again with the same flags on the same port and etcd; returns once it is ready.
+    pub fn restart_api_server(&self, down: Duration) -> Result<(), ControlPlaneError> {
+        let (binary, args, log, pid) =
+            API_SERVER.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(ControlPlaneError::NotReady {
+                what: "kube-apiserver",
+                timeout: down,
+                log: "never started".into(),
+            })?;
+        let mut stopped: Vec<Child> = {
+            let mut processes = PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
+            let (api, others): (Vec<Child>, Vec<Child>) = processes.drain(..).partition(|c| c.id() == pid);
+            *processes = others;
+            api
+        };
+        stop_children(&mut stopped);
+        std::thread::sleep(down);
+        // On a thread that lasts: the process dies with the thread that forked it.
+        let (restart_binary, restart_args, restart_log) = (binary.clone(), args.clone(), log.clone());
+        let child = start_on_lasting_thread("kube-apiserver", move || {
+            spawn_child("kube-apiserver", &restart_binary, &restart_args, &restart_log).map_err(|e| e.to_string())
+        })
+        .map_err(|e| ControlPlaneError::NotReady { what: "kube-apiserver", timeout: down, log: e })?;
+        *API_SERVER.lock().unwrap_or_else(|p| p.into_inner()) = Some((binary, args, log.clone(), child.id()));
+        PROCESSES.lock().unwrap_or_else(|p| p.into_inner()).push(child);
+        self.wait_ready(&log)
     }
 
     /// Every write, and every request of a ServiceAccount, the API server has answered so far (its

@@ -11,6 +11,7 @@ pub mod issuer;
 pub mod node;
 pub mod operator;
 pub mod pki;
+pub mod soak;
 pub mod webhook;
 
 use std::io::{BufRead, BufReader, Write};
@@ -40,6 +41,8 @@ pub enum HarnessError {
     Exited { waiting_for: String, output: String },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// A binary of this workspace: `$ENV`, else the one cargo built beside the running program (test

@@ -42,8 +42,19 @@ impl OpKind {
 
 #[derive(Clone, Debug)]
 enum OpState {
-    Running { kind: OpKind },
-    Failed { kind: OpKind, message: String, attempts: u32, retry_at: Instant },
+    Running {
+        kind: OpKind,
+    },
+    /// `live`: the participant's live instances when the operation started (as the sync knew
+    /// them): when they change, the participant is not the one that failed, and it is retried at
+    /// once.
+    Failed {
+        kind: OpKind,
+        message: String,
+        attempts: u32,
+        retry_at: Instant,
+        live: Option<BTreeSet<String>>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -188,7 +199,8 @@ impl ChannelEngine {
                 channel: request.channel.to_owned(),
                 participant: participant.clone(),
             };
-            let attempts = match waiting(&ops, &key, now, report) {
+            let live = request.live.and_then(|l| l.get(participant)).cloned();
+            let attempts = match waiting(&ops, &key, now, live.as_ref(), report) {
                 Ok(attempts) => attempts,
                 Err(note) => {
                     notes.insert(participant.clone(), note);
@@ -198,7 +210,7 @@ impl ChannelEngine {
             ops.insert(key.clone(), OpState::Running { kind: *kind });
             report.busy = true;
             notes.insert(participant.clone(), Note::InProgress(*kind));
-            self.spawn(key, *kind, attempts, request.manager.clone(), request.on_done.clone());
+            self.spawn(key, (*kind, attempts, live), request.manager.clone(), request.on_done.clone());
         }
         notes
     }
@@ -214,7 +226,15 @@ impl ChannelEngine {
         ops.retain(|key, state| key.manager != endpoint || matches!(state, OpState::Running { .. }));
     }
 
-    fn spawn(&self, key: OpKey, kind: OpKind, attempts: u32, manager: ChannelManagerClient, on_done: OnDone) {
+    /// Runs `op` (its kind, past attempts, and the participant's live instances now).
+    fn spawn(
+        &self,
+        key: OpKey,
+        op: (OpKind, u32, Option<BTreeSet<String>>),
+        manager: ChannelManagerClient,
+        on_done: OnDone,
+    ) {
+        let (kind, attempts, live) = op;
         let ops = self.ops.clone();
         let lost = self.lost.clone();
         let (retry_min, retry_max) = (self.retry_min, self.retry_max);
@@ -242,6 +262,7 @@ impl ChannelEngine {
                                 message: error.to_string(),
                                 attempts: attempts + 1,
                                 retry_at: Instant::now() + delay,
+                                live,
                             },
                         );
                     }
@@ -264,9 +285,17 @@ impl ChannelEngine {
 /// Whether the operation of `key` may start now (`Ok` with its past attempts) or must wait, with
 /// what it is doing meanwhile. Notes stay the same while the state does, so status is not
 /// rewritten for nothing.
-fn waiting(ops: &HashMap<OpKey, OpState>, key: &OpKey, now: Instant, report: &mut ChannelReport) -> Result<u32, Note> {
+fn waiting(
+    ops: &HashMap<OpKey, OpState>,
+    key: &OpKey,
+    now: Instant,
+    live_now: Option<&BTreeSet<String>>,
+    report: &mut ChannelReport,
+) -> Result<u32, Note> {
     match ops.get(key) {
         None => Ok(0),
+        // Another instance than the one that failed (it came online, or restarted): at once.
+        Some(OpState::Failed { live, .. }) if live_now.is_some() && live.as_ref() != live_now => Ok(0),
         Some(OpState::Running { kind }) => {
             report.busy = true;
             Err(Note::InProgress(*kind))
@@ -427,6 +456,45 @@ mod tests {
         drop(guard);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(done.load(Ordering::SeqCst), 0, "a cancelled operation neither finishes nor triggers");
+    }
+
+    /// Found by the soak: a participant whose invite failed (it was restarting) waited out its
+    /// backoff (up to 5 min) although its new instance was there.
+    #[tokio::test]
+    async fn a_failed_invite_is_retried_at_once_when_the_participants_instance_changes() {
+        let cm = FakeChannelManager::start().await;
+        cm.state().offline.insert("org/ns/dave".into());
+        cm.state().offline_delay = Duration::from_millis(10);
+        let engine = ChannelEngine::new(Duration::from_secs(60), Duration::from_secs(300));
+        let manager = ChannelManagerClient::new(&cm.endpoint).expect("client");
+        let desired = BTreeSet::from(["org/ns/dave".to_owned()]);
+        let sync = |live: LiveInstances| {
+            let (engine, manager, desired) = (engine.clone(), manager.clone(), desired.clone());
+            async move {
+                let request = ChannelSync {
+                    manager: &manager,
+                    channel: "org/ns/chat",
+                    mls_enabled: false,
+                    desired: &desired,
+                    managed_before: &BTreeSet::new(),
+                    live: Some(&live),
+                    on_done: Arc::new(|| {}),
+                };
+                engine.sync(request).await.expect("sync")
+            }
+        };
+        let instance = |id: &str| LiveInstances::from([("org/ns/dave".to_owned(), BTreeSet::from([id.to_owned()]))]);
+        sync(instance("1")).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let report = sync(instance("1")).await;
+        assert!(report.retry_in.is_some_and(|r| r > Duration::from_secs(30)), "the same instance waits: {report:?}");
+        cm.state().offline.clear();
+        let report = sync(instance("2")).await;
+        assert!(report.busy, "a new instance is invited at once: {report:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let invites = cm.state().calls.iter().filter(|c| c.contains("AddParticipant")).count();
+        assert_eq!(invites, 2, "{:?}", cm.state().calls);
+        assert_eq!(engine.ops.lock().expect("ops").len(), 0, "the second invite went through");
     }
 }
 
