@@ -30,6 +30,22 @@ pub fn chart_environment(deployment: &Deployment) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The environment of a replica that takes part in leader election in `namespace`, with short
+/// Lease timings (6 s lease, 4 s renew deadline, 1 s retry) so tests see takeovers quickly, and
+/// no webhook (every replica serves it and may write its certificate: not what these are about).
+pub fn fast_election_env(namespace: &str) -> Vec<(String, String)> {
+    [
+        ("POD_NAMESPACE", namespace),
+        ("SLIM_OPERATOR_LEADER_ELECTION", "true"),
+        ("SLIM_OPERATOR_LEASE_DURATION", "6s"),
+        ("SLIM_OPERATOR_LEASE_RENEW_DEADLINE", "4s"),
+        ("SLIM_OPERATOR_LEASE_RETRY_PERIOD", "1s"),
+        ("SLIM_OPERATOR_DISABLE_WEBHOOK", "true"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .to_vec()
+}
+
 /// A running `slim-operator run`. Killed on drop.
 pub struct OperatorProcess {
     child: Option<Child>,

@@ -254,18 +254,7 @@ async fn two_replicas_never_both_write() {
 
     let mut env = chart_environment(chart.deployment.as_ref().expect("the chart has a Deployment"));
     env.retain(|(k, _)| !k.starts_with("SLIM_OPERATOR_LEASE") && k != "SLIM_OPERATOR_LEADER_ELECTION");
-    env.extend(
-        [
-            ("POD_NAMESPACE", operator_ns.as_str()),
-            ("SLIM_OPERATOR_LEADER_ELECTION", "true"),
-            ("SLIM_OPERATOR_LEASE_DURATION", "6s"),
-            ("SLIM_OPERATOR_LEASE_RENEW_DEADLINE", "4s"),
-            ("SLIM_OPERATOR_LEASE_RETRY_PERIOD", "1s"),
-            // Every replica serves the webhook and may write its certificate: not what this is about.
-            ("SLIM_OPERATOR_DISABLE_WEBHOOK", "true"),
-        ]
-        .map(|(k, v)| (k.to_owned(), v.to_owned())),
-    );
+    env.extend(slim_e2e::operator::fast_election_env(&operator_ns));
     let start = |service_account: &str, pod: &str| {
         let service_account = service_account.to_owned();
         let (env, pod) = (env.clone(), pod.to_owned());

@@ -67,19 +67,15 @@ impl World {
             plane.write_kubeconfig(&path, replica, &Credentials::Certificate(cert)).map_err(setup("kubeconfig"))?;
             kubeconfigs.push(path);
         }
-        let env = [
-            ("POD_NAMESPACE", operator_ns.as_str()),
-            ("SLIM_OPERATOR_LEADER_ELECTION", "true"),
-            ("SLIM_OPERATOR_LEASE_DURATION", "6s"),
-            ("SLIM_OPERATOR_LEASE_RENEW_DEADLINE", "4s"),
-            ("SLIM_OPERATOR_LEASE_RETRY_PERIOD", "1s"),
-            ("SLIM_OPERATOR_DISABLE_WEBHOOK", "true"),
-            ("SLIM_OPERATOR_CHANNEL_MANAGER", &manager.endpoint()),
-            ("SLIM_OPERATOR_CLEANUP_TIMEOUT", &format!("{}s", config.cleanup_timeout.as_secs())),
-            ("SLIM_OPERATOR_RESYNC_INTERVAL", "60s"),
-        ]
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .to_vec();
+        let mut env = crate::operator::fast_election_env(&operator_ns);
+        env.extend(
+            [
+                ("SLIM_OPERATOR_CHANNEL_MANAGER", manager.endpoint()),
+                ("SLIM_OPERATOR_CLEANUP_TIMEOUT", format!("{}s", config.cleanup_timeout.as_secs())),
+                ("SLIM_OPERATOR_RESYNC_INTERVAL", "60s".to_owned()),
+            ]
+            .map(|(k, v)| (k.to_owned(), v)),
+        );
         let mut world = Self {
             plane,
             client,
