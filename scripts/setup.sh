@@ -89,7 +89,7 @@ if for_tests && ! "$CACHE/audit/bin/cargo-audit" --version 2>/dev/null | grep -q
   cargo install --quiet --locked cargo-audit --version "$CARGO_AUDIT_VERSION" --root "$CACHE/audit"
 fi
 
-# A real node (tests/tests/node.rs): Debian's containerd and runc, the CNI plugins, iptables and
+# A real node (tests/tests/node/): Debian's containerd and runc, the CNI plugins, iptables and
 # conntrack (kube-proxy), busybox-static (the shell of the test images).
 # dnsmasq-base stands in for CoreDNS.
 node_packages="containerd runc containernetworking-plugins iptables conntrack busybox-static dnsmasq-base"
