@@ -3,6 +3,8 @@
 //! - [`api`]: the CRD types (no IO);
 //! - [`plan`]: pure planning, desired vs observed state into actions;
 //! - [`slim`]: clients of the SLIM control APIs;
+//! - [`tls`]: TLS to SLIM's control APIs (material, connector, failure causes, what objects name,
+//!   the operator's SVID), link TLS, and the one place Secret and ConfigMap keys are read;
 //! - [`engine`]: realising plans on SLIM (IO against SLIM only);
 //! - [`controller`]: the Kubernetes wiring (reconcilers, status, events);
 //! - [`webhook`], [`issuer`]: the identity side (sidecar injection, the SPIFFE issuer);
@@ -25,6 +27,7 @@ pub mod rbac;
 pub mod serve;
 pub mod slim;
 pub mod telemetry;
+pub mod tls;
 pub mod webhook;
 
 pub use slim_k8s_common::backoff;

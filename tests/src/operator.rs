@@ -174,7 +174,8 @@ pub fn run_in_process(
     config: slim_operator::controller::ControllerConfig,
     instance: &str,
 ) -> InProcess {
-    use slim_operator::controller::{ControlTlsRegistry, Runtime, run, sole_leader};
+    use slim_operator::controller::{Runtime, run, sole_leader};
+    use slim_operator::tls::ControlTlsRegistry;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let runtime = Runtime {
         client: client.clone(),

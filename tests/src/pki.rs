@@ -8,7 +8,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     SanType,
 };
-use slim_operator::slim::tls::ClientIdentity;
+use slim_operator::tls::control::ClientIdentity;
 
 /// A CA, and leaves it signs.
 pub struct Ca {

@@ -555,7 +555,7 @@ async fn subscriptions_reach_mtls_nodes_with_certificates_from_secrets() {
     );
     let route = RouteRef { name: SlimName::parse("org/ns/bob").expect("name"), link_id: link.link_id };
     // Read back through a client of our own, with the rotated certificate.
-    use slim_operator::slim::tls::{ClientIdentity, ServerTrust, TlsMaterial, TlsSource};
+    use slim_operator::tls::control::{ClientIdentity, ServerTrust, TlsMaterial, TlsSource};
     let identity = ClientIdentity::from_pem(rotated.0.as_bytes(), rotated.1.as_bytes()).expect("identity");
     let material = TlsMaterial {
         trust: ServerTrust::Ca(vec![ca.der.clone()]),

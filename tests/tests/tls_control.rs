@@ -10,8 +10,8 @@ use slim_e2e::pki::{Ca, server_tls};
 use slim_e2e::{SlimNode, init_logging};
 use slim_operator::api::{ConnectionType, LinkSpec};
 use slim_operator::plan::{ResolvedTls, render_link};
-use slim_operator::slim::tls::{ClientIdentity, ServerTrust, SpiffeMatch, TlsFailure, TlsMaterial, TlsSource};
 use slim_operator::slim::{LinkConfig, NodeChange, NodePool, RouteRef, SlimName};
+use slim_operator::tls::control::{ClientIdentity, ServerTrust, SpiffeMatch, TlsFailure, TlsMaterial, TlsSource};
 use tokio::sync::watch;
 
 const NODE_ID: &str = "spiffe://example.org/slim/node-a";
@@ -134,7 +134,7 @@ async fn routes_over_tls_and_mtls_with_every_failure_told_apart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_over_mtls_with_x509_svids_from_the_workload_api() {
     use slim_e2e::pki::SpiffeNode;
-    use slim_operator::slim::svid;
+    use slim_operator::tls::svid;
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
     let spiffe = SpiffeNode::start(dir.path(), "node-spiffe", NODE_ID, "spiffe://example.org/slim-operator").await;

@@ -10,10 +10,11 @@ use super::{Parts, RunError, Stop, readiness};
 use crate::admin::{self, AdminState, Gate};
 use crate::api::NodeSet;
 use crate::cli::RunArgs;
-use crate::controller::{self, Caches, ControlTlsRegistry, ControllerConfig, ResourceCollector, Runtime};
+use crate::controller::{self, Caches, ControllerConfig, ResourceCollector, Runtime};
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::slim::{ChannelManagerPool, ClientCollector, NodeClientConfig, NodePool};
+use crate::tls::{ControlTlsDefaults, ControlTlsRegistry};
 use crate::webhook::CertStore;
 use crate::webhook::run::WebhookGates;
 
@@ -56,13 +57,13 @@ fn control_tls(args: &RunArgs, client: &kube::Client, parts: &mut Parts) -> Resu
                 .map_err(|e| RunError::SpiffeSocket(e.to_string()))?;
             let (tx, rx) = watch::channel(None);
             parts.spawn(SVID_STREAM, async move {
-                crate::slim::svid::follow(path, tx).await;
+                crate::tls::svid::follow(path, tx).await;
                 Err(RunError::TaskEnded(SVID_STREAM))
             });
             Some(rx)
         }
     };
-    let defaults = controller::ControlTlsDefaults {
+    let defaults = ControlTlsDefaults {
         ca_file: args.control_tls_ca_file.clone(),
         client_cert_file: args.control_tls_client_cert_file.clone(),
         client_key_file: args.control_tls_client_key_file.clone(),

@@ -102,7 +102,7 @@ pub struct Context {
     /// This replica's leadership; nothing is written once it has lapsed.
     pub(crate) leadership: watch::Receiver<Leadership>,
     /// TLS of the control connections.
-    pub control_tls: Arc<super::ControlTlsRegistry>,
+    pub control_tls: Arc<crate::tls::ControlTlsRegistry>,
     /// Consecutive failures per object (`kind/namespace/name`), for backoff.
     pub(crate) retries: Mutex<HashMap<String, u32>>,
     /// When each channel manager was last restarted for having lost its node.

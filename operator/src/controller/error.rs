@@ -3,8 +3,8 @@
 use kube::runtime::finalizer;
 
 use crate::plan::SelectorError;
-use crate::slim::tls::TlsFailure;
 use crate::slim::{CmError, NameError};
+use crate::tls::control::TlsFailure;
 
 /// Reconcile failures. `reason()` is the PascalCase label used for metrics and Warning events.
 #[derive(Debug, thiserror::Error)]

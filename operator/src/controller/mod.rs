@@ -4,7 +4,6 @@
 pub mod channel;
 pub mod channel_status;
 pub mod context;
-pub mod control_tls;
 pub mod error;
 pub mod heal;
 pub mod member_watch;
@@ -16,7 +15,6 @@ pub mod subscription_status;
 
 pub use context::{Context, ControllerConfig, DEFAULT_NODE_SELECTOR, error_policy};
 pub(crate) use context::{patch_status, reconcile_finalized};
-pub use control_tls::{ControlTlsDefaults, ControlTlsRegistry};
 pub use error::Error;
 pub use run::{ControllerFailure, Runtime, run, sole_leader};
 pub use stores::{Caches, ResourceCollector, Stores};

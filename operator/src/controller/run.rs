@@ -43,7 +43,7 @@ pub struct Runtime {
     /// This replica's leadership: reconciles start only while it leads.
     pub leadership: watch::Receiver<Leadership>,
     /// TLS of the control connections (node controller APIs, channel managers).
-    pub control_tls: Arc<super::ControlTlsRegistry>,
+    pub control_tls: Arc<crate::tls::ControlTlsRegistry>,
 }
 
 /// Leadership for a replica that runs alone (no leader election): it always leads.

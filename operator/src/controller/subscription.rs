@@ -15,7 +15,7 @@ use super::member_watch::FarView;
 use super::subscription_status::{Followed, Notices, StatusInput, next_status};
 use super::{Context, Error};
 use crate::api::condition::failed;
-use crate::api::{DeletionPolicy, LinkTls, Subscription, SubscriptionStatus};
+use crate::api::{DeletionPolicy, Subscription, SubscriptionStatus};
 use crate::engine::{NodeReport, NodeResult, RouteSync};
 use crate::plan::conflicts::{self, Claim};
 use crate::plan::instances::reason as follow_reason;
@@ -296,7 +296,7 @@ async fn resolve_desired(sub: &Subscription, ctx: &Context) -> Result<DesiredRou
     let name = SlimName::parse(&sub.spec.name).map_err(Error::InvalidName)?;
     let namespace = sub.namespace().ok_or(Error::MissingNamespace)?;
     let tls = match &sub.spec.link.tls {
-        Some(settings) if !settings.insecure => resolve_tls(ctx, &namespace, settings).await?,
+        Some(settings) if !settings.insecure => crate::tls::link::resolve(&ctx.client, &namespace, settings).await?,
         _ => ResolvedTls::default(),
     };
     let link = render_link(&sub.spec.link, &tls);
@@ -417,25 +417,6 @@ fn previous_instances(status: &SubscriptionStatus) -> BTreeMap<String, Vec<Route
             (node.endpoint.clone(), routes)
         })
         .collect()
-}
-
-async fn resolve_tls(ctx: &Context, namespace: &str, tls: &LinkTls) -> Result<ResolvedTls, Error> {
-    use super::control_tls::secret_keys;
-    let text = |name: &str, key: &str, bytes: Vec<u8>| {
-        String::from_utf8(bytes)
-            .map_err(|_| Error::Secret { name: name.to_owned(), reason: format!("key {key:?} is not UTF-8 PEM text") })
-    };
-    let mut resolved = ResolvedTls::default();
-    if let Some(reference) = &tls.ca_secret_ref {
-        let [ca] = secret_keys(&ctx.client, namespace, &reference.name, [reference.key.as_str()]).await?;
-        resolved.ca_pem = Some(text(&reference.name, &reference.key, ca)?);
-    }
-    if let Some(reference) = &tls.client_cert_secret_ref {
-        let [cert, key] = secret_keys(&ctx.client, namespace, &reference.name, ["tls.crt", "tls.key"]).await?;
-        resolved.client_cert_pem = Some(text(&reference.name, "tls.crt", cert)?);
-        resolved.client_key_pem = Some(text(&reference.name, "tls.key", key)?);
-    }
-    Ok(resolved)
 }
 
 /// Explicit endpoints plus the Running node Pods the selector picks (from the Pod cache).

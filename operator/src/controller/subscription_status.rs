@@ -235,7 +235,7 @@ fn ready(input: &StatusInput<'_>, reports: &[NodeReport]) -> k8s_openapi::apimac
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::slim::tls::TlsFailure;
+    use crate::tls::control::TlsFailure;
 
     fn at(seconds: i64) -> Timestamp {
         Timestamp::from_second(seconds).expect("valid")

@@ -7,8 +7,8 @@ use std::time::Duration;
 use futures::future::join_all;
 
 use crate::plan::{DesiredRoute, NodeTarget, Users, plan_node};
-use crate::slim::tls::TlsFailure;
 use crate::slim::{ChangeOutcome, NodeError, NodePool, RouteRef};
+use crate::tls::control::TlsFailure;
 
 /// One sync of one Subscription.
 pub struct RouteSync<'a> {

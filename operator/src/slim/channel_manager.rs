@@ -6,8 +6,8 @@
 
 use super::model::Unreachable;
 use super::pool::ClientPool;
-use super::tls::TlsSource;
 use super::wording::{self, Said};
+use crate::tls::control::TlsSource;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -44,7 +44,7 @@ impl CmError {
     }
 
     /// The TLS failure that kept the manager unreachable, when that is the cause.
-    pub fn tls_failure(&self) -> Option<super::tls::TlsFailure> {
+    pub fn tls_failure(&self) -> Option<crate::tls::control::TlsFailure> {
         match self {
             CmError::Unavailable { cause, .. } => cause.tls_failure(),
             _ => None,
@@ -74,15 +74,17 @@ impl ChannelManagerClient {
     /// The same over TLS from `tls` (an `https://` endpoint): each new connection takes the
     /// material it holds then.
     pub fn with_tls(endpoint: &str, tls: Option<TlsSource>) -> Result<Self, CmError> {
-        let builder = tonic::transport::Endpoint::from_shared(super::tls::plain_uri(endpoint))
+        let builder = tonic::transport::Endpoint::from_shared(crate::tls::control::plain_uri(endpoint))
             .map_err(|e| CmError::BadEndpoint { endpoint: endpoint.to_owned(), reason: e.to_string() })?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
         let channel = match tls {
             None => builder.connect_lazy(),
-            Some(tls) => builder
-                .connect_with_connector_lazy(super::tls::connector(move || tls.current(), Duration::from_secs(5))),
+            Some(tls) => builder.connect_with_connector_lazy(crate::tls::control::connector(
+                move || tls.current(),
+                Duration::from_secs(5),
+            )),
         };
         Ok(Self {
             endpoint: endpoint.into(),

@@ -1,4 +1,4 @@
-//! Clients of the SLIM APIs (IO) and the SLIM name model they share.
+//! Clients of the SLIM APIs (IO) and the SLIM name model they share (their TLS: [`crate::tls`]).
 
 pub mod batch;
 pub mod channel_manager;
@@ -7,8 +7,6 @@ pub mod name;
 pub mod node;
 pub mod pb;
 pub mod pool;
-pub mod svid;
-pub mod tls;
 pub mod wording;
 
 pub use channel_manager::{ChannelManagerClient, ChannelManagerPool, CmError};

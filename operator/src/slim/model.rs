@@ -167,7 +167,7 @@ pub enum Unreachable {
     /// The TLS handshake failed for a cause an operator can act on (classified where rustls
     /// reported it).
     #[error("{detail}")]
-    Tls { failure: super::tls::TlsFailure, detail: String },
+    Tls { failure: crate::tls::control::TlsFailure, detail: String },
     /// Connecting failed otherwise (refused, no such host, timed out), or the stream broke.
     #[error("{0}")]
     Transport(String),
@@ -178,13 +178,13 @@ impl Unreachable {
     /// and its TLS cause when it has one.
     pub fn of(context: &str, error: &(dyn std::error::Error + 'static)) -> Self {
         let detail = format!("{context}: {}", slim_k8s_common::error_chain(error));
-        match super::tls::TlsFailure::in_chain(error) {
+        match crate::tls::control::TlsFailure::in_chain(error) {
             Some(failure) => Unreachable::Tls { failure, detail },
             None => Unreachable::Transport(detail),
         }
     }
 
-    pub fn tls_failure(&self) -> Option<super::tls::TlsFailure> {
+    pub fn tls_failure(&self) -> Option<crate::tls::control::TlsFailure> {
         match self {
             Unreachable::Tls { failure, .. } => Some(*failure),
             Unreachable::Transport(_) => None,
@@ -207,7 +207,7 @@ pub enum NodeError {
 
 impl NodeError {
     /// The TLS failure that kept the node unreachable, when that is the cause.
-    pub fn tls_failure(&self) -> Option<super::tls::TlsFailure> {
+    pub fn tls_failure(&self) -> Option<crate::tls::control::TlsFailure> {
         match self {
             NodeError::Unavailable { cause, .. } => cause.tls_failure(),
             _ => None,

@@ -27,8 +27,8 @@ use super::model::{ChangeOutcome, NodeChange, NodeError, NodeEvent, NodeStats, O
 use super::name::NameKey;
 use super::pb::controller::v1 as ctl;
 use super::pb::controller::v1::control_message::Payload;
-use super::tls::TlsSource;
 use crate::backoff::Backoff;
+use crate::tls::control::TlsSource;
 
 /// Tunables of a node client; defaults suit production.
 #[derive(Clone, Debug)]
@@ -233,7 +233,7 @@ impl Actor {
         &mut self,
     ) -> Result<(mpsc::Sender<ctl::ControlMessage>, Streaming<ctl::ControlMessage>), Unreachable> {
         // tonic speaks plain HTTP/2 to what the connector returns; TLS, when wanted, is ours.
-        let endpoint = tonic::transport::Endpoint::from_shared(super::tls::plain_uri(&self.endpoint))
+        let endpoint = tonic::transport::Endpoint::from_shared(crate::tls::control::plain_uri(&self.endpoint))
             .map_err(|e| Unreachable::of("invalid endpoint", &e))?
             .connect_timeout(self.config.connect_timeout)
             .http2_keep_alive_interval(Duration::from_secs(15))
@@ -250,7 +250,7 @@ impl Actor {
                     self.renew_at = Some(Instant::now() + delay);
                 }
                 endpoint
-                    .connect_with_connector(super::tls::connector(
+                    .connect_with_connector(crate::tls::control::connector(
                         move || material.clone(),
                         self.config.connect_timeout,
                     ))

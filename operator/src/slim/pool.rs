@@ -14,8 +14,8 @@ use tokio::sync::broadcast;
 use super::channel_manager::ChannelManagerPool;
 use super::model::NodeEvent;
 use super::node::{NodeClient, NodeClientConfig};
-use super::tls::TlsSource;
 use crate::metrics::NodeLabels;
+use crate::tls::control::TlsSource;
 
 /// Clients idle for this long are dropped (their node left every Subscription, their manager
 /// every SlimChannel).
@@ -215,7 +215,7 @@ mod tests {
 
     use super::*;
     use crate::metrics::Metrics;
-    use crate::slim::tls::{ServerTrust, TlsMaterial};
+    use crate::tls::control::{ServerTrust, TlsMaterial};
 
     #[test]
     fn a_client_is_made_once_per_endpoint_and_tls_and_failures_are_not_kept() {

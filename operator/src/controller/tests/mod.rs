@@ -54,7 +54,7 @@ pub(super) fn context_with_triggers(
         config,
         caches: Default::default(),
         leadership: super::sole_leader(),
-        control_tls: Arc::new(super::ControlTlsRegistry::new(client.clone(), Default::default(), None)),
+        control_tls: Arc::new(crate::tls::ControlTlsRegistry::new(client.clone(), Default::default(), None)),
     };
     let triggers = super::member_watch::Triggers { channels: trigger, subscriptions: mpsc::unbounded_channel().0 };
     let ctx = Context::new(&runtime, Stores { subscriptions, channels, pods: Pods(pods) }, triggers);

@@ -10,19 +10,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Client;
-use kube::api::Api;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::Error;
+use super::control::{ClientIdentity, ServerTrust, SpiffeMatch, TlsMaterial, TlsSource};
+use super::secrets::{config_map_bytes, secret_keys};
+use super::svid::Svid;
 use crate::api::ControlTls;
-use crate::slim::svid::Svid;
-use crate::slim::tls::{ClientIdentity, ServerTrust, SpiffeMatch, TlsMaterial, TlsSource};
+use crate::controller::Error;
 
 /// What `https://` endpoints get when their `tls` says nothing (flags / Helm values).
 #[derive(Clone, Debug, Default)]
@@ -288,42 +287,10 @@ fn invalid(message: impl Into<String>) -> Error {
     Error::ControlTls(message.into())
 }
 
-/// Keys of one Secret, read with one GET, or why not (`SecretUnavailable`).
-pub(crate) async fn secret_keys<const N: usize>(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    keys: [&str; N],
-) -> Result<[Vec<u8>; N], Error> {
-    let error = |reason: String| Error::Secret { name: name.to_owned(), reason };
-    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
-        .get_opt(name)
-        .await
-        .map_err(|e| error(format!("cannot read: {e}")))?
-        .ok_or_else(|| error("not found".to_owned()))?;
-    let data = secret.data.unwrap_or_default();
-    let mut values = keys.map(|_| Vec::new());
-    for (value, key) in values.iter_mut().zip(keys) {
-        *value = data.get(key).ok_or_else(|| error(format!("has no key {key:?}")))?.0.clone();
-    }
-    Ok(values)
-}
-
-async fn config_map_bytes(client: &Client, namespace: &str, name: &str, key: &str) -> Result<Vec<u8>, Error> {
-    let error = |reason: String| Error::ControlTls(format!("ConfigMap {name}: {reason}"));
-    let map = Api::<ConfigMap>::namespaced(client.clone(), namespace)
-        .get_opt(name)
-        .await
-        .map_err(|e| error(format!("cannot read: {e}")))?
-        .ok_or_else(|| error("not found".to_owned()))?;
-    let text = map.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| error(format!("has no key {key:?}")))?;
-    Ok(text.as_bytes().to_vec())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::slim::tls::ServerTrust;
+    use crate::tls::control::ServerTrust;
 
     fn offline_client() -> Client {
         let (service, _handle) =

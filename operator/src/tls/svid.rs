@@ -14,7 +14,7 @@ use slim_identity_agent::workload::{WorkloadClient, WorkloadError};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::tls::{ClientIdentity, ServerTrust, SpiffeMatch, TlsError, TlsMaterial};
+use super::control::{ClientIdentity, ServerTrust, SpiffeMatch, TlsError, TlsMaterial};
 use crate::backoff::Backoff;
 
 /// The operator's current SVID, ready for TLS.
