@@ -210,7 +210,7 @@ async fn service_account_tokens_are_slim_identities_without_spire() {
     let node_auth = |audience: &str| node_jwt_auth(&jwks, audience, SERVICE_ACCOUNT_ISSUER);
     let mut node = SlimNode::start_with_data_auth("node-sa-identity", &node_auth("slim")).expect("node");
     let bob_file = bob.svids.join("jwt_svid.token");
-    let _bob_app = tokio::task::block_in_place(|| SlimApp::listen_with_token(&node, "org/ns/bob", &bob_file))
+    let mut bob_app = tokio::task::block_in_place(|| SlimApp::listen_with_token(&node, "org/ns/bob", &bob_file))
         .expect("bob admitted with his service-account token");
     let reply = tokio::task::block_in_place(|| say(&node, &alice_file, "hello"));
     assert_eq!(reply, "reply echo:hello");
@@ -249,6 +249,32 @@ async fn service_account_tokens_are_slim_identities_without_spire() {
     phase("tokens rolled over");
     node.set_data_auth(&node_auth("slim-v2")).expect("config");
     tokio::task::block_in_place(|| node.restart()).expect("node restart");
+    // Bob's app dials the restarted node again on its own schedule (slower under load): alice's
+    // session can only reach him once the node routes his name again. SLIM (3.3/3.4) re-dials a
+    // broken connection once, and gives up for good when that call meets the node while it is
+    // still starting ("unable to reconnect"): then bob's app is started again, reading the same
+    // rotated token file (what a restarted container does).
+    let pool = slim_operator::slim::NodePool::default();
+    let bob_name = slim_operator::slim::SlimName::parse("org/ns/bob").expect("name");
+    let bob_back = async || {
+        let listed = pool.node(&node.controller_endpoint()).snapshot(Duration::ZERO).await.ok()?;
+        listed.instances_of(&bob_name).next().map(|_| ())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bob_back().await.is_none() {
+        if Instant::now() > deadline {
+            let output = bob_app.output();
+            let tail: Vec<&str> = output.lines().rev().take(5).collect();
+            eprintln!(
+                "bob's app did not reconnect within 30 s: started again (a new app must be admitted with the rotated token); its last lines: {tail:?}"
+            );
+            bob_app = tokio::task::block_in_place(|| SlimApp::listen_with_token(&node, "org/ns/bob", &bob_file))
+                .expect("bob admitted with his rotated token");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_for("bob's app on the restarted node", Duration::from_secs(30), bob_back).await;
     let reply = tokio::task::block_in_place(|| say(&node, &alice_file, "hello again"));
     assert_eq!(reply, "reply echo:hello again", "bob's live app presents its rotated token");
     phase("exchange after the node restart");
@@ -258,6 +284,7 @@ async fn service_account_tokens_are_slim_identities_without_spire() {
     let refused = tokio::task::block_in_place(|| SlimApp::refused_with_token(&node, "org/ns/carol", &old));
     assert!(refused.is_err_and(|e| e.to_string().contains("refused")), "the node must refuse a token without slim-v2");
     assert!(node_rejections(&node) > rejected_before, "the node's JWT middleware refused it");
+    drop(bob_app);
 }
 
 /// Alice, authenticated with `token`, says `message` to bob: the line she printed (`reply …`).
