@@ -63,6 +63,11 @@ pub struct RunArgs {
     #[arg(long, env = "SLIM_OPERATOR_CHANNEL_MANAGER")]
     pub channel_manager: Option<String>,
 
+    /// Reconcile the Subscriptions and SlimChannels of this namespace only (and watch only its
+    /// Pods), for a namespace-scoped install; empty: every namespace.
+    #[arg(long, env = "SLIM_OPERATOR_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+
     /// Restart a channel manager that lost its SLIM node for good (its invites fail with "no
     /// matching found") by deleting its Pod, found from its endpoint (a Pod IP or a Service).
     #[arg(long, env = "SLIM_OPERATOR_HEAL_CHANNEL_MANAGER")]

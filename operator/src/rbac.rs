@@ -20,8 +20,9 @@ const fn rule(
     Permission { group, resource, verbs, used_by }
 }
 
-/// Cluster-wide (ClusterRole).
-pub const CLUSTER: &[Permission] = &[
+/// What the controllers read and write: cluster-wide (ClusterRole), or in the watched namespace
+/// only (a Role there) when the install is namespace-scoped (`watchNamespace`).
+pub const WATCHED: &[Permission] = &[
     rule(
         "slim.agntcy.org",
         "subscriptions",
@@ -52,8 +53,10 @@ pub const CLUSTER: &[Permission] = &[
     rule("", "pods", &["list", "watch"], "node and participant selectors"),
     rule("", "secrets", &["get"], "TLS material of links and of control connections (nodes, channel manager)"),
     rule("", "configmaps", &["get"], "CA bundles of control connections (tls.caConfigMapRef)"),
-    rule("", "namespaces", &["list", "watch"], "namespace opt-in for injection"),
 ];
+
+/// Cluster-wide (ClusterRole) in every install.
+pub const CLUSTER: &[Permission] = &[rule("", "namespaces", &["list", "watch"], "namespace opt-in for injection")];
 
 /// Only when the operator manages the webhook certificate (cluster-wide, restricted by name).
 pub const WEBHOOK_CONFIGURATION: &[Permission] =
@@ -75,7 +78,7 @@ pub const ISSUER: &[Permission] = &[
 pub const ISSUER_SECRET: &[Permission] =
     &[rule("", "secrets", &["get", "create", "update"], "issuer: its CA and JWT keys")];
 
-/// Only with `--heal-channel-manager` (`operator.healChannelManager`), cluster-wide.
+/// Only with `--heal-channel-manager` (`operator.healChannelManager`), where [`WATCHED`] is.
 pub const HEAL_CHANNEL_MANAGER: &[Permission] = &[
     rule("", "services", &["get"], "heal: the Service a channel manager endpoint names, to find its Pods"),
     rule("", "pods", &["delete"], "heal: restart a channel manager that lost its SLIM node"),

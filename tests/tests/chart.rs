@@ -110,6 +110,28 @@ fn needed(tables: &[&[Permission]]) -> BTreeSet<(String, String, String)> {
         .collect()
 }
 
+/// A namespace-scoped install: what the controllers use is granted in the watched namespace only.
+#[test]
+fn a_namespace_scoped_install_grants_the_watched_rights_in_that_namespace() {
+    let rendered = render(&["--set", "watchNamespace=apps", "--set", "operator.healChannelManager=true"]);
+    let cluster = triples(&rendered.cluster_roles[0].rules.clone().unwrap_or_default());
+    assert_eq!(cluster, needed(&[rbac::CLUSTER, rbac::WEBHOOK_CONFIGURATION]), "no cluster-wide rights on the CRs");
+    let watched =
+        rendered.roles.iter().find(|r| r.metadata.namespace.as_deref() == Some("apps")).expect("a Role in apps");
+    assert_eq!(
+        triples(&watched.rules.clone().unwrap_or_default()),
+        needed(&[rbac::WATCHED, rbac::HEAL_CHANNEL_MANAGER])
+    );
+    assert_eq!(rendered.bindings, 3, "the watched Role is bound too");
+    let env = rendered.deployments[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|s| s.containers[0].env.clone());
+    let watch = env.flatten().into_iter().flatten().find(|e| e.name == "SLIM_OPERATOR_WATCH_NAMESPACE");
+    assert_eq!(watch.and_then(|e| e.value).as_deref(), Some("apps"));
+}
+
 #[test]
 fn chart_lints_strictly_with_default_and_custom_values() {
     run_helm(&["lint", "--strict", &chart()]).unwrap_or_else(|e| panic!("lint: {e}"));
@@ -123,7 +145,11 @@ fn default_render_parses_and_rbac_is_exactly_what_the_code_uses() {
     assert_eq!(rendered.bindings, 2);
     assert!(rendered.pdbs.is_empty(), "one replica: no PodDisruptionBudget");
     let cluster = triples(&rendered.cluster_roles[0].rules.clone().unwrap_or_default());
-    assert_eq!(cluster, needed(&[rbac::CLUSTER, rbac::WEBHOOK_CONFIGURATION]), "ClusterRole vs operator/src/rbac.rs");
+    assert_eq!(
+        cluster,
+        needed(&[rbac::CLUSTER, rbac::WATCHED, rbac::WEBHOOK_CONFIGURATION]),
+        "ClusterRole vs operator/src/rbac.rs"
+    );
     let namespaced = triples(&rendered.roles[0].rules.clone().unwrap_or_default());
     assert_eq!(namespaced, needed(&[rbac::NAMESPACED, rbac::WEBHOOK_SECRET]), "Role vs operator/src/rbac.rs");
 
@@ -219,7 +245,7 @@ fn custom_render_follows_the_values() {
     // cert-manager mode: the operator patches no webhook configuration; its only Secret is the
     // issuer's keys.
     let cluster = triples(&rendered.cluster_roles[0].rules.clone().unwrap_or_default());
-    assert_eq!(cluster, needed(&[rbac::CLUSTER, rbac::ISSUER, rbac::HEAL_CHANNEL_MANAGER]));
+    assert_eq!(cluster, needed(&[rbac::CLUSTER, rbac::WATCHED, rbac::ISSUER, rbac::HEAL_CHANNEL_MANAGER]));
     assert_eq!(env("SLIM_OPERATOR_HEAL_CHANNEL_MANAGER"), "true");
     let namespaced = triples(&rendered.roles[0].rules.clone().unwrap_or_default());
     assert_eq!(namespaced, needed(&[rbac::NAMESPACED, rbac::ISSUER_SECRET]));

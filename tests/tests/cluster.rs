@@ -14,17 +14,14 @@ use slim_operator::controller::ControllerConfig;
 use slim_operator::plan::{ResolvedTls, render_link};
 use slim_operator::slim::{NodePool, RouteRef, SlimName};
 
-/// The control plane, its CRDs, an admin client and a fresh namespace. Tests that run controllers
-/// hold the returned guard: the controllers watch every namespace, so two at once would both
-/// reconcile each other's objects.
-async fn setup() -> (Client, String, tokio::sync::MutexGuard<'static, ()>) {
-    static CONTROLLERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let guard = CONTROLLERS.lock().await;
+/// The control plane, its CRDs, an admin client and a fresh namespace. Each test's controllers
+/// watch its namespace only (`watch_namespace`), so the tests run side by side.
+async fn setup() -> (Client, String) {
     let plane = control_plane::shared();
     let client = plane.client().await.expect("admin client");
     install_crds(&client).await.expect("CRDs");
     let namespace = plane.namespace(&client, "e2e").await.expect("namespace");
-    (client, namespace, guard)
+    (client, namespace)
 }
 
 fn ready_status(sub: &Subscription) -> Option<String> {
@@ -36,25 +33,31 @@ fn ready_status(sub: &Subscription) -> Option<String> {
 type Controllers = slim_e2e::operator::InProcess;
 
 /// Runs the operator's controllers in this process until the returned sender fires (5 s resync).
-fn start_controllers(client: &Client, pool: &NodePool, channel_manager: Option<String>) -> Controllers {
+fn start_controllers(
+    client: &Client,
+    namespace: &str,
+    pool: &NodePool,
+    channel_manager: Option<String>,
+) -> Controllers {
     let config = ControllerConfig { resync_interval: Duration::from_secs(5), channel_manager, ..Default::default() };
-    start_controllers_with(client, pool, config)
+    start_controllers_with(client, namespace, pool, config)
 }
 
-/// Runs the operator's controllers with `config`.
-fn start_controllers_with(client: &Client, pool: &NodePool, config: ControllerConfig) -> Controllers {
+/// Runs the operator's controllers with `config`, watching `namespace`.
+fn start_controllers_with(client: &Client, namespace: &str, pool: &NodePool, config: ControllerConfig) -> Controllers {
+    let config = ControllerConfig { watch_namespace: Some(namespace.to_owned()), ..config };
     slim_e2e::operator::run_in_process(client, pool.clone(), Default::default(), config, "e2e")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_lifecycle_on_a_real_cluster() {
     init_logging();
-    let (client, namespace, _controllers) = setup().await;
+    let (client, namespace) = setup().await;
     let mut a = SlimNode::start("node-a").expect("node a");
     let b = SlimNode::start("node-b").expect("node b");
 
     let pool = NodePool::default();
-    let (stop, controller) = start_controllers(&client, &pool, None);
+    let (stop, controller) = start_controllers(&client, &namespace, &pool, None);
 
     let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
     let sub: Subscription = serde_json::from_value(json!({
@@ -103,13 +106,13 @@ async fn subscription_lifecycle_on_a_real_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slim_channel_lifecycle_on_a_real_cluster() {
     init_logging();
-    let (client, namespace, _controllers) = setup().await;
+    let (client, namespace) = setup().await;
     let node = SlimNode::start("node-a").expect("node");
     let cm = ChannelManager::start(&node).expect("channel manager");
     let mut bob = SlimApp::member(&node, "org/ns/bob").expect("bob");
     let mut carol = SlimApp::member(&node, "org/ns/carol").expect("carol");
     let pool = NodePool::default();
-    let (stop, controller) = start_controllers(&client, &pool, Some(cm.endpoint()));
+    let (stop, controller) = start_controllers(&client, &namespace, &pool, Some(cm.endpoint()));
 
     let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
     let channel: SlimChannel = serde_json::from_value(json!({
@@ -188,7 +191,7 @@ impl OneNodeChannel {
         let manager = ChannelManager::start(&node).expect("channel manager");
         let members = names.iter().map(|n| SlimApp::member(&node, n).expect("member")).collect();
         let config = ControllerConfig { channel_manager: Some(manager.endpoint()), ..Default::default() };
-        let controllers = start_controllers_with(client, &NodePool::default(), config);
+        let controllers = start_controllers_with(client, namespace, &NodePool::default(), config);
         let channels: Api<SlimChannel> = Api::namespaced(client.clone(), namespace);
         let channel: SlimChannel = serde_json::from_value(json!({
             "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel", "metadata": {"name": "team"},
@@ -209,7 +212,7 @@ impl OneNodeChannel {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_member_is_back_without_spec_nodes() {
     init_logging();
-    let (client, namespace, _controllers) = setup().await;
+    let (client, namespace) = setup().await;
     // Checked: with the member watch's period set to an hour this test fails.
     let mut team = OneNodeChannel::start(&client, &namespace, &["org/ns/bob", "org/ns/carol"]).await;
     let (node, channels) = (&team.node, &team.channels);
@@ -251,7 +254,7 @@ async fn a_restarted_member_is_back_without_spec_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_members_restarted_at_once_are_both_back() {
     init_logging();
-    let (client, namespace, _controllers) = setup().await;
+    let (client, namespace) = setup().await;
     let mut team = OneNodeChannel::start(&client, &namespace, &["org/ns/bob", "org/ns/carol", "org/ns/dave"]).await;
     let (node, channels) = (&team.node, &team.channels);
     let mut members = std::mem::take(&mut team.members);
@@ -285,11 +288,11 @@ async fn two_members_restarted_at_once_are_both_back() {
 async fn a_node_that_is_down_gets_one_readable_warning() {
     use k8s_openapi::api::events::v1::Event;
     init_logging();
-    let (client, namespace, _controllers) = setup().await;
+    let (client, namespace) = setup().await;
     let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     let endpoint = format!("http://127.0.0.1:{dead}");
     let pool = NodePool::default();
-    let (stop, controller) = start_controllers(&client, &pool, None);
+    let (stop, controller) = start_controllers(&client, &namespace, &pool, None);
     let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
     let sub: Subscription = serde_json::from_value(json!({
         "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription", "metadata": {"name": "nowhere"},
@@ -325,7 +328,7 @@ async fn an_object_that_does_not_deserialize_is_reported_and_skipped() {
     };
     use kube::api::{ApiResource, DynamicObject};
     init_logging();
-    let (client, namespace, _controllers) = setup().await;
+    let (client, namespace) = setup().await;
     let a = SlimNode::start("node-a").expect("node a");
     let b = SlimNode::start("node-b").expect("node b");
 
@@ -360,7 +363,7 @@ async fn an_object_that_does_not_deserialize_is_reported_and_skipped() {
     install_crds(&client).await.expect("the real CRD back");
 
     let pool = NodePool::default();
-    let (stop, controller) = start_controllers(&client, &pool, None);
+    let (stop, controller) = start_controllers(&client, &namespace, &pool, None);
     let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
     let good: Subscription = serde_json::from_value(json!({
         "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "Subscription", "metadata": {"name": "good"},
@@ -400,7 +403,7 @@ async fn an_object_that_does_not_deserialize_is_reported_and_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_restarted_while_its_node_restarts_is_back() {
     init_logging();
-    let (client, namespace, _controllers) = setup().await;
+    let (client, namespace) = setup().await;
     let node_a = SlimNode::start("node-a").expect("node a");
     let mut node_b = SlimNode::start("node-b").expect("node b");
     let manager = ChannelManager::start(&node_a).expect("channel manager");
@@ -409,7 +412,7 @@ async fn a_member_restarted_while_its_node_restarts_is_back() {
         resync_interval: Duration::from_secs(5),
         ..Default::default()
     };
-    let (stop, controller) = start_controllers_with(&client, &NodePool::default(), config);
+    let (stop, controller) = start_controllers_with(&client, &namespace, &NodePool::default(), config);
     let mut bob = SlimApp::member(&node_a, "org/ns/bob").expect("bob");
     let carol = SlimApp::member(&node_b, "org/ns/carol").expect("carol");
     let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
@@ -461,7 +464,7 @@ async fn subscriptions_reach_mtls_nodes_with_certificates_from_secrets() {
     use k8s_openapi::api::events::v1::Event;
     use slim_e2e::pki::{Ca, server_tls};
     init_logging();
-    let (client, namespace, _controllers) = setup().await;
+    let (client, namespace) = setup().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (ca, other, next) = (Ca::new("node CA"), Ca::new("another CA"), Ca::new("next client CA"));
     let node_cert = ca.leaf(&["127.0.0.1", "localhost"], 30);
@@ -484,7 +487,7 @@ async fn subscriptions_reach_mtls_nodes_with_certificates_from_secrets() {
         .expect("client Secret");
 
     let pool = NodePool::default();
-    let (stop, controller) = start_controllers(&client, &pool, None);
+    let (stop, controller) = start_controllers(&client, &namespace, &pool, None);
     let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
     let create = |name: &'static str, tls: serde_json::Value| {
         let subs = subs.clone();

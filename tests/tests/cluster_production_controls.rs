@@ -17,21 +17,29 @@ use slim_operator::controller::ControllerConfig;
 use slim_operator::plan::{ResolvedTls, render_link};
 use slim_operator::slim::{NodePool, RouteRef, SlimName};
 
-/// The control plane with the CRDs, an admin client, a fresh namespace; the guard keeps the
-/// tests' controllers from running at once (they watch every namespace).
-async fn setup() -> (Client, String, tokio::sync::MutexGuard<'static, ()>) {
-    static CONTROLLERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let guard = CONTROLLERS.lock().await;
+/// The control plane with the CRDs, an admin client, a fresh namespace. Each test's controllers
+/// watch its namespace only (`watch_namespace`), so the tests run side by side.
+async fn setup() -> (Client, String) {
     init_logging();
     let plane = control_plane::shared();
     let client = plane.client().await.expect("admin client");
     install_crds(&client).await.expect("CRDs");
     let namespace = plane.namespace(&client, "controls").await.expect("namespace");
-    (client, namespace, guard)
+    (client, namespace)
 }
 
-fn controllers(client: &Client, pool: &NodePool, channel_manager: Option<String>) -> slim_e2e::operator::InProcess {
-    let config = ControllerConfig { resync_interval: Duration::from_secs(5), channel_manager, ..Default::default() };
+fn controllers(
+    client: &Client,
+    namespace: &str,
+    pool: &NodePool,
+    channel_manager: Option<String>,
+) -> slim_e2e::operator::InProcess {
+    let config = ControllerConfig {
+        resync_interval: Duration::from_secs(5),
+        channel_manager,
+        watch_namespace: Some(namespace.to_owned()),
+        ..Default::default()
+    };
     slim_e2e::operator::run_in_process(client, pool.clone(), Default::default(), config, "controls")
 }
 
@@ -113,11 +121,11 @@ async fn events(client: &Client, namespace: &str, name: &str, reason: &str) -> V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_subscription_gets_no_write_and_unpausing_repairs_it_at_once() {
-    let (client, namespace, _turn) = setup().await;
+    let (client, namespace) = setup().await;
     let mut a = SlimNode::start("node-paused").expect("node a");
     let b = SlimNode::start("node-paused-link").expect("node b");
     let pool = NodePool::default();
-    let (stop, running) = controllers(&client, &pool, None);
+    let (stop, running) = controllers(&client, &namespace, &pool, None);
     let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
     let sub = subscription("paused", &a, &b, json!({}));
     subs.create(&PostParams::default(), &sub).await.expect("create");
@@ -177,13 +185,13 @@ async fn a_paused_subscription_gets_no_write_and_unpausing_repairs_it_at_once() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retain_leaves_the_route_and_the_channel_on_slim() {
-    let (client, namespace, _turn) = setup().await;
+    let (client, namespace) = setup().await;
     let a = SlimNode::start("node-retain").expect("node a");
     let b = SlimNode::start("node-retain-link").expect("node b");
     let cm = ChannelManager::start(&a).expect("channel manager");
     let mut bob = SlimApp::member(&a, "org/ns/bob").expect("bob");
     let pool = NodePool::default();
-    let (stop, running) = controllers(&client, &pool, Some(cm.endpoint()));
+    let (stop, running) = controllers(&client, &namespace, &pool, Some(cm.endpoint()));
 
     // The API server refuses a policy it does not know.
     let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
@@ -267,12 +275,12 @@ async fn retain_leaves_the_route_and_the_channel_on_slim() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_whose_members_nobody_watches_says_so_once() {
-    let (client, namespace, _turn) = setup().await;
+    let (client, namespace) = setup().await;
     let node = SlimNode::start("node-unwatched").expect("node");
     let cm = ChannelManager::start(&node).expect("channel manager");
     let mut bob = SlimApp::member(&node, "org/ns/bob").expect("bob");
     let pool = NodePool::default();
-    let (stop, running) = controllers(&client, &pool, Some(cm.endpoint()));
+    let (stop, running) = controllers(&client, &namespace, &pool, Some(cm.endpoint()));
     let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
     let channel = slim_channel("unwatched", json!({"name": "org/ns/unwatched", "participants": ["org/ns/bob"]}));
     channels.create(&PostParams::default(), &channel).await.expect("create");
@@ -311,7 +319,7 @@ async fn manager_pod(client: &Client, namespace: &str) -> Api<Pod> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_manager_that_lost_its_node_is_reported_and_restarted() {
-    let (client, namespace, _turn) = setup().await;
+    let (client, namespace) = setup().await;
     let mut node = SlimNode::start("node-lost").expect("node");
     let mut cm = ChannelManager::start(&node).expect("channel manager");
     let pods = manager_pod(&client, &namespace).await;
@@ -320,6 +328,7 @@ async fn a_channel_manager_that_lost_its_node_is_reported_and_restarted() {
         resync_interval: Duration::from_secs(5),
         channel_manager: Some(cm.endpoint()),
         heal_channel_manager: true,
+        watch_namespace: Some(namespace.clone()),
         ..Default::default()
     };
     let (stop, running) = slim_e2e::operator::run_in_process(&client, pool, Default::default(), config, "controls");
@@ -389,14 +398,14 @@ async fn a_channel_manager_that_lost_its_node_is_reported_and_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_oldest_of_two_conflicting_objects_wins_and_the_other_takes_over_when_it_goes() {
-    let (client, namespace, _turn) = setup().await;
+    let (client, namespace) = setup().await;
     let a = SlimNode::start("node-contested").expect("node a");
     let b = SlimNode::start("node-link-b").expect("node b");
     let c = SlimNode::start("node-link-c").expect("node c");
     let cm = ChannelManager::start(&a).expect("channel manager");
     let mut bob = SlimApp::member(&a, "org/ns/bob").expect("bob");
     let pool = NodePool::default();
-    let (stop, running) = controllers(&client, &pool, Some(cm.endpoint()));
+    let (stop, running) = controllers(&client, &namespace, &pool, Some(cm.endpoint()));
     let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
     let ready = |name: &'static str, want: (&'static str, &'static str)| {
         let subs = subs.clone();
@@ -475,7 +484,7 @@ async fn the_oldest_of_two_conflicting_objects_wins_and_the_other_takes_over_whe
 /// the Subscription's spec renders, is adopted: the operator sends the node nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_installed_by_hand_is_adopted_without_a_write() {
-    let (client, namespace, _turn) = setup().await;
+    let (client, namespace) = setup().await;
     let a = SlimNode::start("node-by-hand").expect("node a");
     let b = SlimNode::start("node-by-hand-link").expect("node b");
     let sub = subscription("by-hand", &a, &b, json!({"instances": "None"}));
@@ -490,7 +499,7 @@ async fn a_route_installed_by_hand_is_adopted_without_a_write() {
     by_hand.apply(change).await.expect("installed by hand");
 
     let pool = NodePool::default();
-    let (stop, running) = controllers(&client, &pool, None);
+    let (stop, running) = controllers(&client, &namespace, &pool, None);
     let subs: Api<Subscription> = Api::namespaced(client.clone(), &namespace);
     subs.create(&PostParams::default(), &sub).await.expect("create");
     let status = wait_for("by-hand Ready", Duration::from_secs(60), async || {

@@ -51,6 +51,8 @@ pub struct ControllerConfig {
     pub member_poll_interval: Duration,
     /// Restart (delete the Pod of) a channel manager that lost its SLIM node.
     pub heal_channel_manager: bool,
+    /// Watch Subscriptions, SlimChannels and Pods in this namespace only (`None`: all of them).
+    pub watch_namespace: Option<String>,
 }
 
 /// Label of the SLIM node Pods used when a SlimChannel names no nodes (the upstream chart's).
@@ -73,6 +75,7 @@ impl Default for ControllerConfig {
             },
             member_poll_interval: Duration::from_secs(1),
             heal_channel_manager: false,
+            watch_namespace: None,
         }
     }
 }

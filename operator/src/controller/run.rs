@@ -69,8 +69,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerFailure> {
     let client = runtime.client.clone();
-    let subscriptions: Api<DeserializeGuard<Subscription>> = Api::all(client.clone());
-    let channels: Api<DeserializeGuard<SlimChannel>> = Api::all(client.clone());
+    let namespace = runtime.config.watch_namespace.as_deref();
+    let subscriptions: Api<DeserializeGuard<Subscription>> = watched_api(&client, namespace);
+    let channels: Api<DeserializeGuard<SlimChannel>> = watched_api(&client, namespace);
     // Fail fast with a clear message when a CRD is missing or RBAC forbids it.
     let cannot_list = |kind| move |source| ControllerFailure::CannotList { kind, source };
     subscriptions.list(&ListParams::default().limit(1)).await.map_err(cannot_list("Subscription"))?;
@@ -86,7 +87,7 @@ pub async fn run(
     let (Some(sub_pods), Some(channel_pods)) = (pod_writer.subscribe(), pod_writer.subscribe()) else {
         unreachable!("a shared store always has subscribers")
     };
-    let pod_watch = pod_watch(client.clone(), pod_writer, runtime.caches.pods.clone());
+    let pod_watch = pod_watch(watched_api(&client, namespace), pod_writer, runtime.caches.pods.clone());
     let sub_controller = Controller::for_stream(sub_stream, sub_store);
     let channel_controller = Controller::for_stream(channel_stream, channel_store);
     let stores = Stores {
@@ -174,10 +175,22 @@ impl Beside {
     }
 }
 
+/// Every `K` in the watched namespace, or in all of them.
+fn watched_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
 /// The shared Pod watch, driven for as long as the controllers run. Pods are cached trimmed to
 /// what the controllers read.
-async fn pod_watch(client: Client, writer: reflector::store::Writer<Pod>, gate: Arc<Gate>) {
-    watcher(Api::<Pod>::all(client), watcher::Config::default().any_semantic())
+async fn pod_watch(pods: Api<Pod>, writer: reflector::store::Writer<Pod>, gate: Arc<Gate>) {
+    watcher(pods, watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(super::stores::keep_what_is_read)
         .reflect_shared(writer)
