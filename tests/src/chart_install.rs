@@ -64,11 +64,14 @@ pub async fn apply_rbac(client: &Client, namespace: &str, chart: &Chart) -> Stri
     for binding in &chart.cluster_role_bindings {
         Api::<ClusterRoleBinding>::all(client.clone()).create(&pp, binding).await.expect("ClusterRoleBinding");
     }
+    // A namespace-scoped install has a Role (and its binding) in the watched namespace too.
     for role in &chart.roles {
-        Api::<Role>::namespaced(client.clone(), namespace).create(&pp, role).await.expect("Role");
+        let role_ns = role.metadata.namespace.as_deref().unwrap_or(namespace);
+        Api::<Role>::namespaced(client.clone(), role_ns).create(&pp, role).await.expect("Role");
     }
     for binding in &chart.role_bindings {
-        Api::<RoleBinding>::namespaced(client.clone(), namespace).create(&pp, binding).await.expect("RoleBinding");
+        let binding_ns = binding.metadata.namespace.as_deref().unwrap_or(namespace);
+        Api::<RoleBinding>::namespaced(client.clone(), binding_ns).create(&pp, binding).await.expect("RoleBinding");
     }
     for webhook in &chart.webhooks {
         Api::<MutatingWebhookConfiguration>::all(client.clone()).create(&pp, webhook).await.expect("webhook config");
@@ -119,10 +122,29 @@ pub async fn install_as_the_chart(
     admin: &Client,
     values: &[&str],
 ) -> ChartInstall {
+    install(plane, admin, values, false).await
+}
+
+/// As [`install_as_the_chart`], namespace-scoped: `watchNamespace` is the apps namespace.
+pub async fn install_namespace_scoped(plane: &'static control_plane::ControlPlane, admin: &Client) -> ChartInstall {
+    install(plane, admin, &[], true).await
+}
+
+async fn install(
+    plane: &'static control_plane::ControlPlane,
+    admin: &Client,
+    values: &[&str],
+    watch_apps: bool,
+) -> ChartInstall {
     let operator_ns = plane.namespace(admin, "slim-system").await.expect("namespace");
     let apps_ns = plane.namespace(admin, "apps").await.expect("namespace");
     let release = format!("op-{}", &operator_ns[operator_ns.len() - 8..]);
-    let chart = render(&release, &operator_ns, values);
+    let watch = format!("watchNamespace={apps_ns}");
+    let mut values = values.to_vec();
+    if watch_apps {
+        values.extend(["--set", watch.as_str()]);
+    }
+    let chart = render(&release, &operator_ns, &values);
     let service_account = apply_rbac(admin, &operator_ns, &chart).await;
     let kubeconfig = kubeconfig_for(plane, admin, &operator_ns, &service_account, &release).await;
     let mut env = chart_environment(chart.deployment.as_ref().expect("the chart has a Deployment"));

@@ -38,8 +38,33 @@ fn ready(sub: &Subscription) -> bool {
 async fn the_binary_works_with_exactly_the_charts_rbac() {
     init_logging();
     let (plane, admin, _exclusive) = setup().await;
-    let ChartInstall { operator_ns, apps_ns, chart, kubeconfig, pod_name, mut env, .. } =
-        install_as_the_chart(plane, &admin, &[]).await;
+    binary_works(&admin, install_as_the_chart(plane, &admin, &[]).await).await;
+}
+
+/// `watchNamespace`: the same, with rights on the CRs, Pods, Secrets and events in the apps
+/// namespace only; an object in another namespace is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_works_namespace_scoped_with_exactly_the_charts_rbac() {
+    init_logging();
+    let (plane, admin, _exclusive) = setup().await;
+    let install = slim_e2e::chart_install::install_namespace_scoped(plane, &admin).await;
+    let elsewhere = plane.namespace(&admin, "elsewhere").await.expect("namespace");
+    let node = SlimNode::start("node-elsewhere").expect("node");
+    let others: Api<Subscription> = Api::namespaced(admin.clone(), &elsewhere);
+    others.create(&PostParams::default(), &subscription("other", &node, &node)).await.expect("create");
+    binary_works(&admin, install).await;
+    let other = others.get("other").await.expect("other");
+    assert!(
+        other.status.is_none() && other.finalizers().is_empty(),
+        "touched outside the watched namespace: {other:?}"
+    );
+}
+
+/// The operator binary as the chart runs it, with exactly the chart's RBAC: Ready, its webhook
+/// certificate and Lease in place, a Subscription and a SlimChannel reconciled and cleaned up, no
+/// call forbidden.
+async fn binary_works(admin: &Client, install: ChartInstall) {
+    let ChartInstall { operator_ns, apps_ns, chart, kubeconfig, pod_name, mut env, .. } = install;
 
     let a = SlimNode::start("node-a").expect("node a");
     let b = SlimNode::start("node-b").expect("node b");
@@ -58,6 +83,7 @@ async fn the_binary_works_with_exactly_the_charts_rbac() {
 
     let secret_name = env.iter().find(|(k, _)| k == "SLIM_OPERATOR_WEBHOOK_SECRET").map(|(_, v)| v.clone());
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), &operator_ns);
+    let admin = admin.clone();
     let tls =
         secrets.get(&secret_name.expect("the chart names the webhook Secret")).await.expect("webhook Secret written");
     assert!(tls.data.as_ref().is_some_and(|d| d.contains_key("tls.crt") && d.contains_key("ca.crt")));
