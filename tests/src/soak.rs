@@ -56,6 +56,8 @@ pub struct SoakReport {
     pub faults: BTreeMap<&'static str, Vec<Option<Duration>>>,
     /// Per change kind, how many were made.
     pub changes: BTreeMap<&'static str, usize>,
+    /// What the world did as Kubernetes would (liveness restarts, a deleted Pod replaced).
+    pub heals: BTreeMap<&'static str, usize>,
     pub violations: Vec<Violation>,
     /// From the end of the last fault to everything converged.
     pub final_convergence: Option<Duration>,
@@ -86,6 +88,11 @@ impl SoakReport {
         }
         let changes: Vec<String> = self.changes.iter().map(|(k, n)| format!("{k} {n}")).collect();
         out.push_str(&format!("changes: {}\n", changes.join(", ")));
+        let heals: Vec<String> = self.heals.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        out.push_str(&format!(
+            "as Kubernetes would: {}\n",
+            if heals.is_empty() { "nothing".to_owned() } else { heals.join(", ") }
+        ));
         out.push_str(&format!(
             "final convergence: {}; invariant violations: {}\n",
             self.final_convergence.map_or("never".to_owned(), |d| format!("{:.1} s", d.as_secs_f64())),
@@ -127,6 +134,9 @@ pub async fn run(config: SoakConfig) -> Result<SoakReport, HarnessError> {
         }
         let state = world.observe().await;
         report.violations.extend(checker.check(&state, false));
+        for heal in world.heal(&state).await? {
+            *report.heals.entry(heal).or_default() += 1;
+        }
         if state.converged() {
             // A fault's effect shows within a second (a killed app's connection, a node's list):
             // a look sooner than that says nothing about its convergence.
@@ -164,6 +174,9 @@ async fn settle(
     loop {
         let state = world.observe().await;
         report.violations.extend(checker.check(&state, false));
+        for heal in world.heal(&state).await.unwrap_or_default() {
+            *report.heals.entry(heal).or_default() += 1;
+        }
         if state.converged() {
             for (kind, index, at) in pending.drain(..) {
                 report.faults.entry(kind).or_default()[index] = Some(at.elapsed());

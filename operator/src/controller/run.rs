@@ -103,7 +103,7 @@ pub async fn run(
     let _stop_engine = ctx.channel_engine.stop_on_drop();
 
     let controller_config = kube::runtime::controller::Config::default().concurrency(runtime.config.concurrency);
-    let node_events = || BroadcastStream::new(runtime.nodes.events()).map(|_| ());
+    let node_events = || recheck_after_reconnects(BroadcastStream::new(runtime.nodes.events()).map(|_| ()));
     // A node that reconnects may have restarted and lost its routes: check every object.
     let sub_index = ctx.subscriptions.clone();
     let subscriptions = sub_controller
@@ -143,6 +143,21 @@ pub async fn run(
         failure = beside.run(&ctx, &runtime) => Err(failure),
     }
 }
+
+/// When a node reconnects, everything is checked at once (it may have restarted and lost its
+/// routes) and again [`RECHECK_AFTER_RECONNECT`] later: routes that other nodes borrow over the
+/// links this node dials broke with its connections, and the links are back only once its own
+/// objects have been reconciled (found by the soak: such a route stayed missing until the resync).
+fn recheck_after_reconnects(reconnects: impl Stream<Item = ()> + Send + 'static) -> impl Stream<Item = ()> + Send {
+    reconnects.flat_map_unordered(None, |()| {
+        futures::stream::once(futures::future::ready(()))
+            .chain(futures::stream::once(tokio::time::sleep(RECHECK_AFTER_RECONNECT)))
+            .boxed()
+    })
+}
+
+/// See [`recheck_after_reconnects`].
+pub const RECHECK_AFTER_RECONNECT: Duration = Duration::from_secs(5);
 
 /// The tasks that run beside the controllers, for as long as they do.
 struct Beside {
@@ -380,4 +395,24 @@ pub(super) fn subscriptions_selecting(store: &Store<Subscription>, pod: &Pod) ->
         })
         .map(|sub| ObjectRef::from_obj(&*sub))
         .collect()
+}
+
+#[cfg(test)]
+mod recheck {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconnect_is_checked_at_once_and_again_once_its_links_are_back() {
+        let (tx, rx) = mpsc::unbounded_channel::<()>();
+        let mut checks = std::pin::pin!(recheck_after_reconnects(UnboundedReceiverStream::new(rx)));
+        let start = tokio::time::Instant::now();
+        tx.send(()).expect("send");
+        checks.next().await.expect("at once");
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        tx.send(()).expect("a second reconnect meanwhile");
+        checks.next().await.expect("at once too, not behind the first one's recheck");
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        checks.next().await.expect("the first recheck");
+        assert_eq!(start.elapsed(), RECHECK_AFTER_RECONNECT);
+    }
 }

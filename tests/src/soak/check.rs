@@ -17,8 +17,10 @@ const STALE_READY: Duration = Duration::from_secs(15);
 /// What broke, with the state that broke it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Violation {
-    #[error("Subscription {name} said Ready=True for {for_secs} s while node {node} had no route {route}")]
-    ReadyWithoutRoute { name: String, node: String, route: String, for_secs: u64 },
+    #[error(
+        "Subscription {name} said Ready=True for {for_secs} s while node {node} had no route {route} (its routes for the name: {has:?}; seen {at})"
+    )]
+    ReadyWithoutRoute { name: String, node: String, route: String, for_secs: u64, has: Vec<String>, at: String },
     #[error("{kind} {name} stuck for {for_secs} s: {what}")]
     Stuck { kind: &'static str, name: String, what: String, for_secs: u64 },
     #[error("after the settle period: {0}")]
@@ -216,7 +218,15 @@ impl Checker {
             let id = format!("route {} {node} {link}", sub.name_any());
             if let Some(for_secs) = self.lasting(&id, STALE_READY, seen) {
                 let route = format!("{} over {link}", sub.spec.name);
-                violations.push(Violation::ReadyWithoutRoute { name: sub.name_any(), node, route, for_secs });
+                let listed = state.nodes.get(&node).cloned().flatten();
+                let has = listed
+                    .iter()
+                    .flat_map(|o| o.routes.iter())
+                    .filter(|(k, _)| *k == key)
+                    .map(|(_, l)| l.clone())
+                    .collect();
+                let at = k8s_openapi::jiff::Timestamp::now().to_string();
+                violations.push(Violation::ReadyWithoutRoute { name: sub.name_any(), node, route, for_secs, has, at });
             }
         }
         violations

@@ -5,13 +5,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
 use slim_operator::api::{SlimChannel, Subscription};
-use slim_operator::slim::{ChannelManagerClient, NodePool, Observed};
+use slim_operator::slim::{ChannelManagerClient, NodePool, Observed, SlimName};
 
 use super::check::{State, Violation};
 use super::{Rng, SoakConfig};
@@ -24,6 +25,7 @@ const MAX_SUBSCRIPTIONS: usize = 6;
 const MAX_CHANNELS: usize = 3;
 const REPLICAS: [&str; 2] = ["replica-a", "replica-b"];
 const LEASE: &str = "slim-operator-leader";
+const MANAGER_POD: &str = "slim-channel-manager-0";
 
 fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> HarnessError + '_ {
     move |error| HarnessError::Setup(format!("soak: {what}: {error}"))
@@ -43,6 +45,9 @@ pub struct World {
     env: Vec<(String, String)>,
     /// Reads the nodes' own lists (a client of its own, not the operators').
     pool: NodePool,
+    /// Since when each member has not been connected to its node (a SLIM app re-dials a broken
+    /// connection once: it is restarted, as a liveness probe would restart its container).
+    disconnected: Vec<Option<std::time::Instant>>,
     serial: u64,
     _dir: tempfile::TempDir,
 }
@@ -73,6 +78,7 @@ impl World {
                 ("SLIM_OPERATOR_CHANNEL_MANAGER", manager.endpoint()),
                 ("SLIM_OPERATOR_CLEANUP_TIMEOUT", format!("{}s", config.cleanup_timeout.as_secs())),
                 ("SLIM_OPERATOR_RESYNC_INTERVAL", "60s".to_owned()),
+                ("SLIM_OPERATOR_HEAL_CHANNEL_MANAGER", "true".to_owned()),
             ]
             .map(|(k, v)| (k.to_owned(), v)),
         );
@@ -88,13 +94,60 @@ impl World {
             kubeconfigs,
             env,
             pool: NodePool::default(),
+            disconnected: vec![None; MEMBERS],
             serial: 0,
             _dir: dir,
         };
+        world.manager_pod().await?;
         for index in 0..REPLICAS.len() {
             world.start_replica(index)?;
         }
         Ok(world)
+    }
+
+    /// The channel manager's Pod object (serving on 127.0.0.1): the operators delete it when the
+    /// manager lost its node (`--heal-channel-manager`); the world then plays its Deployment.
+    async fn manager_pod(&self) -> Result<(), HarnessError> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": MANAGER_POD},
+            "spec": {"containers": [{"name": "channel-manager", "image": "ghcr.io/agntcy/slim/channel-manager:3.4.6"}]},
+        }))
+        .map_err(setup("Pod"))?;
+        pods.create(&PostParams::default(), &pod).await.map_err(setup("the manager's Pod"))?;
+        let status = json!({"status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}});
+        pods.patch_status(MANAGER_POD, &PatchParams::default(), &Patch::Merge(status))
+            .await
+            .map_err(setup("status"))?;
+        Ok(())
+    }
+
+    /// What Kubernetes would do on its own: restart a member that lost its node (liveness), and a
+    /// channel manager whose Pod the operator deleted (its Deployment). Returns what it did.
+    pub async fn heal(&mut self, state: &State) -> Result<Vec<&'static str>, HarnessError> {
+        let mut done = Vec::new();
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        if matches!(pods.get_opt(MANAGER_POD).await, Ok(None)) {
+            tokio::task::block_in_place(|| self.manager.restart())?;
+            self.manager_pod().await?;
+            done.push("channel manager restarted (its Pod deleted by the operator)");
+        }
+        let Some(Some(listed)) = state.nodes.get(&self.nodes[0].controller_endpoint()) else { return Ok(done) };
+        for index in 0..MEMBERS {
+            let name = SlimName::parse(&member(index)).map_err(setup("name"))?;
+            if listed.instances_of(&name).next().is_some() {
+                self.disconnected[index] = None;
+                continue;
+            }
+            let since = *self.disconnected[index].get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > Duration::from_secs(10) {
+                self.members[index] = None;
+                self.members[index] = Some(SlimApp::member(&self.nodes[0], &member(index))?);
+                self.disconnected[index] = None;
+                done.push("member restarted (lost its node)");
+            }
+        }
+        Ok(done)
     }
 
     fn start_replica(&mut self, index: usize) -> Result<(), HarnessError> {
