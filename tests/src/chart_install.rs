@@ -142,7 +142,7 @@ async fn install(
     let watch = format!("watchNamespace={apps_ns}");
     let mut values = values.to_vec();
     if watch_apps {
-        values.extend(["--set", watch.as_str()]);
+        values.push(watch.as_str());
     }
     let chart = render(&release, &operator_ns, &values);
     let service_account = apply_rbac(admin, &operator_ns, &chart).await;
