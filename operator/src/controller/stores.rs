@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use crate::admin::Gate;
 use crate::api::{SlimChannel, Subscription};
 use crate::metrics::NodeLabels;
-use crate::plan::selector_matches;
+use crate::plan::nodes::label_matcher;
 
 /// The caches the controllers keep, handed to the context.
 #[derive(Clone)]
@@ -36,11 +36,12 @@ impl Pods {
 
     /// The Pods in `namespace` whose labels `selector` matches.
     pub fn matching(&self, namespace: &str, selector: &LabelSelector) -> Vec<Arc<Pod>> {
+        let matches = label_matcher(selector);
         self.0
             .state()
             .into_iter()
             .filter(|pod| pod.metadata.namespace.as_deref() == Some(namespace))
-            .filter(|pod| selector_matches(selector, pod.metadata.labels.as_ref()))
+            .filter(|pod| matches(pod.metadata.labels.as_ref()))
             .collect()
     }
 }

@@ -123,8 +123,18 @@ pub fn selector_query(selector: &LabelSelector) -> Result<String, SelectorError>
 /// Whether `labels` satisfy `selector` (kube's [`Selector`], the API server's rules; an empty
 /// selector matches all, one with an unknown operator nothing).
 pub fn selector_matches(selector: &LabelSelector, labels: Option<&BTreeMap<String, String>>) -> bool {
-    let empty = BTreeMap::new();
-    Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels.unwrap_or(&empty)))
+    label_matcher(selector)(labels)
+}
+
+/// [`selector_matches`] for many label sets: the selector is converted once (matching every Pod
+/// of a large cluster converted it once per Pod: 2·10⁸ conversions for 10,000 Subscriptions over
+/// 20,000 Pods).
+pub fn label_matcher(selector: &LabelSelector) -> impl Fn(Option<&BTreeMap<String, String>>) -> bool + use<> {
+    let selector = Selector::try_from(selector.clone()).ok();
+    move |labels| {
+        let empty = BTreeMap::new();
+        selector.as_ref().is_some_and(|s| s.matches(labels.unwrap_or(&empty)))
+    }
 }
 
 #[cfg(test)]
