@@ -8,7 +8,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::{mpsc, watch};
 
@@ -88,10 +88,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub nodes: NodePool,
     pub config: ControllerConfig,
-    /// Every Subscription, to tell whether a link is still used by another one.
-    pub subscriptions: Store<Subscription>,
-    /// Every SlimChannel (metrics, Pod mapping).
-    pub channels: Store<SlimChannel>,
+    /// Every Subscription (by namespace and route name): conflicts, link users, Pod mapping.
+    pub subscriptions: super::index::Cache<Subscription>,
+    /// Every SlimChannel (by namespace and channel name): conflicts, Pod mapping.
+    pub channels: super::index::Cache<SlimChannel>,
     /// Every Pod (node targets, selected participants): one cache, no LIST per reconcile.
     pub pods: super::stores::Pods,
     pub channel_engine: ChannelEngine,

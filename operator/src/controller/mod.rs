@@ -6,6 +6,7 @@ pub mod channel_status;
 pub mod context;
 pub mod error;
 pub mod heal;
+pub mod index;
 pub mod member_watch;
 pub mod pause;
 pub mod run;

@@ -11,14 +11,15 @@ use kube::api::{Api, ListParams};
 use kube::core::{DeserializeGuard, error_boundary::InvalidObject};
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, Resource};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{BroadcastStream, UnboundedReceiverStream};
 use tracing::{info, warn};
 
 use super::context::{Context, ControllerConfig, error_policy};
+use super::index::{Cache, Claims};
 use super::stores::{Caches, Pods, Stores};
 use super::{Error, channel, member_watch, subscription};
 use crate::admin::Gate;
@@ -79,22 +80,19 @@ pub async fn run(
 
     let shutdown = shutdown.shared();
     let (invalid_tx, invalid_rx) = mpsc::unbounded_channel();
-    let (sub_stream, sub_store, sub_recovery) =
+    let (sub_stream, sub_cache, sub_recovery) =
         watched(subscriptions, runtime.caches.subscriptions.clone(), invalid_tx.clone());
-    let (channel_stream, channel_store, channel_recovery) =
+    let (channel_stream, channel_cache, channel_recovery) =
         watched(channels, runtime.caches.channels.clone(), invalid_tx);
     let (pod_store, pod_writer) = reflector::store_shared::<Pod>(1024);
     let (Some(sub_pods), Some(channel_pods)) = (pod_writer.subscribe(), pod_writer.subscribe()) else {
         unreachable!("a shared store always has subscribers")
     };
-    let pod_watch = pod_watch(watched_api(&client, namespace), pod_writer, runtime.caches.pods.clone());
-    let sub_controller = Controller::for_stream(sub_stream, sub_store);
-    let channel_controller = Controller::for_stream(channel_stream, channel_store);
-    let stores = Stores {
-        subscriptions: sub_controller.store(),
-        channels: channel_controller.store(),
-        pods: Pods(pod_store.clone()),
-    };
+    let pods = Cache::new(pod_store.clone());
+    let pod_watch = pod_watch(watched_api(&client, namespace), pod_writer, pods.clone(), runtime.caches.pods.clone());
+    let sub_controller = Controller::for_stream(sub_stream, sub_cache.store().clone());
+    let channel_controller = Controller::for_stream(channel_stream, channel_cache.store().clone());
+    let stores = Stores { subscriptions: sub_cache, channels: channel_cache, pods: Pods(pods) };
     let (trigger, triggered) = mpsc::unbounded_channel();
     let (sub_trigger, sub_triggered) = mpsc::unbounded_channel();
     runtime.caches.publish(stores.clone());
@@ -204,12 +202,15 @@ where
 
 /// The shared Pod watch, driven for as long as the controllers run. Pods are cached trimmed to
 /// what the controllers read.
-async fn pod_watch(pods: Api<Pod>, writer: reflector::store::Writer<Pod>, gate: Arc<Gate>) {
+async fn pod_watch(pods: Api<Pod>, writer: reflector::store::Writer<Pod>, cache: Cache<Pod>, gate: Arc<Gate>) {
     watcher(pods, watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(super::stores::keep_what_is_read)
         .reflect_shared(writer)
         .for_each(|event| {
+            if let Ok(event) = &event {
+                cache.follow(event);
+            }
             match event {
                 Ok(watcher::Event::InitDone) => gate.open(),
                 Ok(_) => {}
@@ -234,12 +235,21 @@ fn watched<K>(
     api: Api<DeserializeGuard<K>>,
     gate: Arc<Gate>,
     invalid: mpsc::UnboundedSender<(ObjectReference, InvalidObject)>,
-) -> (impl Stream<Item = Result<K, watcher::Error>>, Store<K>, impl std::future::Future<Output = ()>)
+) -> (impl Stream<Item = Result<K, watcher::Error>>, Cache<K>, impl std::future::Future<Output = ()>)
 where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Claims
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
 {
     let kind = K::kind(&()).into_owned();
     let (reader, writer) = reflector::store();
+    let cache = Cache::new(reader);
+    let follower = cache.clone();
     let (failing, mut failed) = watch::channel(false);
     let failing = Arc::new(failing);
     let recovery = {
@@ -265,11 +275,12 @@ where
         .filter_map(move |event| futures::future::ready(valid_only::<K>(event, &invalid)))
         .reflect(writer)
         .inspect(move |event| match event {
-            Ok(watcher::Event::InitDone) => {
+            Ok(event @ watcher::Event::InitDone) => {
+                follower.follow(event);
                 gate.open();
                 failing.send_replace(false);
             }
-            Ok(_) => {}
+            Ok(event) => follower.follow(event),
             Err(error) => {
                 warn!(kind, %error, "watch failing; the cache may be stale");
                 gate.close(format!("{kind} cache: watch failing: {error}"));
@@ -277,7 +288,7 @@ where
             }
         })
         .applied_objects();
-    (stream, reader, recovery)
+    (stream, cache, recovery)
 }
 
 /// The event with its object when it deserialized; `None` (after sending it to `invalid`) when it
@@ -366,13 +377,12 @@ where
 }
 
 /// SlimChannels in the Pod's namespace whose participant or node selector matches it.
-pub(super) fn channels_selecting(store: &Store<SlimChannel>, pod: &Pod) -> Vec<ObjectRef<SlimChannel>> {
-    let namespace = pod.namespace();
+pub(super) fn channels_selecting(cache: &Cache<SlimChannel>, pod: &Pod) -> Vec<ObjectRef<SlimChannel>> {
+    let Some(namespace) = pod.meta().namespace.as_deref() else { return Vec::new() };
     let labels = pod.metadata.labels.as_ref();
-    store
-        .state()
+    cache
+        .in_namespace(namespace)
         .into_iter()
-        .filter(|ch| ch.namespace() == namespace)
         .filter(|ch| {
             let participants = ch.spec.participant_selector.as_ref().is_some_and(|s| selector_matches(s, labels));
             let nodes =
@@ -384,12 +394,11 @@ pub(super) fn channels_selecting(store: &Store<SlimChannel>, pod: &Pod) -> Vec<O
 }
 
 /// Subscriptions in the Pod's namespace whose node selector matches it.
-pub(super) fn subscriptions_selecting(store: &Store<Subscription>, pod: &Pod) -> Vec<ObjectRef<Subscription>> {
-    let namespace = pod.namespace();
-    store
-        .state()
+pub(super) fn subscriptions_selecting(cache: &Cache<Subscription>, pod: &Pod) -> Vec<ObjectRef<Subscription>> {
+    let Some(namespace) = pod.meta().namespace.as_deref() else { return Vec::new() };
+    cache
+        .in_namespace(namespace)
         .into_iter()
-        .filter(|sub| sub.namespace() == namespace)
         .filter(|sub| {
             sub.spec.nodes.selector.as_ref().is_some_and(|s| selector_matches(s, pod.metadata.labels.as_ref()))
         })

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
-use kube::runtime::reflector::Store;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::gauge::ConstGauge;
 
+use super::index::Cache;
 use crate::admin::Gate;
 use crate::api::{SlimChannel, Subscription};
 use crate::metrics::NodeLabels;
@@ -19,30 +19,38 @@ use crate::plan::nodes::label_matcher;
 /// The caches the controllers keep, handed to the context.
 #[derive(Clone)]
 pub struct Stores {
-    pub subscriptions: Store<Subscription>,
-    pub channels: Store<SlimChannel>,
+    pub subscriptions: Cache<Subscription>,
+    pub channels: Cache<SlimChannel>,
     pub pods: Pods,
+}
+
+impl Stores {
+    /// Empty caches (nothing watched feeds them): for tests of a reconcile.
+    pub fn empty() -> Self {
+        Self {
+            subscriptions: Cache::new(kube::runtime::reflector::store().0),
+            channels: Cache::new(kube::runtime::reflector::store().0),
+            pods: Pods(Cache::new(kube::runtime::reflector::store().0)),
+        }
+    }
 }
 
 /// Every Pod in the cluster, from one watch shared by both controllers.
 #[derive(Clone)]
-pub struct Pods(pub Store<Pod>);
+pub struct Pods(pub Cache<Pod>);
 
 impl Pods {
     /// The Pods in `namespace`.
     pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<Pod>> {
-        self.0.state().into_iter().filter(|pod| pod.metadata.namespace.as_deref() == Some(namespace)).collect()
+        self.0.in_namespace(namespace)
     }
 
     /// The Pods in `namespace` whose labels `selector` matches.
     pub fn matching(&self, namespace: &str, selector: &LabelSelector) -> Vec<Arc<Pod>> {
         let matches = label_matcher(selector);
-        self.0
-            .state()
-            .into_iter()
-            .filter(|pod| pod.metadata.namespace.as_deref() == Some(namespace))
-            .filter(|pod| matches(pod.metadata.labels.as_ref()))
-            .collect()
+        let mut pods = self.0.in_namespace(namespace);
+        pods.retain(|pod| matches(pod.metadata.labels.as_ref()));
+        pods
     }
 }
 

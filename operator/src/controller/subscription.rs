@@ -139,9 +139,9 @@ fn conflict(sub: &Subscription, targets: &[NodeTarget], ctx: &Context) -> Option
     let mine = claim_of(sub, targets)?;
     let others: Vec<Claim> = ctx
         .subscriptions
-        .state()
+        .claiming(&sub.spec.name)
         .iter()
-        .filter(|o| o.spec.name == sub.spec.name && o.meta().deletion_timestamp.is_none())
+        .filter(|o| o.meta().deletion_timestamp.is_none())
         .filter_map(|o| resolve_targets(o, ctx).ok().and_then(|targets| claim_of(o, &targets)))
         .collect();
     conflicts::winner(&mine, &others).map(|winner| conflicts::message("route", &mine, winner))
@@ -182,7 +182,7 @@ fn retained_note(status: &SubscriptionStatus) -> String {
 async fn cleanup(sub: &Subscription, ctx: &Context) -> Result<Action, Error> {
     ctx.member_watch.forget_subscription(&ObjectRef::from_obj(sub));
     // Subscriptions that yielded to this one take over now.
-    for other in ctx.subscriptions.state().iter().filter(|o| o.spec.name == sub.spec.name && o.uid() != sub.uid()) {
+    for other in ctx.subscriptions.claiming(&sub.spec.name).iter().filter(|o| o.uid() != sub.uid()) {
         let _ = ctx.subscription_trigger.send(ObjectRef::from_obj(&**other));
     }
     let old = sub.status.clone().unwrap_or_default();

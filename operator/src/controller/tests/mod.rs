@@ -11,15 +11,13 @@ use http::{Method, Request, Response};
 use kube::Client;
 use kube::client::Body;
 use kube::runtime::events::Reporter;
-use kube::runtime::reflector;
 use serde_json::{Value, json};
 
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::mpsc;
 
-use super::stores::Pods;
 use super::{Context, ControllerConfig, Runtime, Stores};
-use crate::api::{SlimChannel, Subscription};
+use crate::api::SlimChannel;
 use crate::metrics::Metrics;
 use crate::slim::NodePool;
 
@@ -41,10 +39,7 @@ pub(super) fn context_with_triggers(
 ) -> (Arc<Context>, Handle, mpsc::UnboundedReceiver<ObjectRef<SlimChannel>>) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
-    let (subscriptions, _) = reflector::store::<Subscription>();
-    let (channels, _) = reflector::store::<SlimChannel>();
     let (trigger, triggered) = mpsc::unbounded_channel();
-    let (pods, _) = reflector::store::<k8s_openapi::api::core::v1::Pod>();
     let runtime = Runtime {
         client: client.clone(),
         reporter: Reporter { controller: "slim-operator".into(), instance: Some("test".into()) },
@@ -57,7 +52,7 @@ pub(super) fn context_with_triggers(
         control_tls: Arc::new(crate::tls::ControlTlsRegistry::new(client.clone(), Default::default(), None)),
     };
     let triggers = super::member_watch::Triggers { channels: trigger, subscriptions: mpsc::unbounded_channel().0 };
-    let ctx = Context::new(&runtime, Stores { subscriptions, channels, pods: Pods(pods) }, triggers);
+    let ctx = Context::new(&runtime, Stores::empty(), triggers);
     (Arc::new(ctx), handle, triggered)
 }
 
