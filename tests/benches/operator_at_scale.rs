@@ -18,9 +18,9 @@ use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
+use slim_e2e::SlimNode;
 use slim_e2e::control_plane::{self, Credentials, install_crds};
 use slim_e2e::operator::OperatorProcess;
-use slim_e2e::{SlimNode, wait_for};
 use slim_operator::api::Subscription;
 
 fn arg(name: &str, default: usize) -> usize {
@@ -57,6 +57,35 @@ fn memory(pid: u32) -> (u64, u64) {
 
 fn ready(sub: &Subscription) -> bool {
     sub.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Waits until `count` Subscriptions are Ready, following a watch (a LIST of every Subscription
+/// every few hundred milliseconds would load the API server more than the operator does at 10,000);
+/// returns the highest RSS sampled meanwhile.
+async fn all_ready(subs: &Api<Subscription>, count: usize, pid: u32) -> u64 {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let mut ready_now: std::collections::HashSet<String> = Default::default();
+    let mut events = std::pin::pin!(watcher(subs.clone(), watcher::Config::default()).applied_objects());
+    let mut sample = tokio::time::interval(Duration::from_millis(250));
+    let mut peak_rss = 0;
+    let deadline = tokio::time::sleep(Duration::from_secs(1800));
+    tokio::pin!(deadline);
+    while ready_now.len() < count {
+        tokio::select! {
+            event = events.next() => match event {
+                Some(Ok(sub)) => {
+                    let name = kube::ResourceExt::name_any(&sub);
+                    if ready(&sub) { ready_now.insert(name); } else { ready_now.remove(&name); }
+                }
+                Some(Err(error)) => eprintln!("watch: {error}"),
+                None => panic!("the Subscription watch ended"),
+            },
+            _ = sample.tick() => peak_rss = peak_rss.max(memory(pid).0),
+            _ = &mut deadline => panic!("timed out: {} of {count} Subscriptions Ready", ready_now.len()),
+        }
+    }
+    peak_rss
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -171,13 +200,7 @@ async fn main() {
     }))
     .await;
     let applied = start.elapsed();
-    let mut peak_rss = 0;
-    wait_for("every Subscription Ready", Duration::from_secs(900), async || {
-        peak_rss = peak_rss.max(memory(operator.pid()).0);
-        let list = subs.list(&Default::default()).await.ok()?;
-        (list.items.iter().filter(|s| ready(s)).count() == count).then_some(())
-    })
-    .await;
+    let peak_rss = all_ready(&subs, count, operator.pid()).await;
     let converged = start.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (rss, hwm) = memory(operator.pid());
