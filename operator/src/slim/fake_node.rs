@@ -109,96 +109,109 @@ impl ControllerService for Service {
 fn handle(state: &Mutex<FakeState>, message: ctl::ControlMessage) -> Vec<ctl::ControlMessage> {
     let mut state = state.lock().expect("fake node state");
     let id = message.message_id;
-    let reply = |payload| ctl::ControlMessage { message_id: uuid::Uuid::new_v4().to_string(), payload: Some(payload) };
     match message.payload {
         Some(Payload::ConfigCommand(command)) => {
-            state.commands += 1;
-            let mut ack = ctl::ConfigurationCommandAck { original_message_id: id, ..Default::default() };
-            for connection in command.connections_to_create {
-                state.links.insert(connection.link_id.clone(), connection.config_data);
-                ack.connections_status.push(ctl::ConnectionAck {
-                    link_id: connection.link_id,
-                    success: true,
-                    error_msg: String::new(),
-                });
-            }
-            for route in command.routes_to_set {
-                let key = route.name.as_ref().and_then(NameKey::from_proto);
-                let link = route.link_id.clone().unwrap_or_default();
-                let (success, error_msg) = match (&state.reject_routes, key) {
-                    (Some(reason), _) => (false, reason.clone()),
-                    (None, None) => (false, "route has no encoded name".to_owned()),
-                    (None, Some(_)) if !state.links.contains_key(&link) => {
-                        (false, format!("Connection with link_id {link} not found"))
-                    }
-                    (None, Some(key)) => {
-                        state.routes.insert((key, link));
-                        (true, String::new())
-                    }
-                };
-                ack.routes_status.push(ctl::RouteAck { route: Some(route), success, error_msg });
-            }
-            for route in command.routes_to_delete {
-                let key = route.name.as_ref().and_then(NameKey::from_proto);
-                let link = route.link_id.clone().unwrap_or_default();
-                let removed = key.is_some_and(|key| state.routes.remove(&(key, link)));
-                let error_msg = if removed { String::new() } else { "route not found".to_owned() };
-                ack.routes_status.push(ctl::RouteAck { route: Some(route), success: removed, error_msg });
-            }
-            for link in command.connections_to_delete {
-                let removed = state.links.remove(&link).is_some();
-                state.routes.retain(|(_, l)| *l != link);
-                let error_msg = if removed { String::new() } else { format!("connection {link} not found") };
-                ack.connections_status.push(ctl::ConnectionAck { link_id: link, success: removed, error_msg });
-            }
-            vec![reply(Payload::ConfigCommandAck(ack))]
+            vec![reply(Payload::ConfigCommandAck(configure(&mut state, id, command)))]
         }
-        Some(Payload::RouteListRequest(_)) => {
-            let mut by_name: BTreeMap<NameKey, Vec<String>> = BTreeMap::new();
-            for (key, link) in &state.routes {
-                by_name.entry(*key).or_default().push(link.clone());
-            }
-            let entries: Vec<ctl::RouteEntry> = by_name
-                .into_iter()
-                .map(|(key, links)| ctl::RouteEntry {
-                    name: Some(super::pb::dataplane::v1::Name { name: Some(key.to_proto()), str_name: None }),
-                    connections: links
-                        .into_iter()
-                        .map(|link| ctl::ConnectionEntry { link_id: Some(link), ..Default::default() })
-                        .collect(),
-                })
-                .collect();
-            chunks(entries, |entries, done| {
-                reply(Payload::RouteListResponse(ctl::RouteListResponse {
-                    original_message_id: id.clone(),
-                    entries,
-                    done,
-                }))
-            })
-        }
-        Some(Payload::ConnectionListRequest(_)) => {
-            let entries: Vec<ctl::ConnectionEntry> = state
-                .links
-                .iter()
-                .enumerate()
-                .map(|(i, (link, config))| ctl::ConnectionEntry {
-                    id: i as u64,
-                    connection_type: ctl::ConnectionType::Remote as i32,
-                    config_data: config.clone(),
-                    link_id: Some(link.clone()),
-                    ..Default::default()
-                })
-                .collect();
-            chunks(entries, |entries, done| {
-                reply(Payload::ConnectionListResponse(ctl::ConnectionListResponse {
-                    original_message_id: id.clone(),
-                    entries,
-                    done,
-                }))
-            })
-        }
+        Some(Payload::RouteListRequest(_)) => chunks(route_entries(&state), |entries, done| {
+            reply(Payload::RouteListResponse(ctl::RouteListResponse { original_message_id: id.clone(), entries, done }))
+        }),
+        Some(Payload::ConnectionListRequest(_)) => chunks(connection_entries(&state), |entries, done| {
+            reply(Payload::ConnectionListResponse(ctl::ConnectionListResponse {
+                original_message_id: id.clone(),
+                entries,
+                done,
+            }))
+        }),
         _ => vec![],
     }
+}
+
+fn reply(payload: Payload) -> ctl::ControlMessage {
+    ctl::ControlMessage { message_id: uuid::Uuid::new_v4().to_string(), payload: Some(payload) }
+}
+
+/// Applies a configuration command as a SLIM node does: links first, then routes set and deleted
+/// (a route needs its link), then links deleted (with their routes); one ack per item.
+fn configure(state: &mut FakeState, id: String, command: ctl::ConfigurationCommand) -> ctl::ConfigurationCommandAck {
+    state.commands += 1;
+    let mut ack = ctl::ConfigurationCommandAck { original_message_id: id, ..Default::default() };
+    for connection in command.connections_to_create {
+        state.links.insert(connection.link_id.clone(), connection.config_data);
+        ack.connections_status.push(ctl::ConnectionAck {
+            link_id: connection.link_id,
+            success: true,
+            error_msg: String::new(),
+        });
+    }
+    for route in command.routes_to_set {
+        let (success, error_msg) = set_route(state, &route);
+        ack.routes_status.push(ctl::RouteAck { route: Some(route), success, error_msg });
+    }
+    for route in command.routes_to_delete {
+        let key = route.name.as_ref().and_then(NameKey::from_proto);
+        let link = route.link_id.clone().unwrap_or_default();
+        let removed = key.is_some_and(|key| state.routes.remove(&(key, link)));
+        let error_msg = if removed { String::new() } else { "route not found".to_owned() };
+        ack.routes_status.push(ctl::RouteAck { route: Some(route), success: removed, error_msg });
+    }
+    for link in command.connections_to_delete {
+        let removed = state.links.remove(&link).is_some();
+        state.routes.retain(|(_, l)| *l != link);
+        let error_msg = if removed { String::new() } else { format!("connection {link} not found") };
+        ack.connections_status.push(ctl::ConnectionAck { link_id: link, success: removed, error_msg });
+    }
+    ack
+}
+
+/// `(success, error)` of setting one route, with SLIM's wording for a missing link.
+fn set_route(state: &mut FakeState, route: &ctl::Route) -> (bool, String) {
+    let key = route.name.as_ref().and_then(NameKey::from_proto);
+    let link = route.link_id.clone().unwrap_or_default();
+    match (&state.reject_routes, key) {
+        (Some(reason), _) => (false, reason.clone()),
+        (None, None) => (false, "route has no encoded name".to_owned()),
+        (None, Some(_)) if !state.links.contains_key(&link) => {
+            (false, format!("Connection with link_id {link} not found"))
+        }
+        (None, Some(key)) => {
+            state.routes.insert((key, link));
+            (true, String::new())
+        }
+    }
+}
+
+/// The route list as a node sends it: one entry per name with every link it goes over.
+fn route_entries(state: &FakeState) -> Vec<ctl::RouteEntry> {
+    let mut by_name: BTreeMap<NameKey, Vec<String>> = BTreeMap::new();
+    for (key, link) in &state.routes {
+        by_name.entry(*key).or_default().push(link.clone());
+    }
+    by_name
+        .into_iter()
+        .map(|(key, links)| ctl::RouteEntry {
+            name: Some(super::pb::dataplane::v1::Name { name: Some(key.to_proto()), str_name: None }),
+            connections: links
+                .into_iter()
+                .map(|link| ctl::ConnectionEntry { link_id: Some(link), ..Default::default() })
+                .collect(),
+        })
+        .collect()
+}
+
+fn connection_entries(state: &FakeState) -> Vec<ctl::ConnectionEntry> {
+    state
+        .links
+        .iter()
+        .enumerate()
+        .map(|(i, (link, config))| ctl::ConnectionEntry {
+            id: i as u64,
+            connection_type: ctl::ConnectionType::Remote as i32,
+            config_data: config.clone(),
+            link_id: Some(link.clone()),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// Splits a listing into messages of 100 entries; the last one says `done` (an empty listing is
