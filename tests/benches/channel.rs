@@ -7,6 +7,15 @@
 //!
 //!   cargo bench -p slim-e2e --bench channel -- --rejoin [--channels 20 --members 10 --restarts 10]
 //!
+//!   cargo bench -p slim-e2e --bench channel -- --handover [--channels 4 --members 5 --rolls 10 --linger-ms 1000]
+//!
+//! Members rolled as a Deployment rolls them: each member is a Pod picked by the channels'
+//! `participantSelector`; a roll starts the new member (its Pod Running), then deletes the old Pod,
+//! whose app goes on answering for `--linger-ms` (its termination) before it exits. Prints p50/p95
+//! of the time from the new instance's connect, and from the old Pod's deletion, until the new
+//! instance is in every channel. `--linger-ms 0` is an old app that dies the moment its Pod is
+//! deleted (what a crash costs).
+//!
 //! Restarted members: the controllers (default flags) on the real API server, `--channels`
 //! SlimChannels of the same `--members` member apps spread over 2 real nodes (manager on node-a,
 //! one peer link from node-b). Each restart kills one member and starts it again; prints p50/p95
@@ -33,6 +42,9 @@ fn arg(name: &str, default: usize) -> usize {
 async fn main() {
     if std::env::args().any(|a| a == "--rejoin") {
         return rejoin().await;
+    }
+    if std::env::args().any(|a| a == "--handover") {
+        return handover::run().await;
     }
     let online = arg("--online", 40);
     let offline = arg("--offline", 10);
@@ -75,6 +87,7 @@ async fn main() {
                 desired: &desired,
                 managed_before: &desired,
                 live: Some(&live),
+                leaving: &BTreeSet::new(),
                 on_done: Arc::new(move || notify.notify_one()),
             })
             .await
@@ -210,4 +223,135 @@ async fn rejoin() {
     );
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), controllers).await;
+}
+
+mod handover {
+    use std::time::{Duration, Instant};
+
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+    use serde_json::json;
+    use slim_e2e::control_plane::{self, install_crds};
+    use slim_e2e::{ChannelManager, SlimApp, SlimNode};
+    use slim_operator::api::SlimChannel;
+    use slim_operator::controller::ControllerConfig;
+
+    use super::arg;
+
+    /// A member's Pod as the kubelet would report it Running (bound to a node no kubelet serves,
+    /// so that its deletion leaves it terminating until it is deleted for good).
+    async fn running_pod(pods: &Api<Pod>, pod: &str, member: &str) {
+        let object: Pod = serde_json::from_value(json!({
+            "metadata": {"name": pod, "labels": {"app": "bench-member"}, "annotations": {"slim.agntcy.org/name": member}},
+            "spec": {"nodeName": "bench-node", "containers": [{"name": "app", "image": "example/member:1"}]}
+        }))
+        .expect("pod");
+        pods.create(&PostParams::default(), &object).await.expect("create pod");
+        let status = json!({"status": {"phase": "Running", "podIP": "127.0.0.1"}});
+        pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(status)).await.expect("pod status");
+    }
+
+    /// Whether every channel lists `member` joined with `instance`.
+    async fn in_every_channel(channels: &Api<SlimChannel>, count: usize, member: &str, instance: &str) -> Option<()> {
+        let list = channels.list(&Default::default()).await.ok()?;
+        let joined = list.items.iter().filter(|c| {
+            c.status.as_ref().is_some_and(|s| {
+                s.participants.iter().any(|p| {
+                    p.name == member && p.joined && p.instance.as_deref().is_some_and(|x| x.ends_with(instance))
+                })
+            })
+        });
+        (joined.count() == count).then_some(())
+    }
+
+    pub async fn run() {
+        let (channel_count, member_count, rolls) = (arg("--channels", 4), arg("--members", 5), arg("--rolls", 10));
+        let linger = Duration::from_millis(arg("--linger-ms", 1000) as u64);
+        let plane = control_plane::shared();
+        let client = plane.client().await.expect("admin client");
+        install_crds(&client).await.expect("CRDs");
+        let namespace = plane.namespace(&client, "handover").await.expect("namespace");
+        let node = SlimNode::start("node-a").expect("node");
+        let cm = ChannelManager::start(&node).expect("channel manager");
+        println!(
+            "{channel_count} channels x {member_count} Pod-selected members, 1 real node, real channel manager 3.4.6, {rolls} rolls, old app lingers {} ms",
+            linger.as_millis()
+        );
+        let config = ControllerConfig {
+            channel_manager: Some(cm.endpoint()),
+            default_nodes: slim_operator::api::NodeSet {
+                endpoints: vec![node.controller_endpoint()],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (stop, controllers) =
+            slim_e2e::operator::run_in_process(&client, Default::default(), Default::default(), config, "bench");
+
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+        let name = |i: usize| format!("org/bench/member-{i}");
+        let mut members = Vec::new();
+        for i in 0..member_count {
+            members.push((SlimApp::member(&node, &name(i)).expect("member"), format!("member-{i}-0")));
+            running_pod(&pods, &format!("member-{i}-0"), &name(i)).await;
+        }
+        let channels: Api<SlimChannel> = Api::namespaced(client.clone(), &namespace);
+        for c in 0..channel_count {
+            let channel: SlimChannel = serde_json::from_value(json!({
+                "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel", "metadata": {"name": format!("channel-{c}")},
+                "spec": {"name": format!("org/bench/channel-{c}"), "participantSelector": {"matchLabels": {"app": "bench-member"}}}
+            }))
+            .expect("channel");
+            channels.create(&PostParams::default(), &channel).await.expect("create");
+        }
+        let started = Instant::now();
+        for (i, (app, _)) in members.iter().enumerate() {
+            slim_e2e::wait_for("every member in", Duration::from_secs(600), async || {
+                in_every_channel(&channels, channel_count, &name(i), &app.instance).await
+            })
+            .await;
+        }
+        println!("all {channel_count} channels full after {:.1} s", started.elapsed().as_secs_f64());
+
+        let (mut from_connect, mut from_delete) = (Vec::new(), Vec::new());
+        for r in 0..rolls {
+            let i = r % member_count;
+            let new_app = SlimApp::member(&node, &name(i)).expect("new member");
+            let connected = Instant::now();
+            let new_pod = format!("member-{i}-{}", r + 1);
+            running_pod(&pods, &new_pod, &name(i)).await;
+            // The Deployment deletes the old Pod once the new one is ready.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let (old_app, old_pod) = std::mem::replace(&mut members[i], (new_app, new_pod));
+            let deleted = Instant::now();
+            pods.delete(&old_pod, &DeleteParams::default()).await.expect("delete old pod");
+            tokio::time::sleep(linger).await;
+            drop(old_app);
+            pods.delete(&old_pod, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+                .await
+                .expect("old pod gone");
+            let instance = members[i].0.instance.clone();
+            slim_e2e::wait_for("the new instance in every channel", Duration::from_secs(600), async || {
+                in_every_channel(&channels, channel_count, &name(i), &instance).await
+            })
+            .await;
+            let (c, d) = (connected.elapsed().as_secs_f64(), deleted.elapsed().as_secs_f64());
+            println!("  roll {r}: {} joined {c:.1} s after its connect, {d:.1} s after the old Pod's deletion", name(i));
+            from_connect.push(c);
+            from_delete.push(d);
+        }
+        let pick = |times: &mut Vec<f64>, q: f64| {
+            times.sort_by(f64::total_cmp);
+            times[((times.len() as f64 - 1.0) * q).round() as usize]
+        };
+        println!(
+            "result: new instance connect -> joined p50 {:.1} s, p95 {:.1} s; old Pod deleted -> joined p50 {:.1} s, p95 {:.1} s ({rolls} rolls, target p95 < 5 s)",
+            pick(&mut from_connect, 0.5),
+            pick(&mut from_connect, 0.95),
+            pick(&mut from_delete, 0.5),
+            pick(&mut from_delete, 0.95),
+        );
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), controllers).await;
+    }
 }

@@ -1,6 +1,7 @@
 //! The channel engine against the real SLIM channel manager on a real node, with real SLIM apps
 //! as participants: they get invited, exchange a message, leave when removed, are re-invited
-//! after a restart, and an offline participant does not hold up the others.
+//! after a restart, are handed over to their successor while leaving, and an offline participant
+//! does not hold up the others.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -31,6 +32,8 @@ struct Harness {
     done: Arc<Notify>,
     /// Consult the node for live instances (as with `spec.nodes`), or not.
     watch_nodes: bool,
+    /// Names whose Pod is terminating.
+    leaving: BTreeSet<String>,
 }
 
 impl Harness {
@@ -57,6 +60,7 @@ impl Harness {
                     desired,
                     managed_before,
                     live: live.as_ref(),
+                    leaving: &self.leaving,
                     on_done: Arc::new(move || done.notify_one()),
                 })
                 .await
@@ -86,6 +90,7 @@ async fn channel_lifecycle_with_real_participants() {
         pool: NodePool::default(),
         done: Arc::new(Notify::new()),
         watch_nodes: true,
+        leaving: BTreeSet::new(),
     };
     let mut bob = SlimApp::member(&node, "org/ns/bob").expect("bob");
     let mut carol = SlimApp::member(&node, "org/ns/carol").expect("carol");
@@ -145,6 +150,7 @@ async fn offline_participant_does_not_delay_the_others() {
         pool: NodePool::default(),
         done: Arc::new(Notify::new()),
         watch_nodes: true,
+        leaving: BTreeSet::new(),
     };
     let _erin = SlimApp::member(&node, "org/ns/erin").expect("erin");
     let desired = names(&["org/ns/dave", "org/ns/erin"]);
@@ -174,4 +180,75 @@ async fn offline_participant_does_not_delay_the_others() {
         .await;
     assert!(report.retry_in.is_some(), "failed invites are retried with backoff");
     assert!(joined(&report, "org/ns/erin") && joined(&report, "org/ns/dave"));
+}
+
+/// A member whose Pod terminates while its successor is connected: the leaving instance is removed
+/// while it still answers (no ~11 s removal of a dead instance), the successor is invited once the
+/// leaving one has disconnected (the manager invites a name, which the node may deliver to any
+/// connected instance), and it joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_member_is_handed_over_to_its_successor() {
+    init_logging();
+    let node = SlimNode::start("node-a").expect("node");
+    let cm = ChannelManager::start(&node).expect("channel manager");
+    let mut h = Harness {
+        engine: ChannelEngine::default(),
+        manager: ChannelManagerClient::new(&cm.endpoint()).expect("client"),
+        pool: NodePool::default(),
+        done: Arc::new(Notify::new()),
+        watch_nodes: true,
+        leaving: BTreeSet::new(),
+    };
+    let bob = names(&["org/ns/bob"]);
+    let mut old = SlimApp::member(&node, "org/ns/bob").expect("bob");
+    h.converge(&node, &bob, &bob, Duration::from_secs(60), |r| joined(r, "org/ns/bob")).await;
+    old.wait_for("joined", Duration::from_secs(10)).expect("bob got the invite");
+
+    // The successor connects, then the old Pod terminates: the old instance is removed while alive.
+    let mut new = SlimApp::member(&node, "org/ns/bob").expect("bob's successor");
+    h.leaving = bob.clone();
+    let start = tokio::time::Instant::now();
+    let report = h
+        .converge(&node, &bob, &bob, Duration::from_secs(30), |r| {
+            r.members.iter().any(|m| m.message.as_deref().unwrap_or("").starts_with("handing over: invited once"))
+        })
+        .await;
+    let removed = start.elapsed();
+    assert!(removed < Duration::from_secs(5), "a live instance's removal took {removed:?}");
+    old.wait_for("closed", Duration::from_secs(10)).expect("the leaving instance was told");
+    let listed = h.manager.list_participants(CHANNEL).await.expect("list");
+    assert!(listed.iter().all(|m| !m.starts_with("org/ns/bob/")), "{listed:?}");
+    // Held while the leaving instance is still connected.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report_again = h.converge(&node, &bob, &bob, Duration::from_secs(5), |_| true).await;
+    assert_eq!(report_again.members, report.members, "no invite while the leaving instance is connected");
+
+    // It exits: its successor is invited and joins.
+    let exited = tokio::time::Instant::now();
+    drop(old);
+    h.converge(&node, &bob, &bob, Duration::from_secs(30), |r| {
+        r.members.iter().any(|m| m.joined && m.instance.as_deref().is_some_and(|i| i.ends_with(&new.instance)))
+    })
+    .await;
+    let joined_after = exited.elapsed();
+    new.wait_for("joined", Duration::from_secs(10)).expect("the successor got the invite");
+    assert!(joined_after < Duration::from_secs(5), "the successor joined {joined_after:?} after the old one exited");
+    println!("hand-over: leaving instance removed in {removed:?}, successor joined {joined_after:?} after it exited");
+}
+
+/// The 3.4.6 manager takes participant names as `org/ns/name` only: an instance cannot be
+/// invited by its full name (so a restarted member's successor cannot be invited while the dead
+/// instance is still being removed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participants_are_invited_by_name_not_by_instance() {
+    init_logging();
+    let node = SlimNode::start("node-a").expect("node");
+    let cm = ChannelManager::start(&node).expect("channel manager");
+    let manager = ChannelManagerClient::new(&cm.endpoint()).expect("client");
+    let bob = SlimApp::member(&node, "org/ns/bob").expect("bob");
+    manager.create_channel(CHANNEL, false).await.expect("channel");
+    let full_name = format!("org/ns/bob/{}", bob.instance);
+    let refused = manager.add_participant(CHANNEL, &full_name).await.expect_err("an instance name is refused");
+    assert!(refused.to_string().contains("invalid participant name"), "{refused}");
+    manager.add_participant(CHANNEL, "org/ns/bob").await.expect("the name is invited");
 }

@@ -76,7 +76,7 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
         Ok(manager) => manager,
         Err(error) => return fail(error).await,
     };
-    let (desired, pods) = match desired_participants(channel, ctx) {
+    let Participants { desired, pods, leaving } = match desired_participants(channel, ctx) {
         Ok(found) => found,
         Err(error) => return fail(error).await,
     };
@@ -97,6 +97,7 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
             desired: &desired,
             managed_before: &managed_before,
             live: live.as_ref(),
+            leaving: &leaving,
             on_done: Arc::new(move || {
                 let _ = trigger.send(key.clone());
             }),
@@ -155,7 +156,7 @@ async fn cleanup(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> 
         info!("no channel manager was ever used; nothing to delete");
         return Ok(Action::await_change());
     };
-    for other in ctx.channels.state().iter().filter(|o| o.spec.name == channel.spec.name && o.uid() != channel.uid()) {
+    for other in ctx.channels.claiming(&channel.spec.name).iter().filter(|o| o.uid() != channel.uid()) {
         let _ = ctx.channel_trigger.send(ObjectRef::from_obj(&**other));
     }
     if let Some(message) = conflict(channel, &endpoint, ctx) {
@@ -208,42 +209,50 @@ fn conflict(channel: &SlimChannel, endpoint: &str, ctx: &Context) -> Option<Stri
     let mine = claim_of(channel, endpoint)?;
     let others: Vec<Claim> = ctx
         .channels
-        .state()
+        .claiming(&channel.spec.name)
         .iter()
-        .filter(|o| o.spec.name == channel.spec.name && o.meta().deletion_timestamp.is_none())
+        .filter(|o| o.meta().deletion_timestamp.is_none())
         .filter_map(|o| claim_of(o, &manager_endpoint(o, ctx)?))
         .collect();
     conflicts::winner(&mine, &others).map(|winner| conflicts::message("channel", &mine, winner))
 }
 
-/// `spec.participants` plus the names of Running Pods picked by `participantSelector`.
-fn desired_participants(
-    channel: &SlimChannel,
-    ctx: &Context,
-) -> Result<(BTreeSet<String>, BTreeMap<String, String>), Error> {
-    let mut desired: BTreeSet<String> = channel.spec.participants.iter().cloned().collect();
-    let mut pods = BTreeMap::new();
+/// Who should be in the channel.
+#[derive(Default)]
+struct Participants {
+    /// `spec.participants` plus the names of the serving Pods `participantSelector` picks.
+    desired: BTreeSet<String>,
+    /// The Pod behind each selected name.
+    pods: BTreeMap<String, String>,
+    /// Names with a selected Pod that is terminating (its instance is on its way out).
+    leaving: BTreeSet<String>,
+}
+
+fn desired_participants(channel: &SlimChannel, ctx: &Context) -> Result<Participants, Error> {
+    let mut found = Participants { desired: channel.spec.participants.iter().cloned().collect(), ..Default::default() };
     let Some(selector) = &channel.spec.participant_selector else {
-        return Ok((desired, pods));
+        return Ok(found);
     };
     let namespace = channel.namespace().ok_or(Error::MissingNamespace)?;
     selector_query(selector).map_err(Error::InvalidSelector)?;
     for pod in ctx.pods.matching(&namespace, selector) {
-        if !crate::plan::nodes::serving(&pod) {
-            continue;
-        }
         let Some(name) = pod.annotations().get(NAME_ANNOTATION) else { continue };
         match SlimName::parse(name) {
             Ok(parsed) if parsed.instance().is_none() => {
-                desired.insert(name.clone());
-                pods.insert(name.clone(), pod.name_any());
+                if pod.meta().deletion_timestamp.is_some() {
+                    found.leaving.insert(name.clone());
+                }
+                if crate::plan::nodes::serving(&pod) {
+                    found.desired.insert(name.clone());
+                    found.pods.insert(name.clone(), pod.name_any());
+                }
             }
             _ => {
                 warn!(pod = %pod.name_any(), annotation = %name, "annotation {NAME_ANNOTATION} is not org/namespace/name; ignored")
             }
         }
     }
-    Ok((desired, pods))
+    Ok(found)
 }
 
 /// Live instances from the channel's nodes (`spec.nodes`, else the operator's default node set)

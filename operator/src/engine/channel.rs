@@ -7,7 +7,7 @@
 //! again. Failed operations are retried with per-participant exponential backoff, jittered so the
 //! participants of many channels do not retry in lockstep.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info};
 
 use crate::backoff::{exponential, jitter};
-use crate::plan::channel::{LiveInstances, MemberState, plan_channel};
+use crate::plan::channel::{Leaving, LiveInstances, MemberState, base_name, instance_of, plan_channel};
 use crate::slim::wording::Said;
 use crate::slim::{ChannelManagerClient, CmError};
 
@@ -27,6 +27,8 @@ pub type OnDone = Arc<dyn Fn() + Send + Sync>;
 enum OpKind {
     Invite,
     Rejoin,
+    /// The removal of a live instance that is leaving (its Pod terminating).
+    HandOver,
     Remove,
 }
 
@@ -35,6 +37,7 @@ impl OpKind {
         match self {
             OpKind::Invite => "invite",
             OpKind::Rejoin => "re-invite",
+            OpKind::HandOver => "hand-over removal",
             OpKind::Remove => "removal",
         }
     }
@@ -76,6 +79,8 @@ pub struct ChannelSync<'a> {
     pub desired: &'a BTreeSet<String>,
     pub managed_before: &'a BTreeSet<String>,
     pub live: Option<&'a LiveInstances>,
+    /// Names with a selected Pod that is terminating.
+    pub leaving: &'a BTreeSet<String>,
     pub on_done: OnDone,
 }
 
@@ -114,6 +119,9 @@ pub struct ChannelEngine {
     /// Managers that lost their node, by endpoint: the refusal that told it. Cleared by the
     /// next invite through the manager that succeeds.
     lost: Arc<Mutex<HashMap<String, String>>>,
+    /// The instance each leaving participant had when it was removed (its successor is not
+    /// invited while that instance is still connected).
+    departed: Arc<Mutex<HashMap<OpKey, String>>>,
     retry_min: Duration,
     retry_max: Duration,
     /// Cancels every background operation (the controllers stopped or leadership was lost).
@@ -128,7 +136,14 @@ impl Default for ChannelEngine {
 
 impl ChannelEngine {
     pub fn new(retry_min: Duration, retry_max: Duration) -> Self {
-        Self { ops: Arc::default(), lost: Arc::default(), retry_min, retry_max, stop: CancellationToken::new() }
+        Self {
+            ops: Arc::default(),
+            lost: Arc::default(),
+            departed: Arc::default(),
+            retry_min,
+            retry_max,
+            stop: CancellationToken::new(),
+        }
     }
 
     /// Cancels every background operation, running or to come, when the guard drops: a replica
@@ -150,14 +165,18 @@ impl ChannelEngine {
             }
             Err(error) => return Err(error),
         };
-        let plan = plan_channel(request.desired, &listed, request.managed_before, request.live);
+        let departed = self.departed(&request);
+        let leaving = Leaving { names: request.leaving, departed: &departed };
+        let plan = plan_channel(request.desired, &listed, request.managed_before, request.live, leaving);
         let due: Vec<(String, OpKind)> = plan
             .add
             .iter()
             .map(|n| (n.clone(), OpKind::Invite))
             .chain(plan.rejoin.iter().map(|n| (n.clone(), OpKind::Rejoin)))
+            .chain(plan.hand_over.iter().map(|n| (n.clone(), OpKind::HandOver)))
             .chain(plan.remove.iter().map(|n| (n.clone(), OpKind::Remove)))
             .collect();
+        self.remember_departures(&request, &listed, &due);
         let notes = self.start_due(&request, &due, &mut report);
         report.manager_lost_node = self.lost_node(request.manager.endpoint());
         report.members = plan.members.into_iter().map(|m| member_report(m, &notes)).collect();
@@ -173,6 +192,43 @@ impl ChannelEngine {
             })
             .collect();
         Ok(report)
+    }
+
+    /// The instances removed from this channel as their Pods terminated, by participant, less
+    /// those that no longer matter: the Pod is gone, or the instance has disconnected.
+    fn departed(&self, request: &ChannelSync<'_>) -> BTreeMap<String, String> {
+        let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
+        departed.retain(|key, instance| {
+            let other = key.manager != request.manager.endpoint() || key.channel != request.channel;
+            let still_connected = request
+                .live
+                .is_none_or(|live| live.get(&key.participant).is_some_and(|instances| instances.contains(instance)));
+            other || (request.leaving.contains(&key.participant) && still_connected)
+        });
+        departed
+            .iter()
+            .filter(|(key, _)| key.manager == request.manager.endpoint() && key.channel == request.channel)
+            .map(|(key, instance)| (key.participant.clone(), instance.clone()))
+            .collect()
+    }
+
+    /// Remembers the listed instance of each leaving participant about to be removed.
+    fn remember_departures(&self, request: &ChannelSync<'_>, listed: &[String], due: &[(String, OpKind)]) {
+        let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, _) in due
+            .iter()
+            .filter(|(name, kind)| matches!(kind, OpKind::HandOver | OpKind::Remove) && request.leaving.contains(name))
+        {
+            let Some(instance) = listed.iter().filter(|m| base_name(m) == name).find_map(|m| instance_of(m)) else {
+                continue;
+            };
+            let key = OpKey {
+                manager: request.manager.endpoint().to_owned(),
+                channel: request.channel.to_owned(),
+                participant: name.clone(),
+            };
+            departed.insert(key, instance.to_owned());
+        }
     }
 
     /// Starts each due operation that is neither running nor waiting to be retried; returns what
@@ -373,7 +429,8 @@ fn others_running(ops: &HashMap<OpKey, OpState>, key: &OpKey) -> bool {
 async fn run_op(manager: &ChannelManagerClient, channel: &str, participant: &str, kind: OpKind) -> Result<(), CmError> {
     match kind {
         OpKind::Invite => invite(manager, channel, participant).await,
-        OpKind::Remove => manager.delete_participant(channel, participant).await,
+        // A live instance acknowledges its removal at once.
+        OpKind::Remove | OpKind::HandOver => manager.delete_participant(channel, participant).await,
         OpKind::Rejoin => {
             // The dead instance cannot be told, but the manager removes it all the same.
             manager.delete_participant(channel, participant).await?;
@@ -428,6 +485,7 @@ mod tests {
                 desired: &desired,
                 managed_before: &BTreeSet::new(),
                 live: None,
+                leaving: &BTreeSet::new(),
                 on_done: Arc::new(move || {
                     counter.fetch_add(1, Ordering::SeqCst);
                 }),
@@ -478,6 +536,7 @@ mod tests {
                     desired: &desired,
                     managed_before: &BTreeSet::new(),
                     live: Some(&live),
+                    leaving: &BTreeSet::new(),
                     on_done: Arc::new(|| {}),
                 };
                 engine.sync(request).await.expect("sync")

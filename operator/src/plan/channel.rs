@@ -66,11 +66,38 @@ pub struct ChannelPlan {
     /// Listed with an instance that is gone while another instance is live (it restarted):
     /// remove the dead instance, then invite.
     pub rejoin: Vec<String>,
+    /// Listed with a live instance that is leaving (its Pod is terminating) while another instance
+    /// of the name is live: remove it now, while it can still acknowledge (a dead instance takes
+    /// the manager ~11 s to remove); its successor is invited once it has disconnected.
+    pub hand_over: Vec<String>,
     /// Listed, managed by us before, no longer desired: remove.
     pub remove: Vec<String>,
     /// Every desired participant.
     pub members: Vec<MemberState>,
 }
+
+/// Members on their way out: names with a selected Pod that is terminating, and the instance
+/// each had in the channel when it was removed for that (an invite must not reach it: the
+/// manager invites a name, and the node picks any of its connected instances).
+#[derive(Clone, Copy, Debug)]
+pub struct Leaving<'a> {
+    pub names: &'a BTreeSet<String>,
+    pub departed: &'a BTreeMap<String, String>,
+}
+
+impl Leaving<'_> {
+    /// No Pod terminating.
+    pub const NONE: Leaving<'static> = Leaving { names: &EMPTY_NAMES, departed: &EMPTY_DEPARTED };
+
+    /// The removed instance of `name` still connected while its Pod terminates: hold the invite.
+    fn holds(&self, name: &str, alive: &BTreeSet<String>) -> Option<&str> {
+        let departed = self.departed.get(name).filter(|instance| alive.contains(*instance))?;
+        self.names.contains(name).then_some(departed.as_str())
+    }
+}
+
+static EMPTY_NAMES: BTreeSet<String> = BTreeSet::new();
+static EMPTY_DEPARTED: BTreeMap<String, String> = BTreeMap::new();
 
 /// Plans a channel.
 /// - `desired`: participant names (`org/ns/name`);
@@ -78,12 +105,14 @@ pub struct ChannelPlan {
 /// - `managed_before`: names this SlimChannel made members before (only those are ever removed,
 ///   so the manager and members added by others are left alone);
 /// - `live`: live instances per name, or `None` when no node was consulted. When known, a
-///   participant with no live instance is not invited (it would stall the channel's invites).
+///   participant with no live instance is not invited (it would stall the channel's invites);
+/// - `leaving`: names whose Pod is terminating, and the instances removed for it.
 pub fn plan_channel(
     desired: &BTreeSet<String>,
     listed: &[String],
     managed_before: &BTreeSet<String>,
     live: Option<&LiveInstances>,
+    leaving: Leaving<'_>,
 ) -> ChannelPlan {
     let mut by_name: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for member in listed {
@@ -92,55 +121,11 @@ pub fn plan_channel(
     let mut plan = ChannelPlan::default();
     for name in desired {
         let members = by_name.get(name.as_str()).cloned().unwrap_or_default();
-        let offline = live.is_some_and(|live| live.get(name.as_str()).is_none_or(BTreeSet::is_empty));
-        let state = if members.is_empty() && offline {
-            // The manager serialises invites per channel and takes ~11 s to fail one for an
-            // offline participant: inviting it would hold up everyone else.
-            MemberState {
-                name: name.clone(),
-                joined: false,
-                listed: None,
-                note: Some("offline: no instance connected to a watched node; invited once it connects".into()),
-            }
-        } else if members.is_empty() {
-            plan.add.push(name.clone());
-            MemberState { name: name.clone(), joined: false, listed: None, note: Some("not in the channel".into()) }
-        } else {
-            match live {
-                None => {
-                    MemberState { name: name.clone(), joined: true, listed: Some(members[0].to_owned()), note: None }
-                }
-                Some(live) => {
-                    let alive = live.get(name.as_str());
-                    let live_member =
-                        members.iter().find(|m| instance_of(m).is_some_and(|i| alive.is_some_and(|a| a.contains(i))));
-                    match (live_member, alive.and_then(|a| a.iter().next())) {
-                        (Some(member), _) => MemberState {
-                            name: name.clone(),
-                            joined: true,
-                            listed: Some((*member).to_owned()),
-                            note: None,
-                        },
-                        (None, Some(new_instance)) => {
-                            plan.rejoin.push(name.clone());
-                            MemberState {
-                                name: name.clone(),
-                                joined: false,
-                                listed: Some(members[0].to_owned()),
-                                note: Some(format!(
-                                    "restarted: listed instance is gone, live instance {new_instance} is re-invited"
-                                )),
-                            }
-                        }
-                        (None, None) => MemberState {
-                            name: name.clone(),
-                            joined: false,
-                            listed: Some(members[0].to_owned()),
-                            note: Some("listed, but no watched node has the instance connected (offline?)".into()),
-                        },
-                    }
-                }
-            }
+        let alive = live.map(|live| live.get(name.as_str()).cloned().unwrap_or_default());
+        let state = match (members.first(), alive) {
+            (None, alive) => plan_absent(name, alive.as_ref(), leaving, &mut plan),
+            (Some(first), None) => MemberState::joined(name, first),
+            (Some(_), Some(alive)) => plan_listed(name, &members, &alive, leaving, &mut plan),
         };
         plan.members.push(state);
     }
@@ -150,6 +135,77 @@ pub fn plan_channel(
         }
     }
     plan
+}
+
+impl MemberState {
+    fn joined(name: &str, listed: &str) -> Self {
+        Self { name: name.to_owned(), joined: true, listed: Some(listed.to_owned()), note: None }
+    }
+
+    fn out(name: &str, listed: Option<&str>, note: String) -> Self {
+        Self { name: name.to_owned(), joined: false, listed: listed.map(str::to_owned), note: Some(note) }
+    }
+}
+
+/// A desired participant the manager does not list (`alive`: its live instances, when known).
+fn plan_absent(
+    name: &str,
+    alive: Option<&BTreeSet<String>>,
+    leaving: Leaving<'_>,
+    plan: &mut ChannelPlan,
+) -> MemberState {
+    let held = alive.and_then(|alive| leaving.holds(name, alive));
+    match (alive, held) {
+        // The manager serialises invites per channel and takes ~11 s to fail one for an offline
+        // participant: inviting it would hold up everyone else.
+        (Some(alive), _) if alive.is_empty() => MemberState::out(
+            name,
+            None,
+            "offline: no instance connected to a watched node; invited once it connects".into(),
+        ),
+        (_, Some(departed)) => MemberState::out(
+            name,
+            None,
+            format!("handing over: invited once instance {departed}, removed as its Pod terminates, has disconnected"),
+        ),
+        _ => {
+            plan.add.push(name.to_owned());
+            MemberState::out(name, None, "not in the channel".into())
+        }
+    }
+}
+
+/// A desired participant the manager lists, against its live instances.
+fn plan_listed(
+    name: &str,
+    members: &[&str],
+    alive: &BTreeSet<String>,
+    leaving: Leaving<'_>,
+    plan: &mut ChannelPlan,
+) -> MemberState {
+    let live_member = members.iter().find(|m| instance_of(m).is_some_and(|i| alive.contains(i)));
+    let other = alive.iter().find(|i| live_member.and_then(|m| instance_of(m)) != Some(i.as_str()));
+    match (live_member, other) {
+        (Some(member), Some(successor)) if leaving.names.contains(name) => {
+            plan.hand_over.push(name.to_owned());
+            let instance = instance_of(member).unwrap_or_default();
+            let note = format!(
+                "handing over: instance {instance} is leaving (its Pod is terminating) and is removed now; {successor} is invited once it has disconnected"
+            );
+            MemberState::out(name, Some(member), note)
+        }
+        (Some(member), _) => MemberState::joined(name, member),
+        (None, Some(new_instance)) => {
+            plan.rejoin.push(name.to_owned());
+            let note = format!("restarted: listed instance is gone, live instance {new_instance} is re-invited");
+            MemberState::out(name, Some(members[0]), note)
+        }
+        (None, None) => MemberState::out(
+            name,
+            Some(members[0]),
+            "listed, but no watched node has the instance connected (offline?)".into(),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -174,7 +230,13 @@ mod tests {
 
     #[test]
     fn missing_members_are_invited_present_ones_left_alone() {
-        let plan = plan_channel(&set(&["org/ns/bob", "org/ns/carol"]), &[MANAGER.into(), BOB.into()], &set(&[]), None);
+        let plan = plan_channel(
+            &set(&["org/ns/bob", "org/ns/carol"]),
+            &[MANAGER.into(), BOB.into()],
+            &set(&[]),
+            None,
+            Leaving::NONE,
+        );
         assert_eq!(plan.add, vec!["org/ns/carol".to_string()]);
         assert!(plan.remove.is_empty() && plan.rejoin.is_empty());
         assert!(plan.members[0].joined);
@@ -185,8 +247,13 @@ mod tests {
     #[test]
     fn only_members_we_managed_are_removed() {
         let listed = [MANAGER.to_string(), BOB.to_string(), CAROL.to_string()];
-        let plan =
-            plan_channel(&set(&["org/ns/bob"]), &listed, &set(&["org/ns/bob", "org/ns/carol", "org/ns/gone"]), None);
+        let plan = plan_channel(
+            &set(&["org/ns/bob"]),
+            &listed,
+            &set(&["org/ns/bob", "org/ns/carol", "org/ns/gone"]),
+            None,
+            Leaving::NONE,
+        );
         assert_eq!(plan.remove, vec!["org/ns/carol".to_string()], "the manager and unlisted names stay untouched");
     }
 
@@ -195,7 +262,7 @@ mod tests {
         let listed = [BOB.to_string(), CAROL.to_string()];
         let mut live = LiveInstances::new();
         live.insert("org/ns/bob".into(), set(&["d165bd17-d238-547c-ad69-4d19eb78171a"]));
-        let plan = plan_channel(&set(&["org/ns/bob", "org/ns/carol"]), &listed, &set(&[]), Some(&live));
+        let plan = plan_channel(&set(&["org/ns/bob", "org/ns/carol"]), &listed, &set(&[]), Some(&live), Leaving::NONE);
         assert_eq!(plan.rejoin, vec!["org/ns/bob".to_string()]);
         assert!(plan.add.is_empty());
         assert!(!plan.members[0].joined);
@@ -204,7 +271,7 @@ mod tests {
         assert!(plan.members[1].note.as_deref().unwrap_or("").contains("offline"));
 
         live.insert("org/ns/carol".into(), set(&["e0a3a05a-1665-53ef-4297-74bf2afdef57"]));
-        let plan = plan_channel(&set(&["org/ns/carol"]), &listed, &set(&[]), Some(&live));
+        let plan = plan_channel(&set(&["org/ns/carol"]), &listed, &set(&[]), Some(&live), Leaving::NONE);
         assert!(plan.members[0].joined && plan.rejoin.is_empty());
     }
 
@@ -213,10 +280,59 @@ mod tests {
         let mut live = LiveInstances::new();
         live.insert("org/ns/erin".into(), set(&["0b3c5a8e-1111-4222-8333-944455556666"]));
         let desired = set(&["org/ns/dave", "org/ns/erin"]);
-        let plan = plan_channel(&desired, &[], &set(&[]), Some(&live));
+        let plan = plan_channel(&desired, &[], &set(&[]), Some(&live), Leaving::NONE);
         assert_eq!(plan.add, vec!["org/ns/erin".to_string()], "dave has no live instance");
         assert!(plan.members[0].note.as_deref().unwrap_or("").starts_with("offline"));
-        let blind = plan_channel(&desired, &[], &set(&[]), None);
+        let blind = plan_channel(&desired, &[], &set(&[]), None, Leaving::NONE);
         assert_eq!(blind.add.len(), 2, "without node information everyone is invited");
+    }
+
+    const BOB_NEXT: &str = "d165bd17-d238-547c-ad69-4d19eb78171a";
+    const BOB_NOW: &str = "a085c273-27f0-9aea-557e-3ac14fd9f571";
+
+    #[test]
+    fn a_leaving_member_with_a_successor_is_handed_over_while_it_can_still_answer() {
+        let live: LiveInstances = [("org/ns/bob".to_string(), set(&[BOB_NOW, BOB_NEXT]))].into();
+        let leaving_names = set(&["org/ns/bob"]);
+        let leaving = Leaving { names: &leaving_names, departed: &BTreeMap::new() };
+        let plan = plan_channel(&set(&["org/ns/bob"]), &[BOB.into()], &set(&[]), Some(&live), leaving);
+        assert_eq!(plan.hand_over, vec!["org/ns/bob".to_string()]);
+        assert!(plan.add.is_empty() && plan.rejoin.is_empty() && plan.remove.is_empty());
+        assert!(!plan.members[0].joined);
+        assert!(plan.members[0].note.as_deref().unwrap_or("").contains(BOB_NEXT));
+
+        // No Pod terminating: two live instances are just two instances; the listed one stays.
+        let plan = plan_channel(&set(&["org/ns/bob"]), &[BOB.into()], &set(&[]), Some(&live), Leaving::NONE);
+        assert!(plan.hand_over.is_empty() && plan.members[0].joined);
+        // Terminating, but no successor connected yet: nothing to hand over to.
+        let alone: LiveInstances = [("org/ns/bob".to_string(), set(&[BOB_NOW]))].into();
+        let plan = plan_channel(&set(&["org/ns/bob"]), &[BOB.into()], &set(&[]), Some(&alone), leaving);
+        assert!(plan.hand_over.is_empty() && plan.members[0].joined);
+    }
+
+    #[test]
+    fn the_successor_is_invited_only_once_the_removed_instance_has_disconnected() {
+        let leaving_names = set(&["org/ns/bob"]);
+        let departed: BTreeMap<String, String> = [("org/ns/bob".to_string(), BOB_NOW.to_string())].into();
+        let leaving = Leaving { names: &leaving_names, departed: &departed };
+        let both: LiveInstances = [("org/ns/bob".to_string(), set(&[BOB_NOW, BOB_NEXT]))].into();
+        let plan = plan_channel(&set(&["org/ns/bob"]), &[], &set(&[]), Some(&both), leaving);
+        assert!(plan.add.is_empty(), "an invite now could reach the leaving instance");
+        assert!(plan.members[0].note.as_deref().unwrap_or("").starts_with("handing over"));
+
+        let successor: LiveInstances = [("org/ns/bob".to_string(), set(&[BOB_NEXT]))].into();
+        let plan = plan_channel(&set(&["org/ns/bob"]), &[], &set(&[]), Some(&successor), leaving);
+        assert_eq!(plan.add, vec!["org/ns/bob".to_string()]);
+
+        // The terminating Pod is gone (or was never ours to wait for): no hold, whatever is live.
+        let no_pod = BTreeSet::new();
+        let plan = plan_channel(
+            &set(&["org/ns/bob"]),
+            &[],
+            &set(&[]),
+            Some(&both),
+            Leaving { names: &no_pod, departed: &departed },
+        );
+        assert_eq!(plan.add, vec!["org/ns/bob".to_string()]);
     }
 }
