@@ -238,12 +238,17 @@ mod handover {
 
     use super::arg;
 
-    /// A member's Pod as the kubelet would report it Running (bound to a node no kubelet serves,
-    /// so that its deletion leaves it terminating until it is deleted for good).
+    /// Holds a deleted member Pod terminating (no kubelet here to finish its deletion) until the
+    /// bench releases it. (A Pod bound to a node that does not exist would do the same, but the
+    /// controller manager's Pod garbage collector deletes those within a minute.)
+    const HOLD: &str = "bench.slim.agntcy.org/terminating";
+
+    /// A member's Pod as the kubelet would report it Running.
     async fn running_pod(pods: &Api<Pod>, pod: &str, member: &str) {
         let object: Pod = serde_json::from_value(json!({
-            "metadata": {"name": pod, "labels": {"app": "bench-member"}, "annotations": {"slim.agntcy.org/name": member}},
-            "spec": {"nodeName": "bench-node", "containers": [{"name": "app", "image": "example/member:1"}]}
+            "metadata": {"name": pod, "labels": {"app": "bench-member"}, "annotations": {"slim.agntcy.org/name": member},
+                         "finalizers": [HOLD]},
+            "spec": {"containers": [{"name": "app", "image": "example/member:1"}]}
         }))
         .expect("pod");
         pods.create(&PostParams::default(), &object).await.expect("create pod");
@@ -267,6 +272,7 @@ mod handover {
     pub async fn run() {
         let (channel_count, member_count, rolls) = (arg("--channels", 4), arg("--members", 5), arg("--rolls", 10));
         let linger = Duration::from_millis(arg("--linger-ms", 1000) as u64);
+        slim_e2e::init_logging();
         let plane = control_plane::shared();
         let client = plane.client().await.expect("admin client");
         install_crds(&client).await.expect("CRDs");
@@ -327,16 +333,18 @@ mod handover {
             pods.delete(&old_pod, &DeleteParams::default()).await.expect("delete old pod");
             tokio::time::sleep(linger).await;
             drop(old_app);
-            pods.delete(&old_pod, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
-                .await
-                .expect("old pod gone");
+            let release = json!({"metadata": {"finalizers": null}});
+            pods.patch(&old_pod, &PatchParams::default(), &Patch::Merge(release)).await.expect("old pod gone");
             let instance = members[i].0.instance.clone();
-            slim_e2e::wait_for("the new instance in every channel", Duration::from_secs(600), async || {
+            slim_e2e::wait_for("the new instance in every channel", Duration::from_secs(120), async || {
                 in_every_channel(&channels, channel_count, &name(i), &instance).await
             })
             .await;
             let (c, d) = (connected.elapsed().as_secs_f64(), deleted.elapsed().as_secs_f64());
-            println!("  roll {r}: {} joined {c:.1} s after its connect, {d:.1} s after the old Pod's deletion", name(i));
+            println!(
+                "  roll {r}: {} joined {c:.1} s after its connect, {d:.1} s after the old Pod's deletion",
+                name(i)
+            );
             from_connect.push(c);
             from_delete.push(d);
         }

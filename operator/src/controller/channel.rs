@@ -80,7 +80,10 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
         Ok(found) => found,
         Err(error) => return fail(error).await,
     };
-    let (live, consulted, pool) = live_participants(channel, ctx, &desired).await;
+    // A member on its way out is handed over only while it still answers: read the nodes now, not
+    // a listing from before its successor connected.
+    let max_age = if leaving.is_empty() { ctx.config.snapshot_max_age } else { Duration::ZERO };
+    let (live, consulted, pool) = live_participants(channel, ctx, &desired, max_age).await;
     let key = ObjectRef::from_obj(channel);
     match &live {
         Some(live) => ctx.member_watch.record(key.clone(), consulted.clone(), pool, desired.clone(), live.clone()),
@@ -262,6 +265,7 @@ async fn live_participants(
     channel: &SlimChannel,
     ctx: &Context,
     desired: &BTreeSet<String>,
+    max_age: Duration,
 ) -> (Option<LiveInstances>, Vec<String>, NodePool) {
     let nodes = channel.spec.nodes.as_ref().unwrap_or(&ctx.config.default_nodes);
     let pods = match (&nodes.selector, channel.namespace()) {
@@ -286,10 +290,8 @@ async fn live_participants(
             return (None, endpoints, ctx.nodes.clone());
         }
     };
-    let listings = futures::future::join_all(
-        endpoints.iter().map(|e| async { pool.node(e).snapshot(ctx.config.snapshot_max_age).await }),
-    )
-    .await;
+    let listings =
+        futures::future::join_all(endpoints.iter().map(|e| async { pool.node(e).snapshot(max_age).await })).await;
     match listings.into_iter().collect::<Result<Vec<_>, _>>() {
         Ok(observed) => (Some(live_instances(desired, observed.iter().map(|o| o.as_ref()), None)), endpoints, pool),
         Err(error) => {
