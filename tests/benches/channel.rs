@@ -178,6 +178,24 @@ async fn rejoin() {
     };
     slim_e2e::wait_for("every member in every channel", Duration::from_secs(1800), all_joined).await;
     println!("all {channel_count} channels full after {:.1} s", started.elapsed().as_secs_f64());
+    let status_writes = plane
+        .audited()
+        .map(|requests| {
+            requests
+                .iter()
+                .filter(|r| r.resource == "slimchannels" && r.subresource == "status" && r.verb == "patch")
+                .count()
+        })
+        .unwrap_or_default();
+    let peak_kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or_default();
+    println!(
+        "  {status_writes} SlimChannel status writes ({:.1} per channel); bench process (controllers in it) RSS peak {} MiB",
+        status_writes as f64 / channel_count as f64,
+        peak_kib / 1024
+    );
 
     // Idle: nothing changes for a minute.
     let node_messages = || nodes.clients().iter().map(|c| c.stats().rpcs.load(Relaxed)).sum::<u64>();
@@ -215,6 +233,10 @@ async fn rejoin() {
     }
     times.sort_by(f64::total_cmp);
     let pick = |q: f64| times[((times.len() as f64 - 1.0) * q).round() as usize];
+    if times.is_empty() {
+        let _ = stop.send(());
+        return;
+    }
     println!(
         "result: rejoin p50 {:.1} s, p95 {:.1} s over {} restarts (target p95 < 5 s)",
         pick(0.5),
