@@ -329,11 +329,12 @@ impl ChannelEngine {
         });
     }
 
-    /// Deletes the channel and forgets its operations.
+    /// Deletes the channel and forgets its operations and departures.
     pub async fn delete(&self, manager: &ChannelManagerClient, channel: &str) -> Result<(), CmError> {
         manager.delete_channel(channel).await?;
-        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
-        ops.retain(|key, _| key.manager != manager.endpoint() || key.channel != channel);
+        let other = |key: &OpKey| key.manager != manager.endpoint() || key.channel != channel;
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).retain(|key, _| other(key));
+        self.departed.lock().unwrap_or_else(|p| p.into_inner()).retain(|key, _| other(key));
         Ok(())
     }
 }

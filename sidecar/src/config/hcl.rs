@@ -48,6 +48,9 @@ struct Parser {
     column: usize,
 }
 
+/// What opens a block (named so the error text need not escape it).
+const OPEN: char = '{';
+
 impl Parser {
     fn pos(&self) -> Pos {
         Pos { line: self.line, column: self.column }
@@ -141,7 +144,7 @@ impl Parser {
                     self.bump();
                     Value::Object(self.items(Some('}'))?)
                 }
-                _ => return self.error(format!("expected '=' or '{{' after {key:?}")),
+                _ => return self.error(format!("expected '=' or '{OPEN}' after {key:?}")),
             };
             // A repeated block (`jwt_svids { } jwt_svids { }`) builds a list, as HCL v1 does.
             match items.iter_mut().find(|(k, _, _)| *k == key) {
