@@ -68,6 +68,9 @@ async fn cmd_starts_then_is_signalled_and_the_pid_file_process_is_signalled() {
     let daemon = tokio::spawn(run_daemon(config, async {
         let _ = stopped.await;
     }));
+    // The renewal must come after the daemon's first write (only renewals signal): wait for
+    // the file only this daemon writes.
+    wait_until("the second daemon's first write", || out.join("key.jwt").exists()).await;
     agent.update(|s| s.rotate());
     let mut status = None;
     wait_until("the pid file's process got SIGHUP", || {
