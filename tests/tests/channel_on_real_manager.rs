@@ -37,6 +37,18 @@ struct Harness {
 }
 
 impl Harness {
+    /// A fresh engine on `cm`, consulting the node, no Pod terminating.
+    fn new(cm: &ChannelManager) -> Self {
+        Self {
+            engine: ChannelEngine::default(),
+            manager: ChannelManagerClient::new(&cm.endpoint()).expect("client"),
+            pool: NodePool::default(),
+            done: Arc::new(Notify::new()),
+            watch_nodes: true,
+            leaving: BTreeSet::new(),
+        }
+    }
+
     /// Syncs until `until` holds, waking on finished operations (as the controller does).
     async fn converge(
         &self,
@@ -84,14 +96,7 @@ async fn channel_lifecycle_with_real_participants() {
     init_logging();
     let node = SlimNode::start("node-a").expect("node");
     let cm = ChannelManager::start(&node).expect("channel manager");
-    let h = Harness {
-        engine: ChannelEngine::default(),
-        manager: ChannelManagerClient::new(&cm.endpoint()).expect("client"),
-        pool: NodePool::default(),
-        done: Arc::new(Notify::new()),
-        watch_nodes: true,
-        leaving: BTreeSet::new(),
-    };
+    let h = Harness::new(&cm);
     let mut bob = SlimApp::member(&node, "org/ns/bob").expect("bob");
     let mut carol = SlimApp::member(&node, "org/ns/carol").expect("carol");
 
@@ -144,14 +149,7 @@ async fn offline_participant_does_not_delay_the_others() {
     init_logging();
     let node = SlimNode::start("node-a").expect("node");
     let cm = ChannelManager::start(&node).expect("channel manager");
-    let mut h = Harness {
-        engine: ChannelEngine::default(),
-        manager: ChannelManagerClient::new(&cm.endpoint()).expect("client"),
-        pool: NodePool::default(),
-        done: Arc::new(Notify::new()),
-        watch_nodes: true,
-        leaving: BTreeSet::new(),
-    };
+    let mut h = Harness::new(&cm);
     let _erin = SlimApp::member(&node, "org/ns/erin").expect("erin");
     let desired = names(&["org/ns/dave", "org/ns/erin"]);
 
@@ -191,14 +189,7 @@ async fn a_leaving_member_is_handed_over_to_its_successor() {
     init_logging();
     let node = SlimNode::start("node-a").expect("node");
     let cm = ChannelManager::start(&node).expect("channel manager");
-    let mut h = Harness {
-        engine: ChannelEngine::default(),
-        manager: ChannelManagerClient::new(&cm.endpoint()).expect("client"),
-        pool: NodePool::default(),
-        done: Arc::new(Notify::new()),
-        watch_nodes: true,
-        leaving: BTreeSet::new(),
-    };
+    let mut h = Harness::new(&cm);
     let bob = names(&["org/ns/bob"]);
     let mut old = SlimApp::member(&node, "org/ns/bob").expect("bob");
     h.converge(&node, &bob, &bob, Duration::from_secs(60), |r| joined(r, "org/ns/bob")).await;
