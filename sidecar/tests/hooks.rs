@@ -27,7 +27,18 @@ async fn cmd_starts_then_is_signalled_and_the_pid_file_process_is_signalled() {
     let script_file = dir.path().join("cmd.sh");
     std::fs::write(&script_file, script).expect("script");
     // A separate process, found through a PID file: SIGHUP's default action ends it.
-    let mut other = Command::new("sleep").arg("300").stdout(Stdio::null()).spawn().expect("sleep");
+    let mut other = Command::new("sleep");
+    other.arg("300").stdout(Stdio::null());
+    // SIGHUP's default action, even when this test runs under `nohup` (which ignores it, and an
+    // ignored signal stays ignored across exec).
+    // SAFETY: only an async-signal-safe call between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut other, || {
+            use nix::sys::signal::{SigHandler, Signal, signal};
+            signal(Signal::SIGHUP, SigHandler::SigDfl).map(|_| ()).map_err(std::io::Error::from)
+        });
+    }
+    let mut other = other.spawn().expect("sleep");
     let pid_file = dir.path().join("app.pid");
     std::fs::write(&pid_file, format!("{}\n", other.id())).expect("pid file");
 
