@@ -73,6 +73,12 @@ pub struct RunArgs {
     #[arg(long, env = "SLIM_OPERATOR_HEAL_CHANNEL_MANAGER")]
     pub heal_channel_manager: bool,
 
+    /// Invites and removals in flight at one channel manager (0: unbounded); the others wait their
+    /// turn. The manager serves a channel's operations one at a time: with hundreds of channels at
+    /// once, an unbounded operator outruns its answers and every invite times out.
+    #[arg(long, env = "SLIM_OPERATOR_CHANNEL_MANAGER_IN_FLIGHT", default_value_t = crate::engine::channel::DEFAULT_IN_FLIGHT)]
+    pub channel_manager_in_flight: usize,
+
     /// SLIM node Pods (in each SlimChannel's namespace) consulted for live members when a
     /// SlimChannel has no spec.nodes: an equality selector, "" for none.
     #[arg(long, env = "SLIM_OPERATOR_DEFAULT_NODE_SELECTOR", default_value = controller::DEFAULT_NODE_SELECTOR)]

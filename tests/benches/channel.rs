@@ -5,7 +5,7 @@
 //! Prints the time until every online participant is in the channel (the offline ones must not
 //! hold them up), the syncs and RPCs it took, and what an offline participant costs.
 //!
-//!   cargo bench -p slim-e2e --bench channel -- --rejoin [--channels 20 --members 10 --restarts 10]
+//!   cargo bench -p slim-e2e --bench channel -- --rejoin [--channels 20 --members 10 --restarts 10 --in-flight 32 --no-mls]
 //!
 //!   cargo bench -p slim-e2e --bench channel -- --handover [--channels 4 --members 5 --rolls 10 --linger-ms 1000]
 //!
@@ -134,9 +134,19 @@ async fn rejoin() {
     println!(
         "{channel_count} channels x {member_count} members on 2 real nodes, real channel manager 3.4.6, controllers with default flags, {restarts} restarts"
     );
+    let in_flight = arg("--in-flight", slim_operator::engine::channel::DEFAULT_IN_FLIGHT);
+    let mls = !std::env::args().any(|a| a == "--no-mls");
+    println!(
+        "operations in flight at the manager: at most {in_flight} (0: unbounded); MLS {}",
+        if mls { "on" } else { "off" }
+    );
     let nodes = NodePool::default();
     let managers = ChannelManagerPool::default();
-    let config = ControllerConfig { channel_manager: Some(cm.endpoint()), ..Default::default() };
+    let config = ControllerConfig {
+        channel_manager: Some(cm.endpoint()),
+        channel_manager_in_flight: in_flight,
+        ..Default::default()
+    };
     let (stop, controllers) =
         slim_e2e::operator::run_in_process(&client, nodes.clone(), managers.clone(), config, "bench");
 
@@ -163,7 +173,7 @@ async fn rejoin() {
     for c in 0..channel_count {
         let channel: SlimChannel = serde_json::from_value(json!({
             "apiVersion": "slim.agntcy.org/v1alpha1", "kind": "SlimChannel", "metadata": {"name": format!("channel-{c}")},
-            "spec": {"name": format!("org/bench/channel-{c}"), "participants": participants,
+            "spec": {"name": format!("org/bench/channel-{c}"), "participants": participants, "mlsEnabled": mls,
                      "nodes": {"endpoints": [node_a.controller_endpoint(), node_b.controller_endpoint()]}}
         }))
         .expect("channel");

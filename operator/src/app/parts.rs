@@ -87,6 +87,7 @@ fn controller_config(args: &RunArgs) -> Result<ControllerConfig, RunError> {
         },
         member_poll_interval: args.member_poll_interval,
         heal_channel_manager: args.heal_channel_manager,
+        channel_manager_in_flight: args.channel_manager_in_flight,
         watch_namespace: args.watch_namespace.clone().filter(|ns| !ns.trim().is_empty()),
         ..Default::default()
     })

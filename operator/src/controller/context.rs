@@ -51,6 +51,8 @@ pub struct ControllerConfig {
     pub member_poll_interval: Duration,
     /// Restart (delete the Pod of) a channel manager that lost its SLIM node.
     pub heal_channel_manager: bool,
+    /// Invites and removals in flight at one channel manager (0: unbounded).
+    pub channel_manager_in_flight: usize,
     /// Watch Subscriptions, SlimChannels and Pods in this namespace only (`None`: all of them).
     pub watch_namespace: Option<String>,
 }
@@ -75,6 +77,7 @@ impl Default for ControllerConfig {
             },
             member_poll_interval: Duration::from_secs(1),
             heal_channel_manager: false,
+            channel_manager_in_flight: crate::engine::channel::DEFAULT_IN_FLIGHT,
             watch_namespace: None,
         }
     }
@@ -123,7 +126,7 @@ impl Context {
             subscriptions: stores.subscriptions,
             channels: stores.channels,
             pods: stores.pods,
-            channel_engine: ChannelEngine::default(),
+            channel_engine: ChannelEngine::default().with_in_flight(runtime.config.channel_manager_in_flight),
             channel_managers: runtime.channel_managers.clone(),
             channel_trigger: triggers.channels,
             subscription_trigger: triggers.subscriptions,

@@ -5,12 +5,17 @@
 //! others. A sync lists the channel, plans, starts what is due and returns at once with each
 //! participant's state; a finished operation calls the sync's `on_done` so the caller can look
 //! again. Failed operations are retried with per-participant exponential backoff, jittered so the
-//! participants of many channels do not retry in lockstep.
+//! participants of many channels do not retry in lockstep. At most `in_flight` operations run at
+//! once through one manager (the others wait their turn): the manager serves each channel's
+//! operations one at a time, and with hundreds of channels at once its answers outlast the
+//! client's deadline (measured: 200 channels of 20 members stalled at half their joins, every
+//! invite timing out after 30 s).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info};
@@ -71,6 +76,9 @@ struct OpKey {
 /// (it is restarting, or lost its node): it is back as soon as it is.
 const MANAGER_DOWN_RETRY: Duration = Duration::from_secs(5);
 
+/// Operations in flight at one manager by default.
+pub const DEFAULT_IN_FLIGHT: usize = 32;
+
 /// What a sync asks for.
 pub struct ChannelSync<'a> {
     pub manager: &'a ChannelManagerClient,
@@ -122,6 +130,10 @@ pub struct ChannelEngine {
     /// The instance each leaving participant had when it was removed (its successor is not
     /// invited while that instance is still connected).
     departed: Arc<Mutex<HashMap<OpKey, String>>>,
+    /// Turns to run an operation, per manager endpoint.
+    turns: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+    /// Operations in flight at one manager (0: unbounded).
+    in_flight: usize,
     retry_min: Duration,
     retry_max: Duration,
     /// Cancels every background operation (the controllers stopped or leadership was lost).
@@ -140,10 +152,26 @@ impl ChannelEngine {
             ops: Arc::default(),
             lost: Arc::default(),
             departed: Arc::default(),
+            turns: Arc::default(),
+            in_flight: DEFAULT_IN_FLIGHT,
             retry_min,
             retry_max,
             stop: CancellationToken::new(),
         }
+    }
+
+    /// At most `limit` operations in flight at one manager (0: unbounded).
+    pub fn with_in_flight(mut self, limit: usize) -> Self {
+        self.in_flight = limit;
+        self
+    }
+
+    /// The turns of the manager at `endpoint` (`None`: unbounded).
+    fn turns(&self, endpoint: &str) -> Option<Arc<Semaphore>> {
+        (self.in_flight > 0).then(|| {
+            let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+            turns.entry(endpoint.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(self.in_flight))).clone()
+        })
     }
 
     /// Cancels every background operation, running or to come, when the guard drops: a replica
@@ -295,9 +323,17 @@ impl ChannelEngine {
         let lost = self.lost.clone();
         let (retry_min, retry_max) = (self.retry_min, self.retry_max);
         let stop = self.stop.clone();
+        let turns = self.turns(&key.manager);
         tokio::spawn(async move {
-            let Some(result) = stop.run_until_cancelled(run_op(&manager, &key.channel, &key.participant, kind)).await
-            else {
+            let turn = async {
+                // Never closed, so the permit is always granted in the end.
+                let _permit = match turns {
+                    Some(turns) => turns.acquire_owned().await.ok(),
+                    None => None,
+                };
+                run_op(&manager, &key.channel, &key.participant, kind).await
+            };
+            let Some(result) = stop.run_until_cancelled(turn).await else {
                 debug!(channel = %key.channel, participant = %key.participant, op = kind.verb(), "channel operation cancelled");
                 return;
             };
