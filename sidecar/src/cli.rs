@@ -9,8 +9,7 @@ use crate::config::Config;
 #[cfg(feature = "dev")]
 use crate::dev::{self, DevOptions};
 
-/// The flag that reads the YAML config from an environment variable (what the injector passes).
-pub const CONFIG_ENV_FLAG: &str = "-config-env";
+pub use slim_identity_contract::env::CONFIG_ENV_FLAG;
 
 pub const USAGE: &str = "\
 usage:

@@ -11,11 +11,7 @@ use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
 /// `SIGHUP`, `HUP`, `sigusr1`… into a signal.
-pub fn parse_signal(name: &str) -> Option<Signal> {
-    let upper = name.trim().to_ascii_uppercase();
-    let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
-    full.parse::<Signal>().ok()
-}
+pub use slim_identity_contract::config::parse_signal;
 
 /// spiffe-helper splits `cmd_args` like a CSV record with ' ' as the separator: double quotes
 /// group words, `""` inside quotes is a quote, nothing else is special.

@@ -26,9 +26,7 @@ const JWKS_PATH: &str = "/openid/v1/jwks";
 
 /// Environment variables the injector sets from the downward API: the token must be bound to
 /// this pod, in this namespace.
-pub const POD_NAME_ENV: &str = "SLIM_POD_NAME";
-pub const POD_NAMESPACE_ENV: &str = "SLIM_POD_NAMESPACE";
-pub const POD_UID_ENV: &str = "SLIM_POD_UID";
+pub use slim_identity_contract::env::{POD_NAME_ENV, POD_NAMESPACE_ENV, POD_UID_ENV};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubernetesError {

@@ -10,7 +10,7 @@
 pub mod agent;
 mod changes;
 pub mod cli;
-pub mod config;
+pub use slim_identity_contract::config;
 #[cfg(feature = "dev")]
 pub mod dev;
 pub mod health;

@@ -30,15 +30,7 @@ pub const DATA_LINK: &str = "..data";
 /// How long a replaced version stays readable.
 pub const RETAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// How a file is replaced.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum WriteMode {
-    /// In the next version directory, published by the `..data` swap (atomic, consistent set).
-    #[default]
-    Swap,
-    /// A regular file rewritten in place with a single write (seen by inode watchers).
-    InPlace,
-}
+pub use slim_identity_contract::config::WriteMode;
 
 /// One output file's wanted content, mode, and how it is replaced.
 #[derive(Clone, PartialEq, Eq)]

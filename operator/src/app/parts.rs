@@ -53,7 +53,7 @@ fn control_tls(args: &RunArgs, client: &kube::Client, parts: &mut Parts) -> Resu
     let svids = match &args.spiffe_endpoint_socket {
         None => None,
         Some(socket) => {
-            let path = slim_identity_agent::config::socket_path_of(socket)
+            let path = slim_identity_contract::config::socket_path_of(socket)
                 .map_err(|e| RunError::SpiffeSocket(e.to_string()))?;
             let (tx, rx) = watch::channel(None);
             parts.spawn(SVID_STREAM, async move {

@@ -8,7 +8,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use serde_json::{Value, json};
-use slim_identity_agent::issuer::api;
+use slim_identity_contract::issuer_api as api;
 
 use super::keys::{self, Key, KeyMaker, KeySet, Policy};
 
@@ -118,8 +118,7 @@ impl Authority {
 /// Refuses audience lists no app needs: none, empty ones, too many, too large (the agent's own
 /// rule, so an app gets the same answer from either).
 pub fn check_audiences(audiences: &[String]) -> Result<(), SignError> {
-    slim_identity_agent::workload::server::check_audiences(audiences)
-        .map_err(|status| SignError::BadAudiences(status.message().to_owned()))
+    slim_identity_contract::workload::audiences::check(audiences).map_err(|e| SignError::BadAudiences(e.to_string()))
 }
 
 fn pem_der(pem: &str) -> Result<Vec<u8>, SignError> {

@@ -15,7 +15,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use slim_identity_agent::issuer::api;
+use slim_identity_contract::issuer_api as api;
 use tokio::sync::watch;
 use tracing::{info, warn};
 

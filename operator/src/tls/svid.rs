@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use slim_identity_agent::svid::x509::{self, X509Files, X509Options};
-use slim_identity_agent::workload::{WorkloadClient, WorkloadError};
+use slim_identity_contract::workload::{WorkloadClient, WorkloadError};
+use slim_identity_contract::x509::{self, X509Files, X509Options};
 use tokio::sync::watch;
 use tracing::{info, warn};
 

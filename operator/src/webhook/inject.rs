@@ -14,14 +14,11 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
-use slim_identity_agent::cli::CONFIG_ENV_FLAG;
-use slim_identity_agent::config::{
+use slim_identity_contract::config::{
     Config as AgentConfig, HealthChecks, IdentitySource, IssuerSource, JwtBundleFormat, JwtSvidConfig,
-    KUBERNETES_TOKEN_DIR, KubernetesSource,
+    KUBERNETES_TOKEN_DIR, KubernetesSource, WriteMode,
 };
-use slim_identity_agent::issuer::api::SERVICE_ACCOUNT_ENV;
-use slim_identity_agent::kubernetes::{POD_NAME_ENV, POD_NAMESPACE_ENV, POD_UID_ENV};
-use slim_identity_agent::output::WriteMode;
+use slim_identity_contract::env::{CONFIG_ENV_FLAG, POD_NAME_ENV, POD_NAMESPACE_ENV, POD_UID_ENV, SERVICE_ACCOUNT_ENV};
 use std::path::Path;
 
 /// Opt-in key: pod annotation or label, or namespace label. `"true"` injects, `"false"` opts out.
@@ -73,8 +70,8 @@ const ISSUER_CA_FILE: &str = "issuer-ca.crt";
 
 /// Where the agent's Workload API socket directory is mounted, in the agent and the apps.
 pub const WORKLOAD_API_DIR: &str = "/run/slim-identity";
-/// The socket in it (`slim_identity_agent::workload::server::DEFAULT_SOCKET`).
-pub const WORKLOAD_API_SOCKET: &str = slim_identity_agent::workload::server::DEFAULT_SOCKET;
+/// The socket in it (where the agent serves it by default).
+pub use slim_identity_contract::paths::WORKLOAD_API_SOCKET;
 /// The variable SPIFFE clients (SLIM's `spire` provider among them) find the socket by.
 pub const SPIFFE_ENDPOINT_SOCKET: &str = "SPIFFE_ENDPOINT_SOCKET";
 

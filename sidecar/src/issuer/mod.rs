@@ -11,7 +11,7 @@
 //! While the issuer cannot be reached the agent keeps serving what it holds (an X.509-SVID is
 //! withdrawn only once expired), and retries with backoff.
 
-pub mod api;
+pub use slim_identity_contract::issuer_api as api;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 
 pub mod jwt;
 pub mod kubernetes;
-pub mod x509;
+pub use slim_identity_contract::x509;
 
 #[cfg(all(test, feature = "dev"))]
 mod properties;

@@ -1,10 +1,8 @@
-//! The SPIFFE Workload API: generated types, the client, the server the agent gives its pod,
-//! and a faithful fake of SPIRE's agent.
+//! The SPIFFE Workload API: the server the agent gives its pod and a faithful fake of SPIRE's
+//! agent, here; the generated types and the client, in the contract crate.
 
-pub mod client;
 #[cfg(feature = "dev")]
 pub mod fake;
-pub mod pb;
 pub mod server;
 
-pub use client::{WorkloadClient, WorkloadError};
+pub use slim_identity_contract::workload::{WorkloadClient, WorkloadError, client, pb};

@@ -27,12 +27,8 @@ use super::pb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApi
 use crate::svid::jwt::{self, JwtBundles};
 
 /// The socket's default path in an injected pod (the directory is the shared volume).
-pub const DEFAULT_SOCKET: &str = "/run/slim-identity/agent.sock";
-
-/// Audiences and their total size a FetchJWTSVID may ask for: SLIM asks for its own audiences
-/// plus one `slim-claims:` audience of about 150 bytes.
-pub const MAX_AUDIENCES: usize = 16;
-pub const MAX_AUDIENCE_BYTES: usize = 8 * 1024;
+pub use slim_identity_contract::paths::WORKLOAD_API_SOCKET as DEFAULT_SOCKET;
+pub use slim_identity_contract::workload::audiences::{MAX_AUDIENCE_BYTES, MAX_AUDIENCES};
 
 /// What the agent holds and serves: the latest upstream state (`None`: nothing, or withdrawn).
 #[derive(Clone)]
@@ -186,18 +182,9 @@ pub fn x509_bundles(response: &pb::X509svidResponse) -> pb::X509BundlesResponse 
     pb::X509BundlesResponse { crl: response.crl.clone(), bundles: bundles.into_iter().collect() }
 }
 
-/// Refuses audience lists no app needs (many, or large): they would be signed into a token.
+/// Refuses audience lists no app needs (the contract's rule, as the Workload API answers it).
 pub fn check_audiences(audiences: &[String]) -> Result<(), Status> {
-    if audiences.is_empty() || audiences.iter().any(String::is_empty) {
-        return Err(Status::invalid_argument("audience must be specified"));
-    }
-    if audiences.len() > MAX_AUDIENCES {
-        return Err(Status::invalid_argument(format!("at most {MAX_AUDIENCES} audiences")));
-    }
-    if audiences.iter().map(String::len).sum::<usize>() > MAX_AUDIENCE_BYTES {
-        return Err(Status::invalid_argument(format!("audiences over {MAX_AUDIENCE_BYTES} bytes")));
-    }
-    Ok(())
+    slim_identity_contract::workload::audiences::check(audiences).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 #[tonic::async_trait]

@@ -19,7 +19,7 @@ pub const X509_SVID_PATH: &str = "/v1/x509svid";
 pub const JWT_SVID_PATH: &str = "/v1/jwtsvid";
 
 /// The downward-API variable with the pod's service account (its SPIFFE ID's last segment).
-pub const SERVICE_ACCOUNT_ENV: &str = "SLIM_POD_SERVICE_ACCOUNT";
+pub use crate::env::SERVICE_ACCOUNT_ENV;
 
 /// The SPIFFE ID of a service account, as the issuer grants it (Istio's and csi-driver-spiffe's
 /// shape).

@@ -27,7 +27,7 @@ fn the_seed_configmap_loads_unchanged() {
     );
     assert!(config.daemon_mode);
     assert_eq!(config.jwt_bundle_format, JwtBundleFormat::SpiffeHelper, "spiffe-helper's format by default");
-    assert_eq!(config.jwt_svid_write_mode, crate::output::WriteMode::Swap, "atomic by default");
+    assert_eq!(config.jwt_svid_write_mode, WriteMode::Swap, "atomic by default");
 }
 
 #[test]
@@ -65,7 +65,7 @@ daemon_mode: true
     let config = Config::from_yaml(yaml).expect("yaml");
     assert_eq!((config.cert_file_mode, config.key_file_mode), (0o600, 0o600));
     assert_eq!(config.jwt_bundle_format, JwtBundleFormat::Jwks);
-    assert_eq!(config.jwt_svid_write_mode, crate::output::WriteMode::InPlace);
+    assert_eq!(config.jwt_svid_write_mode, WriteMode::InPlace);
     assert_eq!(config.jwt_svids[0].audiences(), vec!["slim-demo".to_owned(), "other".to_owned()]);
     assert_eq!(config.health_checks.bind_port, 9090);
     assert_eq!(config.health_checks.liveness_path, "/live");
@@ -74,20 +74,25 @@ daemon_mode: true
 #[test]
 fn unknown_keys_are_errors_everywhere() {
     for (text, expected) in [
-        ("jwt_bundle_file_name = \"b\"\ncertDir = \"/x\"", "unknown top-level config key \"certDir\" at line 2"),
+        ("jwt_bundle_file_name = \"b\"\ncertDir = \"/x\"", "line 2: unknown field `certDir`"),
         ("jwt_bundle_file_name = \"b\"\nagentAddress = \"/x\"", "agentAddress"),
         (
             "jwt_svids = [{jwt_audience=\"a\", jwt_svid_file_name=\"f\", jwt_file=\"g\"}]",
-            "unknown jwt_svids config key \"jwt_file\"",
+            "jwt_svids[0] at line 1: unknown field `jwt_file`",
         ),
         (
             "jwt_bundle_file_name = \"b\"\nhealth_checks { listener_enabled = true\n port = 1 }",
-            "unknown health_checks config key \"port\"",
+            "health_checks at line 3: unknown field `port`",
         ),
     ] {
         let error = Config::from_hcl(text).expect_err(text).to_string();
         assert!(error.contains(expected), "{text}: {error}");
     }
+    // YAML says where too.
+    let error = Config::from_yaml("jwt_bundle_file_name: b\njwt_svids:\n  - jwt_audience: a\n    jwt_file: g\n")
+        .expect_err("unknown key")
+        .to_string();
+    assert!(error.contains("jwt_svids[0]: unknown field `jwt_file`") && error.contains("line 4"), "{error}");
 }
 
 #[test]
@@ -105,7 +110,10 @@ fn spiffe_helper_validation_rules() {
         ("jwt_bundle_file_name = \"b\"\npid_file_name = \"/p\"", "renew_signal is not"),
         ("jwt_bundle_file_name = \"b\"\nrenew_signal = \"SIGNOPE\"", "not a known signal"),
         ("jwt_bundle_file_name = \"b\"\nhealth_checks { bind_port = -1 }", "must not be negative"),
-        ("jwt_bundle_file_name = \"b\"\ndaemon_mode = \"yes\"", "must be true or false"),
+        (
+            "jwt_bundle_file_name = \"b\"\ndaemon_mode = \"yes\"",
+            "daemon_mode at line 2: invalid type: string \"yes\", expected a boolean",
+        ),
         ("jwt_bundle_file_name = \"b\"\njwt_bundle_format = \"pem\"", "jwt_bundle_format"),
         ("jwt_bundle_file_name = \"b\"\njwt_svid_refresh_percent = 80", "between 1 and 50"),
         ("jwt_bundle_file_name = \"b\"\njwt_svid_write_mode = \"rename\"", "not \"atomic\" or \"in-place\""),
