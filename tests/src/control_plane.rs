@@ -98,21 +98,45 @@ pub struct ControlPlane {
 }
 
 static PROCESSES: Mutex<Vec<Child>> = Mutex::new(Vec::new());
-/// How the API server was started (binary, arguments, log), and its process id: to restart it.
-static API_SERVER: Mutex<Option<ApiServerProcess>> = Mutex::new(None);
+/// How each plane's API server was started (binary, arguments, log), and its process id, by the
+/// plane's data dir: to restart it.
+static API_SERVERS: Mutex<Vec<(PathBuf, ApiServerProcess)>> = Mutex::new(Vec::new());
 type ApiServerProcess = (PathBuf, Vec<String>, PathBuf, u32);
-static DATA_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+static DATA_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
 
 /// The test binary's control plane, started on first use.
 pub fn shared() -> &'static ControlPlane {
-    let started = SHARED.get_or_init(|| {
+    started(&SHARED)
+}
+
+/// A control plane of the caller's own, started now and stopped when the test binary exits: for a
+/// test whose operator watches every namespace (it would reconcile the objects of the tests on
+/// [`shared`], whose controllers each watch their own namespace).
+pub fn dedicated() -> &'static ControlPlane {
+    let started = start_on_lasting_thread("control-plane", || {
+        ControlPlane::start(&Options::default()).map_err(|e| e.to_string())
+    });
+    match started {
+        Ok(plane) => Box::leak(Box::new(plane)),
+        Err(error) => panic!("control plane: {error}"),
+    }
+}
+
+fn started(plane: &'static OnceLock<Result<ControlPlane, String>>) -> &'static ControlPlane {
+    let started = plane.get_or_init(|| {
         start_on_lasting_thread("control-plane", || ControlPlane::start(&Options::default()).map_err(|e| e.to_string()))
     });
     match started {
         Ok(plane) => plane,
         Err(error) => panic!("control plane: {error}"),
     }
+}
+
+fn record_api_server(dir: &Path, process: ApiServerProcess) {
+    let mut servers = API_SERVERS.lock().unwrap_or_else(|p| p.into_inner());
+    servers.retain(|(d, _)| d != dir);
+    servers.push((dir.to_owned(), process));
 }
 
 /// Where the API server listens and what it tells others about itself.
@@ -149,10 +173,11 @@ pub fn assets() -> Result<PathBuf, ControlPlaneError> {
 
 extern "C" fn stop_everything() {
     stop_children(&mut PROCESSES.lock().unwrap_or_else(|p| p.into_inner()));
-    if let Some(dir) = DATA_DIR.lock().unwrap_or_else(|p| p.into_inner()).take()
-        && std::env::var_os("SLIM_KEEP_CONTROL_PLANE").is_none()
-    {
-        let _ = std::fs::remove_dir_all(dir);
+    let dirs = std::mem::take(&mut *DATA_DIRS.lock().unwrap_or_else(|p| p.into_inner()));
+    if std::env::var_os("SLIM_KEEP_CONTROL_PLANE").is_none() {
+        for dir in dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -245,7 +270,7 @@ impl ControlPlane {
     pub(crate) fn start(options: &Options) -> Result<Self, ControlPlaneError> {
         let assets = assets()?;
         let dir = tempfile::Builder::new().prefix("slim-control-plane-").tempdir()?.keep();
-        *DATA_DIR.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir.clone());
+        DATA_DIRS.lock().unwrap_or_else(|p| p.into_inner()).push(dir.clone());
         // SAFETY: registers a plain `extern "C" fn` with no arguments, as atexit(3) expects.
         unsafe {
             libc::atexit(stop_everything);
@@ -331,7 +356,7 @@ impl ControlPlane {
         .collect();
         let binary = assets.join("kube-apiserver");
         let child = spawn_child("kube-apiserver", &binary, &api_args, &api_log)?;
-        *API_SERVER.lock().unwrap_or_else(|p| p.into_inner()) = Some((binary, api_args, api_log.clone(), child.id()));
+        record_api_server(&dir, (binary, api_args, api_log.clone(), child.id()));
         PROCESSES.lock().unwrap_or_else(|p| p.into_inner()).push(child);
 
         let server = format!("https://{}:{api_port}", options.bind);
@@ -408,12 +433,13 @@ impl ControlPlane {
     /// Stops the API server (SIGTERM, as a rolling restart does), keeps it down for `down`, and
     /// starts it again with the same flags on the same port and etcd; returns once it is ready.
     pub fn restart_api_server(&self, down: Duration) -> Result<(), ControlPlaneError> {
-        let (binary, args, log, pid) =
-            API_SERVER.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(ControlPlaneError::NotReady {
-                what: "kube-apiserver",
-                timeout: down,
-                log: "never started".into(),
-            })?;
+        let recorded =
+            API_SERVERS.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|(d, _)| *d == self.dir).cloned();
+        let (_, (binary, args, log, pid)) = recorded.ok_or(ControlPlaneError::NotReady {
+            what: "kube-apiserver",
+            timeout: down,
+            log: "never started".into(),
+        })?;
         let mut stopped: Vec<Child> = {
             let mut processes = PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
             let (api, others): (Vec<Child>, Vec<Child>) = processes.drain(..).partition(|c| c.id() == pid);
@@ -428,7 +454,7 @@ impl ControlPlane {
             spawn_child("kube-apiserver", &restart_binary, &restart_args, &restart_log).map_err(|e| e.to_string())
         })
         .map_err(|e| ControlPlaneError::NotReady { what: "kube-apiserver", timeout: down, log: e })?;
-        *API_SERVER.lock().unwrap_or_else(|p| p.into_inner()) = Some((binary, args, log.clone(), child.id()));
+        record_api_server(&self.dir, (binary, args, log.clone(), child.id()));
         PROCESSES.lock().unwrap_or_else(|p| p.into_inner()).push(child);
         self.wait_ready(&log)
     }

@@ -19,15 +19,11 @@ use slim_e2e::{ChannelManager, SlimApp, SlimNode, init_logging, wait_for};
 use slim_operator::api::{SlimChannel, Subscription};
 use slim_operator::slim::{ChannelManagerClient, NodePool};
 
-/// The control plane with the CRDs, an admin client, and the right to run an operator: both
-/// tests run one over every namespace, so they take turns (the guard).
-async fn setup() -> (&'static control_plane::ControlPlane, Client, tokio::sync::MutexGuard<'static, ()>) {
-    static OPERATORS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let guard = OPERATORS.lock().await;
-    let plane = control_plane::shared();
+/// `plane` with the CRDs, and an admin client.
+async fn setup(plane: &'static control_plane::ControlPlane) -> (&'static control_plane::ControlPlane, Client) {
     let admin = plane.client().await.expect("admin client");
     install_crds(&admin).await.expect("CRDs");
-    (plane, admin, guard)
+    (plane, admin)
 }
 
 fn ready(sub: &Subscription) -> bool {
@@ -37,7 +33,8 @@ fn ready(sub: &Subscription) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_works_with_exactly_the_charts_rbac() {
     init_logging();
-    let (plane, admin, _exclusive) = setup().await;
+    // Its own API server: an operator over every namespace would reconcile the other test's objects.
+    let (plane, admin) = setup(control_plane::dedicated()).await;
     binary_works(&admin, install_as_the_chart(plane, &admin, &[]).await).await;
 }
 
@@ -46,7 +43,7 @@ async fn the_binary_works_with_exactly_the_charts_rbac() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_works_namespace_scoped_with_exactly_the_charts_rbac() {
     init_logging();
-    let (plane, admin, _exclusive) = setup().await;
+    let (plane, admin) = setup(control_plane::shared()).await;
     let install = slim_e2e::chart_install::install_namespace_scoped(plane, &admin).await;
     let elsewhere = plane.namespace(&admin, "elsewhere").await.expect("namespace");
     let node = SlimNode::start("node-elsewhere").expect("node");
@@ -160,7 +157,7 @@ fn subscription(name: &str, node: &SlimNode, link_to: &SlimNode) -> Subscription
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_against_a_half_ready_cluster() {
     init_logging();
-    let (plane, admin, _exclusive) = setup().await;
+    let (plane, admin) = setup(control_plane::dedicated()).await;
     let apps_ns = plane.namespace(&admin, "apps").await.expect("namespace");
     let operator_ns = format!("later-{}", &apps_ns[apps_ns.len() - 8..]);
     let configuration = format!("slim-operator-{operator_ns}");
@@ -268,7 +265,7 @@ fn holder(lease: Option<Lease>) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_never_both_write() {
     init_logging();
-    let (plane, admin, _exclusive) = setup().await;
+    let (plane, admin) = setup(control_plane::dedicated()).await;
     let operator_ns = plane.namespace(&admin, "slim-ha").await.expect("namespace");
     let apps_ns = plane.namespace(&admin, "apps").await.expect("namespace");
     let release = format!("ha-{}", &operator_ns[operator_ns.len() - 8..]);
@@ -367,7 +364,7 @@ async fn two_replicas_never_both_write() {
 async fn the_binary_reaches_nodes_with_its_x509_svid() {
     use slim_e2e::pki::SpiffeNode;
     init_logging();
-    let (plane, admin, _exclusive) = setup().await;
+    let (plane, admin) = setup(control_plane::dedicated()).await;
     let ChartInstall { operator_ns, apps_ns, service_account, kubeconfig, mut env, .. } =
         install_as_the_chart(plane, &admin, &[]).await;
     let dir = tempfile::tempdir().expect("tempdir");

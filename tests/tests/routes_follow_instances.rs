@@ -15,17 +15,14 @@ use slim_operator::controller::ControllerConfig;
 use slim_operator::plan::{ResolvedTls, render_link};
 use slim_operator::slim::{NodePool, RouteRef, SlimName};
 
-/// The control plane, its CRDs, an admin client, a fresh namespace, and this binary's turn: the
-/// controllers watch every namespace, so two tests' controllers would reconcile each other's
-/// objects (and fight over their routes).
-async fn setup() -> (Client, String, tokio::sync::MutexGuard<'static, ()>) {
-    static CONTROLLERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let turn = CONTROLLERS.lock().await;
+/// The control plane, its CRDs, an admin client and a fresh namespace; each test's controllers
+/// watch their own namespace only (`watch_namespace`), so the tests run side by side.
+async fn setup() -> (Client, String) {
     let plane = control_plane::shared();
     let client = plane.client().await.expect("admin client");
     install_crds(&client).await.expect("CRDs");
     let namespace = plane.namespace(&client, "follow").await.expect("namespace");
-    (client, namespace, turn)
+    (client, namespace)
 }
 
 /// `name` routed on `on` over a `link_type` link to `to`, whose controller API is named.
@@ -84,10 +81,14 @@ async fn session(pool: &NodePool, a: &SlimNode, b: &SlimNode, message: &str) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_subscriptions_both_ways_carry_sessions_and_follow_a_restart() {
     init_logging();
-    let (client, namespace, _turn) = setup().await;
+    let (client, namespace) = setup().await;
     let a = SlimNode::start("node-a").expect("node a");
     let b = SlimNode::start("node-b").expect("node b");
-    let config = ControllerConfig { resync_interval: Duration::from_secs(30), ..Default::default() };
+    let config = ControllerConfig {
+        resync_interval: Duration::from_secs(30),
+        watch_namespace: Some(namespace.clone()),
+        ..Default::default()
+    };
     let pool = NodePool::default();
     let (stop, controllers) =
         slim_e2e::operator::run_in_process(&client, pool.clone(), Default::default(), config, "follow");
@@ -180,13 +181,14 @@ struct Carries {
 /// a point-to-point session alice (a) -> bob (b), then a SlimChannel moderated by the channel
 /// manager on a with bob (b) and carol (a) as members, messages both ways.
 async fn carried_over(link_type: &str) -> Carries {
-    let (client, namespace, _turn) = setup().await;
+    let (client, namespace) = setup().await;
     let a = SlimNode::start(&format!("{link_type}-a")).expect("node a");
     let b = SlimNode::start(&format!("{link_type}-b")).expect("node b");
     let manager = slim_e2e::ChannelManager::start(&a).expect("channel manager on a");
     let config = ControllerConfig {
         resync_interval: Duration::from_secs(30),
         channel_manager: Some(manager.endpoint()),
+        watch_namespace: Some(namespace.clone()),
         ..Default::default()
     };
     let pool = NodePool::default();
@@ -445,12 +447,16 @@ async fn what_each_link_type_carries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_link_and_a_remote_subscription_back_carry_repeated_sessions() {
     init_logging();
-    let (client, namespace, _turn) = setup().await;
+    let (client, namespace) = setup().await;
     let a = SlimNode::start("mixed-a").expect("node a");
     let b = SlimNode::start("mixed-b").expect("node b");
     let dir = tempfile::tempdir().expect("dir");
     let (_agent, socket) = slim_e2e::identity::dev_agent(dir.path()).await;
-    let config = ControllerConfig { resync_interval: Duration::from_secs(30), ..Default::default() };
+    let config = ControllerConfig {
+        resync_interval: Duration::from_secs(30),
+        watch_namespace: Some(namespace.clone()),
+        ..Default::default()
+    };
     let pool = NodePool::default();
     let (stop, controllers) =
         slim_e2e::operator::run_in_process(&client, pool.clone(), Default::default(), config, "mixed");
