@@ -5,11 +5,11 @@
 //! others. A sync lists the channel, plans, starts what is due and returns at once with each
 //! participant's state; a finished operation calls the sync's `on_done` so the caller can look
 //! again. Failed operations are retried with per-participant exponential backoff, jittered so the
-//! participants of many channels do not retry in lockstep. At most `in_flight` operations run at
-//! once through one manager (the others wait their turn): the manager serves each channel's
-//! operations one at a time, and with hundreds of channels at once its answers outlast the
-//! client's deadline (measured: 200 channels of 20 members stalled at half their joins, every
-//! invite timing out after 30 s).
+//! participants of many channels do not retry in lockstep. One operation runs at a time per
+//! channel, and at most `in_flight` at once through one manager; the others wait their turn here.
+//! The manager serves a channel's operations one at a time, so more would only wait there, on the
+//! clock of their deadline: with 200 channels of 20 members filling at once, every invite timed
+//! out after 30 s.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -120,6 +120,9 @@ pub struct ChannelReport {
     pub manager_lost_node: Option<String>,
 }
 
+/// Turns to run an operation, by what they are counted per.
+type Turns<K> = Arc<Mutex<HashMap<K, Arc<Semaphore>>>>;
+
 /// Background operations of every channel, shared by reconciles (clones share them).
 #[derive(Clone)]
 pub struct ChannelEngine {
@@ -131,7 +134,10 @@ pub struct ChannelEngine {
     /// invited while that instance is still connected).
     departed: Arc<Mutex<HashMap<OpKey, String>>>,
     /// Turns to run an operation, per manager endpoint.
-    turns: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+    turns: Turns<String>,
+    /// One operation at a time per channel (the manager serves a channel's one at a time; more
+    /// would wait there, on the clock of their deadline).
+    channel_turns: Turns<(String, String)>,
     /// Operations in flight at one manager (0: unbounded).
     in_flight: usize,
     retry_min: Duration,
@@ -153,6 +159,7 @@ impl ChannelEngine {
             lost: Arc::default(),
             departed: Arc::default(),
             turns: Arc::default(),
+            channel_turns: Arc::default(),
             in_flight: DEFAULT_IN_FLIGHT,
             retry_min,
             retry_max,
@@ -166,12 +173,15 @@ impl ChannelEngine {
         self
     }
 
-    /// The turns of the manager at `endpoint` (`None`: unbounded).
-    fn turns(&self, endpoint: &str) -> Option<Arc<Semaphore>> {
-        (self.in_flight > 0).then(|| {
+    /// The turns of the manager at `endpoint` (`None`: unbounded), and of the channel.
+    fn turns(&self, key: &OpKey) -> (Option<Arc<Semaphore>>, Arc<Semaphore>) {
+        let manager = (self.in_flight > 0).then(|| {
             let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
-            turns.entry(endpoint.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(self.in_flight))).clone()
-        })
+            turns.entry(key.manager.clone()).or_insert_with(|| Arc::new(Semaphore::new(self.in_flight))).clone()
+        });
+        let mut channels = self.channel_turns.lock().unwrap_or_else(|p| p.into_inner());
+        let channel = (key.manager.clone(), key.channel.clone());
+        (manager, channels.entry(channel).or_insert_with(|| Arc::new(Semaphore::new(1))).clone())
     }
 
     /// Cancels every background operation, running or to come, when the guard drops: a replica
@@ -323,11 +333,13 @@ impl ChannelEngine {
         let lost = self.lost.clone();
         let (retry_min, retry_max) = (self.retry_min, self.retry_max);
         let stop = self.stop.clone();
-        let turns = self.turns(&key.manager);
+        let (manager_turns, channel_turn) = self.turns(&key);
         tokio::spawn(async move {
             let turn = async {
-                // Never closed, so the permit is always granted in the end.
-                let _permit = match turns {
+                // Never closed, so the permits are always granted in the end: the channel's turn
+                // first, so a manager's turn is never held waiting for it.
+                let _channel = channel_turn.acquire_owned().await.ok();
+                let _manager = match manager_turns {
                     Some(turns) => turns.acquire_owned().await.ok(),
                     None => None,
                 };
@@ -371,6 +383,8 @@ impl ChannelEngine {
         let other = |key: &OpKey| key.manager != manager.endpoint() || key.channel != channel;
         self.ops.lock().unwrap_or_else(|p| p.into_inner()).retain(|key, _| other(key));
         self.departed.lock().unwrap_or_else(|p| p.into_inner()).retain(|key, _| other(key));
+        let mut channel_turns = self.channel_turns.lock().unwrap_or_else(|p| p.into_inner());
+        channel_turns.remove(&(manager.endpoint().to_owned(), channel.to_owned()));
         Ok(())
     }
 }
