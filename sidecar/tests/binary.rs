@@ -72,7 +72,7 @@ fn bad_flags_exit_two_and_bad_config_exits_one() {
     std::fs::write(&config, "certDir = \"/svids\"\n").expect("write");
     let bad = Command::new(BIN).args(["-config", &config.display().to_string()]).output().expect("run");
     assert_eq!(bad.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown top-level config key \"certDir\""));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("line 1: unknown field `certDir`"));
     let version = Command::new(BIN).arg("-version").output().expect("run");
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("slim-identity-agent "));
 }
