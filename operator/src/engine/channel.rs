@@ -567,6 +567,43 @@ mod tests {
         assert_eq!(done.load(Ordering::SeqCst), 0, "a cancelled operation neither finishes nor triggers");
     }
 
+    /// One operation at a time per channel, at most `in_flight` at one manager.
+    #[tokio::test]
+    async fn operations_take_turns_per_channel_and_per_manager() {
+        for (in_flight, most) in [(2, 2), (0, 3)] {
+            let cm = FakeChannelManager::start().await;
+            cm.state().offline_delay = Duration::from_millis(100);
+            let engine = ChannelEngine::default().with_in_flight(in_flight);
+            let manager = ChannelManagerClient::new(&cm.endpoint).expect("client");
+            for c in 0..3 {
+                let desired: BTreeSet<String> = (0..3).map(|p| format!("org/ns/p{c}-{p}")).collect();
+                cm.state().offline.extend(desired.iter().cloned());
+                let request = ChannelSync {
+                    manager: &manager,
+                    channel: &format!("org/ns/chat-{c}"),
+                    mls_enabled: false,
+                    desired: &desired,
+                    managed_before: &BTreeSet::new(),
+                    live: None,
+                    leaving: &BTreeSet::new(),
+                    on_done: Arc::new(|| {}),
+                };
+                assert!(engine.sync(request).await.expect("sync").busy);
+            }
+            let finished = || cm.state().calls.iter().filter(|c| c.starts_with("AddParticipant")).count() == 9;
+            for _ in 0..100 {
+                if finished() && cm.state().waiting.values().all(|w| *w == 0) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let state = cm.state();
+            assert_eq!(state.calls.iter().filter(|c| c.starts_with("AddParticipant")).count(), 9, "{:?}", state.calls);
+            assert_eq!(state.most_waiting_in_a_channel, 1, "in_flight {in_flight}: one at a time per channel");
+            assert_eq!(state.most_waiting, most, "in_flight {in_flight}: at once through the manager");
+        }
+    }
+
     /// Found by the soak: a participant whose invite failed (it was restarting) waited out its
     /// backoff (up to 5 min) although its new instance was there.
     #[tokio::test]

@@ -25,6 +25,24 @@ pub struct FakeCmState {
     pub offline: BTreeSet<String>,
     pub offline_delay: Duration,
     pub calls: Vec<String>,
+    /// Invites of offline participants under way, by channel, and the most there ever were at
+    /// once: in all, and in one channel.
+    pub waiting: BTreeMap<String, usize>,
+    pub most_waiting: usize,
+    pub most_waiting_in_a_channel: usize,
+}
+
+impl FakeCmState {
+    fn offline_invite(&mut self, channel: &str, started: bool) {
+        let count = self.waiting.entry(channel.to_owned()).or_default();
+        if started {
+            *count += 1;
+        } else {
+            *count = count.saturating_sub(1);
+        }
+        self.most_waiting_in_a_channel = self.most_waiting_in_a_channel.max(*count);
+        self.most_waiting = self.most_waiting.max(self.waiting.values().sum());
+    }
 }
 
 pub struct FakeChannelManager {
@@ -104,7 +122,9 @@ impl ChannelManagerService for Service {
             (state.offline.contains(&request.participant_name), state.offline_delay)
         };
         if offline {
+            self.lock().offline_invite(&request.channel_name, true);
             tokio::time::sleep(delay).await;
+            self.lock().offline_invite(&request.channel_name, false);
             return reply(Err(format!(
                 "failed to invite participant {} to channel {}: failed to add participant to session: message send retries exhausted for id=1",
                 request.participant_name, request.channel_name
