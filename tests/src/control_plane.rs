@@ -107,30 +107,26 @@ static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
 
 /// The test binary's control plane, started on first use.
 pub fn shared() -> &'static ControlPlane {
-    started(&SHARED)
+    match SHARED.get_or_init(start_lasting) {
+        Ok(plane) => plane,
+        Err(error) => panic!("control plane: {error}"),
+    }
 }
 
 /// A control plane of the caller's own, started now and stopped when the test binary exits: for a
 /// test whose operator watches every namespace (it would reconcile the objects of the tests on
 /// [`shared`], whose controllers each watch their own namespace).
 pub fn dedicated() -> &'static ControlPlane {
-    let started = start_on_lasting_thread("control-plane", || {
-        ControlPlane::start(&Options::default()).map_err(|e| e.to_string())
-    });
-    match started {
+    match start_lasting() {
         Ok(plane) => Box::leak(Box::new(plane)),
         Err(error) => panic!("control plane: {error}"),
     }
 }
 
-fn started(plane: &'static OnceLock<Result<ControlPlane, String>>) -> &'static ControlPlane {
-    let started = plane.get_or_init(|| {
-        start_on_lasting_thread("control-plane", || ControlPlane::start(&Options::default()).map_err(|e| e.to_string()))
-    });
-    match started {
-        Ok(plane) => plane,
-        Err(error) => panic!("control plane: {error}"),
-    }
+/// A plane with the default options, on a thread that lasts (its processes die with the thread
+/// that forked them).
+fn start_lasting() -> Result<ControlPlane, String> {
+    start_on_lasting_thread("control-plane", || ControlPlane::start(&Options::default()).map_err(|e| e.to_string()))
 }
 
 fn record_api_server(dir: &Path, process: ApiServerProcess) {
@@ -271,10 +267,12 @@ impl ControlPlane {
         let assets = assets()?;
         let dir = tempfile::Builder::new().prefix("slim-control-plane-").tempdir()?.keep();
         DATA_DIRS.lock().unwrap_or_else(|p| p.into_inner()).push(dir.clone());
-        // SAFETY: registers a plain `extern "C" fn` with no arguments, as atexit(3) expects.
-        unsafe {
+        static AT_EXIT: std::sync::Once = std::sync::Once::new();
+        // SAFETY: registers a plain `extern "C" fn` with no arguments, as atexit(3) expects; once,
+        // however many planes start (it stops them all).
+        AT_EXIT.call_once(|| unsafe {
             libc::atexit(stop_everything);
-        }
+        });
         let pki = dir.join("pki");
         std::fs::create_dir_all(&pki)?;
 
