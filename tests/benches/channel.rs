@@ -88,6 +88,7 @@ async fn main() {
                 managed_before: &desired,
                 live: Some(&live),
                 leaving: &BTreeSet::new(),
+                incarnations: &Default::default(),
                 on_done: Arc::new(move || notify.notify_one()),
             })
             .await

@@ -73,6 +73,7 @@ impl Harness {
                     managed_before,
                     live: live.as_ref(),
                     leaving: &self.leaving,
+                    incarnations: &Default::default(),
                     on_done: Arc::new(move || done.notify_one()),
                 })
                 .await

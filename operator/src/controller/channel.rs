@@ -18,7 +18,7 @@ use super::{Context, Error};
 use crate::api::SlimChannel;
 use crate::api::condition::failed;
 use crate::engine::{ChannelReport, ChannelSync};
-use crate::plan::channel::{LiveInstances, live_instances};
+use crate::plan::channel::{Incarnation, Incarnations, LiveInstances, live_instances};
 use crate::plan::conflicts::{self, Claim};
 use crate::plan::{node_targets, selector_query};
 use crate::slim::SlimName;
@@ -76,7 +76,7 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
         Ok(manager) => manager,
         Err(error) => return fail(error).await,
     };
-    let Participants { desired, pods, leaving } = match desired_participants(channel, ctx) {
+    let Participants { desired, pods, leaving, incarnations } = match desired_participants(channel, ctx) {
         Ok(found) => found,
         Err(error) => return fail(error).await,
     };
@@ -101,6 +101,7 @@ async fn apply(channel: &SlimChannel, ctx: &Context) -> Result<Action, Error> {
             managed_before: &managed_before,
             live: live.as_ref(),
             leaving: &leaving,
+            incarnations: &incarnations,
             on_done: Arc::new(move || {
                 let _ = trigger.send(key.clone());
             }),
@@ -227,8 +228,11 @@ struct Participants {
     desired: BTreeSet<String>,
     /// The Pod behind each selected name.
     pods: BTreeMap<String, String>,
-    /// Names with a selected Pod that is terminating (its instance is on its way out).
+    /// Names with a selected Pod that is terminating while its app may still run (its instance is
+    /// on its way out).
     leaving: BTreeSet<String>,
+    /// The process behind each name one serving Pod has (a name two Pods claim has none).
+    incarnations: Incarnations,
 }
 
 fn desired_participants(channel: &SlimChannel, ctx: &Context) -> Result<Participants, Error> {
@@ -242,12 +246,16 @@ fn desired_participants(channel: &SlimChannel, ctx: &Context) -> Result<Particip
         let Some(name) = pod.annotations().get(NAME_ANNOTATION) else { continue };
         match SlimName::parse(name) {
             Ok(parsed) if parsed.instance().is_none() => {
-                if pod.meta().deletion_timestamp.is_some() {
+                if pod.meta().deletion_timestamp.is_some() && Incarnation::may_run(&pod) {
                     found.leaving.insert(name.clone());
                 }
                 if crate::plan::nodes::serving(&pod) {
                     found.desired.insert(name.clone());
-                    found.pods.insert(name.clone(), pod.name_any());
+                    if found.pods.insert(name.clone(), pod.name_any()).is_none() {
+                        found.incarnations.insert(name.clone(), Incarnation::of(&pod));
+                    } else {
+                        found.incarnations.remove(name);
+                    }
                 }
             }
             _ => {

@@ -57,7 +57,9 @@ impl Pods {
 /// Trims a Pod to what the controllers read (labels, annotations, deletion, the containers' names
 /// and ports, phase, IPs, restart counts), so that caching every Pod of a large cluster stays cheap.
 pub fn keep_what_is_read(pod: &mut Pod) {
-    use k8s_openapi::api::core::v1::{Container, ContainerStatus, PodSpec, PodStatus};
+    use k8s_openapi::api::core::v1::{
+        Container, ContainerState, ContainerStateRunning, ContainerStatus, PodSpec, PodStatus,
+    };
     pod.metadata.managed_fields = None;
     if let Some(annotations) = pod.metadata.annotations.as_mut() {
         annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
@@ -76,7 +78,15 @@ pub fn keep_what_is_read(pod: &mut Pod) {
         let container_statuses = status.container_statuses.map(|statuses| {
             statuses
                 .into_iter()
-                .map(|c| ContainerStatus { name: c.name, restart_count: c.restart_count, ..Default::default() })
+                .map(|c| {
+                    // Whether it runs (a member's process), not since when nor how it ended.
+                    let running = c.state.is_some_and(|s| s.running.is_some());
+                    let state = running.then(|| ContainerState {
+                        running: Some(ContainerStateRunning::default()),
+                        ..Default::default()
+                    });
+                    ContainerStatus { name: c.name, restart_count: c.restart_count, state, ..Default::default() }
+                })
                 .collect()
         });
         pod.status = Some(PodStatus {
@@ -254,11 +264,15 @@ mod tests {
                      "volumes": [{"name": "v", "emptyDir": {}}]},
             "status": {"phase": "Running", "podIP": "10.0.0.7", "podIPs": [{"ip": "10.0.0.7"}],
                        "conditions": [{"type": "Ready", "status": "True"}],
-                       "containerStatuses": [{"name": "slim", "image": "slim:1", "imageID": "x", "ready": true, "restartCount": 3}]}
+                       "containerStatuses": [{"name": "slim", "image": "slim:1", "imageID": "x", "ready": true, "restartCount": 3,
+                                              "state": {"running": {"startedAt": "2026-12-07T00:00:00Z"}}}]}
         }))
         .expect("pod");
         let targets_before = crate::plan::pod_targets(&[], [&pod]);
+        let incarnation_before = crate::plan::channel::Incarnation::of(&pod);
         keep_what_is_read(&mut pod);
+        assert_eq!(crate::plan::channel::Incarnation::of(&pod), incarnation_before, "same member process");
+        assert!(incarnation_before.running);
         assert_eq!(crate::plan::pod_targets(&[], [&pod]), targets_before, "same node target");
         assert_eq!(pod.metadata.annotations.as_ref().map(|a| a.len()), Some(1), "the name annotation stays");
         assert!(pod.metadata.managed_fields.is_none());

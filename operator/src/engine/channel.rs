@@ -21,7 +21,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info};
 
 use crate::backoff::{exponential, jitter};
-use crate::plan::channel::{Leaving, LiveInstances, MemberState, base_name, instance_of, plan_channel};
+use crate::plan::channel::{
+    Incarnation, Incarnations, LiveInstances, MemberState, Turnover, base_name, instance_of, plan_channel,
+};
 use crate::slim::wording::Said;
 use crate::slim::{ChannelManagerClient, CmError};
 
@@ -34,6 +36,8 @@ enum OpKind {
     Rejoin,
     /// The removal of a live instance that is leaving (its Pod terminating).
     HandOver,
+    /// The removal of the instance of an app that stopped or restarted since it joined.
+    Retire,
     Remove,
 }
 
@@ -43,6 +47,7 @@ impl OpKind {
             OpKind::Invite => "invite",
             OpKind::Rejoin => "re-invite",
             OpKind::HandOver => "hand-over removal",
+            OpKind::Retire => "removal of the stopped instance",
             OpKind::Remove => "removal",
         }
     }
@@ -72,6 +77,21 @@ struct OpKey {
     participant: String,
 }
 
+impl OpKey {
+    fn new(request: &ChannelSync<'_>, participant: &str) -> Self {
+        Self {
+            manager: request.manager.endpoint().to_owned(),
+            channel: request.channel.to_owned(),
+            participant: participant.to_owned(),
+        }
+    }
+
+    /// Whether the key is of the channel `request` syncs.
+    fn of(&self, request: &ChannelSync<'_>) -> bool {
+        self.manager == request.manager.endpoint() && self.channel == request.channel
+    }
+}
+
 /// The longest wait before retrying an operation that failed because the manager could not act
 /// (it is restarting, or lost its node): it is back as soon as it is.
 const MANAGER_DOWN_RETRY: Duration = Duration::from_secs(5);
@@ -89,6 +109,8 @@ pub struct ChannelSync<'a> {
     pub live: Option<&'a LiveInstances>,
     /// Names with a selected Pod that is terminating.
     pub leaving: &'a BTreeSet<String>,
+    /// The process behind each name served by one selected Pod.
+    pub incarnations: &'a Incarnations,
     pub on_done: OnDone,
 }
 
@@ -133,6 +155,9 @@ pub struct ChannelEngine {
     /// The instance each leaving participant had when it was removed (its successor is not
     /// invited while that instance is still connected).
     departed: Arc<Mutex<HashMap<OpKey, String>>>,
+    /// The process each Pod-selected member joined as (recorded when its invite went through, or
+    /// when first seen joined): a member whose Pod no longer runs it restarted.
+    joined_as: Arc<Mutex<HashMap<OpKey, Incarnation>>>,
     /// Turns to run an operation, per manager endpoint.
     turns: Turns<String>,
     /// One operation at a time per channel (the manager serves a channel's one at a time; more
@@ -158,6 +183,7 @@ impl ChannelEngine {
             ops: Arc::default(),
             lost: Arc::default(),
             departed: Arc::default(),
+            joined_as: Arc::default(),
             turns: Arc::default(),
             channel_turns: Arc::default(),
             in_flight: DEFAULT_IN_FLIGHT,
@@ -204,17 +230,20 @@ impl ChannelEngine {
             Err(error) => return Err(error),
         };
         let departed = self.departed(&request);
-        let leaving = Leaving { names: request.leaving, departed: &departed };
-        let plan = plan_channel(request.desired, &listed, request.managed_before, request.live, leaving);
+        let restarted = self.restarted(&request);
+        let turnover = Turnover { leaving: request.leaving, departed: &departed, restarted: &restarted };
+        let plan = plan_channel(request.desired, &listed, request.managed_before, request.live, turnover);
         let due: Vec<(String, OpKind)> = plan
             .add
             .iter()
             .map(|n| (n.clone(), OpKind::Invite))
             .chain(plan.rejoin.iter().map(|n| (n.clone(), OpKind::Rejoin)))
             .chain(plan.hand_over.iter().map(|n| (n.clone(), OpKind::HandOver)))
+            .chain(plan.retire.iter().map(|n| (n.clone(), OpKind::Retire)))
             .chain(plan.remove.iter().map(|n| (n.clone(), OpKind::Remove)))
             .collect();
         self.remember_departures(&request, &listed, &due);
+        self.adopt(&request, &plan.members);
         let notes = self.start_due(&request, &due, &mut report);
         report.manager_lost_node = self.lost_node(request.manager.endpoint());
         report.members = plan.members.into_iter().map(|m| member_report(m, &notes)).collect();
@@ -237,7 +266,7 @@ impl ChannelEngine {
     fn departed(&self, request: &ChannelSync<'_>) -> BTreeMap<String, String> {
         let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
         departed.retain(|key, instance| {
-            let other = key.manager != request.manager.endpoint() || key.channel != request.channel;
+            let other = !key.of(request);
             let still_connected = request
                 .live
                 .is_none_or(|live| live.get(&key.participant).is_some_and(|instances| instances.contains(instance)));
@@ -245,9 +274,32 @@ impl ChannelEngine {
         });
         departed
             .iter()
-            .filter(|(key, _)| key.manager == request.manager.endpoint() && key.channel == request.channel)
+            .filter(|(key, _)| key.of(request))
             .map(|(key, instance)| (key.participant.clone(), instance.clone()))
             .collect()
+    }
+
+    /// Desired names whose Pod no longer runs the process that joined.
+    fn restarted(&self, request: &ChannelSync<'_>) -> BTreeSet<String> {
+        let mut joined_as = self.joined_as.lock().unwrap_or_else(|p| p.into_inner());
+        joined_as.retain(|key, _| !key.of(request) || request.desired.contains(&key.participant));
+        request
+            .incarnations
+            .iter()
+            .filter(|(name, now)| joined_as.get(&OpKey::new(request, name)).is_some_and(|joined| now.replaced(joined)))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Records the process of each member found joined that has none recorded (it joined before
+    /// this replica led).
+    fn adopt(&self, request: &ChannelSync<'_>, members: &[MemberState]) {
+        let mut joined_as = self.joined_as.lock().unwrap_or_else(|p| p.into_inner());
+        for member in members.iter().filter(|m| m.joined) {
+            if let Some(now) = request.incarnations.get(&member.name).filter(|now| now.running) {
+                joined_as.entry(OpKey::new(request, &member.name)).or_insert_with(|| now.clone());
+            }
+        }
     }
 
     /// Remembers the listed instance of each leaving participant about to be removed.
@@ -260,12 +312,7 @@ impl ChannelEngine {
             let Some(instance) = listed.iter().filter(|m| base_name(m) == name).find_map(|m| instance_of(m)) else {
                 continue;
             };
-            let key = OpKey {
-                manager: request.manager.endpoint().to_owned(),
-                channel: request.channel.to_owned(),
-                participant: name.clone(),
-            };
-            departed.insert(key, instance.to_owned());
+            departed.insert(OpKey::new(request, name), instance.to_owned());
         }
     }
 
@@ -288,11 +335,7 @@ impl ChannelEngine {
                 || due.iter().any(|(name, _)| *name == key.participant)
         });
         for (participant, kind) in due {
-            let key = OpKey {
-                manager: request.manager.endpoint().to_owned(),
-                channel: request.channel.to_owned(),
-                participant: participant.clone(),
-            };
+            let key = OpKey::new(request, participant);
             let live = request.live.and_then(|l| l.get(participant)).cloned();
             let attempts = match waiting(&ops, &key, now, live.as_ref(), report) {
                 Ok(attempts) => attempts,
@@ -304,7 +347,9 @@ impl ChannelEngine {
             ops.insert(key.clone(), OpState::Running { kind: *kind });
             report.busy = true;
             notes.insert(participant.clone(), Note::InProgress(*kind));
-            self.spawn(key, (*kind, attempts, live), request.manager.clone(), request.on_done.clone());
+            let incarnation = request.incarnations.get(participant).cloned();
+            let op = Started { kind: *kind, attempts, live, incarnation };
+            self.spawn(key, op, request.manager.clone(), request.on_done.clone());
         }
         notes
     }
@@ -320,16 +365,11 @@ impl ChannelEngine {
         ops.retain(|key, state| key.manager != endpoint || matches!(state, OpState::Running { .. }));
     }
 
-    /// Runs `op` (its kind, past attempts, and the participant's live instances now).
-    fn spawn(
-        &self,
-        key: OpKey,
-        op: (OpKind, u32, Option<BTreeSet<String>>),
-        manager: ChannelManagerClient,
-        on_done: OnDone,
-    ) {
-        let (kind, attempts, live) = op;
+    /// Runs `op` in the background.
+    fn spawn(&self, key: OpKey, op: Started, manager: ChannelManagerClient, on_done: OnDone) {
+        let Started { kind, attempts, live, incarnation } = op;
         let ops = self.ops.clone();
+        let joined_as = self.joined_as.clone();
         let lost = self.lost.clone();
         let (retry_min, retry_max) = (self.retry_min, self.retry_max);
         let stop = self.stop.clone();
@@ -350,6 +390,9 @@ impl ChannelEngine {
                 return;
             };
             record_lost_node(&lost, &key.manager, kind, &result);
+            if result.is_ok() {
+                record_joined_as(&joined_as, &key, kind, incarnation);
+            }
             {
                 let mut ops = ops.lock().unwrap_or_else(|p| p.into_inner());
                 match &result {
@@ -383,10 +426,37 @@ impl ChannelEngine {
         let other = |key: &OpKey| key.manager != manager.endpoint() || key.channel != channel;
         self.ops.lock().unwrap_or_else(|p| p.into_inner()).retain(|key, _| other(key));
         self.departed.lock().unwrap_or_else(|p| p.into_inner()).retain(|key, _| other(key));
+        self.joined_as.lock().unwrap_or_else(|p| p.into_inner()).retain(|key, _| other(key));
         let mut channel_turns = self.channel_turns.lock().unwrap_or_else(|p| p.into_inner());
         channel_turns.remove(&(manager.endpoint().to_owned(), channel.to_owned()));
         Ok(())
     }
+}
+
+/// An operation about to run: its kind, past attempts, and the participant's live instances and
+/// process when it started.
+struct Started {
+    kind: OpKind,
+    attempts: u32,
+    live: Option<BTreeSet<String>>,
+    incarnation: Option<Incarnation>,
+}
+
+/// After an operation of `key` went through: an invite records the process it reached, a removal
+/// forgets it.
+fn record_joined_as(
+    joined_as: &Mutex<HashMap<OpKey, Incarnation>>,
+    key: &OpKey,
+    kind: OpKind,
+    incarnation: Option<Incarnation>,
+) {
+    let mut joined_as = joined_as.lock().unwrap_or_else(|p| p.into_inner());
+    match (kind, incarnation) {
+        (OpKind::Invite | OpKind::Rejoin, Some(incarnation)) if incarnation.running => {
+            joined_as.insert(key.clone(), incarnation)
+        }
+        _ => joined_as.remove(key),
+    };
 }
 
 /// Whether the operation of `key` may start now (`Ok` with its past attempts) or must wait, with
@@ -457,7 +527,7 @@ fn record_lost_node(lost: &Mutex<HashMap<String, String>>, manager: &str, kind: 
         Err(CmError::Refused { said: Said::NoRoute, message, .. }) => {
             (lost.insert(manager.to_owned(), message.clone()).is_none().then_some(message), false)
         }
-        Ok(()) if kind != OpKind::Remove => (None, lost.remove(manager).is_some()),
+        Ok(()) if matches!(kind, OpKind::Invite | OpKind::Rejoin) => (None, lost.remove(manager).is_some()),
         _ => (None, false),
     };
     if let Some(message) = newly_lost {
@@ -481,7 +551,7 @@ async fn run_op(manager: &ChannelManagerClient, channel: &str, participant: &str
     match kind {
         OpKind::Invite => invite(manager, channel, participant).await,
         // A live instance acknowledges its removal at once.
-        OpKind::Remove | OpKind::HandOver => manager.delete_participant(channel, participant).await,
+        OpKind::Remove | OpKind::HandOver | OpKind::Retire => manager.delete_participant(channel, participant).await,
         OpKind::Rejoin => {
             // The dead instance cannot be told, but the manager removes it all the same.
             manager.delete_participant(channel, participant).await?;
@@ -518,7 +588,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::slim::fake_channel_manager::FakeChannelManager;
+    use crate::slim::fake_channel_manager::{FakeChannelManager, MANAGER_NAME};
 
     /// Starts an invite that takes 400 ms (an offline participant) and counts its completions.
     async fn invite_under_way(engine: &ChannelEngine, cm: &FakeChannelManager) -> Arc<AtomicUsize> {
@@ -537,6 +607,7 @@ mod tests {
                 managed_before: &BTreeSet::new(),
                 live: None,
                 leaving: &BTreeSet::new(),
+                incarnations: &Default::default(),
                 on_done: Arc::new(move || {
                     counter.fetch_add(1, Ordering::SeqCst);
                 }),
@@ -586,6 +657,7 @@ mod tests {
                     managed_before: &BTreeSet::new(),
                     live: None,
                     leaving: &BTreeSet::new(),
+                    incarnations: &Default::default(),
                     on_done: Arc::new(|| {}),
                 };
                 assert!(engine.sync(request).await.expect("sync").busy);
@@ -602,6 +674,63 @@ mod tests {
             assert_eq!(state.most_waiting_in_a_channel, 1, "in_flight {in_flight}: one at a time per channel");
             assert_eq!(state.most_waiting, most, "in_flight {in_flight}: at once through the manager");
         }
+    }
+
+    /// SLIM gives a restarted app the instance id of its identity: only the Pod tells the new
+    /// process from the one that joined.
+    #[tokio::test]
+    async fn a_member_whose_pod_runs_another_process_is_removed_and_invited_again() {
+        let cm = FakeChannelManager::start().await;
+        let listed = "org/ns/bob/00000000-0000-0000-0000-0000000000b0";
+        let members = BTreeSet::from([MANAGER_NAME.to_owned(), listed.to_owned()]);
+        cm.state().channels.insert("org/ns/chat".into(), (false, members));
+        let engine = ChannelEngine::default();
+        let manager = ChannelManagerClient::new(&cm.endpoint).expect("client");
+        let desired = BTreeSet::from(["org/ns/bob".to_owned()]);
+        let sync = |instance: Option<&str>, incarnation: Incarnation| {
+            let (engine, manager, desired) = (engine.clone(), manager.clone(), desired.clone());
+            let live =
+                LiveInstances::from([("org/ns/bob".to_owned(), instance.into_iter().map(str::to_owned).collect())]);
+            async move {
+                let incarnations = Incarnations::from([("org/ns/bob".to_owned(), incarnation)]);
+                let request = ChannelSync {
+                    manager: &manager,
+                    channel: "org/ns/chat",
+                    mls_enabled: false,
+                    desired: &desired,
+                    managed_before: &desired,
+                    live: Some(&live),
+                    leaving: &BTreeSet::new(),
+                    incarnations: &incarnations,
+                    on_done: Arc::new(|| {}),
+                };
+                let report = engine.sync(request).await.expect("sync");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                report
+            }
+        };
+        let pod = |uid: &str, running: bool| Incarnation { pod_uid: uid.into(), restarts: 0, running };
+        let same = "00000000-0000-0000-0000-0000000000b0";
+        assert!(sync(Some(same), pod("a", true)).await.members[0].joined, "joined; its process recorded");
+        let changes = || cm.state().calls.iter().filter(|c| !c.starts_with("List")).cloned().collect::<Vec<_>>();
+        assert!(changes().is_empty());
+
+        // Pod b now serves the name under the same instance: removed, then invited again.
+        let report = sync(Some(same), pod("b", true)).await;
+        assert!(!report.members[0].joined && report.busy, "{report:?}");
+        assert_eq!(changes(), ["DeleteParticipant org/ns/chat org/ns/bob", "AddParticipant org/ns/chat org/ns/bob"]);
+        let now = cm.state().channels["org/ns/chat"].1.iter().find(|m| m.starts_with("org/ns/bob/")).cloned();
+        let instance = now.as_deref().and_then(instance_of).expect("bob invited again").to_owned();
+        assert!(sync(Some(&instance), pod("b", true)).await.members[0].joined, "pod b's process is the member now");
+        assert_eq!(changes().len(), 2, "nothing more to do");
+
+        // Its app stops: the gone instance is removed at once, and not invited while offline.
+        let report = sync(None, pod("b", false)).await;
+        assert!(report.members[0].message.as_deref().unwrap_or("").contains("removal of the stopped instance"));
+        assert_eq!(changes()[2], "DeleteParticipant org/ns/chat org/ns/bob");
+        let report = sync(None, pod("b", false)).await;
+        assert!(report.members[0].message.as_deref().unwrap_or("").starts_with("offline"), "{report:?}");
+        assert_eq!(changes().len(), 3, "{:?}", changes());
     }
 
     /// Found by the soak: a participant whose invite failed (it was restarting) waited out its
@@ -625,6 +754,7 @@ mod tests {
                     managed_before: &BTreeSet::new(),
                     live: Some(&live),
                     leaving: &BTreeSet::new(),
+                    incarnations: &Default::default(),
                     on_done: Arc::new(|| {}),
                 };
                 engine.sync(request).await.expect("sync")
