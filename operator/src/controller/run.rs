@@ -89,14 +89,17 @@ pub async fn run(
         unreachable!("a shared store always has subscribers")
     };
     let pods = Cache::new(pod_store.clone());
-    let pod_watch = pod_watch(watched_api(&client, namespace), pod_writer, pods.clone(), runtime.caches.pods.clone());
+    let (trigger, triggered) = mpsc::unbounded_channel();
+    let (sub_trigger, sub_triggered) = mpsc::unbounded_channel();
+    let triggers = member_watch::Triggers { channels: trigger, subscriptions: sub_trigger };
+    let deleted =
+        DeletedPods { channels: channel_cache.clone(), subscriptions: sub_cache.clone(), triggers: triggers.clone() };
+    let pod_watch =
+        pod_watch(watched_api(&client, namespace), pod_writer, pods.clone(), runtime.caches.pods.clone(), deleted);
     let sub_controller = Controller::for_stream(sub_stream, sub_cache.store().clone());
     let channel_controller = Controller::for_stream(channel_stream, channel_cache.store().clone());
     let stores = Stores { subscriptions: sub_cache, channels: channel_cache, pods: Pods(pods) };
-    let (trigger, triggered) = mpsc::unbounded_channel();
-    let (sub_trigger, sub_triggered) = mpsc::unbounded_channel();
     runtime.caches.publish(stores.clone());
-    let triggers = member_watch::Triggers { channels: trigger, subscriptions: sub_trigger };
     let ctx = Arc::new(Context::new(&runtime, stores, triggers));
     let _stop_engine = ctx.channel_engine.stop_on_drop();
 
@@ -202,7 +205,13 @@ where
 
 /// The shared Pod watch, driven for as long as the controllers run. Pods are cached trimmed to
 /// what the controllers read.
-async fn pod_watch(pods: Api<Pod>, writer: reflector::store::Writer<Pod>, cache: Cache<Pod>, gate: Arc<Gate>) {
+async fn pod_watch(
+    pods: Api<Pod>,
+    writer: reflector::store::Writer<Pod>,
+    cache: Cache<Pod>,
+    gate: Arc<Gate>,
+    deleted: DeletedPods,
+) {
     watcher(pods, watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(super::stores::keep_what_is_read)
@@ -210,6 +219,9 @@ async fn pod_watch(pods: Api<Pod>, writer: reflector::store::Writer<Pod>, cache:
         .for_each(|event| {
             if let Ok(event) = &event {
                 cache.follow(event);
+            }
+            if let Ok(watcher::Event::Delete(pod)) = &event {
+                deleted.announce(pod);
             }
             match event {
                 Ok(watcher::Event::InitDone) => gate.open(),
@@ -373,6 +385,26 @@ where
             tracing::debug!(%object, "object gone before its reconcile")
         }
         Err(error) => warn!(kind = %K::kind(&()), %error, "controller stream error"),
+    }
+}
+
+/// Announces a deleted Pod to the objects selecting it. The controllers' shared Pod streams carry
+/// only applied Pods (kube-runtime 5 dispatches no deletions to them), and a Pod that is gone
+/// matters: a member whose successor waits for it to go, a node that no longer serves.
+struct DeletedPods {
+    channels: Cache<SlimChannel>,
+    subscriptions: Cache<Subscription>,
+    triggers: member_watch::Triggers,
+}
+
+impl DeletedPods {
+    fn announce(&self, pod: &Pod) {
+        for channel in channels_selecting(&self.channels, pod) {
+            let _ = self.triggers.channels.send(channel);
+        }
+        for subscription in subscriptions_selecting(&self.subscriptions, pod) {
+            let _ = self.triggers.subscriptions.send(subscription);
+        }
     }
 }
 
