@@ -7,11 +7,13 @@ Its first line reads the injected token file (the agent wrote it before the app 
 prints "identity <sub>" (plus " keys <n>" with SLIM_JWKS_FILE). Then, with the socket, it connects
 as SLIM_NAME with SLIM's `spire` identity on it, joins the channels it is invited to ("joined"),
 says hello on each, prints what it receives and echoes it (slim_identity_app.py listen); without
-it, it joins channels with the harness's shared secret (slim_member.py). Until it is stopped.
+it, it joins channels with the harness's shared secret (slim_member.py). Until it is stopped
+(SIGTERM ends it at once).
 """
 import base64
 import json
 import os
+import signal
 import threading
 
 from slim_identity_app import listen
@@ -19,6 +21,10 @@ from slim_member import main as member
 
 
 def main() -> None:
+    # Exit at once on SIGTERM, as an app in a container should: as PID 1 it would otherwise be
+    # left running until the grace period's SIGKILL (30 s), and a member rolled out of a channel
+    # is invited under its successor only once it is gone.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     with open(os.environ.get("SLIM_JWT_FILE", "/svids/jwt_svid.token")) as f:
         token = f.read().strip()
     claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))

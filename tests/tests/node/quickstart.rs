@@ -139,6 +139,25 @@ async fn the_quickstart_runs_as_written() {
     assert!(!carol.joined && carol.message.as_deref().is_some_and(|m| m.starts_with("offline")), "{carol:?}");
     println!("quickstart: dave joined team-chat {:.1}s after the first apply", started.elapsed().as_secs_f64());
 
+    // dave's Deployment rolled as `kubectl rollout restart` rolls it: each new Pod's app is back in
+    // team-chat (its hello reaches bob), and how long after it connected.
+    let rolls = std::env::var("SLIM_NODE_ROLLS").ok().and_then(|n| n.parse().ok()).unwrap_or(2);
+    let mut waits = Vec::new();
+    for roll in 1..=rolls {
+        let wait = roll_dave(node, &client, &pods, roll).await;
+        println!("quickstart: roll {roll}: dave's new instance joined {:.2}s after it connected", wait.as_secs_f64());
+        waits.push(wait);
+    }
+    waits.sort();
+    let at =
+        |q: f64| waits.get(((waits.len() as f64 * q).ceil() as usize).saturating_sub(1)).copied().unwrap_or_default();
+    println!(
+        "quickstart: {rolls} rolls of dave's Deployment, new instance connect -> joined p50 {:.2}s p95 {:.2}s max {:.2}s",
+        at(0.5).as_secs_f64(),
+        at(0.95).as_secs_f64(),
+        waits.last().copied().unwrap_or_default().as_secs_f64()
+    );
+
     // Identity without SPIRE (examples/07): the real kubelet projects the audience-bound token,
     // the agent checks it against the cluster's keys (fetched through the `kubernetes` Service
     // with the Pod's own token) before the app's first line reads it.
@@ -164,4 +183,108 @@ async fn the_quickstart_runs_as_written() {
         started.elapsed().as_secs_f64(),
         channel.status
     );
+}
+
+/// One `kubectl rollout restart deployment/dave`: waits until the new Pod's app has joined
+/// team-chat, its hello has reached bob (the `roll`-th after the first), and team-chat's status
+/// names the new Pod; returns the time from the new app's connect (its "instance" line) to its
+/// join ("joined"), both as the kubelet stamped them.
+async fn roll_dave(node: &Node, client: &Client, pods: &Api<Pod>, roll: usize) -> Duration {
+    let dave_pods = ListParams::default().labels("app=dave");
+    let before: Vec<String> =
+        pods.list(&dave_pods).await.expect("dave's Pods").items.iter().map(ResourceExt::name_any).collect();
+    let kubeconfig = node.plane.admin_kubeconfig.clone();
+    slim_e2e::kubectl(
+        &["-n", "slim", "rollout", "restart", "deployment/dave"],
+        &[("KUBECONFIG", kubeconfig.as_path())],
+    )
+    .unwrap_or_else(|e| panic!("kubectl rollout restart: {e}"));
+    let new = slim_e2e::wait_for("dave's new Pod Ready", Duration::from_secs(90), async || {
+        let list = pods.list(&dave_pods).await.ok()?;
+        list.items.into_iter().find(|p| !before.contains(&p.name_any()) && node::pod_ready(p))
+    })
+    .await
+    .name_any();
+    let trail = status_trail(client, "org/ns/dave");
+    let log = wait_log_for(pods, &new, "app", "joined", Duration::from_secs(60)).await;
+    trail.abort();
+    if !log.contains("joined") {
+        let channels: Api<slim_operator::api::SlimChannel> = Api::namespaced(client.clone(), "slim");
+        let status = channels.get("team-chat").await.ok().and_then(|c| c.status);
+        println!("roll {roll}: dave's new Pod {new} did not join: {log}\nteam-chat status: {status:?}");
+    }
+    assert!(log.contains("joined"), "roll {roll}: dave's new Pod {new} invited into team-chat: {log}");
+    let greeted = wait_for_count(pods, "bob", "received hello from org/ns/dave", roll + 1).await;
+    assert!(greeted, "roll {roll}: the new dave's hello reached bob over the channel");
+    let channels: Api<slim_operator::api::SlimChannel> = Api::namespaced(client.clone(), "slim");
+    slim_e2e::wait_for("team-chat's status naming dave's new Pod", Duration::from_secs(30), async || {
+        let status = channels.get("team-chat").await.ok()?.status?;
+        status.participants.into_iter().find(|p| p.name == "org/ns/dave" && p.joined && p.pod.as_deref() == Some(&new))
+    })
+    .await;
+    let params = LogParams { container: Some("app".into()), timestamps: true, ..Default::default() };
+    let stamped = pods.logs(&new, &params).await.expect("dave's log with timestamps");
+    let at = |word: &str| {
+        stamped.lines().find_map(|line| {
+            let (stamp, text) = line.split_once(' ')?;
+            text.starts_with(word).then(|| stamp.parse::<k8s_openapi::jiff::Timestamp>().ok()).flatten()
+        })
+    };
+    let (Some(connected), Some(joined)) = (at("instance "), at("joined ")) else {
+        panic!("roll {roll}: no stamped connect and join in dave's log: {stamped}")
+    };
+    Duration::try_from(joined.duration_since(connected)).unwrap_or_default()
+}
+
+/// Waits until `pod`'s app log holds `needle` at least `count` times (60 s).
+async fn wait_for_count(pods: &Api<Pod>, pod: &str, needle: &str, count: usize) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if container_log(pods, pod, "app").await.matches(needle).count() >= count {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    false
+}
+
+/// Prints each new state team-chat's status gives `member`, with the seconds since it started
+/// following, until aborted (what a roll went through).
+fn status_trail(client: &Client, member: &'static str) -> tokio::task::JoinHandle<()> {
+    let channels: Api<slim_operator::api::SlimChannel> = Api::namespaced(client.clone(), "slim");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "slim");
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let (mut last, mut last_pods) = (None, Vec::new());
+        loop {
+            let status = channels.get("team-chat").await.ok().and_then(|c| c.status);
+            let state = status
+                .and_then(|s| s.participants.into_iter().find(|p| p.name == member))
+                .map(|p| (p.joined, p.pod, p.message));
+            let list = pods.list(&ListParams::default().labels("app=dave")).await.map(|l| l.items).unwrap_or_default();
+            let pods_now: Vec<String> = list.iter().map(pod_state).collect();
+            if state.is_some() && (&state, &pods_now) != (&last, &last_pods) {
+                println!("  {:5.1}s {member}: {state:?} pods {pods_now:?}", started.elapsed().as_secs_f64());
+                last = state;
+                last_pods = pods_now;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+}
+
+/// A member Pod as the trail shows it: its name, whether it terminates, and its app's state.
+fn pod_state(pod: &Pod) -> String {
+    let terminating = if pod.metadata.deletion_timestamp.is_some() { " terminating" } else { "" };
+    let app = pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|c| c.first());
+    let state = app.and_then(|c| c.state.as_ref()).map_or("none", |s| {
+        if s.running.is_some() {
+            "running"
+        } else if s.terminated.is_some() {
+            "terminated"
+        } else {
+            "waiting"
+        }
+    });
+    format!("{}{terminating} app {state}", pod.name_any())
 }
