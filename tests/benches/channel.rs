@@ -16,6 +16,14 @@
 //! instance is in every channel. `--linger-ms 0` is an old app that dies the moment its Pod is
 //! deleted (what a crash costs).
 //!
+//!   cargo bench -p slim-e2e --bench channel -- --handover --crash [--backoff-ms 1000] [--no-pod-signal]
+//!
+//! Members that crash in their Pod: a roll kills the member's app, reports its container
+//! terminated (as the kubelet does), starts it again `--backoff-ms` later (the kubelet's restart
+//! delay) and reports it running with one restart more. Prints p50/p95 of the time from the new
+//! instance's connect, and from the crash, until it is in every channel. `--no-pod-signal` leaves
+//! the Pod's status alone (a member the operator knows only by its instances).
+//!
 //! Restarted members: the controllers (default flags) on the real API server, `--channels`
 //! SlimChannels of the same `--members` member apps spread over 2 real nodes (manager on node-a,
 //! one peer link from node-b). Each restart kills one member and starts it again; prints p50/p95
@@ -289,6 +297,50 @@ mod handover {
         pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(status)).await.expect("pod status");
     }
 
+    /// The member's app container as the kubelet reports it: running or terminated, after
+    /// `restarts` restarts.
+    async fn app_state(pods: &Api<Pod>, pod: &str, restarts: i32, running: bool) {
+        let state = if running { json!({"running": {}}) } else { json!({"terminated": {"exitCode": 137}}) };
+        let status = json!({"status": {"containerStatuses": [{"name": "app", "image": "example/member:1",
+            "imageID": "", "ready": running, "restartCount": restarts, "state": state}]}});
+        pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(status)).await.expect("container status");
+    }
+
+    /// Kills member `i`'s app and starts it again in its Pod after `backoff` (reported as the
+    /// kubelet would when `pod_signal`); returns the seconds from the new instance's connect and
+    /// from the crash until it is in every channel.
+    async fn crash(member: Member<'_>, restarts: i32, backoff: Duration, pod_signal: bool) -> (f64, f64) {
+        let Member { node, pods, channels, channel_count, name, slot } = member;
+        let pod = slot.1.clone();
+        let crashed = Instant::now();
+        slot.0.kill();
+        if pod_signal {
+            app_state(pods, &pod, restarts - 1, false).await;
+        }
+        tokio::time::sleep(backoff).await;
+        slot.0 = SlimApp::member(node, name).expect("restarted member");
+        let connected = Instant::now();
+        if pod_signal {
+            app_state(pods, &pod, restarts, true).await;
+        }
+        let instance = slot.0.instance.clone();
+        slim_e2e::wait_for("the restarted instance in every channel", Duration::from_secs(120), async || {
+            in_every_channel(channels, channel_count, name, &instance).await
+        })
+        .await;
+        (connected.elapsed().as_secs_f64(), crashed.elapsed().as_secs_f64())
+    }
+
+    /// One member of the bench and where it is.
+    struct Member<'a> {
+        node: &'a SlimNode,
+        pods: &'a Api<Pod>,
+        channels: &'a Api<SlimChannel>,
+        channel_count: usize,
+        name: &'a str,
+        slot: &'a mut (SlimApp, String),
+    }
+
     /// Whether every channel lists `member` joined with `instance`.
     async fn in_every_channel(channels: &Api<SlimChannel>, count: usize, member: &str, instance: &str) -> Option<()> {
         let list = channels.list(&Default::default()).await.ok()?;
@@ -353,8 +405,32 @@ mod handover {
         println!("all {channel_count} channels full after {:.1} s", started.elapsed().as_secs_f64());
 
         let (mut from_connect, mut from_delete) = (Vec::new(), Vec::new());
+        let crashes = std::env::args().any(|a| a == "--crash");
+        let backoff = Duration::from_millis(arg("--backoff-ms", 1000) as u64);
+        let pod_signal = !std::env::args().any(|a| a == "--no-pod-signal");
+        if crashes && pod_signal {
+            for (_, pod) in &members {
+                app_state(&pods, pod, 0, true).await;
+            }
+        }
         for r in 0..rolls {
             let i = r % member_count;
+            if crashes {
+                let member_name = name(i);
+                let member = Member {
+                    node: &node,
+                    pods: &pods,
+                    channels: &channels,
+                    channel_count,
+                    name: &member_name,
+                    slot: &mut members[i],
+                };
+                let (c, d) = crash(member, (r / member_count + 1) as i32, backoff, pod_signal).await;
+                println!("  crash {r}: {member_name} joined {c:.1} s after its connect, {d:.1} s after the crash");
+                from_connect.push(c);
+                from_delete.push(d);
+                continue;
+            }
             let new_app = SlimApp::member(&node, &name(i)).expect("new member");
             let connected = Instant::now();
             let new_pod = format!("member-{i}-{}", r + 1);
@@ -385,8 +461,9 @@ mod handover {
             times.sort_by(f64::total_cmp);
             times[((times.len() as f64 - 1.0) * q).round() as usize]
         };
+        let event = if crashes { "crash" } else { "old Pod deleted" };
         println!(
-            "result: new instance connect -> joined p50 {:.1} s, p95 {:.1} s; old Pod deleted -> joined p50 {:.1} s, p95 {:.1} s ({rolls} rolls, target p95 < 5 s)",
+            "result: new instance connect -> joined p50 {:.1} s, p95 {:.1} s; {event} -> joined p50 {:.1} s, p95 {:.1} s ({rolls} rolls, target p95 < 5 s)",
             pick(&mut from_connect, 0.5),
             pick(&mut from_connect, 0.95),
             pick(&mut from_delete, 0.5),

@@ -183,6 +183,12 @@ impl SlimApp {
         Ok(app)
     }
 
+    /// Kills the app (SIGKILL: a crash) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits for an output line starting with `prefix`.
     pub fn wait_for(&mut self, prefix: &str, timeout: Duration) -> Result<String, HarnessError> {
         let deadline = Instant::now() + timeout;
@@ -226,8 +232,7 @@ impl SlimApp {
 
 impl Drop for SlimApp {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
