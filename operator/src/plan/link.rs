@@ -9,6 +9,13 @@ use crate::slim::LinkConfig;
 /// Prefix of every link id the operator creates.
 pub const LINK_ID_PREFIX: &str = "slimop-";
 
+/// How long a node tries to open a link's connection before it answers that it failed. SLIM's
+/// default is no limit, and a node creates connections inside the command that asks for them: a
+/// link to an endpoint that is not up yet (a gateway still starting) held the node's controller
+/// silent for as long as TCP retried (found by the node tier: every command to that node timed out
+/// for 90 s). Not part of the link's identity, so link ids did not change with it.
+pub const CONNECT_TIMEOUT: &str = "5s";
+
 /// TLS material resolved from Secrets (PEM text). Holds private keys: never log it.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct ResolvedTls {
@@ -34,6 +41,8 @@ struct ClientConfig<'a> {
     #[serde(skip_serializing_if = "str::is_empty")]
     link_id: &'a str,
     connection_type: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    connect_timeout: &'a str,
 }
 
 #[derive(Serialize)]
@@ -81,11 +90,17 @@ pub fn render_link(spec: &LinkSpec, tls: &ResolvedTls) -> LinkConfig {
         },
     };
     let endpoint = spec.endpoint.trim_end_matches('/');
-    let mut config =
-        ClientConfig { endpoint, tls: tls_config, link_id: "", connection_type: spec.connection_type.as_str() };
+    let mut config = ClientConfig {
+        endpoint,
+        tls: tls_config,
+        link_id: "",
+        connection_type: spec.connection_type.as_str(),
+        connect_timeout: "",
+    };
     let identity = serde_json::to_vec(&config).unwrap_or_default();
     let link_id = format!("{LINK_ID_PREFIX}{}", &hex::encode(Sha256::digest(&identity))[..16]);
     config.link_id = &link_id;
+    config.connect_timeout = CONNECT_TIMEOUT;
     let config_data = serde_json::to_string(&config).unwrap_or_default();
     LinkConfig { link_id, config_data }
 }
@@ -99,6 +114,8 @@ mod tests {
         LinkSpec { endpoint: endpoint.into(), connection_type: ConnectionType::Remote, tls: None, controller: None }
     }
 
+    const PINNED_ID: &str = "slimop-9fa688f3dda41a53";
+
     #[test]
     fn config_data_repeats_the_link_id() {
         let link = render_link(&spec("http://slim-b:46357"), &ResolvedTls::default());
@@ -107,7 +124,10 @@ mod tests {
         assert_eq!(json["endpoint"], "http://slim-b:46357");
         assert_eq!(json["connection_type"], "remote");
         assert_eq!(json["tls"]["insecure"], true);
+        assert_eq!(json["connect_timeout"], CONNECT_TIMEOUT, "the node gives up on a connection in time");
         assert!(link.link_id.starts_with(LINK_ID_PREFIX) && link.link_id.len() == LINK_ID_PREFIX.len() + 16);
+        // The id of this link before the connect timeout was added: upgrades keep every link.
+        assert_eq!(link.link_id, PINNED_ID);
     }
 
     #[test]
