@@ -547,6 +547,15 @@ serializeImagePulls: false
         Ok(())
     }
 
+    /// Kills a container with SIGKILL (a crash), by its ID as the Pod's status gives it
+    /// (`containerd://<id>`); the kubelet restarts it as the Pod's restart policy says.
+    pub fn kill_container(&self, container_id: &str) -> Result<(), NodeError> {
+        let socket = self.containerd_socket.display().to_string();
+        let id = container_id.trim_start_matches("containerd://");
+        run("ctr", &["--address", &socket, "--namespace", "k8s.io", "tasks", "kill", "--signal", "SIGKILL", id])?;
+        Ok(())
+    }
+
     /// Prepares a namespace for Pods: this API server (OpenShift's tree) adds a ConfigMap
     /// `openshift-service-ca.crt` to every service-account token volume; without it Pods stay in
     /// `ContainerCreating`.

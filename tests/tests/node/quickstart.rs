@@ -157,6 +157,12 @@ async fn the_quickstart_runs_as_written() {
         at(0.95).as_secs_f64(),
         waits.last().copied().unwrap_or_default().as_secs_f64()
     );
+    let (from_connect, from_crash) = crash_dave(node, &client, &pods).await;
+    println!(
+        "quickstart: dave's app crashed (SIGKILL) and was restarted by the kubelet: joined {:.2}s after it connected, {:.2}s after the crash",
+        from_connect.as_secs_f64(),
+        from_crash.as_secs_f64()
+    );
 
     // Identity without SPIRE (examples/07): the real kubelet projects the audience-bound token,
     // the agent checks it against the cluster's keys (fetched through the `kubernetes` Service
@@ -222,8 +228,14 @@ async fn roll_dave(node: &Node, client: &Client, pods: &Api<Pod>, roll: usize) -
         status.participants.into_iter().find(|p| p.name == "org/ns/dave" && p.joined && p.pod.as_deref() == Some(&new))
     })
     .await;
+    connect_to_join(pods, &new).await
+}
+
+/// The time from the app's connect (its "instance" line) to its join ("joined") in `pod`'s
+/// current app container, as the kubelet stamped them.
+async fn connect_to_join(pods: &Api<Pod>, pod: &str) -> Duration {
     let params = LogParams { container: Some("app".into()), timestamps: true, ..Default::default() };
-    let stamped = pods.logs(&new, &params).await.expect("dave's log with timestamps");
+    let stamped = pods.logs(pod, &params).await.expect("the app's log with timestamps");
     let at = |word: &str| {
         stamped.lines().find_map(|line| {
             let (stamp, text) = line.split_once(' ')?;
@@ -231,7 +243,7 @@ async fn roll_dave(node: &Node, client: &Client, pods: &Api<Pod>, roll: usize) -
         })
     };
     let (Some(connected), Some(joined)) = (at("instance "), at("joined ")) else {
-        panic!("roll {roll}: no stamped connect and join in dave's log: {stamped}")
+        panic!("no stamped connect and join in {pod}'s log: {stamped}")
     };
     Duration::try_from(joined.duration_since(connected)).unwrap_or_default()
 }
@@ -287,4 +299,36 @@ fn pod_state(pod: &Pod) -> String {
         }
     });
     format!("{}{terminating} app {state}", pod.name_any())
+}
+
+/// Kills dave's app container (a crash): the kubelet restarts it in its Pod and the new process,
+/// under the instance id of the old one, is invited again. Returns the time from its connect, and
+/// from the crash, until it joined (the kubelet's log timestamps, and the test's clock).
+async fn crash_dave(node: &Node, client: &Client, pods: &Api<Pod>) -> (Duration, Duration) {
+    let dave = pods.list(&ListParams::default().labels("app=dave")).await.expect("dave's Pods").items;
+    let dave = dave.into_iter().find(node::pod_ready).expect("dave's Pod Ready");
+    let name = dave.name_any();
+    let app = |pod: &Pod| {
+        let statuses = pod.status.as_ref().and_then(|s| s.container_statuses.clone()).unwrap_or_default();
+        statuses.into_iter().find(|c| c.name == "app").map(|c| (c.container_id, c.restart_count))
+    };
+    let Some((Some(container), restarts)) = app(&dave) else { panic!("dave's app container: {dave:?}") };
+    let greeted = container_log(pods, "bob", "app").await.matches("received hello from org/ns/dave").count();
+    let trail = status_trail(client, "org/ns/dave");
+    let crashed = Instant::now();
+    node.kill_container(&container).expect("kill dave's app");
+    slim_e2e::wait_for("dave's app restarted by the kubelet", Duration::from_secs(60), async || {
+        let pod = pods.get(&name).await.ok()?;
+        app(&pod).filter(|(_, count)| *count > restarts).map(|_| ())
+    })
+    .await;
+    let log = wait_log_for(pods, &name, "app", "joined", Duration::from_secs(60)).await;
+    let from_crash = crashed.elapsed();
+    trail.abort();
+    assert!(log.contains("joined"), "dave's restarted app invited into team-chat again: {log}");
+    assert!(
+        wait_for_count(pods, "bob", "received hello from org/ns/dave", greeted + 1).await,
+        "the restarted dave's hello reached bob over the channel"
+    );
+    (connect_to_join(pods, &name).await, from_crash)
 }
