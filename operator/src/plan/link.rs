@@ -9,11 +9,13 @@ use crate::slim::LinkConfig;
 /// Prefix of every link id the operator creates.
 pub const LINK_ID_PREFIX: &str = "slimop-";
 
-/// How long a node tries to open a link's connection before it answers that it failed. SLIM's
-/// default is no limit, and a node creates connections inside the command that asks for them: a
-/// link to an endpoint that is not up yet (a gateway still starting) held the node's controller
-/// silent for as long as TCP retried (found by the node tier: every command to that node timed out
-/// for 90 s). Not part of the link's identity, so link ids did not change with it.
+/// How long one attempt of a node to open a link's connection may take (SLIM's default: no
+/// limit). A node opens connections inside the command that asks for them and retries a failed
+/// attempt every 2 s for as long as it takes (SLIM's default backoff, unbounded), answering nothing
+/// else meanwhile; bounding each attempt keeps a dropped SYN from holding one attempt for minutes
+/// after the endpoint is up. Suspected, not reproduced, as the node-tier failure where every command
+/// to a node timed out for 90 s while the gateway it linked to was starting. Not part of the link's
+/// identity, so link ids did not change with it.
 pub const CONNECT_TIMEOUT: &str = "5s";
 
 /// TLS material resolved from Secrets (PEM text). Holds private keys: never log it.
